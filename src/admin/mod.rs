@@ -1,0 +1,1 @@
+//! Operating a running baton: the control socket the CLI talks to.

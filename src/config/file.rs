@@ -1,0 +1,144 @@
+//! The raw shape of `config.yaml`, exactly as serde reads it.
+//!
+//! Every struct rejects unknown keys. Values that validation may still refuse (addresses,
+//! durations, names of other sections) keep their source position through [`Spanned`], so an
+//! error can point at the line and column the operator has to fix.
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
+
+/// A value with the place in the file it came from.
+pub type S<T> = Spanned<T>;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub runtime: Runtime,
+    pub admin: Option<Admin>,
+    #[serde(default)]
+    pub log: Log,
+    #[serde(default)]
+    pub listeners: BTreeMap<String, S<Listener>>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, S<Upstream>>,
+}
+
+/// `runtime:` — process-wide settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    pub pid_file: Option<String>,
+    pub control_socket: Option<String>,
+    pub drain_timeout: Option<S<String>>,
+    pub upgrade_timeout: Option<S<String>>,
+    pub worker_threads: Option<usize>,
+    /// Binary started on upgrade; default: the path this process was started from.
+    pub binary: Option<String>,
+}
+
+/// `admin:` — the HTTP admin endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub listen: S<String>,
+}
+
+/// `log:` — format and level.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    pub format: Option<S<String>>,
+    pub level: Option<S<String>>,
+    pub file: Option<String>,
+}
+
+/// One entry of `listeners:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub listen: S<String>,
+    pub protocol: Option<S<String>>,
+    pub upstream: S<String>,
+    pub max_connections: Option<S<usize>>,
+    pub idle_timeout: Option<S<String>>,
+    pub backlog: Option<u32>,
+    pub reuse_port: Option<bool>,
+    #[serde(default)]
+    pub routes: Vec<S<Route>>,
+    pub http: Option<ListenerHttp>,
+}
+
+/// One entry of `listeners.X.routes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub host: Option<S<String>>,
+    pub path_prefix: Option<S<String>>,
+    pub upstream: S<String>,
+}
+
+/// `listeners.X.http:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerHttp {
+    pub header_read_timeout: Option<S<String>>,
+    pub request_timeout: Option<S<String>>,
+    pub keepalive_timeout: Option<S<String>>,
+    pub max_header_bytes: Option<usize>,
+    pub max_body_bytes: Option<u64>,
+    pub preserve_host: Option<bool>,
+}
+
+/// One entry of `upstreams:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub servers: S<Vec<S<ServerEntry>>>,
+    pub balance: Option<S<String>>,
+    pub connect_timeout: Option<S<String>>,
+    pub retries: Option<u32>,
+    pub health_check: Option<HealthCheck>,
+    pub eject_after: Option<u32>,
+    pub eject_for: Option<S<String>>,
+    pub http: Option<UpstreamHttp>,
+}
+
+/// A server: `"host:port"` or `{ addr: "host:port", weight: 3 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ServerEntry {
+    Short(String),
+    Long(ServerLong),
+}
+
+/// The long form of a server.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerLong {
+    pub addr: String,
+    pub weight: Option<u32>,
+}
+
+/// `upstreams.X.health_check:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub kind: Option<S<String>>,
+    pub path: Option<String>,
+    pub interval: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub rise: Option<S<u32>>,
+    pub fall: Option<S<u32>>,
+}
+
+/// `upstreams.X.http:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamHttp {
+    pub pool_idle_per_server: Option<usize>,
+    pub response_timeout: Option<S<String>>,
+    pub protocol: Option<S<String>>,
+}

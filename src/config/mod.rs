@@ -1,0 +1,281 @@
+//! Configuration: the YAML model (`file`), its validation (`validate`), and the typed,
+//! validated [`Config`] every other module reads. Plain data: depends on nothing else in baton.
+
+mod file;
+mod validate;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use validate::parse_duration;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (as given, for error messages and reloads).
+    pub source: PathBuf,
+    /// Process-wide settings.
+    pub runtime: Runtime,
+    /// The HTTP admin endpoint, if configured.
+    pub admin: Option<Admin>,
+    /// Logging.
+    pub log: Log,
+    /// Listeners by name.
+    pub listeners: BTreeMap<String, Listener>,
+    /// Upstream pools by name.
+    pub upstreams: BTreeMap<String, Upstream>,
+}
+
+/// `runtime:` settings.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// Where the pid of the serving process is written; absolute.
+    pub pid_file: PathBuf,
+    /// The CLI's Unix socket; absolute.
+    pub control_socket: PathBuf,
+    /// How long a stopping or replaced process lets open connections finish.
+    pub drain_timeout: Duration,
+    /// How long a successor has to become ready before it is rolled back.
+    pub upgrade_timeout: Duration,
+    /// Tokio worker threads; 0 means one per core.
+    pub worker_threads: usize,
+    /// The binary started on upgrade; `None` means the path this process was started from.
+    pub binary: Option<PathBuf>,
+}
+
+/// `admin:` settings.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Address of the HTTP admin endpoint.
+    pub listen: SocketAddr,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `log:` settings.
+#[derive(Debug, Clone)]
+pub struct Log {
+    /// Text or JSON.
+    pub format: LogFormat,
+    /// A tracing filter directive such as `info` or `baton=debug`.
+    pub level: String,
+    /// Log file; stderr when absent.
+    pub file: Option<PathBuf>,
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Raw TCP forwarding (L4).
+    Tcp,
+    /// HTTP/1.1 and h2c reverse proxying (L7).
+    Http,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+        })
+    }
+}
+
+/// One listener.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Its name (the key under `listeners:`).
+    pub name: String,
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// TCP or HTTP.
+    pub protocol: Protocol,
+    /// Default upstream.
+    pub upstream: String,
+    /// Accepting pauses while this many connections are open.
+    pub max_connections: usize,
+    /// A connection with no traffic for this long is closed; `None` = never.
+    pub idle_timeout: Option<Duration>,
+    /// Listen backlog.
+    pub backlog: u32,
+    /// Bind with SO_REUSEPORT.
+    pub reuse_port: bool,
+    /// HTTP routes, first match wins (HTTP listeners only).
+    pub routes: Vec<Route>,
+    /// HTTP settings (HTTP listeners only).
+    pub http: ListenerHttp,
+}
+
+/// One HTTP route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Exact host, or `*.suffix`; `None` matches any host.
+    pub host: Option<String>,
+    /// Path prefix; `None` matches any path.
+    pub path_prefix: Option<String>,
+    /// Upstream that serves matching requests.
+    pub upstream: String,
+}
+
+/// HTTP settings of a listener.
+#[derive(Debug, Clone)]
+pub struct ListenerHttp {
+    /// Time allowed to receive a request's headers (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// Time allowed for a whole request and response; `None` = no limit.
+    pub request_timeout: Option<Duration>,
+    /// How long an idle keep-alive client connection is kept.
+    pub keepalive_timeout: Duration,
+    /// Largest accepted request head.
+    pub max_header_bytes: usize,
+    /// Largest accepted request body; `None` = unlimited.
+    pub max_body_bytes: Option<u64>,
+    /// Forward the client's Host header (otherwise the server's address).
+    pub preserve_host: bool,
+}
+
+impl Default for ListenerHttp {
+    fn default() -> Self {
+        ListenerHttp {
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Some(Duration::from_secs(60)),
+            keepalive_timeout: Duration::from_secs(75),
+            max_header_bytes: 65536,
+            max_body_bytes: None,
+            preserve_host: true,
+        }
+    }
+}
+
+/// Load-balancing algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Smooth weighted round robin (nginx's algorithm).
+    RoundRobin,
+    /// Fewest active connections (weighted).
+    LeastConn,
+    /// Power of two random choices.
+    RandomTwo,
+    /// Consistent hash of the client IP.
+    HashClient,
+}
+
+/// One server of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Relative weight, at least 1.
+    pub weight: u32,
+}
+
+/// Active health check kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// `GET path` answers 2xx or 3xx.
+    Http {
+        /// Request path.
+        path: String,
+    },
+}
+
+/// Active health checks.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    /// What a check does.
+    pub kind: CheckKind,
+    /// Time between checks of one server.
+    pub interval: Duration,
+    /// Time one check may take.
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy server healthy.
+    pub rise: u32,
+    /// Consecutive failures that make a healthy server unhealthy.
+    pub fall: u32,
+}
+
+/// Upstream protocol for HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive.
+    Http1,
+    /// HTTP/2 over cleartext (prior knowledge).
+    H2c,
+}
+
+/// HTTP settings of an upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamHttp {
+    /// Idle pooled connections kept per server.
+    pub pool_idle_per_server: usize,
+    /// Time the server has to start its response; `None` = no limit.
+    pub response_timeout: Option<Duration>,
+    /// HTTP/1.1 or h2c.
+    pub protocol: UpstreamProtocol,
+}
+
+impl Default for UpstreamHttp {
+    fn default() -> Self {
+        UpstreamHttp {
+            pool_idle_per_server: 64,
+            response_timeout: Some(Duration::from_secs(30)),
+            protocol: UpstreamProtocol::Http1,
+        }
+    }
+}
+
+/// One upstream pool.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Its name (the key under `upstreams:`).
+    pub name: String,
+    /// Its servers, never empty.
+    pub servers: Vec<Server>,
+    /// How a server is chosen.
+    pub balance: Balance,
+    /// Time allowed for a TCP connect.
+    pub connect_timeout: Duration,
+    /// Other servers tried when a connect fails.
+    pub retries: u32,
+    /// Active health checks, if any.
+    pub health_check: Option<HealthCheck>,
+    /// Consecutive connect failures before passive ejection; 0 disables it.
+    pub eject_after: u32,
+    /// How long an ejected server is skipped.
+    pub eject_for: Duration,
+    /// HTTP settings.
+    pub http: UpstreamHttp,
+}
+
+/// Every problem found in a configuration file, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct ConfigError(pub Vec<String>);
+
+impl Config {
+    /// Reads and validates `path`; relative paths inside resolve against its folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("{}: cannot read: {e}", path.display())]))?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        validate::parse(path, text)
+    }
+}

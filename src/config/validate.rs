@@ -1,0 +1,403 @@
+//! From the raw file to a [`Config`]: defaults, parsing of durations and addresses, and the
+//! cross-checks between sections. Every error found is reported, each as
+//! `file:line:column: key.path: what is wrong`.
+
+use super::file::{self, S};
+use super::*;
+use std::collections::HashMap;
+
+/// Collects errors while the typed config is built, so `baton check` can list them all.
+struct Errors<'a> {
+    file: &'a Path,
+    /// (line, column, message), sorted by position at the end.
+    list: Vec<(u64, u64, String)>,
+}
+
+impl Errors<'_> {
+    fn at<T>(&mut self, span: &S<T>, path: &str, msg: impl fmt::Display) {
+        let loc = span.referenced;
+        self.list.push((
+            loc.line(),
+            loc.column(),
+            format!("{}:{}:{}: {path}: {msg}", self.file.display(), loc.line(), loc.column()),
+        ));
+    }
+
+    fn duration(&mut self, v: &Option<S<String>>, path: &str, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => parse_duration(&s.value).unwrap_or_else(|e| {
+                self.at(s, path, e);
+                default
+            }),
+        }
+    }
+
+    /// A duration where `0` means "no limit".
+    fn opt_duration(
+        &mut self,
+        v: &Option<S<String>>,
+        path: &str,
+        default: Option<Duration>,
+    ) -> Option<Duration> {
+        match v {
+            None => default,
+            Some(_) => {
+                let d = self.duration(v, path, Duration::ZERO);
+                (!d.is_zero()).then_some(d)
+            }
+        }
+    }
+
+    fn addr(&mut self, s: &S<String>, path: &str) -> Option<SocketAddr> {
+        parse_addr(&s.value)
+            .map_err(|e| self.at(s, path, e))
+            .ok()
+    }
+
+    fn choice<T: Copy>(
+        &mut self,
+        v: &Option<S<String>>,
+        path: &str,
+        options: &[(&str, T)],
+        default: T,
+    ) -> T {
+        let Some(s) = v else { return default };
+        match options.iter().find(|(name, _)| *name == s.value) {
+            Some((_, t)) => *t,
+            None => {
+                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                self.at(
+                    s,
+                    path,
+                    format!("unknown value {:?} (expected one of: {})", s.value, names.join(", ")),
+                );
+                default
+            }
+        }
+    }
+}
+
+/// Parses a duration such as `500ms`, `2s`, `1m`, `1h`, `1d`, or `0`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .ok_or_else(|| format!("bad duration {s:?}: missing unit (ms, s, m, h, d)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: expected a number then a unit, like 500ms or 2s"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => return Err(format!("bad duration {s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+    };
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(format!("bad duration {s:?}: too large"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `ip:port`; hostnames are refused (no DNS at config time).
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("bad address {s:?}: expected ip:port, like 127.0.0.1:8080"))
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Parses and validates a whole configuration text.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let raw: file::File = serde_saphyr::from_str(text).map_err(|e| {
+        let loc = e
+            .location()
+            .map(|l| format!("{}:{}:", l.line(), l.column()))
+            .unwrap_or_default();
+        let msg = e.without_snippet().to_string();
+        // The message repeats the position at its end; keep the first line only.
+        let first = msg.lines().next().unwrap_or("invalid YAML");
+        let first = first.split(" at line ").next().unwrap_or(first).to_string();
+        ConfigError(vec![format!("{}:{loc} {first}", path.display())])
+    })?;
+    let mut errs = Errors { file: path, list: Vec::new() };
+    let dir = path
+        .parent()
+        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .unwrap_or(Path::new("."));
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+
+    let runtime = runtime(&mut errs, &raw.runtime, &dir);
+    let admin = raw.admin.as_ref().and_then(|a| {
+        errs.addr(&a.listen, "admin.listen").map(|listen| Admin { listen })
+    });
+    let log = Log {
+        format: errs.choice(
+            &raw.log.format,
+            "log.format",
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+            LogFormat::Text,
+        ),
+        level: raw.log.level.as_ref().map(|l| l.value.clone()).unwrap_or_else(|| "info".into()),
+        file: raw.log.file.as_deref().map(|f| resolve(&dir, f)),
+    };
+    if let Some(l) = &raw.log.level {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&l.value) {
+            errs.at(l, "log.level", format!("bad level {:?}: {e}", l.value));
+        }
+    }
+
+    let mut upstreams = BTreeMap::new();
+    for (name, u) in &raw.upstreams {
+        upstreams.insert(name.clone(), upstream(&mut errs, name, u));
+    }
+    let mut listeners = BTreeMap::new();
+    let mut seen: HashMap<SocketAddr, &str> = HashMap::new();
+    if let Some(a) = &admin {
+        seen.insert(a.listen, "admin");
+    }
+    for (name, l) in &raw.listeners {
+        let lst = listener(&mut errs, name, l, &raw.upstreams);
+        if let Some(lst) = lst {
+            if let Some(other) = seen.insert(lst.listen, name) {
+                errs.at(
+                    &l.value.listen,
+                    &format!("listeners.{name}.listen"),
+                    format!("address {} is already used by {other}", lst.listen),
+                );
+            }
+            listeners.insert(name.clone(), lst);
+        }
+    }
+    if errs.list.is_empty() {
+        Ok(Config { source: path.to_path_buf(), runtime, admin, log, listeners, upstreams })
+    } else {
+        errs.list.sort_by_key(|(l, c, _)| (*l, *c));
+        Err(ConfigError(errs.list.into_iter().map(|(_, _, m)| m).collect()))
+    }
+}
+
+fn runtime(errs: &mut Errors, r: &file::Runtime, dir: &Path) -> Runtime {
+    Runtime {
+        pid_file: resolve(dir, r.pid_file.as_deref().unwrap_or("baton.pid")),
+        control_socket: resolve(dir, r.control_socket.as_deref().unwrap_or("baton.sock")),
+        drain_timeout: errs.duration(&r.drain_timeout, "runtime.drain_timeout", Duration::from_secs(30)),
+        upgrade_timeout: errs.duration(
+            &r.upgrade_timeout,
+            "runtime.upgrade_timeout",
+            Duration::from_secs(10),
+        ),
+        worker_threads: r.worker_threads.unwrap_or(0),
+        binary: r.binary.as_deref().map(|b| resolve(dir, b)),
+    }
+}
+
+fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>) -> Upstream {
+    let p = format!("upstreams.{name}");
+    let raw = &u.value;
+    let mut servers = Vec::new();
+    if raw.servers.value.is_empty() {
+        errs.at(&raw.servers, &format!("{p}.servers"), "empty server list");
+    }
+    for (i, s) in raw.servers.value.iter().enumerate() {
+        let sp = format!("{p}.servers[{i}]");
+        let (addr, weight) = match &s.value {
+            file::ServerEntry::Short(a) => (a.as_str(), 1),
+            file::ServerEntry::Long(l) => (l.addr.as_str(), l.weight.unwrap_or(1)),
+        };
+        if weight == 0 {
+            errs.at(s, &format!("{sp}.weight"), "weight must be at least 1");
+        }
+        match parse_addr(addr) {
+            Ok(addr) => {
+                if servers.iter().any(|x: &Server| x.addr == addr) {
+                    errs.at(s, &sp, format!("server {addr} is listed twice"));
+                }
+                servers.push(Server { addr, weight: weight.max(1) })
+            }
+            Err(e) => errs.at(s, &sp, e),
+        }
+    }
+    let health_check = raw.health_check.as_ref().map(|h| {
+        let hp = format!("{p}.health_check");
+        let kind = match errs.choice(&h.kind, &format!("{hp}.kind"), &[("tcp", false), ("http", true)], false) {
+            false => CheckKind::Tcp,
+            true => CheckKind::Http { path: h.path.clone().unwrap_or_else(|| "/healthz".into()) },
+        };
+        let mut count = |v: &Option<S<u32>>, key: &str, default: u32| match v {
+            Some(n) if n.value == 0 => {
+                errs.at(n, &format!("{hp}.{key}"), "must be at least 1");
+                default
+            }
+            Some(n) => n.value,
+            None => default,
+        };
+        let rise = count(&h.rise, "rise", 2);
+        let fall = count(&h.fall, "fall", 3);
+        HealthCheck {
+            kind,
+            interval: errs.duration(&h.interval, &format!("{hp}.interval"), Duration::from_secs(2)),
+            timeout: errs.duration(&h.timeout, &format!("{hp}.timeout"), Duration::from_secs(1)),
+            rise,
+            fall,
+        }
+    });
+    let http = raw.http.as_ref().map(|h| {
+        let d = UpstreamHttp::default();
+        UpstreamHttp {
+            pool_idle_per_server: h.pool_idle_per_server.unwrap_or(d.pool_idle_per_server),
+            response_timeout: errs.opt_duration(&h.response_timeout, &format!("{p}.http.response_timeout"), d.response_timeout),
+            protocol: errs.choice(
+                &h.protocol,
+                &format!("{p}.http.protocol"),
+                &[("http1", UpstreamProtocol::Http1), ("h2c", UpstreamProtocol::H2c)],
+                d.protocol,
+            ),
+        }
+    });
+    Upstream {
+        name: name.to_string(),
+        servers,
+        balance: errs.choice(
+            &raw.balance,
+            &format!("{p}.balance"),
+            &[
+                ("round_robin", Balance::RoundRobin),
+                ("least_conn", Balance::LeastConn),
+                ("random_two", Balance::RandomTwo),
+                ("hash_client", Balance::HashClient),
+            ],
+            Balance::RoundRobin,
+        ),
+        connect_timeout: errs.duration(&raw.connect_timeout, &format!("{p}.connect_timeout"), Duration::from_secs(2)),
+        retries: raw.retries.unwrap_or(2),
+        health_check,
+        eject_after: raw.eject_after.unwrap_or(3),
+        eject_for: errs.duration(&raw.eject_for, &format!("{p}.eject_for"), Duration::from_secs(10)),
+        http: http.unwrap_or_default(),
+    }
+}
+
+fn check_upstream_ref(
+    errs: &mut Errors,
+    r: &S<String>,
+    path: &str,
+    upstreams: &BTreeMap<String, S<file::Upstream>>,
+) {
+    if !upstreams.contains_key(&r.value) {
+        errs.at(r, path, format!("unknown upstream {:?}", r.value));
+    }
+}
+
+fn listener(
+    errs: &mut Errors,
+    name: &str,
+    l: &S<file::Listener>,
+    upstreams: &BTreeMap<String, S<file::Upstream>>,
+) -> Option<Listener> {
+    let p = format!("listeners.{name}");
+    let raw = &l.value;
+    let listen = errs.addr(&raw.listen, &format!("{p}.listen"));
+    check_upstream_ref(errs, &raw.upstream, &format!("{p}.upstream"), upstreams);
+    let protocol = errs.choice(
+        &raw.protocol,
+        &format!("{p}.protocol"),
+        &[("tcp", Protocol::Tcp), ("http", Protocol::Http)],
+        Protocol::Tcp,
+    );
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        let rp = format!("{p}.routes[{i}]");
+        if protocol != Protocol::Http {
+            errs.at(r, &rp, "routes need protocol: http");
+        }
+        check_upstream_ref(errs, &r.value.upstream, &format!("{rp}.upstream"), upstreams);
+        if let Some(h) = &r.value.host {
+            let rest = h.value.strip_prefix("*.").unwrap_or(&h.value);
+            if rest.is_empty() || rest.contains('*') || rest.contains('/') {
+                errs.at(h, &format!("{rp}.host"), format!("bad host pattern {:?} (exact, or *.suffix)", h.value));
+            }
+        }
+        if let Some(pp) = &r.value.path_prefix {
+            if !pp.value.starts_with('/') {
+                errs.at(pp, &format!("{rp}.path_prefix"), "must start with /");
+            }
+        }
+        routes.push(Route {
+            host: r.value.host.as_ref().map(|h| h.value.to_ascii_lowercase()),
+            path_prefix: r.value.path_prefix.as_ref().map(|p| p.value.clone()),
+            upstream: r.value.upstream.value.clone(),
+        });
+    }
+    let max_connections = match &raw.max_connections {
+        Some(m) if m.value == 0 => {
+            errs.at(m, &format!("{p}.max_connections"), "must be at least 1");
+            1
+        }
+        Some(m) => m.value,
+        None => 10_000,
+    };
+    let http = match &raw.http {
+        None => ListenerHttp::default(),
+        Some(h) => {
+            let d = ListenerHttp::default();
+            let hp = format!("{p}.http");
+            ListenerHttp {
+                header_read_timeout: errs.duration(&h.header_read_timeout, &format!("{hp}.header_read_timeout"), d.header_read_timeout),
+                request_timeout: errs.opt_duration(&h.request_timeout, &format!("{hp}.request_timeout"), d.request_timeout),
+                keepalive_timeout: errs.duration(&h.keepalive_timeout, &format!("{hp}.keepalive_timeout"), d.keepalive_timeout),
+                max_header_bytes: h.max_header_bytes.unwrap_or(d.max_header_bytes),
+                max_body_bytes: h.max_body_bytes.filter(|b| *b > 0),
+                preserve_host: h.preserve_host.unwrap_or(d.preserve_host),
+            }
+        }
+    };
+    if raw.http.is_some() && protocol != Protocol::Http {
+        errs.at(l, &format!("{p}.http"), "http settings need protocol: http");
+    }
+    let idle_timeout = errs.opt_duration(&raw.idle_timeout, &format!("{p}.idle_timeout"), None);
+    Some(Listener {
+        name: name.to_string(),
+        listen: listen?,
+        protocol,
+        upstream: raw.upstream.value.clone(),
+        max_connections,
+        idle_timeout,
+        backlog: raw.backlog.unwrap_or(1024),
+        reuse_port: raw.reuse_port.unwrap_or(false),
+        routes,
+        http,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

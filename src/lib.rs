@@ -1,0 +1,26 @@
+//! baton: a TCP and HTTP reverse proxy that replaces its own binary while it runs, handing
+//! every listener and live connection to its successor.
+//!
+//! Module map (dependencies point one way: lifecycle → handover → registry ← proxy → upstream):
+//! - [`config`]: the YAML model, defaults, validation with line/column errors.
+//! - [`listener`]: binding listening sockets (socket2) or adopting inherited ones.
+//! - [`registry`]: the live connections and their state, the one thing proxy and handover share.
+//! - [`proxy`]: the data path: [`proxy::tcp`] (L4 relay that can stop and say what it holds)
+//!   and [`proxy::http`] (L7 on hyper).
+//! - [`upstream`]: server sets, balancing, active and passive health.
+//! - [`handover`]: the private channel to a successor, its framed messages and fd passing.
+//! - [`lifecycle`]: signals, the phase state machine, spawning the successor, rollback.
+//! - [`admin`]: the control socket for the CLI.
+//! - [`metrics`]: process counters that carry over across an upgrade.
+//! - [`logging`]: tracing setup with `pid` and `generation` on every line.
+
+pub mod admin;
+pub mod config;
+pub mod handover;
+pub mod lifecycle;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod registry;
+pub mod upstream;

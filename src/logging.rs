@@ -1,0 +1,129 @@
+//! Log setup: structured events as text or JSON lines, each carrying the process's `pid` and
+//! `generation`, so the lines of two generations running side by side can be told apart.
+
+use crate::config::{Log, LogFormat};
+use std::fmt::Write as _;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
+
+/// Formats every event as one line with pid and generation.
+struct LineFormat {
+    json: bool,
+    pid: u32,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    rest: Vec<(&'static str, serde_json::Value)>,
+}
+
+impl Visit for Fields {
+    fn record_debug(&mut self, f: &Field, v: &dyn std::fmt::Debug) {
+        if f.name() == "message" {
+            self.message = format!("{v:?}");
+        } else {
+            self.rest.push((f.name(), serde_json::Value::String(format!("{v:?}"))));
+        }
+    }
+    fn record_str(&mut self, f: &Field, v: &str) {
+        if f.name() == "message" {
+            self.message = v.to_string();
+        } else {
+            self.rest.push((f.name(), v.into()));
+        }
+    }
+    fn record_u64(&mut self, f: &Field, v: u64) {
+        self.rest.push((f.name(), v.into()));
+    }
+    fn record_i64(&mut self, f: &Field, v: i64) {
+        self.rest.push((f.name(), v.into()));
+    }
+    fn record_bool(&mut self, f: &Field, v: bool) {
+        self.rest.push((f.name(), v.into()));
+    }
+    fn record_f64(&mut self, f: &Field, v: f64) {
+        self.rest.push((f.name(), v.into()));
+    }
+}
+
+fn timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:03}", now.as_secs(), now.subsec_millis())
+}
+
+impl<S, N> FormatEvent<S, N> for LineFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, ev: &Event<'_>) -> std::fmt::Result {
+        let mut f = Fields::default();
+        ev.record(&mut f);
+        let meta = ev.metadata();
+        if self.json {
+            let mut m = serde_json::Map::new();
+            m.insert("ts".into(), timestamp().into());
+            m.insert("level".into(), meta.level().as_str().to_ascii_lowercase().into());
+            m.insert("pid".into(), self.pid.into());
+            m.insert("generation".into(), self.generation.into());
+            m.insert("target".into(), meta.target().into());
+            m.insert("msg".into(), f.message.into());
+            for (k, v) in f.rest {
+                m.insert(k.into(), v);
+            }
+            writeln!(w, "{}", serde_json::Value::Object(m))
+        } else {
+            let mut line = format!(
+                "{} {:5} pid={} gen={} {}: {}",
+                timestamp(),
+                meta.level(),
+                self.pid,
+                self.generation,
+                meta.target(),
+                f.message
+            );
+            for (k, v) in f.rest {
+                match v {
+                    serde_json::Value::String(s) if !s.contains([' ', '"', '=']) && !s.is_empty() => {
+                        let _ = write!(line, " {k}={s}");
+                    }
+                    v => {
+                        let _ = write!(line, " {k}={v}");
+                    }
+                }
+            }
+            writeln!(w, "{line}")
+        }
+    }
+}
+
+/// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
+pub fn init(cfg: &Log, generation: u64) -> Result<(), std::io::Error> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let format = LineFormat {
+        json: cfg.format == LogFormat::Json,
+        pid: std::process::id(),
+        generation,
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).event_format(format);
+    let res = match &cfg.file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            builder.with_writer(std::sync::Mutex::new(file)).try_init()
+        }
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
+    // Already initialised (tests calling twice) is harmless.
+    let _ = res;
+    Ok(())
+}

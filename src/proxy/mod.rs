@@ -1,0 +1,134 @@
+//! The data path: accept loops and the per-connection handlers for TCP and HTTP listeners.
+
+pub mod http;
+pub mod tcp;
+
+use crate::config;
+use crate::metrics::Metrics;
+use crate::registry::{Parked, Registry};
+use crate::upstream::Upstreams;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Everything a connection of one listener needs.
+#[derive(Debug)]
+pub struct ListenerCtx {
+    /// The listener's name, shared by its connections' registry entries.
+    pub name: Arc<str>,
+    /// The listener's configuration.
+    pub cfg: config::Listener,
+    /// Every upstream pool.
+    pub upstreams: Upstreams,
+    /// The live connections.
+    pub registry: Arc<Registry>,
+    /// Process counters.
+    pub metrics: Arc<Metrics>,
+    /// Caps live connections at `max_connections`; accepting waits for a permit.
+    pub limit: Arc<Semaphore>,
+}
+
+impl ListenerCtx {
+    /// Builds the context of one listener.
+    pub fn new(
+        cfg: config::Listener,
+        upstreams: Upstreams,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<ListenerCtx> {
+        Arc::new(ListenerCtx {
+            name: cfg.name.as_str().into(),
+            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            cfg,
+            upstreams,
+            registry,
+            metrics,
+        })
+    }
+}
+
+/// Whether an accept error means "out of file descriptors or memory": back off, don't spin.
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let Some(code) = e.raw_os_error() else { return false };
+    [Errno::MFILE, Errno::NFILE, Errno::NOMEM, Errno::NOBUFS]
+        .iter()
+        .any(|x| x.raw_os_error() == code)
+}
+
+/// Accepts connections until `stop` is cancelled, then returns the listener (still open, so
+/// it can be handed over or resumed).
+pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, stop: CancellationToken) -> TcpListener {
+    let mut last_warn: Option<tokio::time::Instant> = None;
+    loop {
+        // Waiting for a permit pauses accepting at max_connections without spinning.
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return listener,
+            p = ctx.limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return listener,
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return listener,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                crate::listener::tune(&stream);
+                Metrics::inc(&ctx.metrics.accepted);
+                spawn_connection(ctx.clone(), stream, peer, permit);
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                let now = tokio::time::Instant::now();
+                if last_warn.is_none_or(|t| now - t >= Duration::from_secs(1)) {
+                    tracing::warn!(listener = %ctx.name, error = %e, "accept failed: out of resources, backing off");
+                    last_warn = Some(now);
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return listener,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            Err(e) => tracing::debug!(listener = %ctx.name, error = %e, "accept failed"),
+        }
+    }
+}
+
+fn spawn_connection(
+    ctx: Arc<ListenerCtx>,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    permit: OwnedSemaphorePermit,
+) {
+    match ctx.cfg.protocol {
+        config::Protocol::Tcp => {
+            tokio::spawn(tcp::handle(ctx, stream, peer, permit));
+        }
+        config::Protocol::Http => {
+            tokio::spawn(http::handle(ctx, stream, peer, permit));
+        }
+    }
+}
+
+/// Resumes a connection parked by a predecessor (or by this process, after a rolled-back
+/// upgrade) on the listener it belongs to. Waits for a connection permit like an accept would.
+pub async fn resume(ctx: Arc<ListenerCtx>, parked: Parked) {
+    let permit = match ctx.limit.clone().acquire_owned().await {
+        Ok(p) => p,
+        Err(_) => return,
+    };
+    match parked {
+        Parked::Tunnel(t) => {
+            tokio::spawn(tcp::resume(ctx, t, permit));
+        }
+        Parked::IdleHttp(h) => {
+            tokio::spawn(http::resume(ctx, h, permit));
+        }
+    }
+}

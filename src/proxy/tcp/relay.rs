@@ -1,0 +1,199 @@
+//! A bidirectional byte relay whose buffers live in a struct, so it can be stopped at any
+//! await point and report exactly what it holds.
+//!
+//! `tokio::io::copy_bidirectional` keeps bytes in private buffers that are lost when its
+//! future is dropped. Here every byte read is either already written or still in
+//! `buf[start..end]` of its [`Half`], so dropping a [`Relay::poll_relay`] future mid-way loses
+//! nothing: [`Relay::into_parts`] returns both sockets and the pending bytes.
+
+use crate::registry::{ConnStats, PendingHalf};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Size of each direction's buffer; 64 KiB measured fastest (8 KiB costs ~25%).
+pub const BUF_SIZE: usize = 64 * 1024;
+
+/// One direction: bytes flow from a source socket through `buf` into a destination.
+#[derive(Debug)]
+struct Half {
+    buf: Box<[u8]>,
+    /// First byte not yet written.
+    start: usize,
+    /// One past the last byte read.
+    end: usize,
+    /// The source sent FIN.
+    read_eof: bool,
+    /// The destination was shut down for writing (FIN passed on).
+    shut: bool,
+}
+
+impl Half {
+    fn new(pending: PendingHalf, size: usize) -> Half {
+        let mut buf = vec![0u8; size.max(pending.bytes.len())].into_boxed_slice();
+        buf[..pending.bytes.len()].copy_from_slice(&pending.bytes);
+        Half {
+            buf,
+            start: 0,
+            end: pending.bytes.len(),
+            read_eof: pending.read_eof,
+            shut: pending.shut,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.shut
+    }
+
+    fn pending(&self) -> PendingHalf {
+        PendingHalf {
+            bytes: self.buf[self.start..self.end].to_vec(),
+            read_eof: self.read_eof,
+            shut: self.shut,
+        }
+    }
+
+    /// Moves as many bytes as possible from `src` to `dst`. Returns Ready(Ok) once the FIN has
+    /// been passed on; Pending with a registered waker otherwise. `moved` counts bytes read.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut src: Pin<&mut R>,
+        mut dst: Pin<&mut W>,
+        moved: &mut u64,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.start < self.end {
+                let n = ready!(dst.as_mut().poll_write(cx, &self.buf[self.start..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+                continue;
+            }
+            self.start = 0;
+            self.end = 0;
+            if self.read_eof {
+                if !self.shut {
+                    // The peer may already be gone; a failed shutdown still ends this half.
+                    let _ = ready!(dst.as_mut().poll_shutdown(cx));
+                    self.shut = true;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
+            ready!(src.as_mut().poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            if n == 0 {
+                self.read_eof = true;
+            } else {
+                self.end += n;
+                *moved += n as u64;
+            }
+        }
+    }
+}
+
+/// Why a relay ended.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// Both directions finished with a FIN.
+    Closed,
+    /// A socket failed (reset, broken pipe).
+    Error(io::Error),
+}
+
+/// A client socket and an upstream socket joined in both directions.
+#[derive(Debug)]
+pub struct Relay {
+    client: TcpStream,
+    upstream: TcpStream,
+    to_upstream: Half,
+    to_client: Half,
+    stats: Arc<ConnStats>,
+    last_activity: Instant,
+}
+
+impl Relay {
+    /// Joins two sockets, starting with bytes already in flight (from a handover, or bytes an
+    /// HTTP server read ahead before an Upgrade).
+    pub fn new(
+        client: TcpStream,
+        upstream: TcpStream,
+        to_upstream: PendingHalf,
+        to_client: PendingHalf,
+        stats: Arc<ConnStats>,
+    ) -> Relay {
+        Relay {
+            client,
+            upstream,
+            to_upstream: Half::new(to_upstream, BUF_SIZE),
+            to_client: Half::new(to_client, BUF_SIZE),
+            stats,
+            last_activity: Instant::now(),
+        }
+    }
+
+    /// When bytes last moved.
+    pub fn last_activity(&self) -> Instant {
+        self.last_activity
+    }
+
+    /// Drives both directions until both are finished or one fails. Dropping the returned
+    /// future at any point loses no byte.
+    pub fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        let (mut up_moved, mut down_moved) = (0u64, 0u64);
+        let a = if self.to_upstream.done() {
+            Poll::Ready(Ok(()))
+        } else {
+            self.to_upstream.poll_copy(
+                cx,
+                Pin::new(&mut self.client),
+                Pin::new(&mut self.upstream),
+                &mut up_moved,
+            )
+        };
+        let b = if self.to_client.done() {
+            Poll::Ready(Ok(()))
+        } else {
+            self.to_client.poll_copy(
+                cx,
+                Pin::new(&mut self.upstream),
+                Pin::new(&mut self.client),
+                &mut down_moved,
+            )
+        };
+        if up_moved + down_moved > 0 {
+            self.last_activity = Instant::now();
+            self.stats.bytes_in.fetch_add(up_moved, Ordering::Relaxed);
+            self.stats.bytes_out.fetch_add(down_moved, Ordering::Relaxed);
+        }
+        match (a, b) {
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(RelayEnd::Error(e)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(RelayEnd::Closed),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// Runs [`Self::poll_relay`] as a future.
+    pub async fn run(&mut self) -> RelayEnd {
+        std::future::poll_fn(|cx| self.poll_relay(cx)).await
+    }
+
+    /// Stops the relay: both sockets (as std sockets, deregistered from this runtime) and what
+    /// each direction still holds.
+    pub fn into_parts(self) -> io::Result<(std::net::TcpStream, std::net::TcpStream, PendingHalf, PendingHalf)> {
+        let up = self.to_upstream.pending();
+        let down = self.to_client.pending();
+        Ok((self.client.into_std()?, self.upstream.into_std()?, up, down))
+    }
+}

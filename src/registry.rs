@@ -1,0 +1,369 @@
+//! The connection registry: which live connections exist, what they are, and their state.
+//!
+//! It is the one thing the data path ([`crate::proxy`]) and the upgrade ([`crate::handover`],
+//! [`crate::lifecycle`]) share. Each connection task registers itself and holds a
+//! [`ConnHandle`]; dropping the handle removes the entry. To hand connections over, the
+//! lifecycle calls [`Registry::park_all`]: every task stops at its next safe point and sends
+//! what it holds (sockets, pending bytes, metadata) as a plain [`Parked`] value to the
+//! channel returned by [`Registry::new`]. The data path never sees signals or the channel.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// Identifies a connection within one process generation.
+pub type ConnId = u64;
+
+/// What a connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnKind {
+    /// An L4 tunnel from a `tcp` listener.
+    Tcp,
+    /// An HTTP/1.1 client connection.
+    Http,
+    /// An HTTP/2 client connection (cannot be handed over; drained with GOAWAY).
+    Http2,
+    /// A tunnel made by HTTP `Upgrade` (WebSocket) or `CONNECT`.
+    Tunnel,
+}
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u8)]
+pub enum ConnState {
+    /// Choosing and connecting to a server.
+    Connecting = 0,
+    /// Relaying bytes (tunnels) or serving a request (HTTP).
+    Active = 1,
+    /// An HTTP connection between requests.
+    Idle = 2,
+    /// Finishing its work because the process is stopping or upgrading.
+    Draining = 3,
+}
+
+impl ConnState {
+    fn from_u8(v: u8) -> ConnState {
+        match v {
+            0 => ConnState::Connecting,
+            1 => ConnState::Active,
+            2 => ConnState::Idle,
+            _ => ConnState::Draining,
+        }
+    }
+}
+
+/// Facts about a connection that travel with it across an upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnMeta {
+    /// Listener that accepted it.
+    pub listener: String,
+    /// Client's address.
+    pub client: SocketAddr,
+    /// Upstream server, once chosen.
+    pub server: Option<SocketAddr>,
+    /// What it carries.
+    pub kind: ConnKind,
+    /// When it was accepted, in milliseconds since the Unix epoch.
+    pub started_ms: u64,
+    /// Bytes received from the client so far.
+    pub bytes_in: u64,
+    /// Bytes sent to the client so far.
+    pub bytes_out: u64,
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One direction of a tunnel, stopped: bytes read but not yet written, and its end state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingHalf {
+    /// Bytes read from the source and not yet written to the destination, in order.
+    pub bytes: Vec<u8>,
+    /// The source has sent FIN.
+    pub read_eof: bool,
+    /// The FIN was passed on (`shutdown(write)` done on the destination).
+    pub shut: bool,
+}
+
+/// A stopped tunnel: both sockets and everything in flight between them.
+#[derive(Debug)]
+pub struct TunnelState {
+    /// Metadata and counters.
+    pub meta: ConnMeta,
+    /// The client side.
+    pub client: std::net::TcpStream,
+    /// The upstream side.
+    pub upstream: std::net::TcpStream,
+    /// Client → upstream direction.
+    pub to_upstream: PendingHalf,
+    /// Upstream → client direction.
+    pub to_client: PendingHalf,
+}
+
+/// An HTTP/1.1 client connection stopped between requests.
+#[derive(Debug)]
+pub struct IdleHttpState {
+    /// Metadata and counters.
+    pub meta: ConnMeta,
+    /// The client socket.
+    pub client: std::net::TcpStream,
+    /// Bytes already read from the client but not yet parsed (the start of the next request).
+    pub read_ahead: Vec<u8>,
+}
+
+/// What a connection holds when stopped for a handover.
+#[derive(Debug)]
+pub enum Parked {
+    /// A TCP or Upgrade/CONNECT tunnel.
+    Tunnel(TunnelState),
+    /// An idle HTTP/1.1 keep-alive connection.
+    IdleHttp(IdleHttpState),
+}
+
+impl Parked {
+    /// The connection's metadata.
+    pub fn meta(&self) -> &ConnMeta {
+        match self {
+            Parked::Tunnel(t) => &t.meta,
+            Parked::IdleHttp(h) => &h.meta,
+        }
+    }
+}
+
+/// Live, shared facts about one registered connection.
+#[derive(Debug)]
+pub struct ConnStats {
+    /// Its id.
+    pub id: ConnId,
+    /// Listener name.
+    pub listener: Arc<str>,
+    /// Client address.
+    pub client: SocketAddr,
+    /// Kind, which may change (HTTP connection upgraded into a tunnel).
+    kind: Mutex<ConnKind>,
+    /// Upstream server, once chosen.
+    server: Mutex<Option<SocketAddr>>,
+    /// Accept time, ms since the epoch.
+    pub started_ms: u64,
+    state: AtomicU8,
+    /// Bytes from the client.
+    pub bytes_in: AtomicU64,
+    /// Bytes to the client.
+    pub bytes_out: AtomicU64,
+    /// Cancelled when the connection must stop and park (handover).
+    park: CancellationToken,
+    /// Cancelled when the process stops: finish the current work, take no more.
+    drain: CancellationToken,
+    /// Cancelled when the connection must close now (drain deadline).
+    kill: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these short locks leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ConnStats {
+    /// Current state.
+    pub fn state(&self) -> ConnState {
+        ConnState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+    /// Sets the state.
+    pub fn set_state(&self, s: ConnState) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+    /// Current kind.
+    pub fn kind(&self) -> ConnKind {
+        *lock(&self.kind)
+    }
+    /// Changes the kind (an HTTP connection that became a tunnel).
+    pub fn set_kind(&self, k: ConnKind) {
+        *lock(&self.kind) = k;
+    }
+    /// The chosen server.
+    pub fn server(&self) -> Option<SocketAddr> {
+        *lock(&self.server)
+    }
+    /// Records the chosen server.
+    pub fn set_server(&self, s: Option<SocketAddr>) {
+        *lock(&self.server) = s;
+    }
+    /// A snapshot of the metadata, with current counters.
+    pub fn meta(&self) -> ConnMeta {
+        ConnMeta {
+            listener: self.listener.to_string(),
+            client: self.client,
+            server: self.server(),
+            kind: self.kind(),
+            started_ms: self.started_ms,
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A registered connection; dropping it removes the entry.
+#[derive(Debug)]
+pub struct ConnHandle {
+    stats: Arc<ConnStats>,
+    registry: Arc<Registry>,
+}
+
+impl ConnHandle {
+    /// The shared facts.
+    pub fn stats(&self) -> &Arc<ConnStats> {
+        &self.stats
+    }
+    /// Resolves when the connection is asked to stop at its next safe point and park.
+    pub async fn park_requested(&self) {
+        self.stats.park.cancelled().await
+    }
+    /// Whether a park was asked for.
+    pub fn is_park_requested(&self) -> bool {
+        self.stats.park.is_cancelled()
+    }
+    /// Resolves when the process is stopping: serve no new requests (HTTP keep-alive ends).
+    pub async fn drain_requested(&self) {
+        self.stats.drain.cancelled().await
+    }
+    /// Resolves when the connection must close now.
+    pub async fn kill_requested(&self) {
+        self.stats.kill.cancelled().await
+    }
+    /// Hands a stopped connection to the lifecycle, and deregisters it.
+    pub fn park(self, parked: Parked) {
+        if let Err(mpsc::error::SendError(p)) = self.registry.parked_tx.send(parked) {
+            // No lifecycle listens (process exiting): dropping closes the sockets.
+            tracing::debug!(client = %p.meta().client, "parked connection dropped: no receiver");
+        }
+    }
+}
+
+impl Drop for ConnHandle {
+    fn drop(&mut self) {
+        let mut conns = lock(&self.registry.conns);
+        conns.remove(&self.stats.id);
+        if conns.is_empty() {
+            self.registry.emptied.notify_waiters();
+        }
+    }
+}
+
+/// Every live connection of this process.
+#[derive(Debug)]
+pub struct Registry {
+    next_id: AtomicU64,
+    conns: Mutex<HashMap<ConnId, Arc<ConnStats>>>,
+    /// Parent of every connection's park token; replaced after each park_all.
+    park_parent: Mutex<CancellationToken>,
+    /// Parent of every connection's drain token.
+    drain_parent: CancellationToken,
+    /// Parent of every connection's kill token.
+    kill_parent: Mutex<CancellationToken>,
+    parked_tx: mpsc::UnboundedSender<Parked>,
+    /// Woken each time the last connection goes.
+    emptied: Notify,
+}
+
+/// Receives the connections that stopped for a handover.
+pub type ParkedRx = mpsc::UnboundedReceiver<Parked>;
+
+impl Registry {
+    /// A new, empty registry, and the receiver of parked connections.
+    pub fn new() -> (Arc<Registry>, ParkedRx) {
+        let (parked_tx, rx) = mpsc::unbounded_channel();
+        let r = Registry {
+            next_id: AtomicU64::new(1),
+            conns: Mutex::new(HashMap::new()),
+            park_parent: Mutex::new(CancellationToken::new()),
+            drain_parent: CancellationToken::new(),
+            kill_parent: Mutex::new(CancellationToken::new()),
+            parked_tx,
+            emptied: Notify::new(),
+        };
+        (Arc::new(r), rx)
+    }
+
+    /// Registers a new connection.
+    pub fn register(
+        self: &Arc<Self>,
+        listener: Arc<str>,
+        client: SocketAddr,
+        kind: ConnKind,
+        started_ms: u64,
+    ) -> ConnHandle {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stats = Arc::new(ConnStats {
+            id,
+            listener,
+            client,
+            kind: Mutex::new(kind),
+            server: Mutex::new(None),
+            started_ms,
+            state: AtomicU8::new(ConnState::Connecting as u8),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            park: lock(&self.park_parent).child_token(),
+            drain: self.drain_parent.child_token(),
+            kill: lock(&self.kill_parent).child_token(),
+        });
+        lock(&self.conns).insert(id, stats.clone());
+        ConnHandle { stats, registry: self.clone() }
+    }
+
+    /// Number of live connections.
+    pub fn len(&self) -> usize {
+        lock(&self.conns).len()
+    }
+
+    /// Whether no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Resolves once no connection is live.
+    pub async fn wait_empty(&self) {
+        loop {
+            let notified = self.emptied.notified();
+            if self.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A snapshot of every live connection.
+    pub fn snapshot(&self) -> Vec<Arc<ConnStats>> {
+        lock(&self.conns).values().cloned().collect()
+    }
+
+    /// Asks every live connection to stop at its next safe point and park. Connections
+    /// registered afterwards are not affected.
+    pub fn park_all(&self) {
+        let old = std::mem::take(&mut *lock(&self.park_parent));
+        old.cancel();
+    }
+
+    /// Asks every connection, now and later, to finish its current work and close (stop).
+    pub fn drain_all(&self) {
+        self.drain_parent.cancel();
+    }
+
+    /// Asks every live connection to close now.
+    pub fn kill_all(&self) {
+        let old = std::mem::take(&mut *lock(&self.kill_parent));
+        old.cancel();
+    }
+}
