@@ -172,7 +172,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     for (name, l) in &raw.listeners {
         let lst = listener(&mut errs, name, l, &raw.upstreams);
         if let Some(lst) = lst {
-            if let Some(other) = seen.insert(lst.listen, name) {
+            // Port 0 asks the OS for a free port: never a clash.
+            let clash = if lst.listen.port() == 0 { None } else { seen.insert(lst.listen, name) };
+            if let Some(other) = clash {
                 errs.at(
                     &l.value.listen,
                     &format!("listeners.{name}.listen"),

@@ -99,9 +99,10 @@ impl Process {
         let Some(lcfg) = self.cfg.listeners.get(name) else { return Ok(()) };
         let ctx = ListenerCtx::new(lcfg.clone(), self.upstreams.clone(), self.registry.clone(), self.metrics.clone());
         let listener = crate::listener::to_tokio(l).map_err(io_err(format!("listener {name}")))?;
+        let addr = listener.local_addr().map_err(io_err(format!("listener {name}")))?;
         let stop = CancellationToken::new();
         let task = tokio::spawn(proxy::serve(listener, ctx.clone(), stop.clone()));
-        tracing::info!(listener = name, addr = %lcfg.listen, protocol = %lcfg.protocol, "listening");
+        tracing::info!(listener = name, addr = %addr, protocol = %lcfg.protocol, "listening");
         self.slots.insert(name.to_string(), Slot { ctx, stop, task });
         Ok(())
     }

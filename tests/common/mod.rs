@@ -1,0 +1,211 @@
+//! Shared support for integration tests: start the real `baton` binary with a config written
+//! to a temporary folder, learn its listeners' OS-chosen ports from its log, and small real
+//! backends on 127.0.0.1.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Generous bound for conditions on a noisy 2-core machine.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Log lines of a child process, shared with the thread that reads them.
+#[derive(Default)]
+pub struct LogLines {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+impl LogLines {
+    /// Waits until a line containing every one of `needles` appears; returns it.
+    pub fn wait_for(&self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return Some(l.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            lines = self.changed.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Every line so far.
+    pub fn all(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Lines containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+}
+
+/// Reads `r` line by line into `log` (and echoes to the test's stderr for failures).
+pub fn pump(r: impl std::io::Read + Send + 'static, log: Arc<LogLines>, tag: &'static str) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[{tag}] {line}");
+            log.lines.lock().unwrap().push(line);
+            log.changed.notify_all();
+        }
+    });
+}
+
+/// A running baton process in its own temporary folder.
+pub struct Baton {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub log: Arc<LogLines>,
+}
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_baton")
+}
+
+impl Baton {
+    /// Writes `yaml` as config.yaml in a new temporary folder and starts `baton run` on it,
+    /// waiting until it is ready.
+    pub fn start(yaml: &str) -> Baton {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        Self::start_in(dir, config)
+    }
+
+    /// Starts `baton run -c config` and waits for readiness.
+    pub fn start_in(dir: tempfile::TempDir, config: PathBuf) -> Baton {
+        let mut child = Command::new(bin())
+            .args(["run", "-c"])
+            .arg(&config)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn baton");
+        let log = Arc::new(LogLines::default());
+        pump(child.stderr.take().unwrap(), log.clone(), "baton");
+        let b = Baton { child, dir, config, log };
+        assert!(
+            b.log.wait_for(&["phase", "to=Ready"], WAIT).is_some(),
+            "baton did not become ready"
+        );
+        b
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The address a listener is bound to, read from the "listening" log line of the
+    /// process with the given pid (or any, if `None`).
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        let line = self
+            .log
+            .wait_for(&["listening", &format!("listener={listener} ")], WAIT)
+            .expect("listener address in log");
+        let addr = line.split("addr=").nth(1).unwrap().split(' ').next().unwrap();
+        addr.parse().unwrap()
+    }
+
+    /// Sends a signal to the baton process.
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        rustix::process::kill_process(rustix::process::Pid::from_raw(self.pid()).unwrap(), sig).unwrap();
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+/// A TCP echo backend that first writes `greeting` (its name) to each connection, so a client
+/// can tell which server it reached. Runs until the test's runtime ends.
+pub async fn echo_backend(greeting: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { break };
+            tokio::spawn(async move {
+                if !greeting.is_empty() && s.write_all(greeting.as_bytes()).await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An address on 127.0.0.1 where nothing listens (bound then released).
+pub fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Connects through baton and reads the backend's greeting of `len` bytes.
+pub async fn greeting(addr: SocketAddr, len: usize) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = vec![0u8; len];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf)).await.unwrap().unwrap();
+    (s, String::from_utf8(buf).unwrap())
+}
+
+/// Counts by value.
+pub fn tally<T: std::hash::Hash + Eq>(items: impl IntoIterator<Item = T>) -> HashMap<T, usize> {
+    let mut m = HashMap::new();
+    for i in items {
+        *m.entry(i).or_insert(0) += 1;
+    }
+    m
+}
