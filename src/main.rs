@@ -1,18 +1,29 @@
-//! The `baton` command line: parse, load and validate the config, set up logs, run.
+//! The `baton` command line: parse, load and validate the config, set up logs, run; or talk
+//! to the running process over its control socket.
 
 use anyhow::Context as _;
+use baton::admin::control::{self, Command as Ctl};
 use baton::config::Config;
 use baton::lifecycle::{self, RunOptions};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+const EXAMPLES: &str = "Examples:
+  baton run -c config.yaml          serve with config.yaml (foreground)
+  baton check -c config.yaml        validate config.yaml: exit 0, or 2 listing every error
+  baton status -c config.yaml       show the running process (--json for scripts)
+  baton upgrade -c config.yaml      hand everything over to the binary on disk, print a summary
+  baton reload -c config.yaml       the same with a re-read config.yaml
+  baton stop -c config.yaml         stop gracefully (--fast: close connections now)
+  kill -USR2 $(cat baton.pid)       upgrade by signal; SIGHUP reloads, SIGTERM stops";
+
 #[derive(Parser)]
 #[command(
     name = "baton",
     version,
     about = "A TCP and HTTP reverse proxy that upgrades its own binary without dropping a connection",
-    after_help = "Examples:\n  baton run -c config.yaml        serve with config.yaml\n  baton check -c config.yaml      validate config.yaml and exit\n  kill -TERM $(cat baton.pid)     stop gracefully"
+    after_help = EXAMPLES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -30,6 +41,39 @@ enum Command {
     /// Validate a configuration file: exit 0, or 2 with every error found.
     Check {
         /// Configuration file.
+        #[arg(short, long, default_value = "config.yaml")]
+        config: PathBuf,
+    },
+    /// Show the running process: pid, generation, listeners, upstreams, connections, upgrades.
+    Status {
+        /// Configuration file (names the control socket).
+        #[arg(short, long, default_value = "config.yaml")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the running process gracefully.
+    Stop {
+        /// Configuration file (names the control socket).
+        #[arg(short, long, default_value = "config.yaml")]
+        config: PathBuf,
+        /// Close connections now instead of draining them.
+        #[arg(long)]
+        fast: bool,
+    },
+    /// Start the upgraded binary and hand it every listener and live connection.
+    Upgrade {
+        /// Configuration file (names the control socket).
+        #[arg(short, long, default_value = "config.yaml")]
+        config: PathBuf,
+        /// Binary to start instead of the one the process was started from.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
+    /// Re-read the configuration: an upgrade to the same binary with the new config.
+    Reload {
+        /// Configuration file (names the control socket).
         #[arg(short, long, default_value = "config.yaml")]
         config: PathBuf,
     },
@@ -53,33 +97,95 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(2);
-                }
-            };
-            match run(cfg, config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("baton: {e:#}");
-                    ExitCode::FAILURE
+        Command::Run { config } => run(config),
+        Command::Status { config, json } => ctl(&config, Ctl::Status, json),
+        Command::Stop { config, fast } => ctl(&config, Ctl::Stop { fast }, false),
+        Command::Upgrade { config, binary } => {
+            let binary = binary.map(|b| std::path::absolute(&b).unwrap_or(b));
+            ctl(&config, Ctl::Upgrade { binary }, false)
+        }
+        Command::Reload { config } => ctl(&config, Ctl::Reload, false),
+    }
+}
+
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        rt.worker_threads(threads);
+    }
+    rt.enable_all().build()
+}
+
+fn run(config: PathBuf) -> ExitCode {
+    let cfg = match Config::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            // Started as a successor: tell the running process why, so it keeps serving and says so.
+            if std::env::var_os(baton::handover::HANDOVER_FD_ENV).is_some() {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    rt.block_on(lifecycle::refuse(format!("invalid config:\n{e}")));
                 }
             }
+            return ExitCode::from(2);
+        }
+    };
+    match serve(cfg, config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baton: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
 
-fn run(cfg: Config, config_path: PathBuf) -> anyhow::Result<()> {
-    let generation = 1;
+fn serve(cfg: Config, config_path: PathBuf) -> anyhow::Result<()> {
+    let generation = std::env::var("BATON_GENERATION").ok().and_then(|g| g.parse().ok()).unwrap_or(1);
+    std::env::remove_var("BATON_GENERATION");
     baton::logging::init(&cfg.log, generation).context("cannot open the log file")?;
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if cfg.runtime.worker_threads > 0 {
-        rt.worker_threads(cfg.runtime.worker_threads);
-    }
-    let rt = rt.enable_all().build().context("cannot start the runtime")?;
-    rt.block_on(lifecycle::run(cfg, RunOptions { config_path, generation }))?;
+    let rt = runtime(cfg.runtime.worker_threads).context("cannot start the runtime")?;
+    let opts = RunOptions { config_path, binary: lifecycle::own_binary_path(), generation };
+    rt.block_on(lifecycle::run(cfg, opts))?;
     Ok(())
+}
+
+fn ctl(config: &std::path::Path, command: Ctl, json: bool) -> ExitCode {
+    // Only the control socket's path is needed; a config with other errors still names it.
+    let socket = match Config::load(config) {
+        Ok(c) => c.runtime.control_socket,
+        Err(e) => match Config::control_socket_of(config) {
+            Some(s) => s,
+            None => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("baton: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(control::request(&socket, &command)) {
+        Err(e) => {
+            eprintln!("baton: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(reply) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply.data).unwrap_or_default());
+            } else if matches!(command, Ctl::Status) && reply.ok {
+                print!("{}", baton::admin::render_status(&reply.data));
+            } else {
+                println!("{}", reply.message);
+            }
+            if reply.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
 }

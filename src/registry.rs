@@ -349,6 +349,20 @@ impl Registry {
         lock(&self.conns).values().cloned().collect()
     }
 
+    /// Asks the live connections that match `filter` to stop at their next safe point and
+    /// park; returns their ids.
+    pub fn park_where(&self, filter: impl Fn(&ConnStats) -> bool) -> std::collections::HashSet<ConnId> {
+        let conns = lock(&self.conns);
+        conns
+            .values()
+            .filter(|c| filter(c))
+            .map(|c| {
+                c.park.cancel();
+                c.id
+            })
+            .collect()
+    }
+
     /// Asks every live connection to stop at its next safe point and park. Connections
     /// registered afterwards are not affected.
     pub fn park_all(&self) {

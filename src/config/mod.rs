@@ -274,6 +274,26 @@ impl Config {
         Self::parse(path, &text)
     }
 
+    /// The control socket named by `path`, read leniently: only `runtime.control_socket` must
+    /// make sense, so the CLI can still reach a running process whose config file was since
+    /// broken (and let it explain what is wrong).
+    pub fn control_socket_of(path: &Path) -> Option<PathBuf> {
+        #[derive(serde::Deserialize)]
+        struct Lenient {
+            runtime: Option<LenientRuntime>,
+        }
+        #[derive(serde::Deserialize)]
+        struct LenientRuntime {
+            control_socket: Option<String>,
+        }
+        let text = std::fs::read_to_string(path).ok()?;
+        let l: Lenient = serde_saphyr::from_str(&text).ok()?;
+        let name = l.runtime.and_then(|r| r.control_socket).unwrap_or_else(|| "baton.sock".into());
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        Some(dir.join(name))
+    }
+
     /// Validates `text` as if read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         validate::parse(path, text)

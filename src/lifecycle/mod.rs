@@ -1,20 +1,18 @@
-//! The life of one process: get listeners, serve, stop gracefully (and, with the upgrade,
-//! hand over to a successor). The phases are an explicit enum, logged at each transition.
+//! The life of one process: get listeners (bind them, or receive them from a predecessor),
+//! serve, and end either by a graceful stop or by handing everything to a successor.
+//! The phases are an explicit enum, logged at each transition.
 
-use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::proxy::{self, ListenerCtx};
-use crate::registry::{ParkedRx, Registry};
-use crate::upstream::{self, Upstreams};
+mod process;
+mod successor;
+mod triggers;
+mod upgrade;
+
+pub use process::run;
+pub use upgrade::UpgradeReport;
+
 use serde::Serialize;
-use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use tokio::net::TcpListener;
-use tokio::signal::unix::{signal, SignalKind};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 /// Where the process is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -22,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 pub enum Phase {
     /// Loading config and getting listeners.
     Starting,
+    /// Receiving connections from a predecessor (successor only).
+    TakingOver,
     /// Serving.
     Ready,
     /// Passing listeners and connections to a successor.
@@ -53,6 +53,9 @@ pub enum LifecycleError {
         /// The OS error.
         source: io::Error,
     },
+    /// Taking over from a predecessor failed.
+    #[error("taking over from the predecessor failed: {0}")]
+    TakeOver(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LifecycleError {
@@ -63,60 +66,17 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LifecycleError {
 /// How this process was started.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// The config file, re-read on reload.
+    /// The config file, re-read by the successor.
     pub config_path: PathBuf,
+    /// The binary a successor is started from by default: the path this process was started
+    /// from (absolute), re-read from disk at each upgrade.
+    pub binary: PathBuf,
     /// 1 for a first start, +1 per upgrade.
     pub generation: u64,
 }
 
-/// A listener being served: its context and the accept task, which gives the socket back.
-struct Slot {
-    ctx: Arc<ListenerCtx>,
-    stop: CancellationToken,
-    task: JoinHandle<TcpListener>,
-}
-
-/// The running process's state.
-struct Process {
-    cfg: Config,
-    registry: Arc<Registry>,
-    parked_rx: ParkedRx,
-    metrics: Arc<Metrics>,
-    upstreams: Upstreams,
-    slots: BTreeMap<String, Slot>,
-    /// Cancelled at exit: stops health checks and other background tasks.
-    shutdown: CancellationToken,
-    phase: Phase,
-}
-
-impl Process {
-    fn set_phase(&mut self, p: Phase) {
-        tracing::info!(from = ?self.phase, to = ?p, "phase");
-        self.phase = p;
-    }
-
-    fn start_listener(&mut self, name: &str, l: std::net::TcpListener) -> Result<(), LifecycleError> {
-        let Some(lcfg) = self.cfg.listeners.get(name) else { return Ok(()) };
-        let ctx = ListenerCtx::new(lcfg.clone(), self.upstreams.clone(), self.registry.clone(), self.metrics.clone());
-        let listener = crate::listener::to_tokio(l).map_err(io_err(format!("listener {name}")))?;
-        let addr = listener.local_addr().map_err(io_err(format!("listener {name}")))?;
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(proxy::serve(listener, ctx.clone(), stop.clone()));
-        tracing::info!(listener = name, addr = %addr, protocol = %lcfg.protocol, "listening");
-        self.slots.insert(name.to_string(), Slot { ctx, stop, task });
-        Ok(())
-    }
-
-    /// Stops accepting on every listener and closes them.
-    async fn stop_listeners(&mut self) {
-        for (_, slot) in std::mem::take(&mut self.slots) {
-            slot.stop.cancel();
-            drop(slot.task.await);
-        }
-    }
-}
-
-/// Raises RLIMIT_NOFILE's soft limit to the hard limit: a proxy holds two fds per connection.
+/// Raises RLIMIT_NOFILE's soft limit to the hard limit: a proxy holds two fds per connection,
+/// and fds in flight on the handover channel count too.
 pub fn raise_nofile() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut lim = getrlimit(Resource::Nofile);
@@ -129,7 +89,7 @@ pub fn raise_nofile() {
 }
 
 fn write_pid_file(path: &Path) -> io::Result<()> {
-    let tmp = path.with_extension("pid.tmp");
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
     std::fs::rename(&tmp, path)
 }
@@ -144,79 +104,20 @@ fn remove_pid_file(path: &Path) {
     }
 }
 
-/// Runs baton until it is stopped; returns once every connection is finished or closed.
-pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
-    raise_nofile();
-    // Register every handler before serving: a signal arriving early must not kill us.
-    let mut sigterm = signal(SignalKind::terminate()).map_err(io_err("signal handler"))?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(io_err("signal handler"))?;
-    let (registry, parked_rx) = Registry::new();
-    let upstreams = upstream::build(&cfg);
-    let mut p = Process {
-        registry,
-        parked_rx,
-        metrics: Arc::new(Metrics::default()),
-        upstreams,
-        slots: BTreeMap::new(),
-        shutdown: CancellationToken::new(),
-        phase: Phase::Starting,
-        cfg,
-    };
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), generation = opts.generation, config = %opts.config_path.display(), "starting");
-    for u in p.upstreams.values() {
-        u.spawn_health_checks(p.shutdown.child_token());
+/// Resolves the path this process was started from (argv[0]) to an absolute path, without
+/// following symlinks: `/proc/self/exe` would name the old, deleted file after a replace.
+pub fn own_binary_path() -> PathBuf {
+    let argv0 = std::env::args_os().next().map(PathBuf::from).unwrap_or_default();
+    if argv0.components().count() > 1 {
+        return std::path::absolute(&argv0).unwrap_or(argv0);
     }
-    let bound: Vec<(String, std::net::TcpListener)> = p
-        .cfg
-        .listeners
-        .values()
-        .map(|l| {
-            crate::listener::bind(l)
-                .map(|s| (l.name.clone(), s))
-                .map_err(|source| LifecycleError::Bind { name: l.name.clone(), addr: l.listen, source })
-        })
-        .collect::<Result<_, _>>()?;
-    for (name, l) in bound {
-        p.start_listener(&name, l)?;
-    }
-    write_pid_file(&p.cfg.runtime.pid_file)
-        .map_err(io_err(format!("pid file {}", p.cfg.runtime.pid_file.display())))?;
-    p.set_phase(Phase::Ready);
-
-    let why = loop {
-        tokio::select! {
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
-            Some(parked) = p.parked_rx.recv() => {
-                // A connection parked after an upgrade was abandoned: serve it here again.
-                resume_parked(&p, parked).await;
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join(&argv0);
+            if candidate.is_file() {
+                return std::path::absolute(&candidate).unwrap_or(candidate);
             }
         }
-    };
-    tracing::info!(signal = why, "stopping gracefully");
-    p.set_phase(Phase::Draining);
-    p.stop_listeners().await;
-    p.registry.drain_all();
-    let drain = p.cfg.runtime.drain_timeout;
-    let live = p.registry.len();
-    if tokio::time::timeout(drain, p.registry.wait_empty()).await.is_err() {
-        let left = p.registry.len();
-        tracing::warn!(connections = left, timeout = ?drain, "drain deadline reached; closing the rest");
-        p.registry.kill_all();
-        // Give the tasks a moment to log their close; they exit at their next poll.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), p.registry.wait_empty()).await;
-    } else {
-        tracing::info!(connections = live, "drained");
     }
-    p.shutdown.cancel();
-    p.set_phase(Phase::Stopped);
-    remove_pid_file(&p.cfg.runtime.pid_file);
-    Ok(())
-}
-
-async fn resume_parked(p: &Process, parked: crate::registry::Parked) {
-    match p.slots.get(&parked.meta().listener) {
-        Some(slot) => proxy::resume(slot.ctx.clone(), parked).await,
-        None => tracing::warn!(listener = %parked.meta().listener, "parked connection for an unknown listener; closing it"),
-    }
+    std::env::current_exe().unwrap_or(argv0)
 }

@@ -147,6 +147,14 @@ impl Baton {
 
 impl Drop for Baton {
     fn drop(&mut self) {
+        // A successor started by an upgrade is not our child: end it by the pid it wrote.
+        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("baton.pid")) {
+            if let Some(pid) = pid.trim().parse::<i32>().ok().filter(|p| *p != self.pid()) {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+        }
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();

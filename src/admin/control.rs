@@ -1,0 +1,163 @@
+//! The control socket: a Unix socket (mode 0600, peer uid checked with SO_PEERCRED) over which
+//! `baton status|stop|upgrade|reload` talk to the running process. One JSON request line, one
+//! JSON reply line. Requests are passed to the lifecycle as [`ControlRequest`] values; this
+//! module knows nothing about upgrades.
+
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// A command sent by the CLI.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Report the process state.
+    Status,
+    /// Stop gracefully (or at once with `fast`).
+    Stop {
+        /// Close connections now instead of draining.
+        #[serde(default)]
+        fast: bool,
+    },
+    /// Start a successor binary and hand everything over.
+    Upgrade {
+        /// Binary to start instead of the configured one.
+        #[serde(default)]
+        binary: Option<PathBuf>,
+    },
+    /// Re-read the configuration: an upgrade with the same binary.
+    Reload,
+}
+
+/// The reply to a command: success with a JSON body, or an error message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the command succeeded.
+    pub ok: bool,
+    /// One line for a person.
+    pub message: String,
+    /// Details for scripts.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl Reply {
+    /// A success.
+    pub fn ok(message: impl Into<String>, data: serde_json::Value) -> Reply {
+        Reply { ok: true, message: message.into(), data }
+    }
+    /// A failure.
+    pub fn err(message: impl Into<String>) -> Reply {
+        Reply { ok: false, message: message.into(), data: serde_json::Value::Null }
+    }
+}
+
+/// A command waiting for the lifecycle's answer.
+#[derive(Debug)]
+pub struct ControlRequest {
+    /// What was asked.
+    pub command: Command,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// Binds the control socket at `path` (replacing a stale one), mode 0600.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // Bind under a restrictive umask-free path: set the mode right after bind, before serving.
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serves the control socket until `stop`; each accepted command becomes a [`ControlRequest`].
+pub async fn serve(listener: UnixListener, tx: mpsc::Sender<ControlRequest>, stop: CancellationToken) {
+    let my_uid = rustix::process::getuid().as_raw();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else { continue };
+        match stream.peer_cred() {
+            Ok(c) if c.uid() == my_uid || c.uid() == 0 => {}
+            Ok(c) => {
+                tracing::warn!(peer_uid = c.uid(), "control socket: refused a client of another user");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket: cannot read peer credentials");
+                continue;
+            }
+        }
+        tokio::spawn(handle(stream, tx.clone()));
+    }
+}
+
+async fn handle(stream: UnixStream, tx: mpsc::Sender<ControlRequest>) {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(r.take(64 * 1024));
+    let reply = match reader.read_line(&mut line).await {
+        Err(e) => Reply::err(format!("cannot read request: {e}")),
+        Ok(_) => match serde_json::from_str::<Command>(line.trim()) {
+            Err(e) => Reply::err(format!("bad request: {e}")),
+            Ok(command) => {
+                let (reply_tx, reply_rx) = oneshot::channel();
+                if tx.send(ControlRequest { command, reply: reply_tx }).await.is_err() {
+                    Reply::err("baton is shutting down")
+                } else {
+                    reply_rx.await.unwrap_or_else(|_| Reply::err("baton stopped before answering"))
+                }
+            }
+        },
+    };
+    let mut out = serde_json::to_string(&reply).unwrap_or_else(|_| "{\"ok\":false,\"message\":\"encoding error\"}".into());
+    out.push('\n');
+    let _ = w.write_all(out.as_bytes()).await;
+}
+
+/// Client side: sends one command and waits for the reply.
+pub async fn request(path: &Path, command: &Command) -> Result<Reply, ControlClientError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| ControlClientError::NotRunning { path: path.to_path_buf(), source: e })?;
+    let (r, mut w) = stream.into_split();
+    let mut msg = serde_json::to_string(command).map_err(|e| ControlClientError::Protocol(e.to_string()))?;
+    msg.push('\n');
+    w.write_all(msg.as_bytes()).await.map_err(ControlClientError::Io)?;
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await.map_err(ControlClientError::Io)?;
+    if line.is_empty() {
+        return Err(ControlClientError::Protocol("connection closed without a reply".into()));
+    }
+    serde_json::from_str(line.trim()).map_err(|e| ControlClientError::Protocol(e.to_string()))
+}
+
+/// Why the CLI could not talk to the running process.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlClientError {
+    /// Nothing listens on the control socket.
+    #[error("no baton is running (cannot connect to {}: {source})", path.display())]
+    NotRunning {
+        /// The socket path.
+        path: PathBuf,
+        /// The connect error.
+        source: io::Error,
+    },
+    /// The exchange failed.
+    #[error("control socket: {0}")]
+    Io(io::Error),
+    /// The reply was not understood.
+    #[error("control socket: bad reply: {0}")]
+    Protocol(String),
+}

@@ -1,0 +1,333 @@
+//! The running process: its listeners, connections and counters, and the main loop that
+//! waits for triggers.
+
+use super::successor::TakeOverEvent;
+use super::triggers::{Trigger, Triggers};
+use super::{io_err, remove_pid_file, write_pid_file, LifecycleError, Phase, RunOptions};
+use crate::admin::control::{self, Reply};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::{self, ListenerCtx};
+use crate::registry::{ConnKind, Parked, ParkedRx, Registry};
+use crate::upstream::{self, Upstreams};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A listener being served.
+pub(super) struct Slot {
+    pub ctx: Arc<ListenerCtx>,
+    /// A duplicate of the listening socket, sent to a successor while the accept task keeps
+    /// serving from the original.
+    pub fd: OwnedFd,
+    pub stop: CancellationToken,
+    pub task: Option<JoinHandle<TcpListener>>,
+    /// The socket while accepting is paused (during a handover), kept to resume on rollback.
+    pub paused: Option<TcpListener>,
+}
+
+/// One past upgrade, for status.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(super) struct UpgradeRecord {
+    pub at_ms: u64,
+    pub ok: bool,
+    pub summary: String,
+}
+
+/// The running process's state.
+pub(super) struct Process {
+    pub cfg: Config,
+    pub opts: RunOptions,
+    pub registry: Arc<Registry>,
+    pub parked_rx: ParkedRx,
+    pub metrics: Arc<Metrics>,
+    pub upstreams: Upstreams,
+    pub slots: BTreeMap<String, Slot>,
+    /// Cancelled at exit: stops health checks and the control socket.
+    pub shutdown: CancellationToken,
+    pub phase: Phase,
+    pub started: Instant,
+    pub started_ms: u64,
+    pub history: Vec<UpgradeRecord>,
+}
+
+impl Process {
+    pub fn set_phase(&mut self, p: Phase) {
+        tracing::info!(from = ?self.phase, to = ?p, "phase");
+        self.phase = p;
+    }
+
+    /// Starts accepting on a listener.
+    pub fn start_listener(&mut self, name: &str, l: std::net::TcpListener) -> Result<(), LifecycleError> {
+        self.add_listener(name, l, true)
+    }
+
+    /// Registers a listener without accepting yet ([`Self::resume_listeners`] starts it).
+    pub fn start_listener_paused(&mut self, name: &str, l: std::net::TcpListener) -> Result<(), LifecycleError> {
+        self.add_listener(name, l, false)
+    }
+
+    fn add_listener(&mut self, name: &str, l: std::net::TcpListener, accept: bool) -> Result<(), LifecycleError> {
+        let Some(lcfg) = self.cfg.listeners.get(name) else { return Ok(()) };
+        let ctx = ListenerCtx::new(lcfg.clone(), self.upstreams.clone(), self.registry.clone(), self.metrics.clone());
+        let fd = OwnedFd::from(l.try_clone().map_err(io_err(format!("listener {name}")))?);
+        let listener = crate::listener::to_tokio(l).map_err(io_err(format!("listener {name}")))?;
+        let addr = listener.local_addr().map_err(io_err(format!("listener {name}")))?;
+        let stop = CancellationToken::new();
+        let (task, paused) = if accept {
+            (Some(tokio::spawn(proxy::serve(listener, ctx.clone(), stop.clone()))), None)
+        } else {
+            (None, Some(listener))
+        };
+        tracing::info!(listener = name, addr = %addr, protocol = %lcfg.protocol, "listening");
+        self.slots.insert(name.to_string(), Slot { ctx, fd, stop, task, paused });
+        Ok(())
+    }
+
+    /// Stops accepting on every listener but keeps the sockets open (they may be needed again
+    /// if a successor fails).
+    pub async fn pause_listeners(&mut self) {
+        for slot in self.slots.values_mut() {
+            slot.stop.cancel();
+            if let Some(task) = slot.task.take() {
+                slot.paused = task.await.ok();
+            }
+        }
+    }
+
+    /// Resumes accepting on paused listeners (rollback).
+    pub fn resume_listeners(&mut self) {
+        for (name, slot) in self.slots.iter_mut() {
+            if let Some(l) = slot.paused.take() {
+                slot.stop = CancellationToken::new();
+                slot.task = Some(tokio::spawn(proxy::serve(l, slot.ctx.clone(), slot.stop.clone())));
+                tracing::info!(listener = %name, "accepting again");
+            }
+        }
+    }
+
+    /// Stops accepting and closes every listener.
+    pub async fn close_listeners(&mut self) {
+        self.pause_listeners().await;
+        self.slots.values_mut().for_each(|s| s.paused = None);
+    }
+
+    /// Serves a parked connection in this process again.
+    pub async fn resume_parked(&self, parked: Parked) {
+        match self.slots.get(&parked.meta().listener) {
+            Some(slot) => proxy::resume(slot.ctx.clone(), parked).await,
+            None => tracing::warn!(listener = %parked.meta().listener, client = %parked.meta().client,
+                "parked connection for an unknown listener; closing it"),
+        }
+    }
+
+    /// Takes the control socket and writes the pid file: this process is now the one serving.
+    pub fn go_live(
+        &mut self,
+        control_tx: &mut Option<tokio::sync::mpsc::Sender<control::ControlRequest>>,
+    ) -> Result<(), LifecycleError> {
+        if let Some(tx) = control_tx.take() {
+            let path = self.cfg.runtime.control_socket.clone();
+            let ctl = control::bind(&path).map_err(io_err(format!("control socket {}", path.display())))?;
+            tokio::spawn(control::serve(ctl, tx, self.shutdown.child_token()));
+        }
+        write_pid_file(&self.cfg.runtime.pid_file)
+            .map_err(io_err(format!("pid file {}", self.cfg.runtime.pid_file.display())))
+    }
+
+    /// Status for `baton status` and the admin API.
+    pub fn status(&self) -> serde_json::Value {
+        let conns = self.registry.snapshot();
+        let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in &conns {
+            let k = match c.kind() {
+                ConnKind::Tcp => "tcp",
+                ConnKind::Http => "http",
+                ConnKind::Http2 => "http2",
+                ConnKind::Tunnel => "tunnel",
+            };
+            *by_kind.entry(k).or_default() += 1;
+        }
+        let listeners: BTreeMap<&String, serde_json::Value> = self
+            .cfg
+            .listeners
+            .iter()
+            .map(|(n, l)| {
+                let addr = self
+                    .slots
+                    .get(n)
+                    .and_then(|s| rustix::net::getsockname(&s.fd).ok())
+                    .and_then(|a| std::net::SocketAddr::try_from(a).ok())
+                    .unwrap_or(l.listen);
+                (n, json!({ "addr": addr.to_string(), "protocol": l.protocol, "upstream": l.upstream }))
+            })
+            .collect();
+        let upstreams: BTreeMap<&String, serde_json::Value> =
+            self.upstreams.iter().map(|(n, u)| (n, json!(u.status()))).collect();
+        json!({
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "generation": self.opts.generation,
+            "phase": self.phase,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "started_ms": self.started_ms,
+            "listeners": listeners,
+            "upstreams": upstreams,
+            "connections": { "total": conns.len(), "by_kind": by_kind },
+            "counters": self.metrics.snapshot(),
+            "upgrades": self.history,
+        })
+    }
+
+    /// Finishes open connections (up to the drain timeout, or none with `fast`), then closes the rest.
+    pub async fn drain_and_stop(&mut self, fast: bool) -> (usize, usize) {
+        self.set_phase(Phase::Draining);
+        self.close_listeners().await;
+        self.registry.drain_all();
+        let live = self.registry.len();
+        let drain = if fast { std::time::Duration::ZERO } else { self.cfg.runtime.drain_timeout };
+        let mut closed = 0;
+        if tokio::time::timeout(drain, self.registry.wait_empty()).await.is_err() {
+            closed = self.registry.len();
+            tracing::warn!(connections = closed, timeout = ?drain, "drain deadline reached; closing the rest");
+            self.registry.kill_all();
+            // Tasks exit at their next poll; give them a moment to log their close.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.registry.wait_empty()).await;
+        } else {
+            tracing::info!(connections = live, "drained");
+        }
+        (live, closed)
+    }
+}
+
+/// Runs baton until it is stopped or replaced; returns once every connection is finished,
+/// closed or handed over.
+pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
+    super::raise_nofile();
+    let (control_tx, control_rx) = tokio::sync::mpsc::channel(16);
+    let mut triggers = Triggers::new(control_rx)?;
+    let inherited = crate::handover::inherited_channel();
+    let (registry, parked_rx) = Registry::new();
+    let upstreams = upstream::build(&cfg);
+    let mut p = Process {
+        registry,
+        parked_rx,
+        metrics: Arc::new(Metrics::default()),
+        upstreams,
+        slots: BTreeMap::new(),
+        shutdown: CancellationToken::new(),
+        phase: Phase::Starting,
+        started: Instant::now(),
+        started_ms: crate::registry::now_ms(),
+        history: Vec::new(),
+        opts,
+        cfg,
+    };
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), generation = p.opts.generation,
+        config = %p.opts.config_path.display(), "starting");
+    for u in p.upstreams.values() {
+        u.spawn_health_checks(p.shutdown.child_token());
+    }
+    let takeover = match inherited {
+        Some(ch) => Some(super::successor::take_over(&mut p, ch).await?),
+        None => {
+            for l in p.cfg.listeners.values() {
+                let s = crate::listener::bind(l)
+                    .map_err(|source| LifecycleError::Bind { name: l.name.clone(), addr: l.listen, source })?;
+                p.start_listener(&l.name.clone(), s)?;
+            }
+            None
+        }
+    };
+    let mut control_tx = Some(control_tx);
+    let mut takeover = match takeover {
+        Some(t) => {
+            p.set_phase(Phase::TakingOver);
+            Some(t.finish(&mut p))
+        }
+        None => {
+            p.go_live(&mut control_tx)?;
+            p.set_phase(Phase::Ready);
+            None
+        }
+    };
+
+    loop {
+        let trigger = tokio::select! {
+            t = triggers.next() => t,
+            Some(parked) = p.parked_rx.recv() => {
+                // A connection parked for an upgrade that was abandoned: serve it here again.
+                p.resume_parked(parked).await;
+                continue;
+            }
+            ev = async { match takeover.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {
+                match ev {
+                    Some(TakeOverEvent::Committed) => {
+                        p.resume_listeners();
+                        if let Err(e) = p.go_live(&mut control_tx) {
+                            tracing::error!(error = %e, "cannot take the control socket or pid file");
+                        }
+                    }
+                    Some(TakeOverEvent::Done(done)) => {
+                        takeover = None;
+                        super::successor::taken_over(&mut p, done);
+                    }
+                    None => takeover = None,
+                }
+                continue;
+            }
+        };
+        match trigger {
+            Trigger::Status(reply) => {
+                let _ = reply.send(Reply::ok("status", p.status()));
+            }
+            Trigger::Stop { why, fast, reply } => {
+                tracing::info!(trigger = why, fast, "stopping gracefully");
+                let (live, closed) = p.drain_and_stop(fast).await;
+                if let Some(r) = reply {
+                    let _ = r.send(Reply::ok(
+                        format!("stopped pid {}: {live} connections drained, {closed} closed at the deadline", std::process::id()),
+                        json!({ "drained": live, "closed": closed }),
+                    ));
+                }
+                break;
+            }
+            Trigger::Upgrade { why, reload, binary, reply } => {
+                if p.phase != Phase::Ready {
+                    let msg = format!("upgrade refused: process is {:?}, not ready", p.phase);
+                    tracing::warn!(trigger = why, "{msg}");
+                    if let Some(r) = reply {
+                        let _ = r.send(Reply::err(msg));
+                    }
+                    continue;
+                }
+                tracing::info!(trigger = why, reload, "upgrade requested");
+                match super::upgrade::upgrade(&mut p, &mut triggers, reload, binary).await {
+                    Ok(report) => {
+                        if let Some(r) = reply {
+                            let _ = r.send(Reply::ok(report.summary(), json!(report)));
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        let msg = format!("upgrade failed, old process {} still serving: {e}", std::process::id());
+                        tracing::error!(trigger = why, "{msg}");
+                        p.history.push(UpgradeRecord { at_ms: crate::registry::now_ms(), ok: false, summary: msg.clone() });
+                        if let Some(r) = reply {
+                            let _ = r.send(Reply::err(msg));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    p.shutdown.cancel();
+    p.set_phase(Phase::Stopped);
+    remove_pid_file(&p.cfg.runtime.pid_file);
+    Ok(())
+}
