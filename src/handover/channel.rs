@@ -48,7 +48,14 @@ pub struct Received {
 impl Channel {
     /// Wraps a connected tokio Unix stream socket.
     pub fn new(stream: UnixStream) -> Channel {
-        let cmsg = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        Channel::with_fd_capacity(stream, MAX_FDS)
+    }
+
+    /// Wraps a socket whose messages never carry more than `max_fds` fds (capped at
+    /// [`MAX_FDS`]): a frame with more fails with [`HandoverError::ControlTruncated`].
+    pub fn with_fd_capacity(stream: UnixStream, max_fds: usize) -> Channel {
+        let cmsg =
+            vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(max_fds.min(MAX_FDS)))];
         Channel { stream, cmsg }
     }
 
