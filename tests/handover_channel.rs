@@ -443,3 +443,53 @@ async fn a_listening_socket_is_refused_as_a_tunnel_end() {
         );
     }
 }
+
+#[tokio::test]
+async fn idle_http_connections_fill_messages_of_exactly_253_fds() {
+    const N: usize = 300;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut parked, mut clients) = (Vec::new(), Vec::new());
+    for i in 0..N {
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, addr) = l.accept().unwrap();
+        let mut m = meta(i, addr, l.local_addr().unwrap());
+        m.kind = ConnKind::Http;
+        let read_ahead = format!("GET /{i} HTTP/1.1\r\n").into_bytes();
+        parked.push(Parked::IdleHttp(baton::registry::IdleHttpState {
+            meta: m,
+            client: s,
+            read_ahead,
+        }));
+        clients.push(c);
+    }
+    let (mut p, mut s) = Channel::pair().unwrap();
+    let sender = async {
+        send_conns(&mut p, 9, &parked).await.unwrap();
+        expect_ack(&mut p, 9, N).await.unwrap();
+    };
+    let receiver = async {
+        let (mut got, mut fds_per_message) = (Vec::new(), Vec::new());
+        while got.len() < N {
+            let r = s.recv().await.unwrap();
+            fds_per_message.push(r.fds.len());
+            let batch = recv_conns(r).unwrap();
+            send_ack(&mut s, 9, batch.len()).await.unwrap();
+            got.extend(batch);
+        }
+        (got, fds_per_message)
+    };
+    let ((), (got, fds_per_message)) = tokio::join!(sender, receiver);
+    assert_eq!(fds_per_message, [253, 47]);
+    drop(parked);
+    for (i, p) in got.into_iter().enumerate() {
+        let Parked::IdleHttp(mut h) = p else {
+            panic!("connection {i} changed kind")
+        };
+        assert_eq!(h.read_ahead, format!("GET /{i} HTTP/1.1\r\n").into_bytes());
+        h.client.set_nonblocking(false).unwrap();
+        h.client.write_all(format!("{i}.").as_bytes()).unwrap();
+        clients[i].set_read_timeout(Some(WAIT)).unwrap();
+        let want = format!("{i}.").into_bytes();
+        assert_eq!(read_n(&mut clients[i], want.len()), want);
+    }
+}

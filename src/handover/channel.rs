@@ -77,7 +77,8 @@ impl Channel {
     }
 
     /// Sends one message with its fds and bulk bytes. The fds stay owned by the caller: the
-    /// kernel gives the peer its own copies.
+    /// kernel gives the peer its own copies. Not cancel-safe: if the future is dropped (e.g. a
+    /// timeout), part of a frame may have gone out; abandon the channel (abort the upgrade).
     pub async fn send(
         &mut self,
         msg: &Message,
@@ -131,7 +132,8 @@ impl Channel {
 
     /// Receives one whole frame. A peer that closes between frames gives
     /// [`HandoverError::Closed`]; anything malformed is a typed error and every fd that did
-    /// arrive is closed.
+    /// arrive is closed. Not cancel-safe: after a timeout the channel may be mid-frame;
+    /// abandon it (abort the upgrade).
     pub async fn recv(&mut self) -> Result<Received, HandoverError> {
         let mut fds = Vec::new();
         let mut head = [0u8; HEADER_LEN];

@@ -184,7 +184,11 @@ fn take_stream(
     Ok(std::net::TcpStream::from(fd))
 }
 
-/// Checks that a received fd is a connected TCP (IPv4 or IPv6) stream socket.
+/// Checks that a received fd is a TCP (IPv4 or IPv6) stream socket that is not listening.
+///
+/// It does not insist on a peer address: a connection reset (or fully closed) while parked
+/// has none any more (`getpeername` gives `ENOTCONN`), and one dead connection must not abort
+/// the whole upgrade. The resumed relay sees the error and closes it as it would have anyway.
 fn check_connected_tcp(index: usize, fd: &OwnedFd) -> Result<(), HandoverError> {
     let bad = |detail: String| HandoverError::BadFd {
         index,
@@ -199,11 +203,10 @@ fn check_connected_tcp(index: usize, fd: &OwnedFd) -> Result<(), HandoverError> 
     if domain != AddressFamily::INET && domain != AddressFamily::INET6 {
         return Err(bad(format!("address family {domain:?}")));
     }
-    match rustix::net::getpeername(fd) {
-        Ok(Some(_)) => Ok(()),
-        Ok(None) => Err(bad("no peer address".into())),
-        Err(e) => Err(bad(format!("not connected: {e}"))),
+    if sockopt::socket_acceptconn(fd).map_err(|e| bad(e.to_string()))? {
+        return Err(bad("it is a listening socket".into()));
     }
+    Ok(())
 }
 
 /// The successor owns the `count` connections of one message of batch `seq`.
@@ -320,6 +323,30 @@ mod tests {
             Err(HandoverError::BadAck(_))
         ));
         expect_ack(&mut a, 7, 0).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_connection_reset_while_parked_still_crosses() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (p, c) = idle(&l, 0);
+        socket2::SockRef::from(&c)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(c);
+        let Parked::IdleHttp(h) = &p else {
+            unreachable!()
+        };
+        // Loopback delivers the RST at once; wait (bounded) until the socket has no peer.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while rustix::net::getpeername(&h.client).is_ok() {
+            assert!(std::time::Instant::now() < deadline, "reset never arrived");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let (mut a, mut b) = Channel::pair().unwrap();
+        send_conns(&mut a, 1, std::slice::from_ref(&p))
+            .await
+            .unwrap();
+        assert_eq!(recv_conns(b.recv().await.unwrap()).unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -78,10 +78,15 @@ pub async fn recv_hello(ch: &mut Channel) -> Result<PeerHello, HandoverError> {
 }
 
 /// The successor's side of the opening: sends its `Hello`, then receives and checks the
-/// predecessor's.
+/// predecessor's (if its version cannot talk to ours, tells it why with `Abort`).
 pub async fn successor_hello(ch: &mut Channel) -> Result<PeerHello, HandoverError> {
     ch.send(&hello(), &[], &[]).await?;
-    recv_hello(ch).await
+    let r = recv_hello(ch).await;
+    if let Err(e @ HandoverError::IncompatiblePeer { .. }) = &r {
+        // Best effort: the peer may already be gone, and the version error matters more.
+        let _ = send_abort(ch, &e.to_string()).await;
+    }
+    r
 }
 
 /// The predecessor's side of the opening: receives the successor's `Hello` (a `Refused`

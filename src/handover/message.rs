@@ -644,6 +644,36 @@ mod tests {
         }
 
         #[test]
+        fn any_conns_message_round_trips(
+            entries in proptest::collection::vec((any::<bool>(), 0u64..5000, 0u64..5000, any::<bool>()), 0..130),
+            seq in any::<u64>(),
+        ) {
+            let conns: Vec<ConnEntry> = entries
+                .iter()
+                .map(|&(tunnel, a, b, flag)| if tunnel {
+                    ConnEntry::Tunnel {
+                        meta: meta(),
+                        to_upstream: HalfEntry { pending: a, read_eof: flag, shut: !flag },
+                        to_client: HalfEntry { pending: b, read_eof: !flag, shut: flag },
+                    }
+                } else {
+                    ConnEntry::IdleHttp { meta: meta(), read_ahead: a }
+                })
+                .collect();
+            let msg = Message::Conns { seq, conns };
+            let (fds, bulk) = (msg.fds_needed(), msg.bulk_needed().unwrap() as usize);
+            if fds > MAX_FDS {
+                prop_assert!(matches!(encode(&msg, fds, bulk), Err(HandoverError::TooManyFds(_))));
+            } else {
+                let f = frame(&msg, fds, &vec![7u8; bulk]);
+                let d = decode_frame(&f).unwrap();
+                prop_assert_eq!(d.msg, msg);
+                prop_assert_eq!(d.bulk.len(), bulk);
+                prop_assert_eq!(d.consumed, f.len());
+            }
+        }
+
+        #[test]
         fn truncated_or_mutated_frames_never_panic(cut in 0usize..400, flip in 0usize..400, bit in 0u8..8) {
             let (m, bulk) = conns_msg();
             let good = frame(&m, 3, &bulk);
