@@ -33,7 +33,11 @@ async fn one_request(r: &mut BufReader<TcpStream>, close: bool) -> std::io::Resu
     if r.read_line(&mut line).await? == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
-    let status: u16 = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status: u16 = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut len = 0usize;
     loop {
         line.clear();
@@ -112,7 +116,10 @@ async fn tunnel_client(addr: SocketAddr, id: usize, stats: Arc<Stats>, stop: Arc
                 stats.tunnel_msgs.fetch_add(1, Ordering::Relaxed);
             }
             other => {
-                eprintln!("tunnel {id} seq {n}: broken ({:?})", other.map(|r| r.map(|_| String::from_utf8_lossy(&back).to_string())));
+                eprintln!(
+                    "tunnel {id} seq {n}: broken ({:?})",
+                    other.map(|r| r.map(|_| String::from_utf8_lossy(&back).to_string()))
+                );
                 stats.tunnel_errors.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -148,12 +155,22 @@ async fn main() {
     let mut tasks = Vec::new();
     if let Some(a) = http {
         for _ in 0..conns {
-            tasks.push(tokio::spawn(http_client(a, close, stats.clone(), stop.clone())));
+            tasks.push(tokio::spawn(http_client(
+                a,
+                close,
+                stats.clone(),
+                stop.clone(),
+            )));
         }
     }
     if let Some(a) = tunnels {
         for i in 0..tunnel_conns {
-            tasks.push(tokio::spawn(tunnel_client(a, i, stats.clone(), stop.clone())));
+            tasks.push(tokio::spawn(tunnel_client(
+                a,
+                i,
+                stats.clone(),
+                stop.clone(),
+            )));
         }
     }
     let started = Instant::now();
@@ -164,8 +181,14 @@ async fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     let ok = stats.ok.load(Ordering::Relaxed);
-    let (non2xx, errors) = (stats.non2xx.load(Ordering::Relaxed), stats.errors.load(Ordering::Relaxed));
-    let (tm, te) = (stats.tunnel_msgs.load(Ordering::Relaxed), stats.tunnel_errors.load(Ordering::Relaxed));
+    let (non2xx, errors) = (
+        stats.non2xx.load(Ordering::Relaxed),
+        stats.errors.load(Ordering::Relaxed),
+    );
+    let (tm, te) = (
+        stats.tunnel_msgs.load(Ordering::Relaxed),
+        stats.tunnel_errors.load(Ordering::Relaxed),
+    );
     println!(
         "requests ok {ok} ({:.0}/s), non-2xx {non2xx}, errors {errors}; tunnels {tunnel_conns_used} with {tm} echoes checked, broken {te}",
         ok as f64 / secs,

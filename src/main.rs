@@ -37,6 +37,9 @@ enum Command {
         /// Configuration file.
         #[arg(short, long, default_value = "config.yaml")]
         config: PathBuf,
+        /// Generation number, set by a predecessor for its successor.
+        #[arg(long, hide = true, default_value_t = 1)]
+        generation: u64,
     },
     /// Validate a configuration file: exit 0, or 2 with every error found.
     Check {
@@ -97,7 +100,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => run(config),
+        Command::Run { config, generation } => run(config, generation),
         Command::Status { config, json } => ctl(&config, Ctl::Status, json),
         Command::Stop { config, fast } => ctl(&config, Ctl::Stop { fast }, false),
         Command::Upgrade { config, binary } => {
@@ -116,21 +119,24 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     rt.enable_all().build()
 }
 
-fn run(config: PathBuf) -> ExitCode {
+fn run(config: PathBuf, generation: u64) -> ExitCode {
     let cfg = match Config::load(&config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             // Started as a successor: tell the running process why, so it keeps serving and says so.
             if std::env::var_os(baton::handover::HANDOVER_FD_ENV).is_some() {
-                if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     rt.block_on(lifecycle::refuse(format!("invalid config:\n{e}")));
                 }
             }
             return ExitCode::from(2);
         }
     };
-    match serve(cfg, config) {
+    match serve(cfg, config, generation) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("baton: {e:#}");
@@ -139,12 +145,14 @@ fn run(config: PathBuf) -> ExitCode {
     }
 }
 
-fn serve(cfg: Config, config_path: PathBuf) -> anyhow::Result<()> {
-    let generation = std::env::var("BATON_GENERATION").ok().and_then(|g| g.parse().ok()).unwrap_or(1);
-    std::env::remove_var("BATON_GENERATION");
+fn serve(cfg: Config, config_path: PathBuf, generation: u64) -> anyhow::Result<()> {
     baton::logging::init(&cfg.log, generation).context("cannot open the log file")?;
     let rt = runtime(cfg.runtime.worker_threads).context("cannot start the runtime")?;
-    let opts = RunOptions { config_path, binary: lifecycle::own_binary_path(), generation };
+    let opts = RunOptions {
+        config_path,
+        binary: lifecycle::own_binary_path(),
+        generation,
+    };
     rt.block_on(lifecycle::run(cfg, opts))?;
     Ok(())
 }
@@ -161,7 +169,10 @@ fn ctl(config: &std::path::Path, command: Ctl, json: bool) -> ExitCode {
             }
         },
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("baton: {e}");
@@ -175,7 +186,10 @@ fn ctl(config: &std::path::Path, command: Ctl, json: bool) -> ExitCode {
         }
         Ok(reply) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&reply.data).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&reply.data).unwrap_or_default()
+                );
             } else if matches!(command, Ctl::Status) && reply.ok {
                 print!("{}", baton::admin::render_status(&reply.data));
             } else {

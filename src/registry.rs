@@ -354,7 +354,10 @@ impl Registry {
 
     /// Asks the live connections that match `filter` to stop at their next safe point and
     /// park; returns their ids.
-    pub fn park_where(&self, filter: impl Fn(&ConnStats) -> bool) -> std::collections::HashSet<ConnId> {
+    pub fn park_where(
+        &self,
+        filter: impl Fn(&ConnStats) -> bool,
+    ) -> std::collections::HashSet<ConnId> {
         let conns = lock(&self.conns);
         conns
             .values()

@@ -24,41 +24,64 @@ fn cli_upgrade(b: &Baton, extra: &[&str]) -> (bool, String) {
         .args(extra)
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprintln!("[upgrade] {}", text.trim());
     (out.status.success(), text)
 }
 
 /// The pid currently serving, from the pid file.
 fn serving_pid(b: &Baton) -> i32 {
-    std::fs::read_to_string(b.dir().join("baton.pid")).unwrap().trim().parse().unwrap()
+    std::fs::read_to_string(b.dir().join("baton.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 fn alive(pid: i32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
 }
 
 /// A client holding one tunnel open, sending a numbered line every 50 ms and checking that the
 /// echo comes back complete and in order. Returns how many round trips it made.
-async fn numbered_client(addr: std::net::SocketAddr, id: usize, stop: Arc<AtomicBool>) -> Result<u64, String> {
-    let mut s = TcpStream::connect(addr).await.map_err(|e| format!("client {id}: connect: {e}"))?;
+async fn numbered_client(
+    addr: std::net::SocketAddr,
+    id: usize,
+    stop: Arc<AtomicBool>,
+) -> Result<u64, String> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("client {id}: connect: {e}"))?;
     let mut n = 0u64;
     let mut buf = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let line = format!("client {id} seq {n}\n");
-        s.write_all(line.as_bytes()).await.map_err(|e| format!("client {id} seq {n}: write: {e}"))?;
+        s.write_all(line.as_bytes())
+            .await
+            .map_err(|e| format!("client {id} seq {n}: write: {e}"))?;
         buf.resize(line.len(), 0);
         tokio::time::timeout(WAIT, s.read_exact(&mut buf))
             .await
             .map_err(|_| format!("client {id} seq {n}: echo timed out"))?
             .map_err(|e| format!("client {id} seq {n}: read: {e}"))?;
         if buf != line.as_bytes() {
-            return Err(format!("client {id} seq {n}: got {:?}", String::from_utf8_lossy(&buf)));
+            return Err(format!(
+                "client {id} seq {n}: got {:?}",
+                String::from_utf8_lossy(&buf)
+            ));
         }
         n += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -72,15 +95,25 @@ async fn fifty_tunnels_survive_ten_upgrades() {
     let b = Baton::start(&tcp_config(be, ""));
     let addr = b.addr("t");
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..50).map(|i| tokio::spawn(numbered_client(addr, i, stop.clone()))).collect();
+    let clients: Vec<_> = (0..50)
+        .map(|i| tokio::spawn(numbered_client(addr, i, stop.clone())))
+        .collect();
     let first = serving_pid(&b);
     let mut pids = vec![first];
     for round in 0..10 {
         let (ok, out) = tokio::task::spawn_blocking({
             let cfg = b.config.clone();
             move || {
-                let out = Command::new(bin()).args(["upgrade", "-c"]).arg(&cfg).output().unwrap();
-                (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+                let out = Command::new(bin())
+                    .args(["upgrade", "-c"])
+                    .arg(&cfg)
+                    .output()
+                    .unwrap();
+                (
+                    out.status.success(),
+                    String::from_utf8_lossy(&out.stdout).to_string()
+                        + &String::from_utf8_lossy(&out.stderr),
+                )
             }
         })
         .await
@@ -88,7 +121,10 @@ async fn fifty_tunnels_survive_ten_upgrades() {
         assert!(ok, "upgrade {round} failed: {out}");
         assert!(out.contains("50 tunnels"), "upgrade {round}: {out}");
         let pid = serving_pid(&b);
-        assert!(!pids.contains(&pid), "a new process serves after upgrade {round}");
+        assert!(
+            !pids.contains(&pid),
+            "a new process serves after upgrade {round}"
+        );
         pids.push(pid);
     }
     stop.store(true, Ordering::Relaxed);
@@ -98,14 +134,20 @@ async fn fifty_tunnels_survive_ten_upgrades() {
     }
     // At most two generations: every old process is gone.
     for pid in &pids[..pids.len() - 1] {
-        assert!(wait_until(WAIT, || !alive(*pid)).await, "old pid {pid} still alive");
+        assert!(
+            wait_until(WAIT, || !alive(*pid)).await,
+            "old pid {pid} still alive"
+        );
     }
     kill_serving(&b);
 }
 
 fn kill_serving(b: &Baton) {
     let pid = serving_pid(b);
-    let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL);
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,8 +172,15 @@ async fn tunnel_bytes_in_flight_move_with_the_connection() {
     let (ok, out) = tokio::task::spawn_blocking({
         let cfg = b.config.clone();
         move || {
-            let out = Command::new(bin()).args(["upgrade", "-c"]).arg(&cfg).output().unwrap();
-            (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+            let out = Command::new(bin())
+                .args(["upgrade", "-c"])
+                .arg(&cfg)
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+            )
         }
     })
     .await
@@ -140,7 +189,10 @@ async fn tunnel_bytes_in_flight_move_with_the_connection() {
     s.write_all(&payload[2_000_000..]).await.unwrap();
     s.shutdown().await.unwrap();
     let mut back = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut back)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(back.len(), payload.len());
     assert!(back == payload, "bytes differ after the upgrade");
     kill_serving(&b);
@@ -173,15 +225,28 @@ async fn rollback_when_successor_config_is_invalid() {
     let good = std::fs::read_to_string(&b.config).unwrap();
     std::fs::write(&b.config, good.replace("upstream: u", "upstream: nope")).unwrap();
     // reload validates before spawning anything, and says why it refused.
-    let out = Command::new(bin()).args(["reload", "-c"]).arg(&b.config).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(bin())
+        .args(["reload", "-c"])
+        .arg(&b.config)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{text}");
-    assert!(text.contains("config refused") && text.contains("unknown upstream"), "{text}");
-    assert!(b.log.count("successor started") == 0, "a successor was spawned for an invalid config");
+    assert!(
+        text.contains("config refused") && text.contains("unknown upstream"),
+        "{text}"
+    );
+    assert!(
+        b.log.count("successor started") == 0,
+        "a successor was spawned for an invalid config"
+    );
     // SIGUSR2: the successor finds the config invalid and refuses; the old process says why.
     b.signal(rustix::process::Signal::USR2);
     assert!(
-        b.log.wait_for(&["upgrade failed", "unknown upstream"], WAIT).is_some(),
+        b.log
+            .wait_for(&["upgrade failed", "unknown upstream"], WAIT)
+            .is_some(),
         "old process did not report the successor's refusal"
     );
     std::fs::write(&b.config, good).unwrap();
@@ -195,7 +260,9 @@ async fn rollback_when_successor_config_is_invalid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_when_successor_never_ready() {
     let be = echo_backend("E").await;
-    let b = Baton::start(&tcp_config(be, "  upgrade_timeout: 1s\n").replace("  upgrade_timeout: 10s\n", ""));
+    let b = Baton::start(
+        &tcp_config(be, "  upgrade_timeout: 1s\n").replace("  upgrade_timeout: 10s\n", ""),
+    );
     let hang = b.dir().join("hang.sh");
     std::fs::write(&hang, "#!/bin/sh\nexec sleep 600\n").unwrap();
     std::fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -217,12 +284,16 @@ async fn rollback_when_successor_is_killed_mid_handover() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, yaml).unwrap();
-    std::env::set_var("BATON_TEST_FAULT", "kill_after_first_batch");
-    let b = Baton::start_in(dir, config);
-    std::env::remove_var("BATON_TEST_FAULT");
+    let b = Baton::start_with_env(
+        dir,
+        config,
+        &[("BATON_TEST_FAULT", "kill_after_first_batch")],
+    );
     let addr = b.addr("t");
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..20).map(|i| tokio::spawn(numbered_client(addr, i, stop.clone()))).collect();
+    let clients: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(numbered_client(addr, i, stop.clone())))
+        .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (ok, out) = cli_upgrade(&b, &[]);
     assert!(!ok, "{out}");
@@ -241,14 +312,18 @@ async fn second_upgrade_during_an_upgrade_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, tcp_config(be, "")).unwrap();
-    std::env::set_var("BATON_TEST_FAULT", "slow_ready");
-    let b = Baton::start_in(dir, config);
-    std::env::remove_var("BATON_TEST_FAULT");
+    let b = Baton::start_with_env(dir, config, &[("BATON_TEST_FAULT", "slow_ready")]);
     b.signal(rustix::process::Signal::USR2);
     assert!(b.log.wait_for(&["successor started"], WAIT).is_some());
     b.signal(rustix::process::Signal::USR2);
-    assert!(b.log.wait_for(&["upgrade refused", "already in progress"], WAIT).is_some());
-    assert!(b.log.wait_for(&["upgrade complete; exiting"], WAIT).is_some());
+    assert!(b
+        .log
+        .wait_for(&["upgrade refused", "already in progress"], WAIT)
+        .is_some());
+    assert!(b
+        .log
+        .wait_for(&["upgrade complete; exiting"], WAIT)
+        .is_some());
     let pid = b.pid();
     assert!(wait_until(WAIT, || serving_pid(&b) != pid).await);
     kill_serving(&b);
@@ -260,14 +335,23 @@ async fn no_fd_leak_across_twenty_upgrades() {
     let b = Baton::start(&tcp_config(be, ""));
     let addr = b.addr("t");
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..5).map(|i| tokio::spawn(numbered_client(addr, i, stop.clone()))).collect();
+    let clients: Vec<_> = (0..5)
+        .map(|i| tokio::spawn(numbered_client(addr, i, stop.clone())))
+        .collect();
     let mut counts = Vec::new();
     let rounds = Arc::new(AtomicU64::new(0));
     for _ in 0..20 {
         let cfg = b.config.clone();
-        let ok = tokio::task::spawn_blocking(move || Command::new(bin()).args(["upgrade", "-c"]).arg(&cfg).status().unwrap().success())
-            .await
-            .unwrap();
+        let ok = tokio::task::spawn_blocking(move || {
+            Command::new(bin())
+                .args(["upgrade", "-c"])
+                .arg(&cfg)
+                .status()
+                .unwrap()
+                .success()
+        })
+        .await
+        .unwrap();
         assert!(ok);
         rounds.fetch_add(1, Ordering::Relaxed);
         counts.push(fd_count(serving_pid(&b)));
@@ -277,6 +361,11 @@ async fn no_fd_leak_across_twenty_upgrades() {
         c.await.unwrap().unwrap();
     }
     eprintln!("fd counts after each upgrade: {counts:?}");
-    assert_eq!(counts[0], counts[19], "fd count changed across upgrades: {counts:?}");
+    // One fd of slack: the CLI's control connection may not be closed yet when we count.
+    // A leak of even one fd per upgrade would show as +19 here.
+    assert!(
+        counts[19] <= counts[0] + 1,
+        "fd count grew across upgrades: {counts:?}"
+    );
     kill_serving(&b);
 }

@@ -49,11 +49,19 @@ pub struct Reply {
 impl Reply {
     /// A success.
     pub fn ok(message: impl Into<String>, data: serde_json::Value) -> Reply {
-        Reply { ok: true, message: message.into(), data }
+        Reply {
+            ok: true,
+            message: message.into(),
+            data,
+        }
     }
     /// A failure.
     pub fn err(message: impl Into<String>) -> Reply {
-        Reply { ok: false, message: message.into(), data: serde_json::Value::Null }
+        Reply {
+            ok: false,
+            message: message.into(),
+            data: serde_json::Value::Null,
+        }
     }
 }
 
@@ -80,7 +88,13 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Serves the control socket until `stop`; each accepted command becomes a [`ControlRequest`].
-pub async fn serve(listener: UnixListener, tx: mpsc::Sender<ControlRequest>, stop: CancellationToken) {
+/// Handlers run on `tracker`, so the process can wait for replies to be written before it exits.
+pub async fn serve(
+    listener: UnixListener,
+    tx: mpsc::Sender<ControlRequest>,
+    stop: CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
+) {
     let my_uid = rustix::process::getuid().as_raw();
     loop {
         let accepted = tokio::select! {
@@ -91,7 +105,10 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<ControlRequest>, sto
         match stream.peer_cred() {
             Ok(c) if c.uid() == my_uid || c.uid() == 0 => {}
             Ok(c) => {
-                tracing::warn!(peer_uid = c.uid(), "control socket: refused a client of another user");
+                tracing::warn!(
+                    peer_uid = c.uid(),
+                    "control socket: refused a client of another user"
+                );
                 continue;
             }
             Err(e) => {
@@ -99,7 +116,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<ControlRequest>, sto
                 continue;
             }
         }
-        tokio::spawn(handle(stream, tx.clone()));
+        tracker.spawn(handle(stream, tx.clone()));
     }
 }
 
@@ -113,15 +130,25 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<ControlRequest>) {
             Err(e) => Reply::err(format!("bad request: {e}")),
             Ok(command) => {
                 let (reply_tx, reply_rx) = oneshot::channel();
-                if tx.send(ControlRequest { command, reply: reply_tx }).await.is_err() {
+                if tx
+                    .send(ControlRequest {
+                        command,
+                        reply: reply_tx,
+                    })
+                    .await
+                    .is_err()
+                {
                     Reply::err("baton is shutting down")
                 } else {
-                    reply_rx.await.unwrap_or_else(|_| Reply::err("baton stopped before answering"))
+                    reply_rx
+                        .await
+                        .unwrap_or_else(|_| Reply::err("baton stopped before answering"))
                 }
             }
         },
     };
-    let mut out = serde_json::to_string(&reply).unwrap_or_else(|_| "{\"ok\":false,\"message\":\"encoding error\"}".into());
+    let mut out = serde_json::to_string(&reply)
+        .unwrap_or_else(|_| "{\"ok\":false,\"message\":\"encoding error\"}".into());
     out.push('\n');
     let _ = w.write_all(out.as_bytes()).await;
 }
@@ -130,15 +157,26 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<ControlRequest>) {
 pub async fn request(path: &Path, command: &Command) -> Result<Reply, ControlClientError> {
     let stream = UnixStream::connect(path)
         .await
-        .map_err(|e| ControlClientError::NotRunning { path: path.to_path_buf(), source: e })?;
+        .map_err(|e| ControlClientError::NotRunning {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
     let (r, mut w) = stream.into_split();
-    let mut msg = serde_json::to_string(command).map_err(|e| ControlClientError::Protocol(e.to_string()))?;
+    let mut msg =
+        serde_json::to_string(command).map_err(|e| ControlClientError::Protocol(e.to_string()))?;
     msg.push('\n');
-    w.write_all(msg.as_bytes()).await.map_err(ControlClientError::Io)?;
+    w.write_all(msg.as_bytes())
+        .await
+        .map_err(ControlClientError::Io)?;
     let mut line = String::new();
-    BufReader::new(r).read_line(&mut line).await.map_err(ControlClientError::Io)?;
+    BufReader::new(r)
+        .read_line(&mut line)
+        .await
+        .map_err(ControlClientError::Io)?;
     if line.is_empty() {
-        return Err(ControlClientError::Protocol("connection closed without a reply".into()));
+        return Err(ControlClientError::Protocol(
+            "connection closed without a reply".into(),
+        ));
     }
     serde_json::from_str(line.trim()).map_err(|e| ControlClientError::Protocol(e.to_string()))
 }

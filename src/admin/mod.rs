@@ -47,7 +47,11 @@ pub fn render_status(v: &serde_json::Value) -> String {
             }
         }
     }
-    let _ = writeln!(out, "connections: {} {}", v["connections"]["total"], v["connections"]["by_kind"]);
+    let _ = writeln!(
+        out,
+        "connections: {} {}",
+        v["connections"]["total"], v["connections"]["by_kind"]
+    );
     for u in v["upgrades"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "upgrade: {}", u["summary"].as_str().unwrap_or("?"));
     }

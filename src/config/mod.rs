@@ -288,8 +288,14 @@ impl Config {
         }
         let text = std::fs::read_to_string(path).ok()?;
         let l: Lenient = serde_saphyr::from_str(&text).ok()?;
-        let name = l.runtime.and_then(|r| r.control_socket).unwrap_or_else(|| "baton.sock".into());
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = l
+            .runtime
+            .and_then(|r| r.control_socket)
+            .unwrap_or_else(|| "baton.sock".into());
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         Some(dir.join(name))
     }

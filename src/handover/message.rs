@@ -172,6 +172,9 @@ pub enum Message {
         /// How many connections that message carried.
         count: u32,
     },
+    /// The predecessor commits the upgrade: the successor starts accepting and serving the
+    /// connections it holds. Before this, the predecessor can still take everything back.
+    Commit,
     /// The predecessor is finished; its counters continue in the successor.
     Done {
         /// The predecessor's totals.
@@ -194,6 +197,7 @@ impl Message {
             Message::Ready { .. } => "ready",
             Message::Conns { .. } => "conns",
             Message::Ack { .. } => "ack",
+            Message::Commit => "commit",
             Message::Done { .. } => "done",
             Message::Abort { .. } => "abort",
         }

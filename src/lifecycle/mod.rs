@@ -8,6 +8,7 @@ mod triggers;
 mod upgrade;
 
 pub use process::run;
+pub use successor::refuse;
 pub use upgrade::UpgradeReport;
 
 use serde::Serialize;
@@ -107,7 +108,10 @@ fn remove_pid_file(path: &Path) {
 /// Resolves the path this process was started from (argv[0]) to an absolute path, without
 /// following symlinks: `/proc/self/exe` would name the old, deleted file after a replace.
 pub fn own_binary_path() -> PathBuf {
-    let argv0 = std::env::args_os().next().map(PathBuf::from).unwrap_or_default();
+    let argv0 = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .unwrap_or_default();
     if argv0.components().count() > 1 {
         return std::path::absolute(&argv0).unwrap_or(argv0);
     }

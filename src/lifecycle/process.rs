@@ -54,6 +54,8 @@ pub(super) struct Process {
     pub started: Instant,
     pub started_ms: u64,
     pub history: Vec<UpgradeRecord>,
+    /// Control-socket handlers, waited for at exit so their replies get written.
+    pub control_tasks: tokio_util::task::TaskTracker,
 }
 
 impl Process {
@@ -63,29 +65,67 @@ impl Process {
     }
 
     /// Starts accepting on a listener.
-    pub fn start_listener(&mut self, name: &str, l: std::net::TcpListener) -> Result<(), LifecycleError> {
+    pub fn start_listener(
+        &mut self,
+        name: &str,
+        l: std::net::TcpListener,
+    ) -> Result<(), LifecycleError> {
         self.add_listener(name, l, true)
     }
 
     /// Registers a listener without accepting yet ([`Self::resume_listeners`] starts it).
-    pub fn start_listener_paused(&mut self, name: &str, l: std::net::TcpListener) -> Result<(), LifecycleError> {
+    pub fn start_listener_paused(
+        &mut self,
+        name: &str,
+        l: std::net::TcpListener,
+    ) -> Result<(), LifecycleError> {
         self.add_listener(name, l, false)
     }
 
-    fn add_listener(&mut self, name: &str, l: std::net::TcpListener, accept: bool) -> Result<(), LifecycleError> {
-        let Some(lcfg) = self.cfg.listeners.get(name) else { return Ok(()) };
-        let ctx = ListenerCtx::new(lcfg.clone(), self.upstreams.clone(), self.registry.clone(), self.metrics.clone());
+    fn add_listener(
+        &mut self,
+        name: &str,
+        l: std::net::TcpListener,
+        accept: bool,
+    ) -> Result<(), LifecycleError> {
+        let Some(lcfg) = self.cfg.listeners.get(name) else {
+            return Ok(());
+        };
+        let ctx = ListenerCtx::new(
+            lcfg.clone(),
+            self.upstreams.clone(),
+            self.registry.clone(),
+            self.metrics.clone(),
+        );
         let fd = OwnedFd::from(l.try_clone().map_err(io_err(format!("listener {name}")))?);
         let listener = crate::listener::to_tokio(l).map_err(io_err(format!("listener {name}")))?;
-        let addr = listener.local_addr().map_err(io_err(format!("listener {name}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(io_err(format!("listener {name}")))?;
         let stop = CancellationToken::new();
         let (task, paused) = if accept {
-            (Some(tokio::spawn(proxy::serve(listener, ctx.clone(), stop.clone()))), None)
+            (
+                Some(tokio::spawn(proxy::serve(
+                    listener,
+                    ctx.clone(),
+                    stop.clone(),
+                ))),
+                None,
+            )
         } else {
             (None, Some(listener))
         };
         tracing::info!(listener = name, addr = %addr, protocol = %lcfg.protocol, "listening");
-        self.slots.insert(name.to_string(), Slot { ctx, fd, stop, task, paused });
+        self.slots.insert(
+            name.to_string(),
+            Slot {
+                ctx,
+                fd,
+                stop,
+                task,
+                paused,
+            },
+        );
         Ok(())
     }
 
@@ -105,7 +145,11 @@ impl Process {
         for (name, slot) in self.slots.iter_mut() {
             if let Some(l) = slot.paused.take() {
                 slot.stop = CancellationToken::new();
-                slot.task = Some(tokio::spawn(proxy::serve(l, slot.ctx.clone(), slot.stop.clone())));
+                slot.task = Some(tokio::spawn(proxy::serve(
+                    l,
+                    slot.ctx.clone(),
+                    slot.stop.clone(),
+                )));
                 tracing::info!(listener = %name, "accepting again");
             }
         }
@@ -121,8 +165,10 @@ impl Process {
     pub async fn resume_parked(&self, parked: Parked) {
         match self.slots.get(&parked.meta().listener) {
             Some(slot) => proxy::resume(slot.ctx.clone(), parked).await,
-            None => tracing::warn!(listener = %parked.meta().listener, client = %parked.meta().client,
-                "parked connection for an unknown listener; closing it"),
+            None => {
+                tracing::warn!(listener = %parked.meta().listener, client = %parked.meta().client,
+                "parked connection for an unknown listener; closing it")
+            }
         }
     }
 
@@ -133,11 +179,19 @@ impl Process {
     ) -> Result<(), LifecycleError> {
         if let Some(tx) = control_tx.take() {
             let path = self.cfg.runtime.control_socket.clone();
-            let ctl = control::bind(&path).map_err(io_err(format!("control socket {}", path.display())))?;
-            tokio::spawn(control::serve(ctl, tx, self.shutdown.child_token()));
+            let ctl = control::bind(&path)
+                .map_err(io_err(format!("control socket {}", path.display())))?;
+            tokio::spawn(control::serve(
+                ctl,
+                tx,
+                self.shutdown.child_token(),
+                self.control_tasks.clone(),
+            ));
         }
-        write_pid_file(&self.cfg.runtime.pid_file)
-            .map_err(io_err(format!("pid file {}", self.cfg.runtime.pid_file.display())))
+        write_pid_file(&self.cfg.runtime.pid_file).map_err(io_err(format!(
+            "pid file {}",
+            self.cfg.runtime.pid_file.display()
+        )))
     }
 
     /// Status for `baton status` and the admin API.
@@ -167,8 +221,11 @@ impl Process {
                 (n, json!({ "addr": addr.to_string(), "protocol": l.protocol, "upstream": l.upstream }))
             })
             .collect();
-        let upstreams: BTreeMap<&String, serde_json::Value> =
-            self.upstreams.iter().map(|(n, u)| (n, json!(u.status()))).collect();
+        let upstreams: BTreeMap<&String, serde_json::Value> = self
+            .upstreams
+            .iter()
+            .map(|(n, u)| (n, json!(u.status())))
+            .collect();
         json!({
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
@@ -190,14 +247,25 @@ impl Process {
         self.close_listeners().await;
         self.registry.drain_all();
         let live = self.registry.len();
-        let drain = if fast { std::time::Duration::ZERO } else { self.cfg.runtime.drain_timeout };
+        let drain = if fast {
+            std::time::Duration::ZERO
+        } else {
+            self.cfg.runtime.drain_timeout
+        };
         let mut closed = 0;
-        if tokio::time::timeout(drain, self.registry.wait_empty()).await.is_err() {
+        if tokio::time::timeout(drain, self.registry.wait_empty())
+            .await
+            .is_err()
+        {
             closed = self.registry.len();
             tracing::warn!(connections = closed, timeout = ?drain, "drain deadline reached; closing the rest");
             self.registry.kill_all();
             // Tasks exit at their next poll; give them a moment to log their close.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.registry.wait_empty()).await;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                self.registry.wait_empty(),
+            )
+            .await;
         } else {
             tracing::info!(connections = live, "drained");
         }
@@ -225,6 +293,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
         started: Instant::now(),
         started_ms: crate::registry::now_ms(),
         history: Vec::new(),
+        control_tasks: tokio_util::task::TaskTracker::new(),
         opts,
         cfg,
     };
@@ -236,9 +305,12 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
     let takeover = match inherited {
         Some(ch) => Some(super::successor::take_over(&mut p, ch).await?),
         None => {
-            for l in p.cfg.listeners.values() {
-                let s = crate::listener::bind(l)
-                    .map_err(|source| LifecycleError::Bind { name: l.name.clone(), addr: l.listen, source })?;
+            for l in p.cfg.listeners.clone().values() {
+                let s = crate::listener::bind(l).map_err(|source| LifecycleError::Bind {
+                    name: l.name.clone(),
+                    addr: l.listen,
+                    source,
+                })?;
                 p.start_listener(&l.name.clone(), s)?;
             }
             None
@@ -257,8 +329,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
         }
     };
 
+    // An upgrade asked for while this successor still takes over waits until it is done.
+    let mut deferred: Option<Trigger> = None;
     loop {
         let trigger = tokio::select! {
+            t = async { deferred.take().expect("checked by the guard") }, if deferred.is_some() && p.phase == Phase::Ready => t,
             t = triggers.next() => t,
             Some(parked) = p.parked_rx.recv() => {
                 // A connection parked for an upgrade that was abandoned: serve it here again.
@@ -267,11 +342,12 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
             }
             ev = async { match takeover.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {
                 match ev {
-                    Some(TakeOverEvent::Committed) => {
+                    Some(TakeOverEvent::Committed(live)) => {
                         p.resume_listeners();
                         if let Err(e) = p.go_live(&mut control_tx) {
                             tracing::error!(error = %e, "cannot take the control socket or pid file");
                         }
+                        let _ = live.send(());
                     }
                     Some(TakeOverEvent::Done(done)) => {
                         takeover = None;
@@ -297,7 +373,25 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
                 }
                 break;
             }
-            Trigger::Upgrade { why, reload, binary, reply } => {
+            Trigger::Upgrade {
+                why,
+                reload,
+                binary,
+                reply,
+            } => {
+                if p.phase == Phase::TakingOver && deferred.is_none() {
+                    tracing::info!(
+                        trigger = why,
+                        "upgrade queued until the predecessor is gone"
+                    );
+                    deferred = Some(Trigger::Upgrade {
+                        why,
+                        reload,
+                        binary,
+                        reply,
+                    });
+                    continue;
+                }
                 if p.phase != Phase::Ready {
                     let msg = format!("upgrade refused: process is {:?}, not ready", p.phase);
                     tracing::warn!(trigger = why, "{msg}");
@@ -315,9 +409,16 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
                         break;
                     }
                     Err(e) => {
-                        let msg = format!("upgrade failed, old process {} still serving: {e}", std::process::id());
+                        let msg = format!(
+                            "upgrade failed, old process {} still serving: {e}",
+                            std::process::id()
+                        );
                         tracing::error!(trigger = why, "{msg}");
-                        p.history.push(UpgradeRecord { at_ms: crate::registry::now_ms(), ok: false, summary: msg.clone() });
+                        p.history.push(UpgradeRecord {
+                            at_ms: crate::registry::now_ms(),
+                            ok: false,
+                            summary: msg.clone(),
+                        });
                         if let Some(r) = reply {
                             let _ = r.send(Reply::err(msg));
                         }
@@ -327,6 +428,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
         }
     }
     p.shutdown.cancel();
+    p.control_tasks.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), p.control_tasks.wait()).await;
     p.set_phase(Phase::Stopped);
     remove_pid_file(&p.cfg.runtime.pid_file);
     Ok(())

@@ -26,8 +26,9 @@ pub(super) type TakeOverDone = Result<(u32, Counters, usize), String>;
 /// Progress of a take-over, reported to the main loop.
 #[derive(Debug)]
 pub(super) enum TakeOverEvent {
-    /// The predecessor committed: start accepting, take the control socket and pid file.
-    Committed,
+    /// The predecessor committed: start accepting, take the control socket and pid file,
+    /// then answer on the sender (the predecessor waits for that before it reports success).
+    Committed(tokio::sync::oneshot::Sender<()>),
     /// The predecessor is done (or the take-over ended early).
     Done(TakeOverDone),
 }
@@ -54,17 +55,37 @@ pub(super) async fn take_over(
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
     };
-    ch.send(&hello, &[], &[]).await.map_err(|e| refused("send hello", e))?;
-    let predecessor = match ch.recv().await.map_err(|e| refused("receive hello", e))?.msg {
-        Message::Hello { protocol_version, pid, .. } if protocol_version == handover::PROTOCOL_VERSION => pid,
-        Message::Hello { protocol_version, .. } => {
-            return Err(refused("predecessor", format!("speaks protocol {protocol_version}")));
+    ch.send(&hello, &[], &[])
+        .await
+        .map_err(|e| refused("send hello", e))?;
+    let predecessor = match ch
+        .recv()
+        .await
+        .map_err(|e| refused("receive hello", e))?
+        .msg
+    {
+        Message::Hello {
+            protocol_version,
+            pid,
+            ..
+        } if protocol_version == handover::PROTOCOL_VERSION => pid,
+        Message::Hello {
+            protocol_version, ..
+        } => {
+            return Err(refused(
+                "predecessor",
+                format!("speaks protocol {protocol_version}"),
+            ));
         }
         other => return Err(refused("expected hello", format!("got {}", other.name()))),
     };
-    let received = handover::recv_listeners(&mut ch).await.map_err(|e| refused("receive listeners", e))?;
-    let mut inherited: BTreeMap<String, (std::net::SocketAddr, std::os::fd::OwnedFd)> =
-        received.into_iter().map(|(e, fd)| (e.name, (e.addr, fd))).collect();
+    let received = handover::recv_listeners(&mut ch)
+        .await
+        .map_err(|e| refused("receive listeners", e))?;
+    let mut inherited: BTreeMap<String, (std::net::SocketAddr, std::os::fd::OwnedFd)> = received
+        .into_iter()
+        .map(|(e, fd)| (e.name, (e.addr, fd)))
+        .collect();
     let mut adopted = Vec::new();
     let mut result = Ok(());
     for l in p.cfg.listeners.clone().values() {
@@ -73,11 +94,18 @@ pub(super) async fn take_over(
             *addr == l.listen || (l.listen.port() == 0 && addr.ip() == l.listen.ip())
         });
         let sock = if same {
-            let Some((_, fd)) = inherited.remove(&l.name) else { continue };
+            let Some((_, fd)) = inherited.remove(&l.name) else {
+                continue;
+            };
             adopted.push(l.name.clone());
-            crate::listener::adopt(fd).map_err(|e| refused(&format!("adopt listener {}", l.name), e))
+            crate::listener::adopt(fd)
+                .map_err(|e| refused(&format!("adopt listener {}", l.name), e))
         } else {
-            crate::listener::bind(l).map_err(|source| LifecycleError::Bind { name: l.name.clone(), addr: l.listen, source })
+            crate::listener::bind(l).map_err(|source| LifecycleError::Bind {
+                name: l.name.clone(),
+                addr: l.listen,
+                source,
+            })
         };
         // Accepting starts only at the predecessor's commit: until then a rollback loses nothing.
         match sock.and_then(|s| p.start_listener_paused(&l.name, s)) {
@@ -89,24 +117,48 @@ pub(super) async fn take_over(
         }
     }
     if let Err(e) = result {
-        let _ = ch.send(&Message::Refused { reason: e.to_string() }, &[], &[]).await;
+        let _ = ch
+            .send(
+                &Message::Refused {
+                    reason: e.to_string(),
+                },
+                &[],
+                &[],
+            )
+            .await;
         return Err(e);
     }
     tracing::info!(predecessor, adopted = ?adopted, "listeners taken over");
-    Ok(TakeOver { ch, adopted, predecessor })
+    Ok(TakeOver {
+        ch,
+        adopted,
+        predecessor,
+    })
 }
 
 impl TakeOver {
     /// Reports ready and receives connections in the background, reporting progress.
     pub(super) fn finish(self, p: &mut Process) -> mpsc::Receiver<TakeOverEvent> {
-        let ctxs: BTreeMap<String, Arc<ListenerCtx>> =
-            p.slots.iter().map(|(n, s)| (n.clone(), s.ctx.clone())).collect();
+        let ctxs: BTreeMap<String, Arc<ListenerCtx>> = p
+            .slots
+            .iter()
+            .map(|(n, s)| (n.clone(), s.ctx.clone()))
+            .collect();
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
             let done = receive(self, ctxs, &tx).await;
             let _ = tx.send(TakeOverEvent::Done(done)).await;
         });
         rx
+    }
+}
+
+/// Asks the main loop to start accepting and take the control socket and pid file; waits
+/// until it has.
+async fn go_live(events: &mpsc::Sender<TakeOverEvent>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if events.send(TakeOverEvent::Committed(tx)).await.is_ok() {
+        let _ = rx.await;
     }
 }
 
@@ -135,10 +187,15 @@ async fn receive(
     if test_fault("slow_ready") {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
-    t.ch
-        .send(&Message::Ready { adopted: t.adopted.clone() }, &[], &[])
-        .await
-        .map_err(|e| format!("send ready: {e}"))?;
+    t.ch.send(
+        &Message::Ready {
+            adopted: t.adopted.clone(),
+        },
+        &[],
+        &[],
+    )
+    .await
+    .map_err(|e| format!("send ready: {e}"))?;
     let mut held: Vec<Parked> = Vec::new();
     let mut committed = false;
     let mut total = 0usize;
@@ -148,7 +205,7 @@ async fn receive(
             Err(e) => {
                 // The predecessor is gone: whatever it gave us is ours to serve.
                 if !committed {
-                    let _ = events.send(TakeOverEvent::Committed).await;
+                    go_live(events).await;
                 }
                 resume_all(&ctxs, std::mem::take(&mut held)).await;
                 return Err(format!("predecessor channel ended: {e}"));
@@ -158,13 +215,24 @@ async fn receive(
             Message::Conns { seq, .. } => {
                 if test_fault("kill_after_first_batch") {
                     tracing::warn!("test fault: killing myself mid-handover");
-                    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+                    let _ = rustix::process::kill_process(
+                        rustix::process::getpid(),
+                        rustix::process::Signal::KILL,
+                    );
                 }
                 let conns = match handover::recv_conns(received) {
                     Ok(c) => c,
                     Err(e) => {
                         let reason = format!("bad connection batch {seq}: {e}");
-                        let _ = t.ch.send(&Message::Abort { reason: reason.clone() }, &[], &[]).await;
+                        let _ =
+                            t.ch.send(
+                                &Message::Abort {
+                                    reason: reason.clone(),
+                                },
+                                &[],
+                                &[],
+                            )
+                            .await;
                         return Err(reason);
                     }
                 };
@@ -175,20 +243,33 @@ async fn receive(
                 } else {
                     held.extend(conns);
                 }
-                t.ch
-                    .send(&Message::Ack { seq, count: count as u32 }, &[], &[])
-                    .await
-                    .map_err(|e| format!("send ack: {e}"))?;
+                t.ch.send(
+                    &Message::Ack {
+                        seq,
+                        count: count as u32,
+                    },
+                    &[],
+                    &[],
+                )
+                .await
+                .map_err(|e| format!("send ack: {e}"))?;
             }
             Message::Commit => {
                 committed = true;
-                let _ = events.send(TakeOverEvent::Committed).await;
-                tracing::info!(connections = held.len(), "handover committed; serving received connections");
+                go_live(events).await;
+                // Seq 0 is never a batch: it acknowledges the commit.
+                t.ch.send(&Message::Ack { seq: 0, count: 0 }, &[], &[])
+                    .await
+                    .map_err(|e| format!("send commit ack: {e}"))?;
+                tracing::info!(
+                    connections = held.len(),
+                    "handover committed; serving received connections"
+                );
                 resume_all(&ctxs, std::mem::take(&mut held)).await;
             }
             Message::Done { counters } => {
                 if !committed {
-                    let _ = events.send(TakeOverEvent::Committed).await;
+                    go_live(events).await;
                 }
                 resume_all(&ctxs, std::mem::take(&mut held)).await;
                 return Ok((t.predecessor, counters, total));
@@ -200,7 +281,15 @@ async fn receive(
             }
             other => {
                 let reason = format!("unexpected {} from predecessor", other.name());
-                let _ = t.ch.send(&Message::Abort { reason: reason.clone() }, &[], &[]).await;
+                let _ =
+                    t.ch.send(
+                        &Message::Abort {
+                            reason: reason.clone(),
+                        },
+                        &[],
+                        &[],
+                    )
+                    .await;
                 return Err(reason);
             }
         }
@@ -215,7 +304,11 @@ pub(super) fn taken_over(p: &mut Process, done: TakeOverDone) {
             Metrics::inc(&p.metrics.upgrades_ok);
             let summary = format!("took over from pid {pred}: {total} connections received");
             tracing::info!(predecessor = pred, connections = total, "upgrade complete");
-            p.history.push(UpgradeRecord { at_ms: crate::registry::now_ms(), ok: true, summary });
+            p.history.push(UpgradeRecord {
+                at_ms: crate::registry::now_ms(),
+                ok: true,
+                summary,
+            });
         }
         Err(e) => tracing::warn!(reason = %e, "take-over ended early"),
     }

@@ -57,7 +57,11 @@ impl UpgradeReport {
 }
 
 /// Runs `f` while refusing any other upgrade trigger (one upgrade at a time).
-async fn guarded<F: Future>(triggers: &mut Triggers, status: &serde_json::Value, f: F) -> F::Output {
+async fn guarded<F: Future>(
+    triggers: &mut Triggers,
+    status: &serde_json::Value,
+    f: F,
+) -> F::Output {
     tokio::pin!(f);
     loop {
         tokio::select! {
@@ -84,7 +88,11 @@ async fn guarded<F: Future>(triggers: &mut Triggers, status: &serde_json::Value,
 }
 
 /// Receives one message, failing if the successor exits or the deadline passes.
-async fn expect(ch: &mut Channel, child: &mut Child, deadline: Instant) -> Result<handover::Received, String> {
+async fn expect(
+    ch: &mut Channel,
+    child: &mut Child,
+    deadline: Instant,
+) -> Result<handover::Received, String> {
     let left = deadline.saturating_duration_since(Instant::now());
     tokio::select! {
         r = ch.recv() => match r {
@@ -109,8 +117,14 @@ async fn expect(ch: &mut Channel, child: &mut Child, deadline: Instant) -> Resul
 async fn prepare(p: &Process, ch: &mut Channel, child: &mut Child) -> Result<Vec<String>, String> {
     let deadline = Instant::now() + p.cfg.runtime.upgrade_timeout;
     match expect(ch, child, deadline).await?.msg {
-        Message::Hello { protocol_version, .. } if protocol_version == handover::PROTOCOL_VERSION => {}
-        Message::Hello { protocol_version, version, .. } => {
+        Message::Hello {
+            protocol_version, ..
+        } if protocol_version == handover::PROTOCOL_VERSION => {}
+        Message::Hello {
+            protocol_version,
+            version,
+            ..
+        } => {
             return Err(format!(
                 "successor {version} speaks handover protocol {protocol_version}, this process {}",
                 handover::PROTOCOL_VERSION
@@ -124,17 +138,20 @@ async fn prepare(p: &Process, ch: &mut Channel, child: &mut Child) -> Result<Vec
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
     };
-    ch.send(&hello, &[], &[]).await.map_err(|e| format!("send hello: {e}"))?;
+    ch.send(&hello, &[], &[])
+        .await
+        .map_err(|e| format!("send hello: {e}"))?;
     let mut entries = Vec::new();
     for (name, slot) in &p.slots {
         let addr = rustix::net::getsockname(&slot.fd)
             .ok()
             .and_then(|a| std::net::SocketAddr::try_from(a).ok())
             .unwrap_or(slot.ctx.cfg.listen);
-        entries.push(handover::ListenerEntry { name: name.clone(), addr, protocol: slot.ctx.cfg.protocol });
+        entries.push((name.as_str(), addr, slot.ctx.cfg.protocol, slot.fd.as_fd()));
     }
-    let fds: Vec<_> = p.slots.values().map(|s| s.fd.as_fd()).collect();
-    handover::send_listeners(ch, &entries, &fds).await.map_err(|e| format!("send listeners: {e}"))?;
+    handover::send_listeners(ch, &entries)
+        .await
+        .map_err(|e| format!("send listeners: {e}"))?;
     match expect(ch, child, deadline).await?.msg {
         Message::Ready { adopted } => Ok(adopted),
         Message::Refused { reason } => Err(format!("successor refused to start: {reason}")),
@@ -150,10 +167,15 @@ async fn send_batch(
     batch: &[Parked],
     wait: Duration,
 ) -> Result<(), String> {
-    handover::send_conns(ch, seq, batch).await.map_err(|e| format!("send connections: {e}"))?;
+    handover::send_conns(ch, seq, batch)
+        .await
+        .map_err(|e| format!("send connections: {e}"))?;
     match expect(ch, child, Instant::now() + wait).await?.msg {
         Message::Ack { seq: s, count } if s == seq && count as usize == batch.len() => Ok(()),
-        Message::Ack { seq: s, count } => Err(format!("ack for batch {s} ({count}) does not match batch {seq} ({})", batch.len())),
+        Message::Ack { seq: s, count } => Err(format!(
+            "ack for batch {s} ({count}) does not match batch {seq} ({})",
+            batch.len()
+        )),
         Message::Abort { reason } => Err(format!("successor aborted: {reason}")),
         other => Err(format!("expected ack, got {}", other.name())),
     }
@@ -171,7 +193,10 @@ async fn collect_prompt(p: &mut Process, asked: &HashSet<u64>, limit: Duration) 
             .snapshot()
             .into_iter()
             .filter(|c| asked.contains(&c.id))
-            .any(|c| matches!(c.kind(), ConnKind::Tcp | ConnKind::Tunnel) || c.state() == crate::registry::ConnState::Idle);
+            .any(|c| {
+                matches!(c.kind(), ConnKind::Tcp | ConnKind::Tunnel)
+                    || c.state() == crate::registry::ConnState::Idle
+            });
         if !waiting {
             // Take what is already queued, then stop.
             while let Ok(c) = p.parked_rx.try_recv() {
@@ -206,14 +231,22 @@ pub(super) async fn upgrade(
 ) -> Result<UpgradeReport, String> {
     let started = Instant::now();
     if reload {
-        Config::load(&p.opts.config_path).map_err(|e| format!("config refused, nothing changed:\n{e}"))?;
+        Config::load(&p.opts.config_path)
+            .map_err(|e| format!("config refused, nothing changed:\n{e}"))?;
     }
-    let binary = binary.or_else(|| p.cfg.runtime.binary.clone()).unwrap_or_else(|| p.opts.binary.clone());
+    let binary = binary
+        .or_else(|| p.cfg.runtime.binary.clone())
+        .unwrap_or_else(|| p.opts.binary.clone());
     let status = p.status();
     p.set_phase(Phase::HandingOver);
-    let args = vec!["run".into(), "-c".into(), p.opts.config_path.clone().into_os_string()];
-    let env = vec![("BATON_GENERATION".to_string(), (p.opts.generation + 1).to_string())];
-    let spawned = match handover::spawn_successor(&binary, &args, &env) {
+    let args: Vec<std::ffi::OsString> = vec![
+        "run".into(),
+        "-c".into(),
+        p.opts.config_path.clone().into_os_string(),
+        "--generation".into(),
+        (p.opts.generation + 1).to_string().into(),
+    ];
+    let spawned = match handover::spawn_successor(&binary, &args) {
         Ok(s) => s,
         Err(e) => {
             p.set_phase(Phase::Ready);
@@ -243,9 +276,15 @@ pub(super) async fn upgrade(
     count_kinds(&prompt, &mut tunnels, &mut idle_http);
     let mut seq = 0u64;
     let mut sent_ok = Ok(());
-    for batch in prompt.chunks(handover::MAX_CONNS_PER_BATCH) {
+    // Each split batch fits one message (≤253 fds), so each gets exactly one Ack.
+    for batch in handover::split_batches(&prompt) {
         seq += 1;
-        sent_ok = guarded(triggers, &status, send_batch(&mut ch, &mut child, seq, batch, wait)).await;
+        sent_ok = guarded(
+            triggers,
+            &status,
+            send_batch(&mut ch, &mut child, seq, batch, wait),
+        )
+        .await;
         if sent_ok.is_err() {
             break;
         }
@@ -256,9 +295,23 @@ pub(super) async fn upgrade(
     if let Err(e) = ch.send(&Message::Commit, &[], &[]).await {
         return Err(rollback(p, child, &mut ch, prompt, format!("send commit: {e}")).await);
     }
+    // Past the rollback point. The successor answers once it accepts and owns the pid file.
+    match expect(&mut ch, &mut child, Instant::now() + wait)
+        .await
+        .map(|r| r.msg)
+    {
+        Ok(Message::Ack { seq: 0, .. }) => {}
+        Ok(other) => tracing::warn!(got = other.name(), "unexpected answer to commit"),
+        Err(e) => tracing::warn!(error = %e, "no answer to commit"),
+    }
     // Committed: the successor serves them now; our copies close here.
     drop(prompt);
-    tracing::info!(successor = new_pid, tunnels, idle_http, "handover committed");
+    tracing::info!(
+        successor = new_pid,
+        tunnels,
+        idle_http,
+        "handover committed"
+    );
 
     // Phase 3: finish in-flight requests, handing each connection over once idle.
     p.set_phase(Phase::Draining);
@@ -272,15 +325,17 @@ pub(super) async fn upgrade(
                 let mut batch = vec![c];
                 while let Ok(more) = p.parked_rx.try_recv() {
                     batch.push(more);
-                    if batch.len() >= handover::MAX_CONNS_PER_BATCH { break; }
+                    if batch.len() >= 100 { break; }
                 }
-                seq += 1;
-                match send_batch(&mut ch, &mut child, seq, &batch, wait).await {
-                    Ok(()) => {
-                        late_handed += batch.len();
-                        count_kinds(&batch, &mut tunnels, &mut idle_http);
+                for part in handover::split_batches(&batch) {
+                    seq += 1;
+                    match send_batch(&mut ch, &mut child, seq, part, wait).await {
+                        Ok(()) => {
+                            late_handed += part.len();
+                            count_kinds(part, &mut tunnels, &mut idle_http);
+                        }
+                        Err(e) => tracing::warn!(error = %e, connections = part.len(), "late handover failed; closing them"),
                     }
-                    Err(e) => tracing::warn!(error = %e, connections = batch.len(), "late handover failed; closing them"),
                 }
             }
             _ = p.registry.wait_empty() => break,
@@ -311,15 +366,35 @@ pub(super) async fn upgrade(
         millis: started.elapsed().as_millis() as u64,
     };
     tracing::info!(summary = %report.summary(), "upgrade complete; exiting");
-    p.history.push(UpgradeRecord { at_ms: crate::registry::now_ms(), ok: true, summary: report.summary() });
+    p.history.push(UpgradeRecord {
+        at_ms: crate::registry::now_ms(),
+        ok: true,
+        summary: report.summary(),
+    });
     Ok(report)
 }
 
 /// Takes everything back: kills the successor, resumes accepting and serving every parked
 /// connection here. Returns the reason, for the caller to report.
-async fn rollback(p: &mut Process, mut child: Child, ch: &mut Channel, held: Vec<Parked>, why: String) -> String {
+async fn rollback(
+    p: &mut Process,
+    mut child: Child,
+    ch: &mut Channel,
+    held: Vec<Parked>,
+    why: String,
+) -> String {
     tracing::error!(reason = %why, "upgrade failed; rolling back");
-    let _ = timeout(Duration::from_millis(200), ch.send(&Message::Abort { reason: why.clone() }, &[], &[])).await;
+    let _ = timeout(
+        Duration::from_millis(200),
+        ch.send(
+            &Message::Abort {
+                reason: why.clone(),
+            },
+            &[],
+            &[],
+        ),
+    )
+    .await;
     let _ = child.start_kill();
     let _ = timeout(Duration::from_secs(5), child.wait()).await;
     p.resume_listeners();

@@ -93,9 +93,16 @@ impl Baton {
 
     /// Starts `baton run -c config` and waits for readiness.
     pub fn start_in(dir: tempfile::TempDir, config: PathBuf) -> Baton {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    /// Like [`Baton::start_in`], with extra environment variables for this process only
+    /// (its successors inherit them).
+    pub fn start_with_env(dir: tempfile::TempDir, config: PathBuf, env: &[(&str, &str)]) -> Baton {
         let mut child = Command::new(bin())
             .args(["run", "-c"])
             .arg(&config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
