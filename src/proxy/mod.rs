@@ -29,6 +29,8 @@ pub struct ListenerCtx {
     pub metrics: Arc<Metrics>,
     /// Caps live connections at `max_connections`; accepting waits for a permit.
     pub limit: Arc<Semaphore>,
+    /// Idle upstream HTTP connections of this listener (HTTP listeners only).
+    pub http_pool: Arc<http::pool::Pool>,
 }
 
 impl ListenerCtx {
@@ -42,6 +44,7 @@ impl ListenerCtx {
         Arc::new(ListenerCtx {
             name: cfg.name.as_str().into(),
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            http_pool: Arc::default(),
             cfg,
             upstreams,
             registry,
@@ -53,7 +56,9 @@ impl ListenerCtx {
 /// Whether an accept error means "out of file descriptors or memory": back off, don't spin.
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     use rustix::io::Errno;
-    let Some(code) = e.raw_os_error() else { return false };
+    let Some(code) = e.raw_os_error() else {
+        return false;
+    };
     [Errno::MFILE, Errno::NFILE, Errno::NOMEM, Errno::NOBUFS]
         .iter()
         .any(|x| x.raw_os_error() == code)
@@ -61,7 +66,11 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 
 /// Accepts connections until `stop` is cancelled, then returns the listener (still open, so
 /// it can be handed over or resumed).
-pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, stop: CancellationToken) -> TcpListener {
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<ListenerCtx>,
+    stop: CancellationToken,
+) -> TcpListener {
     let mut last_warn: Option<tokio::time::Instant> = None;
     loop {
         // Waiting for a permit pauses accepting at max_connections without spinning.

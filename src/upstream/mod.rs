@@ -87,9 +87,19 @@ impl Upstream {
         let servers = cfg
             .servers
             .iter()
-            .map(|s| Arc::new(ServerState { addr: s.addr, weight: s.weight, active: AtomicUsize::new(0) }))
+            .map(|s| {
+                Arc::new(ServerState {
+                    addr: s.addr,
+                    weight: s.weight,
+                    active: AtomicUsize::new(0),
+                })
+            })
             .collect();
-        Arc::new(Upstream { cfg: cfg.clone(), servers, next: AtomicUsize::new(0) })
+        Arc::new(Upstream {
+            cfg: cfg.clone(),
+            servers,
+            next: AtomicUsize::new(0),
+        })
     }
 
     /// The pool's name.
@@ -124,7 +134,9 @@ impl Upstream {
         let mut tried = Vec::new();
         let mut last = None;
         while tried.len() as u32 <= self.cfg.retries {
-            let Some(guard) = self.pick(client, &tried) else { break };
+            let Some(guard) = self.pick(client, &tried) else {
+                break;
+            };
             let addr = guard.addr();
             tried.push(addr);
             match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
@@ -171,5 +183,8 @@ pub type Upstreams = BTreeMap<String, Arc<Upstream>>;
 
 /// Builds every pool of `cfg`.
 pub fn build(cfg: &config::Config) -> Upstreams {
-    cfg.upstreams.iter().map(|(n, u)| (n.clone(), Upstream::new(u))).collect()
+    cfg.upstreams
+        .iter()
+        .map(|(n, u)| (n.clone(), Upstream::new(u)))
+        .collect()
 }
