@@ -28,7 +28,8 @@ impl Visit for Fields {
         if f.name() == "message" {
             self.message = format!("{v:?}");
         } else {
-            self.rest.push((f.name(), serde_json::Value::String(format!("{v:?}"))));
+            self.rest
+                .push((f.name(), serde_json::Value::String(format!("{v:?}"))));
         }
     }
     fn record_str(&mut self, f: &Field, v: &str) {
@@ -64,14 +65,22 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut w: Writer<'_>, ev: &Event<'_>) -> std::fmt::Result {
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        ev: &Event<'_>,
+    ) -> std::fmt::Result {
         let mut f = Fields::default();
         ev.record(&mut f);
         let meta = ev.metadata();
         if self.json {
             let mut m = serde_json::Map::new();
             m.insert("ts".into(), timestamp().into());
-            m.insert("level".into(), meta.level().as_str().to_ascii_lowercase().into());
+            m.insert(
+                "level".into(),
+                meta.level().as_str().to_ascii_lowercase().into(),
+            );
             m.insert("pid".into(), self.pid.into());
             m.insert("generation".into(), self.generation.into());
             m.insert("target".into(), meta.target().into());
@@ -92,7 +101,9 @@ where
             );
             for (k, v) in f.rest {
                 match v {
-                    serde_json::Value::String(s) if !s.contains([' ', '"', '=']) && !s.is_empty() => {
+                    serde_json::Value::String(s)
+                        if !s.contains([' ', '"', '=']) && !s.is_empty() =>
+                    {
                         let _ = write!(line, " {k}={s}");
                     }
                     v => {
@@ -115,10 +126,15 @@ pub fn init(cfg: &Log, generation: u64) -> Result<(), std::io::Error> {
         pid: std::process::id(),
         generation,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).event_format(format);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .event_format(format);
     let res = match &cfg.file {
         Some(path) => {
-            let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
             builder.with_writer(std::sync::Mutex::new(file)).try_init()
         }
         None => builder.with_writer(std::io::stderr).try_init(),

@@ -79,7 +79,16 @@ fn run(cfg: Config, config_path: PathBuf) -> anyhow::Result<()> {
     if cfg.runtime.worker_threads > 0 {
         rt.worker_threads(cfg.runtime.worker_threads);
     }
-    let rt = rt.enable_all().build().context("cannot start the runtime")?;
-    rt.block_on(lifecycle::run(cfg, RunOptions { config_path, generation }))?;
+    let rt = rt
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(lifecycle::run(
+        cfg,
+        RunOptions {
+            config_path,
+            generation,
+        },
+    ))?;
     Ok(())
 }

@@ -48,7 +48,16 @@ pub struct Counters {
 
 macro_rules! fields {
     ($m:ident) => {
-        $m!(accepted, closed, bytes_in, bytes_out, requests, connect_failures, upgrades_ok, upgrades_failed)
+        $m!(
+            accepted,
+            closed,
+            bytes_in,
+            bytes_out,
+            requests,
+            connect_failures,
+            upgrades_ok,
+            upgrades_failed
+        )
     };
 }
 

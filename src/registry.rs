@@ -320,7 +320,10 @@ impl Registry {
             kill: lock(&self.kill_parent).child_token(),
         });
         lock(&self.conns).insert(id, stats.clone());
-        ConnHandle { stats, registry: self.clone() }
+        ConnHandle {
+            stats,
+            registry: self.clone(),
+        }
     }
 
     /// Number of live connections.

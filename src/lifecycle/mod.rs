@@ -95,15 +95,29 @@ impl Process {
         self.phase = p;
     }
 
-    fn start_listener(&mut self, name: &str, l: std::net::TcpListener) -> Result<(), LifecycleError> {
-        let Some(lcfg) = self.cfg.listeners.get(name) else { return Ok(()) };
-        let ctx = ListenerCtx::new(lcfg.clone(), self.upstreams.clone(), self.registry.clone(), self.metrics.clone());
+    fn start_listener(
+        &mut self,
+        name: &str,
+        l: std::net::TcpListener,
+    ) -> Result<(), LifecycleError> {
+        let Some(lcfg) = self.cfg.listeners.get(name) else {
+            return Ok(());
+        };
+        let ctx = ListenerCtx::new(
+            lcfg.clone(),
+            self.upstreams.clone(),
+            self.registry.clone(),
+            self.metrics.clone(),
+        );
         let listener = crate::listener::to_tokio(l).map_err(io_err(format!("listener {name}")))?;
-        let addr = listener.local_addr().map_err(io_err(format!("listener {name}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(io_err(format!("listener {name}")))?;
         let stop = CancellationToken::new();
         let task = tokio::spawn(proxy::serve(listener, ctx.clone(), stop.clone()));
         tracing::info!(listener = name, addr = %addr, protocol = %lcfg.protocol, "listening");
-        self.slots.insert(name.to_string(), Slot { ctx, stop, task });
+        self.slots
+            .insert(name.to_string(), Slot { ctx, stop, task });
         Ok(())
     }
 
@@ -173,14 +187,20 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
         .map(|l| {
             crate::listener::bind(l)
                 .map(|s| (l.name.clone(), s))
-                .map_err(|source| LifecycleError::Bind { name: l.name.clone(), addr: l.listen, source })
+                .map_err(|source| LifecycleError::Bind {
+                    name: l.name.clone(),
+                    addr: l.listen,
+                    source,
+                })
         })
         .collect::<Result<_, _>>()?;
     for (name, l) in bound {
         p.start_listener(&name, l)?;
     }
-    write_pid_file(&p.cfg.runtime.pid_file)
-        .map_err(io_err(format!("pid file {}", p.cfg.runtime.pid_file.display())))?;
+    write_pid_file(&p.cfg.runtime.pid_file).map_err(io_err(format!(
+        "pid file {}",
+        p.cfg.runtime.pid_file.display()
+    )))?;
     p.set_phase(Phase::Ready);
 
     let why = loop {
@@ -199,12 +219,16 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
     p.registry.drain_all();
     let drain = p.cfg.runtime.drain_timeout;
     let live = p.registry.len();
-    if tokio::time::timeout(drain, p.registry.wait_empty()).await.is_err() {
+    if tokio::time::timeout(drain, p.registry.wait_empty())
+        .await
+        .is_err()
+    {
         let left = p.registry.len();
         tracing::warn!(connections = left, timeout = ?drain, "drain deadline reached; closing the rest");
         p.registry.kill_all();
         // Give the tasks a moment to log their close; they exit at their next poll.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), p.registry.wait_empty()).await;
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(1), p.registry.wait_empty()).await;
     } else {
         tracing::info!(connections = live, "drained");
     }
@@ -217,6 +241,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
 async fn resume_parked(p: &Process, parked: crate::registry::Parked) {
     match p.slots.get(&parked.meta().listener) {
         Some(slot) => proxy::resume(slot.ctx.clone(), parked).await,
-        None => tracing::warn!(listener = %parked.meta().listener, "parked connection for an unknown listener; closing it"),
+        None => {
+            tracing::warn!(listener = %parked.meta().listener, "parked connection for an unknown listener; closing it")
+        }
     }
 }

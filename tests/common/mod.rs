@@ -47,7 +47,12 @@ impl LogLines {
 
     /// Lines containing `needle`.
     pub fn count(&self, needle: &str) -> usize {
-        self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 }
 
@@ -98,7 +103,12 @@ impl Baton {
             .expect("spawn baton");
         let log = Arc::new(LogLines::default());
         pump(child.stderr.take().unwrap(), log.clone(), "baton");
-        let b = Baton { child, dir, config, log };
+        let b = Baton {
+            child,
+            dir,
+            config,
+            log,
+        };
         assert!(
             b.log.wait_for(&["phase", "to=Ready"], WAIT).is_some(),
             "baton did not become ready"
@@ -117,13 +127,20 @@ impl Baton {
             .log
             .wait_for(&["listening", &format!("listener={listener} ")], WAIT)
             .expect("listener address in log");
-        let addr = line.split("addr=").nth(1).unwrap().split(' ').next().unwrap();
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
         addr.parse().unwrap()
     }
 
     /// Sends a signal to the baton process.
     pub fn signal(&self, sig: rustix::process::Signal) {
-        rustix::process::kill_process(rustix::process::Pid::from_raw(self.pid()).unwrap(), sig).unwrap();
+        rustix::process::kill_process(rustix::process::Pid::from_raw(self.pid()).unwrap(), sig)
+            .unwrap();
     }
 
     /// Waits for the process to exit; returns its exit code.
@@ -173,7 +190,9 @@ pub async fn echo_backend(greeting: &'static str) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { break };
+            let Ok((mut s, _)) = l.accept().await else {
+                break;
+            };
             tokio::spawn(async move {
                 if !greeting.is_empty() && s.write_all(greeting.as_bytes()).await.is_err() {
                     return;
@@ -197,7 +216,10 @@ pub fn dead_addr() -> SocketAddr {
 pub async fn greeting(addr: SocketAddr, len: usize) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut buf = vec![0u8; len];
-    tokio::time::timeout(WAIT, s.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     (s, String::from_utf8(buf).unwrap())
 }
 

@@ -8,7 +8,13 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 /// Serves one accepted client connection of an `http` listener.
-pub async fn handle(_ctx: Arc<ListenerCtx>, _client: TcpStream, _peer: SocketAddr, _permit: OwnedSemaphorePermit) {}
+pub async fn handle(
+    _ctx: Arc<ListenerCtx>,
+    _client: TcpStream,
+    _peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+}
 
 /// Resumes an idle keep-alive connection parked by a predecessor.
 pub async fn resume(_ctx: Arc<ListenerCtx>, _h: IdleHttpState, _permit: OwnedSemaphorePermit) {}
