@@ -10,7 +10,11 @@ use tokio::net::TcpListener;
 /// Binds a listener as configured. Sockets are close-on-exec (socket2's default), so they
 /// reach a successor only through the handover channel.
 pub fn bind(cfg: &config::Listener) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(cfg.listen), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(cfg.listen),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     if cfg.reuse_port {
         socket.set_reuse_port(true)?;
@@ -26,7 +30,10 @@ pub fn bind(cfg: &config::Listener) -> io::Result<std::net::TcpListener> {
 pub fn adopt(fd: OwnedFd) -> io::Result<std::net::TcpListener> {
     let sock = Socket::from(fd);
     if !sock.is_listener()? || sock.r#type()? != Type::STREAM {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "inherited fd is not a listening stream socket"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "inherited fd is not a listening stream socket",
+        ));
     }
     sock.set_nonblocking(true)?;
     sock.set_cloexec(true)?;

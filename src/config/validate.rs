@@ -19,7 +19,12 @@ impl Errors<'_> {
         self.list.push((
             loc.line(),
             loc.column(),
-            format!("{}:{}:{}: {path}: {msg}", self.file.display(), loc.line(), loc.column()),
+            format!(
+                "{}:{}:{}: {path}: {msg}",
+                self.file.display(),
+                loc.line(),
+                loc.column()
+            ),
         ));
     }
 
@@ -50,9 +55,7 @@ impl Errors<'_> {
     }
 
     fn addr(&mut self, s: &S<String>, path: &str) -> Option<SocketAddr> {
-        parse_addr(&s.value)
-            .map_err(|e| self.at(s, path, e))
-            .ok()
+        parse_addr(&s.value).map_err(|e| self.at(s, path, e)).ok()
     }
 
     fn choice<T: Copy>(
@@ -70,7 +73,11 @@ impl Errors<'_> {
                 self.at(
                     s,
                     path,
-                    format!("unknown value {:?} (expected one of: {})", s.value, names.join(", ")),
+                    format!(
+                        "unknown value {:?} (expected one of: {})",
+                        s.value,
+                        names.join(", ")
+                    ),
                 );
                 default
             }
@@ -88,16 +95,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .ok_or_else(|| format!("bad duration {s:?}: missing unit (ms, s, m, h, d)"))?;
     let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?}: expected a number then a unit, like 500ms or 2s"))?;
+    let n: f64 = num.parse().map_err(|_| {
+        format!("bad duration {s:?}: expected a number then a unit, like 500ms or 2s")
+    })?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
         "d" => n * 86400.0,
-        _ => return Err(format!("bad duration {s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+        _ => {
+            return Err(format!(
+                "bad duration {s:?}: unknown unit {unit:?} (ms, s, m, h, d)"
+            ))
+        }
     };
     if !secs.is_finite() || secs > 1e9 {
         return Err(format!("bad duration {s:?}: too large"));
@@ -120,9 +131,18 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
     }
 }
 
-/// Parses and validates a whole configuration text.
-pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let raw: file::File = serde_saphyr::from_str(text).map_err(|e| {
+/// Reads the YAML into the raw model. A failure is reported as
+/// `file:line:column: key.path: message`, the key path tracked by `serde_path_to_error` (the
+/// YAML error alone says what is wrong and where, not under which key).
+fn read_yaml(path: &Path, text: &str) -> Result<file::File, ConfigError> {
+    let mut key_path = String::new();
+    let res = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            key_path = key_path_of(e.path());
+            e.into_inner()
+        })
+    });
+    res.map_err(|e| {
         let loc = e
             .location()
             .map(|l| format!("{}:{}:", l.line(), l.column()))
@@ -130,19 +150,99 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let msg = e.without_snippet().to_string();
         // The message repeats the position at its end; keep the first line only.
         let first = msg.lines().next().unwrap_or("invalid YAML");
-        let first = first.split(" at line ").next().unwrap_or(first).to_string();
-        ConfigError(vec![format!("{}:{loc} {first}", path.display())])
-    })?;
-    let mut errs = Errors { file: path, list: Vec::new() };
+        let first = first.split(" at line ").next().unwrap_or(first);
+        let (key_path, first) = plain_message(key_path, first);
+        let key = if key_path.is_empty() {
+            String::new()
+        } else {
+            format!(" {key_path}:")
+        };
+        ConfigError(vec![format!("{}:{loc}{key} {first}", path.display())])
+    })
+}
+
+/// The operator's key path (`listeners.db.upstream`, `upstreams.pg.servers[1]`) from serde's:
+/// drops the `value` field of [`S`] wrappers and unknown (`?`) segments.
+fn key_path_of(p: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    let mut prev: Option<String> = None;
+    for seg in p.iter() {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } => {
+                // `value` is the field of a Spanned wrapper, unless it names a listener or an
+                // upstream (the only maps whose keys the operator chooses).
+                let named = matches!(prev.as_deref(), Some("listeners" | "upstreams"));
+                if key != "value" || named {
+                    if !out.is_empty() {
+                        out.push('.');
+                    }
+                    out.push_str(key);
+                }
+                prev = Some(key.clone());
+                continue;
+            }
+            Segment::Enum { variant } => out.push_str(&format!(".{variant}")),
+            Segment::Unknown => {}
+        }
+        prev = None;
+    }
+    out
+}
+
+/// Rewrites the YAML library's wording where it is unclear to an operator.
+fn plain_message(mut key_path: String, msg: &str) -> (String, String) {
+    if let Some(rest) = msg.strip_prefix("duplicate mapping key: ") {
+        let key = rest
+            .split(", set DuplicateKeyPolicy")
+            .next()
+            .unwrap_or(rest);
+        if !key_path.is_empty() {
+            key_path.push('.');
+        }
+        key_path.push_str(key);
+        return (
+            key_path,
+            "duplicate key (a key may appear only once in a mapping)".into(),
+        );
+    }
+    let msg = match msg {
+        "invalid u64" | "invalid u32" | "invalid usize" | "invalid u16" | "invalid u8" => {
+            "expected a whole number (0 or more)".to_string()
+        }
+        "expected string scalar" => "expected a string".to_string(),
+        "expected mapping start" => "expected a mapping (key: value entries)".to_string(),
+        m => m
+            .replace("unknown field", "unknown key")
+            .replace("missing field", "missing key"),
+    };
+    (key_path, msg)
+}
+
+/// Parses and validates a whole configuration text.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let raw = read_yaml(path, text)?;
+    let mut errs = Errors {
+        file: path,
+        list: Vec::new(),
+    };
     let dir = path
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(Path::new("."));
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
 
     let runtime = runtime(&mut errs, &raw.runtime, &dir);
     let admin = raw.admin.as_ref().and_then(|a| {
-        errs.addr(&a.listen, "admin.listen").map(|listen| Admin { listen })
+        errs.addr(&a.listen, "admin.listen")
+            .map(|listen| Admin { listen })
     });
     let log = Log {
         format: errs.choice(
@@ -151,7 +251,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             &[("text", LogFormat::Text), ("json", LogFormat::Json)],
             LogFormat::Text,
         ),
-        level: raw.log.level.as_ref().map(|l| l.value.clone()).unwrap_or_else(|| "info".into()),
+        level: raw
+            .log
+            .level
+            .as_ref()
+            .map(|l| l.value.clone())
+            .unwrap_or_else(|| "info".into()),
         file: raw.log.file.as_deref().map(|f| resolve(&dir, f)),
     };
     if let Some(l) = &raw.log.level {
@@ -173,7 +278,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let lst = listener(&mut errs, name, l, &raw.upstreams);
         if let Some(lst) = lst {
             // Port 0 asks the OS for a free port: never a clash.
-            let clash = if lst.listen.port() == 0 { None } else { seen.insert(lst.listen, name) };
+            let clash = if lst.listen.port() == 0 {
+                None
+            } else {
+                seen.insert(lst.listen, name)
+            };
             if let Some(other) = clash {
                 errs.at(
                     &l.value.listen,
@@ -185,10 +294,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         }
     }
     if errs.list.is_empty() {
-        Ok(Config { source: path.to_path_buf(), runtime, admin, log, listeners, upstreams })
+        Ok(Config {
+            source: path.to_path_buf(),
+            runtime,
+            admin,
+            log,
+            listeners,
+            upstreams,
+        })
     } else {
         errs.list.sort_by_key(|(l, c, _)| (*l, *c));
-        Err(ConfigError(errs.list.into_iter().map(|(_, _, m)| m).collect()))
+        Err(ConfigError(
+            errs.list.into_iter().map(|(_, _, m)| m).collect(),
+        ))
     }
 }
 
@@ -196,7 +314,11 @@ fn runtime(errs: &mut Errors, r: &file::Runtime, dir: &Path) -> Runtime {
     Runtime {
         pid_file: resolve(dir, r.pid_file.as_deref().unwrap_or("baton.pid")),
         control_socket: resolve(dir, r.control_socket.as_deref().unwrap_or("baton.sock")),
-        drain_timeout: errs.duration(&r.drain_timeout, "runtime.drain_timeout", Duration::from_secs(30)),
+        drain_timeout: errs.duration(
+            &r.drain_timeout,
+            "runtime.drain_timeout",
+            Duration::from_secs(30),
+        ),
         upgrade_timeout: errs.duration(
             &r.upgrade_timeout,
             "runtime.upgrade_timeout",
@@ -228,16 +350,26 @@ fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>) -> Upstream {
                 if servers.iter().any(|x: &Server| x.addr == addr) {
                     errs.at(s, &sp, format!("server {addr} is listed twice"));
                 }
-                servers.push(Server { addr, weight: weight.max(1) })
+                servers.push(Server {
+                    addr,
+                    weight: weight.max(1),
+                })
             }
             Err(e) => errs.at(s, &sp, e),
         }
     }
     let health_check = raw.health_check.as_ref().map(|h| {
         let hp = format!("{p}.health_check");
-        let kind = match errs.choice(&h.kind, &format!("{hp}.kind"), &[("tcp", false), ("http", true)], false) {
+        let kind = match errs.choice(
+            &h.kind,
+            &format!("{hp}.kind"),
+            &[("tcp", false), ("http", true)],
+            false,
+        ) {
             false => CheckKind::Tcp,
-            true => CheckKind::Http { path: h.path.clone().unwrap_or_else(|| "/healthz".into()) },
+            true => CheckKind::Http {
+                path: h.path.clone().unwrap_or_else(|| "/healthz".into()),
+            },
         };
         let mut count = |v: &Option<S<u32>>, key: &str, default: u32| match v {
             Some(n) if n.value == 0 => {
@@ -251,7 +383,11 @@ fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>) -> Upstream {
         let fall = count(&h.fall, "fall", 3);
         HealthCheck {
             kind,
-            interval: errs.duration(&h.interval, &format!("{hp}.interval"), Duration::from_secs(2)),
+            interval: errs.duration(
+                &h.interval,
+                &format!("{hp}.interval"),
+                Duration::from_secs(2),
+            ),
             timeout: errs.duration(&h.timeout, &format!("{hp}.timeout"), Duration::from_secs(1)),
             rise,
             fall,
@@ -261,11 +397,18 @@ fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>) -> Upstream {
         let d = UpstreamHttp::default();
         UpstreamHttp {
             pool_idle_per_server: h.pool_idle_per_server.unwrap_or(d.pool_idle_per_server),
-            response_timeout: errs.opt_duration(&h.response_timeout, &format!("{p}.http.response_timeout"), d.response_timeout),
+            response_timeout: errs.opt_duration(
+                &h.response_timeout,
+                &format!("{p}.http.response_timeout"),
+                d.response_timeout,
+            ),
             protocol: errs.choice(
                 &h.protocol,
                 &format!("{p}.http.protocol"),
-                &[("http1", UpstreamProtocol::Http1), ("h2c", UpstreamProtocol::H2c)],
+                &[
+                    ("http1", UpstreamProtocol::Http1),
+                    ("h2c", UpstreamProtocol::H2c),
+                ],
                 d.protocol,
             ),
         }
@@ -284,11 +427,19 @@ fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>) -> Upstream {
             ],
             Balance::RoundRobin,
         ),
-        connect_timeout: errs.duration(&raw.connect_timeout, &format!("{p}.connect_timeout"), Duration::from_secs(2)),
+        connect_timeout: errs.duration(
+            &raw.connect_timeout,
+            &format!("{p}.connect_timeout"),
+            Duration::from_secs(2),
+        ),
         retries: raw.retries.unwrap_or(2),
         health_check,
         eject_after: raw.eject_after.unwrap_or(3),
-        eject_for: errs.duration(&raw.eject_for, &format!("{p}.eject_for"), Duration::from_secs(10)),
+        eject_for: errs.duration(
+            &raw.eject_for,
+            &format!("{p}.eject_for"),
+            Duration::from_secs(10),
+        ),
         http: http.unwrap_or_default(),
     }
 }
@@ -326,11 +477,20 @@ fn listener(
         if protocol != Protocol::Http {
             errs.at(r, &rp, "routes need protocol: http");
         }
-        check_upstream_ref(errs, &r.value.upstream, &format!("{rp}.upstream"), upstreams);
+        check_upstream_ref(
+            errs,
+            &r.value.upstream,
+            &format!("{rp}.upstream"),
+            upstreams,
+        );
         if let Some(h) = &r.value.host {
             let rest = h.value.strip_prefix("*.").unwrap_or(&h.value);
             if rest.is_empty() || rest.contains('*') || rest.contains('/') {
-                errs.at(h, &format!("{rp}.host"), format!("bad host pattern {:?} (exact, or *.suffix)", h.value));
+                errs.at(
+                    h,
+                    &format!("{rp}.host"),
+                    format!("bad host pattern {:?} (exact, or *.suffix)", h.value),
+                );
             }
         }
         if let Some(pp) = &r.value.path_prefix {
@@ -358,9 +518,21 @@ fn listener(
             let d = ListenerHttp::default();
             let hp = format!("{p}.http");
             ListenerHttp {
-                header_read_timeout: errs.duration(&h.header_read_timeout, &format!("{hp}.header_read_timeout"), d.header_read_timeout),
-                request_timeout: errs.opt_duration(&h.request_timeout, &format!("{hp}.request_timeout"), d.request_timeout),
-                keepalive_timeout: errs.duration(&h.keepalive_timeout, &format!("{hp}.keepalive_timeout"), d.keepalive_timeout),
+                header_read_timeout: errs.duration(
+                    &h.header_read_timeout,
+                    &format!("{hp}.header_read_timeout"),
+                    d.header_read_timeout,
+                ),
+                request_timeout: errs.opt_duration(
+                    &h.request_timeout,
+                    &format!("{hp}.request_timeout"),
+                    d.request_timeout,
+                ),
+                keepalive_timeout: errs.duration(
+                    &h.keepalive_timeout,
+                    &format!("{hp}.keepalive_timeout"),
+                    d.keepalive_timeout,
+                ),
                 max_header_bytes: h.max_header_bytes.unwrap_or(d.max_header_bytes),
                 max_body_bytes: h.max_body_bytes.filter(|b| *b > 0),
                 preserve_host: h.preserve_host.unwrap_or(d.preserve_host),

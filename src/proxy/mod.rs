@@ -53,7 +53,9 @@ impl ListenerCtx {
 /// Whether an accept error means "out of file descriptors or memory": back off, don't spin.
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     use rustix::io::Errno;
-    let Some(code) = e.raw_os_error() else { return false };
+    let Some(code) = e.raw_os_error() else {
+        return false;
+    };
     [Errno::MFILE, Errno::NFILE, Errno::NOMEM, Errno::NOBUFS]
         .iter()
         .any(|x| x.raw_os_error() == code)
@@ -61,7 +63,11 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 
 /// Accepts connections until `stop` is cancelled, then returns the listener (still open, so
 /// it can be handed over or resumed).
-pub async fn serve(listener: TcpListener, ctx: Arc<ListenerCtx>, stop: CancellationToken) -> TcpListener {
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<ListenerCtx>,
+    stop: CancellationToken,
+) -> TcpListener {
     let mut last_warn: Option<tokio::time::Instant> = None;
     loop {
         // Waiting for a permit pauses accepting at max_connections without spinning.

@@ -14,8 +14,15 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 /// Serves one accepted client connection of a `tcp` listener.
-pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr, _permit: OwnedSemaphorePermit) {
-    let conn = ctx.registry.register(ctx.name.clone(), peer, ConnKind::Tcp, now_ms());
+pub async fn handle(
+    ctx: Arc<ListenerCtx>,
+    client: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let conn = ctx
+        .registry
+        .register(ctx.name.clone(), peer, ConnKind::Tcp, now_ms());
     let Some(upstream) = ctx.upstreams.get(&ctx.cfg.upstream) else {
         tracing::error!(listener = %ctx.name, upstream = %ctx.cfg.upstream, "listener names a missing upstream");
         return;
@@ -35,13 +42,24 @@ pub async fn handle(ctx: Arc<ListenerCtx>, client: TcpStream, peer: SocketAddr, 
     };
     crate::listener::tune(&server);
     conn.stats().set_server(Some(guard.addr()));
-    let relay = Relay::new(client, server, PendingHalf::default(), PendingHalf::default(), conn.stats().clone());
+    let relay = Relay::new(
+        client,
+        server,
+        PendingHalf::default(),
+        PendingHalf::default(),
+        conn.stats().clone(),
+    );
     run_tunnel(ctx, conn, relay, Some(guard)).await;
 }
 
 /// Resumes a tunnel parked by a predecessor or by a rolled-back upgrade.
 pub async fn resume(ctx: Arc<ListenerCtx>, t: TunnelState, _permit: OwnedSemaphorePermit) {
-    let conn = ctx.registry.register(ctx.name.clone(), t.meta.client, t.meta.kind, t.meta.started_ms);
+    let conn = ctx.registry.register(
+        ctx.name.clone(),
+        t.meta.client,
+        t.meta.kind,
+        t.meta.started_ms,
+    );
     let stats = conn.stats();
     stats.set_server(t.meta.server);
     stats.bytes_in.store(t.meta.bytes_in, Ordering::Relaxed);
@@ -117,7 +135,9 @@ pub fn close_log(ctx: &ListenerCtx, conn: &ConnHandle, reason: &str) {
     let bytes_in = s.bytes_in.load(Ordering::Relaxed);
     let bytes_out = s.bytes_out.load(Ordering::Relaxed);
     ctx.metrics.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
-    ctx.metrics.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
+    ctx.metrics
+        .bytes_out
+        .fetch_add(bytes_out, Ordering::Relaxed);
     Metrics::inc(&ctx.metrics.closed);
     let duration = Duration::from_millis(now_ms().saturating_sub(s.started_ms));
     tracing::info!(

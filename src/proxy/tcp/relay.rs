@@ -175,7 +175,9 @@ impl Relay {
         if up_moved + down_moved > 0 {
             self.last_activity = Instant::now();
             self.stats.bytes_in.fetch_add(up_moved, Ordering::Relaxed);
-            self.stats.bytes_out.fetch_add(down_moved, Ordering::Relaxed);
+            self.stats
+                .bytes_out
+                .fetch_add(down_moved, Ordering::Relaxed);
         }
         match (a, b) {
             (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(RelayEnd::Error(e)),
@@ -191,7 +193,14 @@ impl Relay {
 
     /// Stops the relay: both sockets (as std sockets, deregistered from this runtime) and what
     /// each direction still holds.
-    pub fn into_parts(self) -> io::Result<(std::net::TcpStream, std::net::TcpStream, PendingHalf, PendingHalf)> {
+    pub fn into_parts(
+        self,
+    ) -> io::Result<(
+        std::net::TcpStream,
+        std::net::TcpStream,
+        PendingHalf,
+        PendingHalf,
+    )> {
         let up = self.to_upstream.pending();
         let down = self.to_client.pending();
         Ok((self.client.into_std()?, self.upstream.into_std()?, up, down))
