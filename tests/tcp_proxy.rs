@@ -296,13 +296,19 @@ async fn a_thousand_concurrent_connections_each_echo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_closes_a_quiet_tunnel_but_not_an_active_one() {
     let be = echo_backend("I").await;
-    let b = Baton::start(&config("", "    idle_timeout: 300ms\n", &[be]));
-    let addr = b.addr("t");
+    // Two listeners: `quiet` with a short timeout, `busy` with a longer one so that a stall of
+    // the noisy test machine between two pings cannot look like idleness.
+    let b = Baton::start(&format!(
+        "listeners:\n  quiet:\n    listen: 127.0.0.1:0\n    upstream: u\n    idle_timeout: 300ms\n\
+         \x20 busy:\n    listen: 127.0.0.1:0\n    upstream: u\n    idle_timeout: 1500ms\n\
+         upstreams:\n  u:\n    servers: [\"{be}\"]\n"
+    ));
+    let (quiet_addr, busy_addr) = (b.addr("quiet"), b.addr("busy"));
 
-    // The active tunnel sends every 50 ms for well over the timeout and keeps getting echoes.
+    // The active tunnel sends every 100 ms for three times its timeout and keeps getting echoes.
     let active = tokio::spawn(async move {
-        let (mut s, _) = greeting(addr, 1).await;
-        for i in 0..40u32 {
+        let (mut s, _) = greeting(busy_addr, 1).await;
+        for i in 0..45u32 {
             let msg = i.to_le_bytes();
             s.write_all(&msg).await.unwrap();
             let mut back = [0u8; 4];
@@ -311,16 +317,23 @@ async fn idle_timeout_closes_a_quiet_tunnel_but_not_an_active_one() {
                 .unwrap()
                 .unwrap();
             assert_eq!(back, msg);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
 
     // The quiet tunnel is closed by baton: the client reads EOF.
-    let (mut quiet, _) = greeting(addr, 1).await;
+    let (mut quiet, _) = greeting(quiet_addr, 1).await;
     assert_eq!(read_to_eof(&mut quiet).await, b"");
     assert!(b
         .log
-        .wait_for(&["connection closed", "reason=\"idle timeout\""], WAIT)
+        .wait_for(
+            &[
+                "connection closed",
+                "listener=quiet",
+                "reason=\"idle timeout\""
+            ],
+            WAIT
+        )
         .is_some());
 
     timeout(Duration::from_secs(60), active)
