@@ -441,7 +441,7 @@ async fn sigterm_refuses_new_connections_and_lets_open_tunnels_finish() {
     b.signal(Signal::TERM);
     assert!(b
         .log
-        .wait_for(&["stopping gracefully", "signal=SIGTERM"], WAIT)
+        .wait_for(&["stopping gracefully", "trigger=SIGTERM"], WAIT)
         .is_some());
     assert!(
         wait_refused(addr).await,
@@ -496,7 +496,7 @@ async fn sigint_stops_gracefully_too() {
     assert_eq!(b.wait_exit(WAIT), Some(0));
     assert!(b
         .log
-        .wait_for(&["stopping gracefully", "signal=SIGINT"], WAIT)
+        .wait_for(&["stopping gracefully", "trigger=SIGINT"], WAIT)
         .is_some());
 }
 

@@ -365,11 +365,12 @@ pub(super) async fn upgrade(
     if let Err(e) = ch.send(&Message::Done { counters }, &[], &[]).await {
         tracing::warn!(error = %e, "cannot send done to the successor");
     }
+    let listeners = p.slots.len();
     p.close_listeners().await;
     let report = UpgradeReport {
         old_pid: std::process::id(),
         new_pid,
-        listeners: p.slots.len(),
+        listeners,
         tunnels,
         idle_http,
         finished_in_old,
