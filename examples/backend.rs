@@ -64,9 +64,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--name" => name = args.next().ok_or("--name needs a value")?,
             "--echo" => echo = Some(args.next().ok_or("--echo needs an address")?),
             other => {
-                return Err(
-                    format!("unknown argument {other:?} (use --listen ADDR --name NAME [--echo ADDR])").into(),
+                return Err(format!(
+                    "unknown argument {other:?} (use --listen ADDR --name NAME [--echo ADDR])"
                 )
+                .into())
             }
         }
     }

@@ -13,6 +13,7 @@ use crate::upstream::{self, Upstreams};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpListener;
@@ -54,6 +55,9 @@ pub(super) struct Process {
     pub started: Instant,
     pub started_ms: u64,
     pub history: Vec<UpgradeRecord>,
+    /// Device and inode of the control socket this process bound, so it removes the path at
+    /// exit only if no successor has bound its own there since.
+    pub control_inode: Option<(u64, u64)>,
     /// Control-socket handlers, waited for at exit so their replies get written.
     pub control_tasks: tokio_util::task::TaskTracker,
 }
@@ -181,6 +185,7 @@ impl Process {
             let path = self.cfg.runtime.control_socket.clone();
             let ctl = control::bind(&path)
                 .map_err(io_err(format!("control socket {}", path.display())))?;
+            self.control_inode = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
             tokio::spawn(control::serve(
                 ctl,
                 tx,
@@ -294,6 +299,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
         started_ms: crate::registry::now_ms(),
         history: Vec::new(),
         control_tasks: tokio_util::task::TaskTracker::new(),
+        control_inode: None,
         opts,
         cfg,
     };
@@ -432,5 +438,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), p.control_tasks.wait()).await;
     p.set_phase(Phase::Stopped);
     remove_pid_file(&p.cfg.runtime.pid_file);
+    let ctl = &p.cfg.runtime.control_socket;
+    if p.control_inode.is_some()
+        && std::fs::metadata(ctl).ok().map(|m| (m.dev(), m.ino())) == p.control_inode
+    {
+        let _ = std::fs::remove_file(ctl);
+    }
     Ok(())
 }

@@ -1,0 +1,57 @@
+//! The control socket and the CLI commands that use it, against the real binary.
+#![allow(clippy::unwrap_used)]
+mod common;
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+
+fn tcp_config(backend: std::net::SocketAddr) -> String {
+    format!("listeners:\n  t:\n    listen: 127.0.0.1:0\n    upstream: u\nupstreams:\n  u:\n    servers: [\"{backend}\"]\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_stop_and_no_running_process() {
+    let be = echo_backend("S").await;
+    let mut b = Baton::start(&tcp_config(be));
+    let (_s, _) = greeting(b.addr("t"), 1).await;
+    let sock = b.dir().join("baton.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode");
+
+    let (ok, out) = cli(&b.config, "status", &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("pid {}", b.pid())) && out.contains("generation 1"),
+        "{out}"
+    );
+    assert!(out.contains("listener t: tcp 127.0.0.1:"), "{out}");
+    let (ok, out) = cli(&b.config, "status", &["--json"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["pid"], b.pid());
+    assert_eq!(v["connections"]["total"], 1);
+
+    let (ok, out) = cli(&b.config, "stop", &[]);
+    assert!(ok, "{out}");
+    assert_eq!(b.wait_exit(WAIT), Some(0));
+    assert!(!sock.exists(), "control socket left behind");
+    assert!(!b.dir().join("baton.pid").exists(), "pid file left behind");
+
+    let (ok, out) = cli(&b.config, "status", &[]);
+    assert!(!ok);
+    assert!(out.contains("no baton is running"), "{out}");
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_after_upgrade_shows_the_new_generation() {
+    let be = echo_backend("S").await;
+    let b = Baton::start(&tcp_config(be));
+    let (ok, out) = b.cli_upgrade(&[]);
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&b.config, "status", &["--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["generation"], 2);
+    assert_eq!(v["pid"], b.serving_pid());
+    assert_eq!(v["counters"]["upgrades_ok"], 1);
+}
