@@ -271,10 +271,7 @@ async fn healthz_and_readyz_when_servers_are_up() {
     assert_eq!(status, 200, "{body}");
 }
 
-/// Needs active health checks (the upstream branch); on the skeleton's placeholder pool
-/// every server is always healthy. Run with `--ignored` once merged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs active health checks from the upstream module (merge of branch upstream)"]
 async fn readyz_is_503_when_the_only_server_is_down() {
     let dead = dead_addr();
     let b = Baton::start(&config(

@@ -16,77 +16,29 @@ fn tcp_config(backend: std::net::SocketAddr, extra_runtime: &str) -> String {
     )
 }
 
-/// Runs `baton upgrade` against the running process; returns (success, output line).
-fn cli_upgrade(b: &Baton, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(bin())
-        .args(["upgrade", "-c"])
-        .arg(&b.config)
-        .args(extra)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("[upgrade] {}", text.trim());
-    (out.status.success(), text)
-}
-
-/// The pid currently serving, from the pid file.
-fn serving_pid(b: &Baton) -> i32 {
-    std::fs::read_to_string(b.dir().join("baton.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
 }
 
-fn alive(pid: i32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
-}
-
-/// A client holding one tunnel open, sending a numbered line every 50 ms and checking that the
-/// echo comes back complete and in order. Returns how many round trips it made.
 async fn numbered_client(
     addr: std::net::SocketAddr,
     id: usize,
     stop: Arc<AtomicBool>,
 ) -> Result<u64, String> {
-    let mut s = TcpStream::connect(addr)
+    let s = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("client {id}: connect: {e}"))?;
-    let mut n = 0u64;
-    let mut buf = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let line = format!("client {id} seq {n}\n");
-        s.write_all(line.as_bytes())
-            .await
-            .map_err(|e| format!("client {id} seq {n}: write: {e}"))?;
-        buf.resize(line.len(), 0);
-        tokio::time::timeout(WAIT, s.read_exact(&mut buf))
-            .await
-            .map_err(|_| format!("client {id} seq {n}: echo timed out"))?
-            .map_err(|e| format!("client {id} seq {n}: read: {e}"))?;
-        if buf != line.as_bytes() {
-            return Err(format!(
-                "client {id} seq {n}: got {:?}",
-                String::from_utf8_lossy(&buf)
-            ));
-        }
-        n += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(n)
+    numbered_echo(s, id, stop).await
+}
+
+fn serving_pid(b: &Baton) -> i32 {
+    b.serving_pid()
+}
+
+fn cli_upgrade(b: &Baton, extra: &[&str]) -> (bool, String) {
+    b.cli_upgrade(extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,11 +107,37 @@ pub struct Upstream {
 }
 
 /// A server: `"host:port"` or `{ addr: "host:port", weight: 3 }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+///
+/// Not `#[serde(untagged)]`: an untagged enum swallows the inner error ("did not match any
+/// variant"), so a typo such as `wieght` would not be named. The visitor below picks the form
+/// from the YAML node's shape and lets the long form report its own errors.
+#[derive(Debug)]
 pub enum ServerEntry {
     Short(String),
     Long(ServerLong),
+}
+
+impl<'de> Deserialize<'de> for ServerEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ServerEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a server: \"host:port\" or {addr: \"host:port\", weight: N}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ServerEntry, E> {
+                Ok(ServerEntry::Short(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<ServerEntry, A::Error> {
+                ServerLong::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(ServerEntry::Long)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The long form of a server.

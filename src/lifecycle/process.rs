@@ -161,10 +161,10 @@ impl Process {
         }
     }
 
-    /// Stops accepting and closes every listener.
+    /// Stops accepting and closes every listener (the duplicate fds kept for a handover too).
     pub async fn close_listeners(&mut self) {
         self.pause_listeners().await;
-        self.slots.values_mut().for_each(|s| s.paused = None);
+        self.slots.clear();
     }
 
     /// Serves a parked connection in this process again.

@@ -319,33 +319,44 @@ pub(super) async fn upgrade(
     let before = p.registry.len();
     let mut late_handed = 0usize;
     let mut closed_at_deadline = 0usize;
+    // A connection registered just before accepting paused may have missed the first request.
+    let mut repark = tokio::time::interval(Duration::from_millis(100));
     loop {
+        let mut batch = Vec::new();
+        let mut last = false;
         tokio::select! {
-            Some(c) = p.parked_rx.recv() => {
-                let mut batch = vec![c];
-                while let Ok(more) = p.parked_rx.try_recv() {
-                    batch.push(more);
-                    if batch.len() >= 100 { break; }
-                }
-                for part in handover::split_batches(&batch) {
-                    seq += 1;
-                    match send_batch(&mut ch, &mut child, seq, part, wait).await {
-                        Ok(()) => {
-                            late_handed += part.len();
-                            count_kinds(part, &mut tunnels, &mut idle_http);
-                        }
-                        Err(e) => tracing::warn!(error = %e, connections = part.len(), "late handover failed; closing them"),
-                    }
-                }
+            Some(c) = p.parked_rx.recv() => batch.push(c),
+            _ = repark.tick() => {
+                p.registry.park_where(|c| adopted.contains(&*c.listener));
             }
-            _ = p.registry.wait_empty() => break,
+            // A parked connection is queued before it leaves the registry, so once the registry
+            // is empty everything still to send is in the queue.
+            _ = p.registry.wait_empty() => last = true,
             _ = tokio::time::sleep_until(drain_deadline) => {
                 closed_at_deadline = p.registry.len();
                 tracing::warn!(connections = closed_at_deadline, "drain deadline reached; closing the rest");
                 p.registry.kill_all();
                 let _ = timeout(Duration::from_secs(1), p.registry.wait_empty()).await;
-                break;
+                last = true;
             }
+        }
+        while let Ok(more) = p.parked_rx.try_recv() {
+            batch.push(more);
+        }
+        for part in handover::split_batches(&batch) {
+            seq += 1;
+            match send_batch(&mut ch, &mut child, seq, part, wait).await {
+                Ok(()) => {
+                    late_handed += part.len();
+                    count_kinds(part, &mut tunnels, &mut idle_http);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, connections = part.len(), "late handover failed; closing them")
+                }
+            }
+        }
+        if last {
+            break;
         }
     }
     let finished_in_old = before.saturating_sub(late_handed + closed_at_deadline);
@@ -359,11 +370,12 @@ pub(super) async fn upgrade(
     if let Err(e) = ch.send(&Message::Done { counters }, &[], &[]).await {
         tracing::warn!(error = %e, "cannot send done to the successor");
     }
+    let listeners = p.slots.len();
     p.close_listeners().await;
     let report = UpgradeReport {
         old_pid: std::process::id(),
         new_pid,
-        listeners: p.slots.len(),
+        listeners,
         tunnels,
         idle_http,
         finished_in_old,

@@ -29,6 +29,8 @@ pub struct ListenerCtx {
     pub metrics: Arc<Metrics>,
     /// Caps live connections at `max_connections`; accepting waits for a permit.
     pub limit: Arc<Semaphore>,
+    /// Idle upstream HTTP connections of this listener (HTTP listeners only).
+    pub http_pool: Arc<http::pool::Pool>,
 }
 
 impl ListenerCtx {
@@ -42,6 +44,7 @@ impl ListenerCtx {
         Arc::new(ListenerCtx {
             name: cfg.name.as_str().into(),
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            http_pool: Arc::default(),
             cfg,
             upstreams,
             registry,

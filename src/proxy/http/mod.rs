@@ -1,20 +1,68 @@
-//! L7 reverse proxying on hyper (placeholder until the HTTP issue lands).
+//! L7 reverse proxying on hyper: HTTP/1.1 and h2c clients, routing by host and path, header
+//! rewriting, limits and timeouts, upstream keep-alive pooling, retries, and `Upgrade`/`CONNECT`
+//! tunnels on the L4 relay. Built for the live upgrade: an idle HTTP/1.1 connection stops with
+//! its socket and read-ahead bytes as [`IdleHttpState`], and [`resume`] serves it again.
+//!
+//! Files: `server` (connection loops, handover hooks), `service` (one request), `forward`
+//! (upstream attempts and retries), `pool` (upstream connections), `route`, `headers`, `body`
+//! (streaming wrappers), `errors` (status codes), `io` (socket with a read-ahead prefix).
+
+mod body;
+mod errors;
+mod forward;
+mod headers;
+mod io;
+pub mod pool;
+mod route;
+mod server;
+mod service;
 
 use super::ListenerCtx;
-use crate::registry::IdleHttpState;
+use crate::registry::{now_ms, ConnKind, IdleHttpState};
+use bytes::Bytes;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 /// Serves one accepted client connection of an `http` listener.
 pub async fn handle(
-    _ctx: Arc<ListenerCtx>,
-    _client: TcpStream,
-    _peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    client: TcpStream,
+    peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
+    let conn = ctx
+        .registry
+        .register(ctx.name.clone(), peer, ConnKind::Http, now_ms());
+    let _ = client.set_nodelay(true);
+    server::serve(ctx, conn, client, Bytes::new()).await;
 }
 
-/// Resumes an idle keep-alive connection parked by a predecessor.
-pub async fn resume(_ctx: Arc<ListenerCtx>, _h: IdleHttpState, _permit: OwnedSemaphorePermit) {}
+/// Resumes an idle keep-alive connection parked by a predecessor (or by a rolled-back upgrade):
+/// its read-ahead bytes are served before the socket.
+pub async fn resume(ctx: Arc<ListenerCtx>, h: IdleHttpState, _permit: OwnedSemaphorePermit) {
+    let conn = ctx.registry.register(
+        ctx.name.clone(),
+        h.meta.client,
+        ConnKind::Http,
+        h.meta.started_ms,
+    );
+    let stats = conn.stats();
+    stats.bytes_in.store(h.meta.bytes_in, Ordering::Relaxed);
+    stats.bytes_out.store(h.meta.bytes_out, Ordering::Relaxed);
+    let stream = match h
+        .client
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(h.client))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(client = %h.meta.client, error = %e, "cannot resume http connection");
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    server::serve(ctx, conn, stream, Bytes::from(h.read_ahead)).await;
+}

@@ -1,0 +1,321 @@
+//! Sending one request upstream: choosing a server, reusing or opening a connection, the
+//! response timeout, and retries.
+//!
+//! Retry rules: a request is tried on another server (one not tried yet, via
+//! [`Upstream::pick`]'s exclude list) up to the upstream's `retries` when the connect failed
+//! (any method: nothing was sent), or when it failed before a response and it is idempotent
+//! (GET, HEAD, OPTIONS, PUT, DELETE) and no byte of its body was sent. Never after any
+//! response byte, never after a response timeout. A pooled connection found closed before the
+//! request was written is replaced by a fresh one to the same server without counting a retry.
+
+use super::body::{Release, ReplayBody};
+use super::errors::ProxyError;
+use super::pool::{connect_tcp, Lease, Pool, Sender};
+use crate::config::UpstreamProtocol;
+use crate::upstream::{ServerGuard, Upstream};
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// Where a request goes.
+pub struct Target<'a> {
+    /// The listener's upstream connections.
+    pub pool: &'a Arc<Pool>,
+    /// The upstream chosen by routing.
+    pub upstream: &'a Arc<Upstream>,
+    /// The client, for balancing.
+    pub client_ip: IpAddr,
+    /// Forward the client's Host header as is.
+    pub preserve_host: bool,
+}
+
+/// The rewritten request head, reused for each attempt.
+pub struct Head {
+    /// Method.
+    pub method: Method,
+    /// Request target as the client sent it.
+    pub uri: Uri,
+    /// Rewritten headers.
+    pub headers: HeaderMap,
+}
+
+/// A response head from a server, and what its body's end releases.
+pub struct Forwarded {
+    /// The response (its body streams from the server).
+    pub resp: Response<Incoming>,
+    /// The server that answered.
+    pub server: SocketAddr,
+    /// Pool lease and server guard.
+    pub release: Release,
+}
+
+/// The upstream side of an accepted `Upgrade` or `CONNECT`.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// The raw upstream socket.
+    pub stream: TcpStream,
+    /// Bytes the server sent after its response head (already read by hyper).
+    pub read_buf: Bytes,
+    /// Keeps the server counted as active.
+    pub guard: ServerGuard,
+}
+
+async fn within<F: Future>(limit: Option<Duration>, f: F) -> Option<F::Output> {
+    match limit {
+        Some(d) => tokio::time::timeout(d, f).await.ok(),
+        None => Some(f.await),
+    }
+}
+
+fn build(
+    head: &Head,
+    t: &Target<'_>,
+    addr: SocketAddr,
+    proto: UpstreamProtocol,
+    body: ReplayBody,
+) -> Request<ReplayBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method.clone();
+    let mut headers = head.headers.clone();
+    if !t.preserve_host || !headers.contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(&addr.to_string()) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    let pq = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = if head.method == Method::CONNECT {
+        head.uri.clone()
+    } else if proto == UpstreamProtocol::H2c {
+        *req.version_mut() = Version::HTTP_2;
+        let authority = headers
+            .remove(header::HOST)
+            .and_then(|h| h.to_str().ok().map(str::to_string))
+            .unwrap_or_else(|| addr.to_string());
+        format!("http://{authority}{pq}")
+            .parse()
+            .unwrap_or_else(|_| head.uri.clone())
+    } else {
+        pq.parse().unwrap_or_else(|_| head.uri.clone())
+    };
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// Whether a method may be retried after its request reached a server.
+pub fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+/// Sends a request and returns the response head, with retries as described above.
+pub async fn send(t: &Target<'_>, head: &Head, body: ReplayBody) -> Result<Forwarded, ProxyError> {
+    let cfg = t.upstream.config();
+    let proto = cfg.http.protocol;
+    let retry_ok = idempotent(&head.method);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last: Option<ProxyError> = None;
+    let mut next_body = Some(body);
+    let mut fresh_only = false;
+    loop {
+        let Some(body) = next_body.take() else {
+            return Err(last.unwrap_or_else(|| ProxyError::NoServer(cfg.name.clone())));
+        };
+        let Some(guard) = t.upstream.pick(t.client_ip, &tried) else {
+            return Err(last.unwrap_or_else(|| ProxyError::NoServer(cfg.name.clone())));
+        };
+        let addr = guard.addr();
+        let pooled = if fresh_only {
+            None
+        } else {
+            t.pool.checkout(addr, proto)
+        };
+        fresh_only = false;
+        let reused = pooled.is_some();
+        let sender = match pooled {
+            Some(s) => s,
+            None => match t.pool.connect(addr, proto, cfg.connect_timeout).await {
+                Ok(s) => {
+                    t.upstream.report(addr, true);
+                    s
+                }
+                Err(e) => {
+                    t.upstream.report(addr, false);
+                    tracing::debug!(server = %addr, error = %e, side = "upstream", "upstream connect failed");
+                    tried.push(addr);
+                    last = Some(ProxyError::Upstream {
+                        server: addr,
+                        reason: e.to_string(),
+                    });
+                    if tried.len() as u32 > cfg.retries {
+                        return Err(last.unwrap_or_else(|| ProxyError::NoServer(cfg.name.clone())));
+                    }
+                    next_body = Some(body);
+                    continue;
+                }
+            },
+        };
+        let handle = body.handle();
+        let err = match sender {
+            Sender::H1(mut s) => {
+                if reused
+                    && !matches!(
+                        within(Some(cfg.connect_timeout), s.ready()).await,
+                        Some(Ok(()))
+                    )
+                {
+                    // The pooled connection was closed by the server while idle: nothing sent.
+                    fresh_only = true;
+                    next_body = Some(body);
+                    continue;
+                }
+                let req = build(head, t, addr, proto, body);
+                match within(cfg.http.response_timeout, s.try_send_request(req)).await {
+                    None => return Err(ProxyError::UpstreamTimeout(addr)),
+                    Some(Ok(resp)) => {
+                        let lease = Lease {
+                            pool: t.pool.clone(),
+                            addr,
+                            sender: s,
+                            max_idle: cfg.http.pool_idle_per_server,
+                        };
+                        let release = Release {
+                            lease: Some(lease),
+                            guard: Some(guard),
+                        };
+                        return Ok(Forwarded {
+                            resp,
+                            server: addr,
+                            release,
+                        });
+                    }
+                    Some(Err(mut e)) => {
+                        if let Some(req) = e.take_message() {
+                            if reused {
+                                fresh_only = true;
+                                next_body = Some(req.into_body());
+                                continue;
+                            }
+                        }
+                        e.into_error()
+                    }
+                }
+            }
+            Sender::H2(mut s) => {
+                let req = build(head, t, addr, proto, body);
+                match within(cfg.http.response_timeout, s.send_request(req)).await {
+                    None => return Err(ProxyError::UpstreamTimeout(addr)),
+                    Some(Ok(resp)) => {
+                        let release = Release {
+                            lease: None,
+                            guard: Some(guard),
+                        };
+                        return Ok(Forwarded {
+                            resp,
+                            server: addr,
+                            release,
+                        });
+                    }
+                    Some(Err(e)) => e,
+                }
+            }
+        };
+        if handle.too_large() {
+            return Err(ProxyError::BodyTooLarge(0));
+        }
+        tracing::debug!(server = %addr, error = %err, side = "upstream", "upstream request failed");
+        tried.push(addr);
+        last = Some(ProxyError::Upstream {
+            server: addr,
+            reason: err.to_string(),
+        });
+        if retry_ok && tried.len() as u32 <= cfg.retries {
+            if let Some(b) = handle.replay() {
+                next_body = Some(b);
+                continue;
+            }
+        }
+        return Err(last.unwrap_or_else(|| ProxyError::NoServer(cfg.name.clone())));
+    }
+}
+
+/// Sends an `Upgrade` or `CONNECT` request over a fresh connection. If the server switches
+/// protocols (101, or 2xx to CONNECT) the raw upstream socket comes back as a [`Tunnel`].
+/// Only connect failures are retried.
+pub async fn upgrade(
+    t: &Target<'_>,
+    head: &Head,
+    body: ReplayBody,
+) -> Result<(Response<Incoming>, SocketAddr, Option<Tunnel>), ProxyError> {
+    let cfg = t.upstream.config();
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last: Option<ProxyError> = None;
+    let (guard, tcp) = loop {
+        let Some(guard) = t.upstream.pick(t.client_ip, &tried) else {
+            return Err(last.unwrap_or_else(|| ProxyError::NoServer(cfg.name.clone())));
+        };
+        let addr = guard.addr();
+        match connect_tcp(addr, cfg.connect_timeout).await {
+            Ok(s) => {
+                t.upstream.report(addr, true);
+                break (guard, s);
+            }
+            Err(e) => {
+                t.upstream.report(addr, false);
+                tried.push(addr);
+                last = Some(ProxyError::Upstream {
+                    server: addr,
+                    reason: e.to_string(),
+                });
+                if tried.len() as u32 > cfg.retries {
+                    return Err(last.unwrap_or_else(|| ProxyError::NoServer(cfg.name.clone())));
+                }
+            }
+        }
+    };
+    let addr = guard.addr();
+    let fail = |e: hyper::Error| ProxyError::Upstream {
+        server: addr,
+        reason: e.to_string(),
+    };
+    let (mut s, conn) = http1::handshake::<_, ReplayBody>(TokioIo::new(tcp))
+        .await
+        .map_err(fail)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(server = %addr, error = %e, "upstream upgrade connection ended with an error");
+        }
+    });
+    let req = build(head, t, addr, UpstreamProtocol::Http1, body);
+    let mut resp = match within(cfg.http.response_timeout, s.send_request(req)).await {
+        None => return Err(ProxyError::UpstreamTimeout(addr)),
+        Some(r) => r.map_err(fail)?,
+    };
+    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (head.method == Method::CONNECT && resp.status().is_success());
+    if !switched {
+        return Ok((resp, addr, None));
+    }
+    let upgraded = hyper::upgrade::on(&mut resp).await.map_err(fail)?;
+    let parts = upgraded
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| ProxyError::Upstream {
+            server: addr,
+            reason: "upgraded connection is not a TCP stream".into(),
+        })?;
+    let tunnel = Tunnel {
+        stream: parts.io.into_inner(),
+        read_buf: parts.read_buf,
+        guard,
+    };
+    Ok((resp, addr, Some(tunnel)))
+}

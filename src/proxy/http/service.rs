@@ -1,0 +1,271 @@
+//! The hyper service of one client connection: each request is checked (smuggling, size),
+//! routed, rewritten, forwarded, and its response body wrapped so the request counts as in
+//! flight until that body ends, then logged as one access line.
+
+use super::body::{empty, Release, ReplayBody, ResBody, Tracked};
+use super::errors::ProxyError;
+use super::forward::{self, Head, Target};
+use super::server::{ConnShared, InFlight};
+use super::{headers, route};
+use crate::proxy::ListenerCtx;
+use http::{header, request, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// What every request of one client connection shares.
+#[derive(Debug)]
+pub struct SvcCtx {
+    /// The listener.
+    pub ctx: Arc<ListenerCtx>,
+    /// State shared with the connection loop.
+    pub shared: Arc<ConnShared>,
+    /// The client.
+    pub client: SocketAddr,
+    /// The client speaks HTTP/2 (h2c).
+    pub h2: bool,
+}
+
+/// The service given to hyper.
+#[derive(Debug, Clone)]
+pub struct Svc(pub Arc<SvcCtx>);
+
+impl hyper::service::Service<Request<Incoming>> for Svc {
+    type Response = Response<ResBody>;
+    type Error = Infallible;
+    // Boxed: `poll_without_shutdown` (handover) needs an Unpin service future.
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResBody>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let s = self.0.clone();
+        Box::pin(async move { Ok(serve_request(s, req).await) })
+    }
+}
+
+/// One access-log line in the making; also keeps the request counted as in flight.
+#[derive(Debug)]
+pub struct ReqLog {
+    conn: u64,
+    listener: Arc<str>,
+    method: Method,
+    host: String,
+    path: String,
+    client: SocketAddr,
+    trace_id: String,
+    server: Option<SocketAddr>,
+    status: u16,
+    start: Instant,
+    _in_flight: InFlight,
+}
+
+impl ReqLog {
+    /// Writes the access line: `bytes` of response body sent, `complete` if it all went out.
+    pub fn emit(self, bytes: u64, complete: bool) {
+        tracing::info!(
+            target: "baton::access",
+            conn = self.conn,
+            listener = %self.listener,
+            method = %self.method,
+            host = %self.host,
+            path = %self.path,
+            status = self.status,
+            bytes,
+            complete,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            server = %self.server.map_or_else(|| "-".to_string(), |a| a.to_string()),
+            client = %self.client,
+            trace_id = %self.trace_id,
+            "request"
+        );
+    }
+}
+
+async fn serve_request(s: Arc<SvcCtx>, req: Request<Incoming>) -> Response<ResBody> {
+    let start = Instant::now();
+    let in_flight = s.shared.begin();
+    let (mut parts, body) = req.into_parts();
+    let trace_id = headers::trace_context(&mut parts.headers);
+    let raw_host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+    let host = raw_host.as_deref().map(route::normalize_host);
+    let mut log = ReqLog {
+        conn: s.shared.stats.id,
+        listener: s.ctx.name.clone(),
+        method: parts.method.clone(),
+        host: host.clone().unwrap_or_else(|| "-".into()),
+        path: parts.uri.path().to_string(),
+        client: s.client,
+        trace_id,
+        server: None,
+        status: 0,
+        start,
+        _in_flight: in_flight,
+    };
+    let http_cfg = &s.ctx.cfg.http;
+    let deadline = http_cfg.request_timeout.map(|d| start + d);
+    let fut = proxy(&s, parts, body, host.as_deref(), &mut log.server);
+    let result = match http_cfg.request_timeout {
+        Some(d) => tokio::time::timeout(d, fut)
+            .await
+            .unwrap_or(Err(ProxyError::RequestTimeout)),
+        None => fut.await,
+    };
+    let (resp, release) = match result {
+        Ok(x) => x,
+        Err(mut e) => {
+            if let ProxyError::BodyTooLarge(limit) = &mut e {
+                *limit = http_cfg.max_body_bytes.unwrap_or(0);
+            }
+            tracing::warn!(
+                conn = log.conn,
+                client = %s.client,
+                method = %log.method,
+                host = %log.host,
+                path = %log.path,
+                status = e.status().as_u16(),
+                side = e.side().as_str(),
+                error = %e,
+                trace_id = %log.trace_id,
+                "request failed"
+            );
+            let mut resp = e.response();
+            if !s.h2 && matches!(e, ProxyError::BadRequest(_) | ProxyError::BodyTooLarge(_)) {
+                // The body was not read (or its framing is ambiguous): do not reuse the connection.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            (resp, Release::default())
+        }
+    };
+    log.status = resp.status().as_u16();
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(
+        parts,
+        Tracked::new(body, log, deadline, release).boxed_unsync(),
+    )
+}
+
+fn content_length(h: &http::HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Rejects what must never be forwarded: a Content-Length together with Transfer-Encoding
+/// (hyper drops the Content-Length silently; the raw bytes tell), or several Content-Lengths.
+fn check_framing(s: &SvcCtx, parts: &request::Parts) -> Result<(), ProxyError> {
+    let seen = s.shared.cl_lines.load(Ordering::Relaxed);
+    let before = s.shared.cl_accounted.swap(seen, Ordering::Relaxed);
+    let te = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    if te && (seen > before || parts.headers.contains_key(header::CONTENT_LENGTH)) {
+        return Err(ProxyError::BadRequest(
+            "content-length with transfer-encoding",
+        ));
+    }
+    if parts.headers.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
+        return Err(ProxyError::BadRequest("several content-length headers"));
+    }
+    Ok(())
+}
+
+async fn proxy(
+    s: &SvcCtx,
+    mut parts: request::Parts,
+    body: Incoming,
+    host: Option<&str>,
+    server: &mut Option<SocketAddr>,
+) -> Result<(Response<ResBody>, Release), ProxyError> {
+    let cfg = &s.ctx.cfg;
+    check_framing(s, &parts)?;
+    if let Some(limit) = cfg.http.max_body_bytes {
+        if content_length(&parts.headers).is_some_and(|n| n > limit) {
+            return Err(ProxyError::BodyTooLarge(limit));
+        }
+    }
+    let name = route::select(&cfg.routes, &cfg.upstream, host, parts.uri.path())
+        .ok_or(ProxyError::NoRoute)?;
+    let upstream = s
+        .ctx
+        .upstreams
+        .get(name)
+        .ok_or_else(|| ProxyError::MissingUpstream(name.to_string()))?;
+    if s.h2 && parts.method == Method::CONNECT {
+        return Err(ProxyError::NotSupported("CONNECT over HTTP/2"));
+    }
+    let upgrade = !s.h2 && (headers::is_upgrade(&parts.headers) || parts.method == Method::CONNECT);
+    let orig_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    headers::strip_hop_by_hop(
+        &mut parts.headers,
+        upgrade && parts.method != Method::CONNECT,
+    );
+    let via = if s.h2 { "2.0 baton" } else { "1.1 baton" };
+    headers::add_forwarding(&mut parts.headers, s.client.ip(), orig_host.as_ref(), via);
+    if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), orig_host) {
+        parts.headers.insert(header::HOST, h);
+    }
+    let head = Head {
+        method: parts.method,
+        uri: parts.uri,
+        headers: parts.headers,
+    };
+    let target = Target {
+        pool: &s.ctx.http_pool,
+        upstream,
+        client_ip: s.client.ip(),
+        preserve_host: cfg.http.preserve_host,
+    };
+    let body = ReplayBody::new(body, cfg.http.max_body_bytes);
+    if upgrade {
+        let (resp, addr, tunnel) = forward::upgrade(&target, &head, body).await?;
+        *server = Some(addr);
+        let switched = tunnel.is_some();
+        let (mut rparts, rbody) = resp.into_parts();
+        headers::strip_hop_by_hop(
+            &mut rparts.headers,
+            switched && rparts.status == StatusCode::SWITCHING_PROTOCOLS,
+        );
+        rparts
+            .headers
+            .append(header::VIA, HeaderValue::from_static(via));
+        let release = match tunnel {
+            Some(t) => {
+                s.shared.set_upgrade(t);
+                return Ok((Response::from_parts(rparts, empty()), Release::default()));
+            }
+            None => Release::default(),
+        };
+        return Ok((
+            Response::from_parts(rparts, rbody.map_err(Into::into).boxed_unsync()),
+            release,
+        ));
+    }
+    let f = forward::send(&target, &head, body).await?;
+    *server = Some(f.server);
+    let (mut rparts, rbody) = f.resp.into_parts();
+    headers::strip_hop_by_hop(&mut rparts.headers, false);
+    rparts
+        .headers
+        .append(header::VIA, HeaderValue::from_static(via));
+    Ok((
+        Response::from_parts(rparts, rbody.map_err(Into::into).boxed_unsync()),
+        f.release,
+    ))
+}
