@@ -66,6 +66,12 @@ impl Process {
     pub fn set_phase(&mut self, p: Phase) {
         tracing::info!(from = ?self.phase, to = ?p, "phase");
         self.phase = p;
+        // systemd (issue 6): READY=1 when serving (again), RELOADING=1 when an upgrade starts.
+        match p {
+            Phase::Ready => crate::admin::notify::ready(),
+            Phase::HandingOver => crate::admin::notify::reloading(),
+            _ => {}
+        }
     }
 
     /// Starts accepting on a listener.
@@ -182,6 +188,26 @@ impl Process {
         control_tx: &mut Option<tokio::sync::mpsc::Sender<control::ControlRequest>>,
     ) -> Result<(), LifecycleError> {
         if let Some(tx) = control_tx.take() {
+            // Admin HTTP (issue 6): a successor waits for the predecessor to release the address.
+            if let Some(admin) = &self.cfg.admin {
+                let ctx = crate::admin::http::AdminCtx::new(
+                    &self.cfg,
+                    self.metrics.clone(),
+                    tx.clone(),
+                    self.upstreams.clone(),
+                );
+                crate::admin::http::start(
+                    admin.listen,
+                    Arc::new(ctx),
+                    self.opts.generation > 1,
+                    self.shutdown.child_token(),
+                )
+                .map_err(|source| LifecycleError::Bind {
+                    name: "admin".into(),
+                    addr: admin.listen,
+                    source,
+                })?;
+            }
             let path = self.cfg.runtime.control_socket.clone();
             let ctl = control::bind(&path)
                 .map_err(io_err(format!("control socket {}", path.display())))?;
@@ -284,13 +310,14 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
     super::raise_nofile();
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(16);
     let mut triggers = Triggers::new(control_rx)?;
+    crate::logging::reopen_on_sigusr1().map_err(io_err("SIGUSR1 handler"))?;
     let inherited = crate::handover::inherited_channel();
     let (registry, parked_rx) = Registry::new();
     let upstreams = upstream::build(&cfg);
     let mut p = Process {
         registry,
         parked_rx,
-        metrics: Arc::new(Metrics::default()),
+        metrics: Arc::new(Metrics::new(&cfg, opts.generation)),
         upstreams,
         slots: BTreeMap::new(),
         shutdown: CancellationToken::new(),
@@ -311,8 +338,14 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
     let takeover = match inherited {
         Some(ch) => Some(super::successor::take_over(&mut p, ch).await?),
         None => {
+            // Socket activation (issue 6): adopt sockets systemd passed under a listener's name.
+            let mut activated = crate::admin::notify::systemd_listeners();
             for l in p.cfg.listeners.clone().values() {
-                let s = crate::listener::bind(l).map_err(|source| LifecycleError::Bind {
+                let s = match activated.remove(&l.name) {
+                    Some(fd) => crate::listener::adopt(fd),
+                    None => crate::listener::bind(l),
+                }
+                .map_err(|source| LifecycleError::Bind {
                     name: l.name.clone(),
                     addr: l.listen,
                     source,
@@ -353,6 +386,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
                         if let Err(e) = p.go_live(&mut control_tx) {
                             tracing::error!(error = %e, "cannot take the control socket or pid file");
                         }
+                        crate::admin::notify::took_over(); // systemd: MAINPID=, READY=1 (issue 6)
                         let _ = live.send(());
                     }
                     Some(TakeOverEvent::Done(done)) => {
@@ -370,6 +404,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
             }
             Trigger::Stop { why, fast, reply } => {
                 tracing::info!(trigger = why, fast, "stopping gracefully");
+                crate::admin::notify::stopping(); // systemd (issue 6)
                 let (live, closed) = p.drain_and_stop(fast).await;
                 if let Some(r) = reply {
                     let _ = r.send(Reply::ok(

@@ -6,7 +6,7 @@
 use super::process::{Process, UpgradeRecord};
 use super::{LifecycleError, Phase};
 use crate::handover::{self, Channel, HandoverError, Message};
-use crate::metrics::{Counters, Metrics};
+use crate::metrics::Counters;
 use crate::proxy::{self, ListenerCtx};
 use crate::registry::Parked;
 use std::collections::BTreeMap;
@@ -300,8 +300,8 @@ async fn receive(
 pub(super) fn taken_over(p: &mut Process, done: TakeOverDone) {
     match done {
         Ok((pred, counters, total)) => {
+            // The predecessor counted this upgrade in `upgrades_ok` before its snapshot.
             p.metrics.absorb(&counters);
-            Metrics::inc(&p.metrics.upgrades_ok);
             let summary = format!("took over from pid {pred}: {total} connections received");
             tracing::info!(predecessor = pred, connections = total, "upgrade complete");
             p.history.push(UpgradeRecord {

@@ -361,6 +361,11 @@ pub(super) async fn upgrade(
     }
     let finished_in_old = before.saturating_sub(late_handed + closed_at_deadline);
     Metrics::inc(&p.metrics.upgrades_ok);
+    p.metrics.record_handover(
+        (tunnels + idle_http) as u64,
+        finished_in_old as u64,
+        closed_at_deadline as u64,
+    );
     let counters = p.metrics.snapshot();
     if let Err(e) = ch.send(&Message::Done { counters }, &[], &[]).await {
         tracing::warn!(error = %e, "cannot send done to the successor");
