@@ -30,6 +30,7 @@ async fn status_stop_and_no_running_process() {
     assert_eq!(v["pid"], b.pid());
     assert_eq!(v["connections"]["total"], 1);
 
+    drop(_s);
     let (ok, out) = cli(&b.config, "stop", &[]);
     assert!(ok, "{out}");
     assert_eq!(b.wait_exit(WAIT), Some(0));

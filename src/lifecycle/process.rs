@@ -333,6 +333,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), generation = p.opts.generation,
         config = %p.opts.config_path.display(), "starting");
     for u in p.upstreams.values() {
+        u.set_metrics(p.metrics.upstream(u.name()));
         u.spawn_health_checks(p.shutdown.child_token());
     }
     let takeover = match inherited {

@@ -199,12 +199,18 @@ impl CheckTask {
                 Some(Transition::Down) => {
                     self.server.healthy.store(false, Ordering::Relaxed);
                     up.counters.marked_down.fetch_add(1, Ordering::Relaxed);
+                    if let Some(m) = up.metrics() {
+                        m.health_transition(false);
+                    }
                     let reason = result.err().map(|e| e.to_string()).unwrap_or_default();
                     tracing::warn!(upstream = %up.name(), server = %addr, reason = %reason, checks = self.hc.fall, "server marked unhealthy");
                 }
                 Some(Transition::Up) => {
                     self.server.healthy.store(true, Ordering::Relaxed);
                     up.counters.marked_up.fetch_add(1, Ordering::Relaxed);
+                    if let Some(m) = up.metrics() {
+                        m.health_transition(true);
+                    }
                     tracing::info!(upstream = %up.name(), server = %addr, reason = "health checks passed", checks = self.hc.rise, "server marked healthy");
                 }
                 None => {}

@@ -126,6 +126,8 @@ pub struct Upstream {
     last_fail_open_warn: AtomicU64,
     /// Health and ejection event counts.
     pub counters: UpstreamCounters,
+    /// The process metrics' handle for this pool, set once by the lifecycle.
+    metrics: std::sync::OnceLock<crate::metrics::UpstreamHandle>,
 }
 
 /// Which servers a pick may choose.
@@ -185,6 +187,7 @@ impl Upstream {
             epoch: Instant::now(),
             last_fail_open_warn: AtomicU64::new(0),
             counters: UpstreamCounters::default(),
+            metrics: std::sync::OnceLock::new(),
         })
     }
 
@@ -275,6 +278,16 @@ impl Upstream {
         }
     }
 
+    /// Attaches the process metrics (once; later calls are ignored).
+    pub fn set_metrics(&self, h: crate::metrics::UpstreamHandle) {
+        let _ = self.metrics.set(h);
+    }
+
+    /// The process metrics' handle, once attached.
+    pub fn metrics(&self) -> Option<&crate::metrics::UpstreamHandle> {
+        self.metrics.get()
+    }
+
     /// Records the result of a connection attempt (passive health). A success resets the
     /// server's failure count; `eject_after` failures in a row eject it for `eject_for`. A
     /// server back from ejection is on probation: its next failure ejects it again.
@@ -285,6 +298,9 @@ impl Upstream {
         if ok {
             s.failures.store(0, Ordering::Relaxed);
             return;
+        }
+        if let Some(m) = self.metrics() {
+            m.connect_failure();
         }
         let limit = self.cfg.eject_after;
         if limit == 0 {
