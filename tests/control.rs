@@ -56,3 +56,39 @@ async fn status_after_upgrade_shows_the_new_generation() {
     assert_eq!(v["pid"], b.serving_pid());
     assert_eq!(v["counters"]["upgrades_ok"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_socket_refuses_another_uid() {
+    if !rustix::process::getuid().is_root() {
+        eprintln!("SKIP control_socket_refuses_another_uid: needs root to run a client as another user");
+        return;
+    }
+    let user = "baton-test-other";
+    let exists = std::process::Command::new("id").arg(user).output().unwrap().status.success();
+    if !exists {
+        let st = std::process::Command::new("useradd").args(["--no-create-home", "--shell", "/usr/sbin/nologin", user]).status();
+        if !st.map(|s| s.success()).unwrap_or(false) {
+            eprintln!("SKIP control_socket_refuses_another_uid: cannot create user {user}");
+            return;
+        }
+    }
+    let be = echo_backend("S").await;
+    let b = Baton::start(&tcp_config(be));
+    let sock = b.dir().join("baton.sock");
+    // Mode 0600 already keeps other users out; open it up to prove the uid check itself.
+    std::fs::set_permissions(b.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&b.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = std::process::Command::new("runuser")
+        .args(["-u", user, "--", bin(), "status", "-c"])
+        .arg(&b.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("refused: uid"), "{text}");
+    assert!(b.log.wait_for(&["refused a client of another user"], WAIT).is_some());
+    // The owner still gets in.
+    let (ok, out) = cli(&b.config, "status", &[]);
+    assert!(ok, "{out}");
+}

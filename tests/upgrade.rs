@@ -321,3 +321,40 @@ async fn no_fd_leak_across_twenty_upgrades() {
     );
     kill_serving(&b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_on_disk_is_started_not_the_running_one() {
+    // Run a copy of baton from a temp folder, then replace that file (as `mv` of a new build
+    // would): the upgrade must start the new file, not /proc/self/exe (the old, deleted one).
+    let be = echo_backend("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("baton");
+    std::fs::copy(bin(), &exe).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, tcp_config(be, "")).unwrap();
+    let mut child = Command::new(&exe)
+        .args(["run", "-c"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(LogLines::default());
+    pump(child.stderr.take().unwrap(), log.clone(), "baton");
+    assert!(log.wait_for(&["to=Ready"], WAIT).is_some());
+    // The "new build": a wrapper that leaves a mark, then runs the real binary.
+    let marker = dir.path().join("new-binary-ran");
+    let staged = dir.path().join("baton.new");
+    std::fs::write(
+        &staged,
+        format!("#!/bin/sh\ntouch {}\nexec {} \"$@\"\n", marker.display(), bin()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&staged, &exe).unwrap();
+    let (ok, out) = cli(&config, "upgrade", &[]);
+    assert!(ok, "{out}");
+    assert!(marker.exists(), "the replaced binary was not the one started");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let pid: i32 = std::fs::read_to_string(dir.path().join("baton.pid")).unwrap().trim().parse().unwrap();
+    let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL);
+}
