@@ -60,13 +60,22 @@ async fn status_after_upgrade_shows_the_new_generation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_socket_refuses_another_uid() {
     if !rustix::process::getuid().is_root() {
-        eprintln!("SKIP control_socket_refuses_another_uid: needs root to run a client as another user");
+        eprintln!(
+            "SKIP control_socket_refuses_another_uid: needs root to run a client as another user"
+        );
         return;
     }
     let user = "baton-test-other";
-    let exists = std::process::Command::new("id").arg(user).output().unwrap().status.success();
+    let exists = std::process::Command::new("id")
+        .arg(user)
+        .output()
+        .unwrap()
+        .status
+        .success();
     if !exists {
-        let st = std::process::Command::new("useradd").args(["--no-create-home", "--shell", "/usr/sbin/nologin", user]).status();
+        let st = std::process::Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/usr/sbin/nologin", user])
+            .status();
         if !st.map(|s| s.success()).unwrap_or(false) {
             eprintln!("SKIP control_socket_refuses_another_uid: cannot create user {user}");
             return;
@@ -84,10 +93,14 @@ async fn control_socket_refuses_another_uid() {
         .arg(&b.config)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("refused: uid"), "{text}");
-    assert!(b.log.wait_for(&["refused a client of another user"], WAIT).is_some());
+    assert!(b
+        .log
+        .wait_for(&["refused a client of another user"], WAIT)
+        .is_some());
     // The owner still gets in.
     let (ok, out) = cli(&b.config, "status", &[]);
     assert!(ok, "{out}");

@@ -346,15 +346,29 @@ async fn the_binary_on_disk_is_started_not_the_running_one() {
     let staged = dir.path().join("baton.new");
     std::fs::write(
         &staged,
-        format!("#!/bin/sh\ntouch {}\nexec {} \"$@\"\n", marker.display(), bin()),
+        format!(
+            "#!/bin/sh\ntouch {}\nexec {} \"$@\"\n",
+            marker.display(),
+            bin()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::rename(&staged, &exe).unwrap();
     let (ok, out) = cli(&config, "upgrade", &[]);
     assert!(ok, "{out}");
-    assert!(marker.exists(), "the replaced binary was not the one started");
+    assert!(
+        marker.exists(),
+        "the replaced binary was not the one started"
+    );
     assert_eq!(child.wait().unwrap().code(), Some(0));
-    let pid: i32 = std::fs::read_to_string(dir.path().join("baton.pid")).unwrap().trim().parse().unwrap();
-    let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL);
+    let pid: i32 = std::fs::read_to_string(dir.path().join("baton.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    );
 }

@@ -168,18 +168,20 @@ async fn write_reply(mut stream: UnixStream, reply: Reply) {
 
 /// Client side: sends one command and waits for the reply.
 pub async fn request(path: &Path, command: &Command) -> Result<Reply, ControlClientError> {
-    let stream = UnixStream::connect(path).await.map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-            ControlClientError::NotRunning {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                ControlClientError::NotRunning {
+                    path: path.to_path_buf(),
+                    source: e,
+                }
+            }
+            _ => ControlClientError::Connect {
                 path: path.to_path_buf(),
                 source: e,
-            }
-        }
-        _ => ControlClientError::Connect {
-            path: path.to_path_buf(),
-            source: e,
-        },
-    })?;
+            },
+        })?;
     let (r, mut w) = stream.into_split();
     let mut msg =
         serde_json::to_string(command).map_err(|e| ControlClientError::Protocol(e.to_string()))?;

@@ -61,7 +61,7 @@ pub struct Log {
 pub struct Listener {
     pub listen: S<String>,
     pub protocol: Option<S<String>>,
-    pub upstream: S<String>,
+    pub upstream: Option<S<String>>,
     pub max_connections: Option<S<usize>>,
     pub idle_timeout: Option<S<String>>,
     pub backlog: Option<u32>,

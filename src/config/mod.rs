@@ -102,7 +102,7 @@ pub struct Listener {
     pub listen: SocketAddr,
     /// TCP or HTTP.
     pub protocol: Protocol,
-    /// Default upstream.
+    /// Default upstream; empty for an HTTP listener that routes only by `routes`.
     pub upstream: String,
     /// Accepting pauses while this many connections are open.
     pub max_connections: usize,

@@ -464,13 +464,23 @@ fn listener(
     let p = format!("listeners.{name}");
     let raw = &l.value;
     let listen = errs.addr(&raw.listen, &format!("{p}.listen"));
-    check_upstream_ref(errs, &raw.upstream, &format!("{p}.upstream"), upstreams);
     let protocol = errs.choice(
         &raw.protocol,
         &format!("{p}.protocol"),
         &[("tcp", Protocol::Tcp), ("http", Protocol::Http)],
         Protocol::Tcp,
     );
+    match &raw.upstream {
+        Some(u) => check_upstream_ref(errs, u, &format!("{p}.upstream"), upstreams),
+        // An HTTP listener may route only by `routes` (no match → 404); TCP has nothing else.
+        None if protocol == Protocol::Http && !raw.routes.is_empty() => {}
+        None if protocol == Protocol::Http => errs.at(
+            l,
+            &p,
+            "missing key upstream (an http listener needs a default upstream or routes)",
+        ),
+        None => errs.at(l, &p, "missing key upstream"),
+    }
     let mut routes = Vec::new();
     for (i, r) in raw.routes.iter().enumerate() {
         let rp = format!("{p}.routes[{i}]");
@@ -547,7 +557,11 @@ fn listener(
         name: name.to_string(),
         listen: listen?,
         protocol,
-        upstream: raw.upstream.value.clone(),
+        upstream: raw
+            .upstream
+            .as_ref()
+            .map(|u| u.value.clone())
+            .unwrap_or_default(),
         max_connections,
         idle_timeout,
         backlog: raw.backlog.unwrap_or(1024),
