@@ -42,6 +42,8 @@ pub enum Event {
 /// A running worker process.
 #[derive(Debug)]
 pub struct Worker {
+    /// Its index.
+    pub index: usize,
     /// Its pid.
     pub pid: u32,
     /// Its generation.
@@ -116,6 +118,7 @@ pub fn spawn(
     tokio::spawn(listen(rx, pid, events.clone()));
     let now = Instant::now();
     Ok(Worker {
+        index,
         pid,
         generation,
         spawned: now,
