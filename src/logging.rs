@@ -94,6 +94,8 @@ struct LineFormat {
     json: bool,
     pid: u32,
     generation: u64,
+    /// The worker index in multi-process mode.
+    worker: Option<usize>,
 }
 
 #[derive(Default)]
@@ -162,6 +164,9 @@ where
             );
             m.insert("pid".into(), self.pid.into());
             m.insert("generation".into(), self.generation.into());
+            if let Some(i) = self.worker {
+                m.insert("worker".into(), i.into());
+            }
             m.insert("target".into(), meta.target().into());
             m.insert("msg".into(), f.message.into());
             for (k, v) in f.rest {
@@ -178,6 +183,9 @@ where
                 meta.target(),
                 f.message
             );
+            if let Some(i) = self.worker {
+                line = line.replacen(" pid=", &format!(" worker={i} pid="), 1);
+            }
             for (k, v) in f.rest {
                 match v {
                     serde_json::Value::String(s)
@@ -197,6 +205,11 @@ where
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
 pub fn init(cfg: &Log, generation: u64) -> Result<(), std::io::Error> {
+    init_as(cfg, generation, None)
+}
+
+/// Like [`init`], for worker `index` of a supervisor: every line also carries `worker=index`.
+pub fn init_as(cfg: &Log, generation: u64, worker: Option<usize>) -> Result<(), std::io::Error> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -204,6 +217,7 @@ pub fn init(cfg: &Log, generation: u64) -> Result<(), std::io::Error> {
         json: cfg.format == LogFormat::Json,
         pid: std::process::id(),
         generation,
+        worker,
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

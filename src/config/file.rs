@@ -37,6 +37,53 @@ pub struct Runtime {
     pub worker_threads: Option<usize>,
     /// Binary started on upgrade; default: the path this process was started from.
     pub binary: Option<String>,
+    /// Worker processes: a number or `auto`.
+    pub workers: Option<S<NumOrText>>,
+    /// How workers accept: `shared` or `reuseport`.
+    pub accept: Option<S<String>>,
+    /// Per-worker resource limits.
+    pub worker_limits: Option<WorkerLimits>,
+}
+
+/// `runtime.worker_limits:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerLimits {
+    pub memory: Option<S<NumOrText>>,
+    pub cpu: Option<S<f64>>,
+    pub pids: Option<S<u64>>,
+    pub nofile: Option<S<u64>>,
+}
+
+/// A scalar that may be written as a number (`2`) or a word (`auto`, `512MiB`).
+#[derive(Debug, Clone)]
+pub enum NumOrText {
+    Num(u64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for NumOrText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = NumOrText;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number or a word")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<NumOrText, E> {
+                Ok(NumOrText::Num(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<NumOrText, E> {
+                u64::try_from(v)
+                    .map(NumOrText::Num)
+                    .map_err(|_| E::custom(format!("{v} is negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<NumOrText, E> {
+                Ok(NumOrText::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `admin:` — the HTTP admin endpoint.

@@ -187,6 +187,10 @@ impl Process {
         &mut self,
         control_tx: &mut Option<tokio::sync::mpsc::Sender<control::ControlRequest>>,
     ) -> Result<(), LifecycleError> {
+        // A worker's supervisor owns the control socket and the pid file.
+        if self.opts.worker.is_some() {
+            return Ok(());
+        }
         if let Some(tx) = control_tx.take() {
             // Admin HTTP (issue 6): a successor waits for the predecessor to release the address.
             if let Some(admin) = &self.cfg.admin {
@@ -336,6 +340,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
         u.set_metrics(p.metrics.upstream(u.name()));
         u.spawn_health_checks(p.shutdown.child_token());
     }
+    // Multi-process mode: the inherited channel is the supervisor's; take over through the one
+    // it sends.
+    let (inherited, mut worker_link) = super::worker::setup(&p, inherited).await?;
     let takeover = match inherited {
         Some(ch) => Some(super::successor::take_over(&mut p, ch).await?),
         None => {
@@ -384,6 +391,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
                 match ev {
                     Some(TakeOverEvent::Committed(live)) => {
                         p.resume_listeners();
+                        super::worker::live(&worker_link);
                         if let Err(e) = p.go_live(&mut control_tx) {
                             tracing::error!(error = %e, "cannot take the control socket or pid file");
                         }
@@ -395,6 +403,21 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
                         super::successor::taken_over(&mut p, done);
                     }
                     None => takeover = None,
+                }
+                continue;
+            }
+            ev = super::worker::next(&mut worker_link) => {
+                match ev {
+                    super::worker::WorkerEvent::HandOverTo(ch) => {
+                        if super::worker::hand_over(&mut p, &mut triggers, ch).await {
+                            break;
+                        }
+                    }
+                    super::worker::WorkerEvent::SupervisorGone => {
+                        tracing::warn!("supervisor gone; stopping gracefully");
+                        p.drain_and_stop(false).await;
+                        break;
+                    }
                 }
                 continue;
             }
@@ -421,6 +444,14 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
                 binary,
                 reply,
             } => {
+                if p.opts.worker.is_some() {
+                    let msg = "upgrade refused: this is a worker; upgrade its supervisor";
+                    tracing::warn!(trigger = why, "{msg}");
+                    if let Some(r) = reply {
+                        let _ = r.send(Reply::err(msg));
+                    }
+                    continue;
+                }
                 if p.phase == Phase::TakingOver && deferred.is_none() {
                     tracing::info!(
                         trigger = why,

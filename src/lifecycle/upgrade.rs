@@ -87,10 +87,22 @@ async fn guarded<F: Future>(
     }
 }
 
+/// The successor's process when this process spawned it; `None` when the successor is a peer
+/// the supervisor connected us to (multi-process mode), whose death shows as channel EOF.
+type Succ = Option<Child>;
+
+/// Waits for the spawned successor to exit; never returns for a peer.
+async fn wait_child(child: &mut Succ) -> std::io::Result<std::process::ExitStatus> {
+    match child {
+        Some(c) => c.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Receives one message, failing if the successor exits or the deadline passes.
 async fn expect(
     ch: &mut Channel,
-    child: &mut Child,
+    child: &mut Succ,
     deadline: Instant,
 ) -> Result<handover::Received, String> {
     let left = deadline.saturating_duration_since(Instant::now());
@@ -99,13 +111,13 @@ async fn expect(
             Ok(m) => Ok(m),
             Err(e) => {
                 // The channel usually breaks because the successor died: say how, if it did.
-                match timeout(Duration::from_millis(500), child.wait()).await {
+                match timeout(Duration::from_millis(500), wait_child(child)).await {
                     Ok(Ok(st)) => Err(format!("successor exited ({st}) : {e}")),
                     _ => Err(format!("handover channel: {e}")),
                 }
             }
         },
-        st = child.wait() => Err(match st {
+        st = wait_child(child) => Err(match st {
             Ok(st) => format!("successor exited ({st})"),
             Err(e) => format!("successor lost: {e}"),
         }),
@@ -114,7 +126,7 @@ async fn expect(
 }
 
 /// Everything before the rollback point: handshake, listeners, readiness.
-async fn prepare(p: &Process, ch: &mut Channel, child: &mut Child) -> Result<Vec<String>, String> {
+async fn prepare(p: &Process, ch: &mut Channel, child: &mut Succ) -> Result<Vec<String>, String> {
     let deadline = Instant::now() + p.cfg.runtime.upgrade_timeout;
     match expect(ch, child, deadline).await?.msg {
         Message::Hello {
@@ -162,7 +174,7 @@ async fn prepare(p: &Process, ch: &mut Channel, child: &mut Child) -> Result<Vec
 /// Sends one batch of parked connections and waits for its acknowledgement.
 async fn send_batch(
     ch: &mut Channel,
-    child: &mut Child,
+    child: &mut Succ,
     seq: u64,
     batch: &[Parked],
     wait: Duration,
@@ -254,10 +266,40 @@ pub(super) async fn upgrade(
             return Err(format!("cannot start {}: {e}", binary.display()));
         }
     };
-    let mut child = spawned.child;
-    let mut ch = spawned.channel;
-    let new_pid = child.id().unwrap_or(0);
-    tracing::info!(successor = new_pid, binary = %binary.display(), "successor started");
+    tracing::info!(successor = spawned.child.id(), binary = %binary.display(), "successor started");
+    hand_over(
+        p,
+        triggers,
+        Some(spawned.child),
+        spawned.channel,
+        started,
+        status,
+    )
+    .await
+}
+
+/// Hands everything over to a successor the supervisor connected us to through `ch`
+/// (multi-process mode: the replacement of this worker). Same protocol as [`upgrade`].
+pub(super) async fn upgrade_to_peer(
+    p: &mut Process,
+    triggers: &mut Triggers,
+    ch: Channel,
+) -> Result<UpgradeReport, String> {
+    let status = p.status();
+    p.set_phase(Phase::HandingOver);
+    hand_over(p, triggers, None, ch, Instant::now(), status).await
+}
+
+/// The upgrade from the handshake on, with the successor started.
+async fn hand_over(
+    p: &mut Process,
+    triggers: &mut Triggers,
+    mut child: Succ,
+    mut ch: Channel,
+    started: Instant,
+    status: serde_json::Value,
+) -> Result<UpgradeReport, String> {
+    let new_pid = child.as_ref().and_then(Child::id).unwrap_or(0);
 
     // Phase 1: handshake and listeners, then stop accepting here.
     let adopted = match guarded(triggers, &status, prepare(p, &mut ch, &mut child)).await {
@@ -395,7 +437,7 @@ pub(super) async fn upgrade(
 /// connection here. Returns the reason, for the caller to report.
 async fn rollback(
     p: &mut Process,
-    mut child: Child,
+    child: Succ,
     ch: &mut Channel,
     held: Vec<Parked>,
     why: String,
@@ -412,8 +454,10 @@ async fn rollback(
         ),
     )
     .await;
-    let _ = child.start_kill();
-    let _ = timeout(Duration::from_secs(5), child.wait()).await;
+    if let Some(mut child) = child {
+        let _ = child.start_kill();
+        let _ = timeout(Duration::from_secs(5), child.wait()).await;
+    }
     p.resume_listeners();
     let n = held.len();
     for c in held {
