@@ -186,15 +186,14 @@ pub async fn request(path: &Path, command: &Command) -> Result<Reply, ControlCli
     let mut msg =
         serde_json::to_string(command).map_err(|e| ControlClientError::Protocol(e.to_string()))?;
     msg.push('\n');
-    w.write_all(msg.as_bytes())
-        .await
-        .map_err(ControlClientError::Io)?;
+    // A server that refuses us answers at once and closes, so our write may fail: the
+    // reply, if any, says more than the broken pipe.
+    let written = w.write_all(msg.as_bytes()).await;
     let mut line = String::new();
-    BufReader::new(r)
-        .read_line(&mut line)
-        .await
-        .map_err(ControlClientError::Io)?;
+    let read = BufReader::new(r).read_line(&mut line).await;
     if line.is_empty() {
+        written.map_err(ControlClientError::Io)?;
+        read.map_err(ControlClientError::Io)?;
         return Err(ControlClientError::Protocol(
             "connection closed without a reply".into(),
         ));
