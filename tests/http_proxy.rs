@@ -422,3 +422,23 @@ async fn h2c_client_reaches_an_http1_upstream() {
     let (status, _, _) = exchange(&mut s2, get("x", "/")).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_matching_route_and_no_default_is_404() {
+    let (api, counts) = backend("api").await;
+    let yaml = format!(
+        "listeners:\n  web:\n    listen: 127.0.0.1:0\n    protocol: http\n    routes:\n      - {{ host: \"api.example.com\", upstream: api }}\nupstreams:\n{}",
+        upstream("api", &[api], "")
+    );
+    let b = Baton::start(&yaml);
+    let mut c = h1(b.addr("web")).await;
+    let (status, _, body) = exchange(&mut c, get("api.example.com", "/")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "hello from api\n")
+    );
+    let (status, _, body) = exchange(&mut c, get("other.example.com", "/")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!body.is_empty() && body.len() < 100, "short body: {body:?}");
+    assert_eq!(counts.requests.load(Ordering::Relaxed), 1);
+}

@@ -255,3 +255,50 @@ async fn in_flight_request_finishes_then_its_connection_moves() {
         .unwrap();
     assert_eq!(read_response(&mut r).await.unwrap().0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_connection_gets_goaway_and_finishes_in_the_old_process() {
+    use http_body_util::BodyExt;
+    let (be, _) = http_support::backend("a").await;
+    let b = Baton::start(&http_config(be));
+    let s = TcpStream::connect(b.addr("web")).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(s),
+    )
+    .await
+    .unwrap();
+    let conn_task = tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri("http://t/slow/1500")
+        .body(http_support::text(""))
+        .unwrap();
+    let pending = send.send_request(req);
+    let old = b.serving_pid();
+    let up = tokio::spawn(upgrade_async(b.config.clone().leak()));
+    // The stream in flight completes in the old process...
+    let resp = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.starts_with(b"slow hello"));
+    let (ok, out) = up.await.unwrap();
+    assert!(ok && out.contains("1 finished in the old process"), "{out}");
+    // ...and the connection ends with GOAWAY rather than a reset: the client's connection
+    // task finishes cleanly.
+    let ended = tokio::time::timeout(WAIT, conn_task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        ended.is_ok(),
+        "h2 connection ended with an error: {ended:?}"
+    );
+    assert!(wait_until(WAIT, || !alive(old)).await);
+    // A new connection is served by the successor.
+    let mut r = BufReader::new(TcpStream::connect(b.addr("web")).await.unwrap());
+    r.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+}
