@@ -50,12 +50,7 @@ pub(super) async fn take_over(
     ch: Result<Channel, HandoverError>,
 ) -> Result<TakeOver, LifecycleError> {
     let mut ch = ch.map_err(|e| refused("handover channel", e))?;
-    let hello = Message::Hello {
-        protocol_version: handover::PROTOCOL_VERSION,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        pid: std::process::id(),
-    };
-    ch.send(&hello, &[], &[])
+    ch.send(&handover::hello(), &[], &[])
         .await
         .map_err(|e| refused("send hello", e))?;
     let predecessor = match ch
@@ -153,6 +148,12 @@ impl TakeOver {
     }
 }
 
+/// Tells the predecessor why this successor gives up; returns the reason.
+async fn abort(ch: &mut Channel, reason: String) -> String {
+    let _ = handover::send_abort(ch, &reason).await;
+    reason
+}
+
 /// Asks the main loop to start accepting and take the control socket and pid file; waits
 /// until it has.
 async fn go_live(events: &mpsc::Sender<TakeOverEvent>) {
@@ -223,17 +224,9 @@ async fn receive(
                 let conns = match handover::recv_conns(received) {
                     Ok(c) => c,
                     Err(e) => {
-                        let reason = format!("bad connection batch {seq}: {e}");
-                        let _ =
-                            t.ch.send(
-                                &Message::Abort {
-                                    reason: reason.clone(),
-                                },
-                                &[],
-                                &[],
-                            )
-                            .await;
-                        return Err(reason);
+                        return Err(
+                            abort(&mut t.ch, format!("bad connection batch {seq}: {e}")).await
+                        );
                     }
                 };
                 let count = conns.len();
@@ -280,17 +273,11 @@ async fn receive(
                 return Err(format!("predecessor aborted: {reason}"));
             }
             other => {
-                let reason = format!("unexpected {} from predecessor", other.name());
-                let _ =
-                    t.ch.send(
-                        &Message::Abort {
-                            reason: reason.clone(),
-                        },
-                        &[],
-                        &[],
-                    )
-                    .await;
-                return Err(reason);
+                return Err(abort(
+                    &mut t.ch,
+                    format!("unexpected {} from predecessor", other.name()),
+                )
+                .await);
             }
         }
     }

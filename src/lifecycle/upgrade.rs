@@ -145,12 +145,7 @@ async fn prepare(p: &Process, ch: &mut Channel, child: &mut Succ) -> Result<Vec<
         Message::Refused { reason } => return Err(format!("successor refused to start: {reason}")),
         other => return Err(format!("expected hello, got {}", other.name())),
     }
-    let hello = Message::Hello {
-        protocol_version: handover::PROTOCOL_VERSION,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        pid: std::process::id(),
-    };
-    ch.send(&hello, &[], &[])
+    ch.send(&handover::hello(), &[], &[])
         .await
         .map_err(|e| format!("send hello: {e}"))?;
     let mut entries = Vec::new();
