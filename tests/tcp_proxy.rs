@@ -630,3 +630,56 @@ async fn json_logs_are_parseable_lines_with_pid() {
         assert!(v["level"].is_string() && v["msg"].is_string(), "{l}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_backs_off_and_recovers() {
+    let be = echo_backend("F").await;
+    let b = Baton::start(&config("", "", &[be]));
+    let addr = b.addr("t");
+    // Clamp the running process to a few spare fds: accepting soon hits EMFILE.
+    let open = std::fs::read_dir(format!("/proc/{}/fd", b.pid()))
+        .unwrap()
+        .count();
+    let limit = open + 6;
+    let st = Command::new("prlimit")
+        .args([
+            "--pid",
+            &b.pid().to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Each served connection costs two fds (client + upstream); hold connections until
+    // accepting fails, then a few more that wait in the backlog.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(greeting(addr, 1).await.0);
+    }
+    let mut waiting = Vec::new();
+    for _ in 0..5 {
+        waiting.push(TcpStream::connect(addr).await.unwrap());
+    }
+    assert!(
+        b.log
+            .wait_for(&["accept failed: out of resources, backing off"], WAIT)
+            .is_some(),
+        "no EMFILE back-off logged"
+    );
+    // Clients caught at the limit are served or closed cleanly, never left hanging.
+    for mut s in waiting {
+        let mut g = [0u8; 1];
+        let _ = timeout(WAIT, s.read(&mut g))
+            .await
+            .expect("a waiting client hung");
+    }
+    // Freeing fds, the process serves again, and the local failures ejected no server.
+    drop(held);
+    let (_s, g) = greeting(addr, 1).await;
+    assert_eq!(g, "F");
+    assert_eq!(b.log.count("server ejected"), 0);
+    // At most one warning per second: far fewer lines than accept attempts.
+    let warns = b.log.count("accept failed: out of resources");
+    assert!(warns <= 30, "back-off warnings not rate limited: {warns}");
+    assert_eq!(b.log.count("panicked"), 0);
+}

@@ -56,8 +56,8 @@ impl ListenerCtx {
     }
 }
 
-/// Whether an accept error means "out of file descriptors or memory": back off, don't spin.
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+/// Whether an I/O error means "out of file descriptors or memory": back off, don't spin.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     use rustix::io::Errno;
     let Some(code) = e.raw_os_error() else {
         return false;

@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 /// Why no upstream connection could be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// This process is out of resources (file descriptors, memory).
+    #[error("out of local resources: {0}")]
+    Local(String),
     /// The pool has no server that may be tried.
     #[error("no server available in upstream {0}")]
     NoServer(String),
@@ -339,6 +342,11 @@ impl Upstream {
                 Ok(Ok(s)) => {
                     self.report(addr, true);
                     return Ok((s, guard));
+                }
+                // Out of fds or memory here: not the server's fault, and no other server
+                // would do better. Fail without counting it against the server.
+                Ok(Err(e)) if crate::proxy::is_resource_exhaustion(&e) => {
+                    return Err(ConnectError::Local(e.to_string()));
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("connect timed out after {:?}", self.cfg.connect_timeout),
