@@ -105,3 +105,21 @@ async fn control_socket_refuses_another_uid() {
     let (ok, out) = cli(&b.config, "status", &[]);
     assert!(ok, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_history_survives_upgrades() {
+    let be = echo_backend("S").await;
+    let b = Baton::start(&tcp_config(be));
+    for _ in 0..3 {
+        let (ok, out) = b.cli_upgrade(&[]);
+        assert!(ok, "{out}");
+    }
+    let (ok, out) = cli(&b.config, "status", &["--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ups = v["upgrades"].as_array().unwrap();
+    assert_eq!(ups.len(), 3, "{ups:?}");
+    assert!(ups
+        .iter()
+        .all(|u| u["ok"] == true && u["summary"].as_str().unwrap().starts_with("upgrade ok")));
+}

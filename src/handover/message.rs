@@ -179,6 +179,10 @@ pub enum Message {
     Done {
         /// The predecessor's totals.
         counters: Counters,
+        /// The predecessor's upgrade history (opaque records, newest last), so the timeline
+        /// survives upgrades like the counters do.
+        #[serde(default)]
+        history: Vec<serde_json::Value>,
     },
     /// Either side gives up the upgrade.
     Abort {

@@ -32,8 +32,11 @@ pub(super) struct Slot {
     pub paused: Option<TcpListener>,
 }
 
+/// How many upgrade records status keeps (and passes on to a successor).
+pub(super) const HISTORY_LEN: usize = 20;
+
 /// One past upgrade, for status.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct UpgradeRecord {
     pub at_ms: u64,
     pub ok: bool,

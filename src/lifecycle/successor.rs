@@ -21,7 +21,7 @@ pub(super) struct TakeOver {
 }
 
 /// What the end of a take-over reports: the predecessor's counters, or why it ended early.
-pub(super) type TakeOverDone = Result<(u32, Counters, usize), String>;
+pub(super) type TakeOverDone = Result<(u32, Counters, usize, Vec<serde_json::Value>), String>;
 
 /// Progress of a take-over, reported to the main loop.
 #[derive(Debug)]
@@ -260,12 +260,12 @@ async fn receive(
                 );
                 resume_all(&ctxs, std::mem::take(&mut held)).await;
             }
-            Message::Done { counters } => {
+            Message::Done { counters, history } => {
                 if !committed {
                     go_live(events).await;
                 }
                 resume_all(&ctxs, std::mem::take(&mut held)).await;
-                return Ok((t.predecessor, counters, total));
+                return Ok((t.predecessor, counters, total, history));
             }
             Message::Abort { reason } => {
                 // The predecessor keeps everything; drop our copies without touching them.
@@ -286,16 +286,25 @@ async fn receive(
 /// Records the end of the take-over.
 pub(super) fn taken_over(p: &mut Process, done: TakeOverDone) {
     match done {
-        Ok((pred, counters, total)) => {
+        Ok((pred, counters, total, history)) => {
             // The predecessor counted this upgrade in `upgrades_ok` before its snapshot.
             p.metrics.absorb(&counters);
-            let summary = format!("took over from pid {pred}: {total} connections received");
             tracing::info!(predecessor = pred, connections = total, "upgrade complete");
-            p.history.push(UpgradeRecord {
-                at_ms: crate::registry::now_ms(),
-                ok: true,
-                summary,
-            });
+            // The predecessor's history ends with this upgrade's own record.
+            let mut carried: Vec<UpgradeRecord> = history
+                .into_iter()
+                .filter_map(|v| serde_json::from_value(v).ok())
+                .collect();
+            if carried.is_empty() {
+                carried.push(UpgradeRecord {
+                    at_ms: crate::registry::now_ms(),
+                    ok: true,
+                    summary: format!("took over from pid {pred}: {total} connections received"),
+                });
+            }
+            carried.append(&mut p.history);
+            let keep = carried.len().saturating_sub(super::process::HISTORY_LEN);
+            p.history = carried.split_off(keep);
         }
         Err(e) => tracing::warn!(reason = %e, "take-over ended early"),
     }

@@ -403,12 +403,7 @@ async fn hand_over(
         finished_in_old as u64,
         closed_at_deadline as u64,
     );
-    let counters = p.metrics.snapshot();
-    if let Err(e) = ch.send(&Message::Done { counters }, &[], &[]).await {
-        tracing::warn!(error = %e, "cannot send done to the successor");
-    }
     let listeners = p.slots.len();
-    p.close_listeners().await;
     let report = UpgradeReport {
         old_pid: std::process::id(),
         new_pid,
@@ -419,12 +414,25 @@ async fn hand_over(
         closed_at_deadline,
         millis: started.elapsed().as_millis() as u64,
     };
-    tracing::info!(summary = %report.summary(), "upgrade complete; exiting");
     p.history.push(UpgradeRecord {
         at_ms: crate::registry::now_ms(),
         ok: true,
         summary: report.summary(),
     });
+    let counters = p.metrics.snapshot();
+    let history = p
+        .history
+        .iter()
+        .filter_map(|r| serde_json::to_value(r).ok())
+        .collect();
+    if let Err(e) = ch
+        .send(&Message::Done { counters, history }, &[], &[])
+        .await
+    {
+        tracing::warn!(error = %e, "cannot send done to the successor");
+    }
+    p.close_listeners().await;
+    tracing::info!(summary = %report.summary(), "upgrade complete; exiting");
     Ok(report)
 }
 
