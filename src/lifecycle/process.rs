@@ -336,6 +336,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
         u.set_metrics(p.metrics.upstream(u.name()));
         u.spawn_health_checks(p.shutdown.child_token());
     }
+    upstream::resolve::start(&p.upstreams, p.shutdown.child_token()).await;
     let takeover = match inherited {
         Some(ch) => Some(super::successor::take_over(&mut p, ch).await?),
         None => {

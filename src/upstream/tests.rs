@@ -15,7 +15,7 @@ fn pool(
         servers: servers
             .iter()
             .map(|&(port, weight)| config::Server {
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                addr: SocketAddr::from(([127, 0, 0, 1], port)).into(),
                 weight,
             })
             .collect(),
@@ -23,6 +23,7 @@ fn pool(
         connect_timeout: Duration::from_secs(1),
         retries: 2,
         health_check: None,
+        resolve: None,
         eject_after,
         eject_for,
         http: config::UpstreamHttp::default(),
@@ -204,11 +205,11 @@ async fn connect_retries_other_servers() {
         name: "u".into(),
         servers: vec![
             config::Server {
-                addr: dead,
+                addr: dead.into(),
                 weight: 1,
             },
             config::Server {
-                addr: live,
+                addr: live.into(),
                 weight: 1,
             },
         ],
@@ -216,6 +217,7 @@ async fn connect_retries_other_servers() {
         connect_timeout: Duration::from_secs(5),
         retries: 1,
         health_check: None,
+        resolve: None,
         eject_after: 0,
         eject_for: Duration::from_secs(1),
         http: config::UpstreamHttp::default(),
