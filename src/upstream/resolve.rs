@@ -313,7 +313,11 @@ impl Task {
                 }
             };
             if n.failing {
-                tracing::info!(upstream = %self.upstream, name = %n.label, addrs = addrs.len(), "server name resolves again");
+                if n.addrs.is_some() {
+                    tracing::info!(upstream = %self.upstream, name = %n.label, addrs = addrs.len(), "server name resolves again");
+                } else {
+                    tracing::info!(upstream = %self.upstream, name = %n.label, addrs = addrs.len(), "server name resolved after failing");
+                }
                 n.failing = false;
             }
             let prev = n.addrs.take().unwrap_or_default();
@@ -357,5 +361,155 @@ impl Task {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    #[test]
+    fn hosts_file_lines() {
+        let text = "# comment\n127.0.0.1 localhost\n10.0.0.1 app.test other # trailing\n\n\
+                    not-an-ip app.test\n10.0.0.2\tAPP.test.\n::1 app.test\n10.0.0.3 xapp.test\n";
+        let ips: Vec<String> = hosts_lookup(text, "app.test")
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(ips, vec!["10.0.0.1", "10.0.0.2", "::1"]);
+        assert_eq!(hosts_lookup(text, "App.Test.").len(), 3);
+        assert!(hosts_lookup(text, "missing.test").is_empty());
+        assert!(hosts_lookup("10.0.0.9 # app.test\n", "app.test").is_empty());
+    }
+
+    #[tokio::test]
+    async fn hosts_file_resolver() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        std::fs::write(
+            &path,
+            "10.0.0.2 app.test\n10.0.0.1 app.test\n10.0.0.1 app.test\n",
+        )
+        .unwrap();
+        let r = Resolver::HostsFile(path.clone());
+        assert_eq!(
+            r.lookup("app.test", 80).await,
+            Ok(vec![
+                SocketAddr::from(([10, 0, 0, 1], 80)),
+                SocketAddr::from(([10, 0, 0, 2], 80))
+            ])
+        );
+        assert_eq!(
+            r.lookup("nope.test", 80).await,
+            Err(ResolveError::NoAddress)
+        );
+        let gone = Resolver::HostsFile(dir.path().join("missing"));
+        assert!(matches!(
+            gone.lookup("app.test", 80).await,
+            Err(ResolveError::HostsFile { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn system_resolver_reads_localhost() {
+        // /etc/hosts (or the resolver) knows localhost on every machine this runs on.
+        let addrs = Resolver::System.lookup("localhost", 8080).await.unwrap();
+        assert!(
+            addrs
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 8080),
+            "{addrs:?}"
+        );
+    }
+
+    fn upstream(resolve: Option<Duration>) -> Arc<Upstream> {
+        Upstream::new(&config::Upstream {
+            name: "u".into(),
+            servers: vec![
+                config::Server {
+                    addr: ServerAddr::Name {
+                        host: "app.test".into(),
+                        port: 9000,
+                    },
+                    weight: 2,
+                },
+                config::Server {
+                    addr: SocketAddr::from(([10, 0, 0, 9], 9000)).into(),
+                    weight: 1,
+                },
+            ],
+            balance: config::Balance::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            retries: 0,
+            health_check: None,
+            resolve,
+            eject_after: 0,
+            eject_for: Duration::from_secs(1),
+            http: config::UpstreamHttp::default(),
+        })
+    }
+
+    fn ips(u: &Upstream) -> Vec<(String, u32, Option<String>)> {
+        u.status()
+            .into_iter()
+            .map(|s| (s.addr.to_string(), s.weight, s.name))
+            .collect()
+    }
+
+    async fn wait_for(u: &Upstream, want: &[&str]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let now: Vec<String> = ips(u).into_iter().map(|x| x.0).collect();
+            if now == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "servers {now:?}, want {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn discovery_follows_the_hosts_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "10.0.0.1 app.test\n").unwrap();
+        let u = upstream(Some(Duration::from_millis(100)));
+        assert_eq!(ips(&u).len(), 1, "only the static server before resolution");
+        let shutdown = CancellationToken::new();
+        let first = spawn(&u, Resolver::HostsFile(hosts.clone()), shutdown.clone());
+        first.await.unwrap();
+        assert_eq!(
+            ips(&u),
+            vec![
+                ("10.0.0.1:9000".into(), 2, Some("app.test:9000".into())),
+                ("10.0.0.9:9000".into(), 1, None)
+            ]
+        );
+        std::fs::write(&hosts, "10.0.0.3 app.test\n10.0.0.1 app.test\n").unwrap();
+        wait_for(&u, &["10.0.0.1:9000", "10.0.0.3:9000", "10.0.0.9:9000"]).await;
+        // (That a failed lookup keeps the last addresses is checked in tests/upstream_dns.rs,
+        // where the log says when the lookup failed.)
+        std::fs::write(&hosts, "10.0.0.3 app.test\n").unwrap();
+        wait_for(&u, &["10.0.0.3:9000", "10.0.0.9:9000"]).await;
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn without_resolve_a_name_is_retried_until_it_resolves() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "").unwrap();
+        let u = upstream(None);
+        let shutdown = CancellationToken::new();
+        let first = spawn(&u, Resolver::HostsFile(hosts.clone()), shutdown.clone());
+        first.await.unwrap();
+        assert_eq!(ips(&u).len(), 1);
+        std::fs::write(&hosts, "10.0.0.1 app.test\n").unwrap();
+        wait_for(&u, &["10.0.0.1:9000", "10.0.0.9:9000"]).await;
+        shutdown.cancel();
     }
 }
