@@ -261,6 +261,40 @@ async fn status_shows_the_name_of_resolved_servers() {
     assert_eq!(servers[0]["name"], format!("app.test:{}", a.port()));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_successor_of_an_upgrade_resolves_names_and_keeps_tunnels() {
+    let a = echo_backend("a").await;
+    let (b, _hosts) = start(
+        &config(&format!("app.test:{}", a.port()), "    resolve: 100ms\n"),
+        "127.0.0.1 app.test\n",
+    );
+    assert!(b
+        .log
+        .wait_for(
+            &["upstream servers changed", &format!("pid={} ", b.pid())],
+            WAIT
+        )
+        .is_some());
+    let addr = b.addr("t");
+    let (mut held, g) = greeting(addr, 1).await;
+    assert_eq!(g, "a");
+    assert!(echoes(&mut held, "before").await);
+    let (ok, out) = upgrade_async(&b.config).await;
+    assert!(ok, "{out}");
+    let pid = b.serving_pid();
+    assert_ne!(pid, b.pid());
+    // The successor (which inherited BATON_HOSTS_FILE) resolved the name itself.
+    let line = b
+        .log
+        .wait_for(&["upstream servers changed", &format!("pid={pid} ")], WAIT)
+        .expect("the successor did not resolve the name");
+    assert!(line.contains(&format!("added=[{a}]")), "{line}");
+    for _ in 0..3 {
+        assert_eq!(who(addr).await, "a");
+    }
+    assert!(echoes(&mut held, "after the upgrade").await);
+}
+
 /// `baton check` on `yaml`: (exit code, stderr).
 fn check(yaml: &str) -> (Option<i32>, String, PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
