@@ -5,7 +5,8 @@
 //! [`Upstream::report`]. [`Upstream::pick`] asks the pool's [`balance::Balancer`] to choose
 //! among servers that are healthy, not ejected and not already tried; when every server is
 //! down it fails open and chooses among all of them (see docs/upstreams.md for why). The pick
-//! path takes no lock except the round robin's short `Mutex` and allocates nothing.
+//! path takes no lock except the round robin's short `Mutex`, and allocates nothing (round robin
+//! re-sizes its state once after the set changed).
 //!
 //! The server set is swappable ([`Upstream::set_servers`], driven by DNS discovery in
 //! [`resolve`]): a pick reads one snapshot of it (an `ArcSwap` load, no lock), a server that
