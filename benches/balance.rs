@@ -14,7 +14,7 @@ fn pool(balance: Balance) -> std::sync::Arc<Upstream> {
         name: "bench".into(),
         servers: (0..8u16)
             .map(|i| Server {
-                addr: SocketAddr::from(([10, 0, 0, 1], 8000 + i)),
+                addr: SocketAddr::from(([10, 0, 0, 1], 8000 + i)).into(),
                 weight: 1 + u32::from(i % 3),
             })
             .collect(),
@@ -22,6 +22,7 @@ fn pool(balance: Balance) -> std::sync::Arc<Upstream> {
         connect_timeout: Duration::from_secs(1),
         retries: 2,
         health_check: None,
+        resolve: None,
         eject_after: 3,
         eject_for: Duration::from_secs(10),
         http: UpstreamHttp::default(),

@@ -151,6 +151,8 @@ pub struct Upstream {
     pub eject_after: Option<u32>,
     pub eject_for: Option<S<String>>,
     pub http: Option<UpstreamHttp>,
+    /// Re-resolution interval of hostname servers.
+    pub resolve: Option<S<String>>,
 }
 
 /// A server: `"host:port"` or `{ addr: "host:port", weight: 3 }`.

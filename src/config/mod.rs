@@ -2,6 +2,7 @@
 //! validated [`Config`] every other module reads. Plain data: depends on nothing else in baton.
 
 mod file;
+mod server_addr;
 mod validate;
 
 use serde::{Deserialize, Serialize};
@@ -201,12 +202,42 @@ pub enum Balance {
     HashClient,
 }
 
-/// One server of an upstream.
+/// Where a server listens: a fixed socket address, or a hostname that baton resolves at run
+/// time (every address it resolves to is one server; see docs/upstreams.md, "DNS discovery").
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ServerAddr {
+    /// `ip:port`: used as is, never resolved.
+    Ip(SocketAddr),
+    /// `host:port`: resolved at start, and every `resolve` interval if set.
+    Name {
+        /// The hostname, lower-cased, without a trailing dot.
+        host: String,
+        /// The port every resolved address is given.
+        port: u16,
+    },
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerAddr::Ip(a) => write!(f, "{a}"),
+            ServerAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl From<SocketAddr> for ServerAddr {
+    fn from(a: SocketAddr) -> Self {
+        ServerAddr::Ip(a)
+    }
+}
+
+/// One server entry of an upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
-    /// Its address.
-    pub addr: SocketAddr,
-    /// Relative weight, at least 1.
+    /// Its address or hostname.
+    pub addr: ServerAddr,
+    /// Relative weight, at least 1 (each address a hostname resolves to gets it).
     pub weight: u32,
 }
 
@@ -272,8 +303,11 @@ impl Default for UpstreamHttp {
 pub struct Upstream {
     /// Its name (the key under `upstreams:`).
     pub name: String,
-    /// Its servers, never empty.
+    /// Its server entries, never empty.
     pub servers: Vec<Server>,
+    /// Re-resolve hostname servers this often; `None` = resolve once at start (retrying a
+    /// name until it resolves).
+    pub resolve: Option<Duration>,
     /// How a server is chosen.
     pub balance: Balance,
     /// Time allowed for a TCP connect.

@@ -3,6 +3,7 @@
 //! `file:line:column: key.path: what is wrong`.
 
 use super::file::{self, S};
+use super::server_addr::{parse_server_addr, MIN_RESOLVE};
 use super::*;
 use std::collections::HashMap;
 
@@ -116,7 +117,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Parses `ip:port`; hostnames are refused (no DNS at config time).
+/// Parses `ip:port`; hostnames are refused (listeners and the admin endpoint bind, and binding
+/// a name would make the address depend on DNS at start).
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>()
         .map_err(|_| format!("bad address {s:?}: expected ip:port, like 127.0.0.1:8080"))
@@ -444,7 +446,7 @@ fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>) -> Upstream {
         if weight == 0 {
             errs.at(s, &format!("{sp}.weight"), "weight must be at least 1");
         }
-        match parse_addr(addr) {
+        match parse_server_addr(addr) {
             Ok(addr) => {
                 if servers.iter().any(|x: &Server| x.addr == addr) {
                     errs.at(s, &sp, format!("server {addr} is listed twice"));
@@ -457,6 +459,34 @@ fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>) -> Upstream {
             Err(e) => errs.at(s, &sp, e),
         }
     }
+    // Judged on the raw entries, so a malformed entry does not also make `resolve` look unused.
+    let has_names = raw.servers.value.iter().any(|s| {
+        let a = match &s.value {
+            file::ServerEntry::Short(a) => a,
+            file::ServerEntry::Long(l) => &l.addr,
+        };
+        a.parse::<SocketAddr>().is_err()
+    });
+    let resolve = raw.resolve.as_ref().and_then(|r| {
+        let rp = format!("{p}.resolve");
+        match parse_duration(&r.value) {
+            Err(e) => errs.at(r, &rp, e),
+            Ok(d) if d < MIN_RESOLVE => errs.at(
+                r,
+                &rp,
+                format!(
+                    "must be at least {MIN_RESOLVE:?} (leave resolve out to resolve names once at start)"
+                ),
+            ),
+            Ok(_) if !has_names => errs.at(
+                r,
+                &rp,
+                "no server is a hostname, so there is nothing to re-resolve",
+            ),
+            Ok(d) => return Some(d),
+        }
+        None
+    });
     let health_check = raw.health_check.as_ref().map(|h| {
         let hp = format!("{p}.health_check");
         let kind = match errs.choice(
@@ -531,6 +561,7 @@ fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>) -> Upstream {
             &format!("{p}.connect_timeout"),
             Duration::from_secs(2),
         ),
+        resolve,
         retries: raw.retries.unwrap_or(2),
         health_check,
         eject_after: raw.eject_after.unwrap_or(3),

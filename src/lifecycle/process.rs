@@ -343,6 +343,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
         u.set_metrics(p.metrics.upstream(u.name()));
         u.spawn_health_checks(p.shutdown.child_token());
     }
+    upstream::resolve::start(&p.upstreams, p.shutdown.child_token()).await;
     // Multi-process mode: the inherited channel is the supervisor's; take over through the one
     // it sends.
     let (inherited, mut worker_link) = super::worker::setup(&p, inherited).await?;

@@ -4,7 +4,12 @@
 //! servers there are, which of them may be chosen right now, and each one's weight, active
 //! connections and hash key. The pool decides eligibility (health, ejection, servers already
 //! tried); the algorithms only choose among the eligible. No pick allocates: state lives in the
-//! [`Balancer`] (a small `Mutex<Vec<i64>>` for smooth weighted round robin; the others keep none), and every algorithm is a scan over at most the pool's length.
+//! [`Balancer`] (a small [`RoundRobinState`] behind a `Mutex` for smooth weighted round robin;
+//! the others keep none), and every algorithm is a scan over at most the pool's length.
+//!
+//! The server set may change between picks (DNS discovery swaps it): indices are only valid
+//! within one view. State that outlives a pick is therefore keyed by each server's stable key,
+//! and lined up again with the view when the set changed (the only time a pick allocates).
 
 use crate::config::Balance;
 use rand::Rng;
@@ -32,10 +37,10 @@ pub trait Candidates {
 /// A balancing algorithm with whatever state it keeps between picks.
 #[derive(Debug)]
 pub enum Balancer {
-    /// Smooth weighted round robin; `current[i]` is nginx's `current_weight` of server `i`.
+    /// Smooth weighted round robin, with nginx's `current_weight` of each server.
     RoundRobin {
-        /// Current weights, one per server.
-        current: Mutex<Vec<i64>>,
+        /// Current weights, by server.
+        current: Mutex<RoundRobinState>,
     },
     /// Weighted least connections, ties broken at random by weight.
     LeastConn,
@@ -45,12 +50,51 @@ pub enum Balancer {
     HashClient,
 }
 
+/// The current weights of smooth weighted round robin, lined up with the last view seen.
+#[derive(Debug, Default)]
+pub struct RoundRobinState {
+    /// `keys[i]` is the key of the server whose current weight is `weights[i]`.
+    keys: Vec<u64>,
+    /// nginx's `current_weight`, one per server.
+    weights: Vec<i64>,
+}
+
+impl RoundRobinState {
+    /// Lines the state up with `c`: a server keeps its current weight across a change of the
+    /// set (found by key), a new one starts at 0, a removed one is forgotten. Allocates only
+    /// when the set changed.
+    pub fn follow(&mut self, c: &impl Candidates) {
+        let n = c.len();
+        if self.keys.len() == n && (0..n).all(|i| self.keys[i] == c.key(i)) {
+            return;
+        }
+        let keys: Vec<u64> = (0..n).map(|i| c.key(i)).collect();
+        let weights = keys
+            .iter()
+            .map(|k| {
+                self.keys
+                    .iter()
+                    .position(|old| old == k)
+                    .map_or(0, |j| self.weights[j])
+            })
+            .collect();
+        self.keys = keys;
+        self.weights = weights;
+    }
+
+    /// The current weight of the server with key `key`, if it is in the state.
+    pub fn weight_of(&self, key: u64) -> Option<i64> {
+        let i = self.keys.iter().position(|k| *k == key)?;
+        Some(self.weights[i])
+    }
+}
+
 impl Balancer {
-    /// A balancer of kind `kind` for a pool of `n` servers.
-    pub fn new(kind: Balance, n: usize) -> Balancer {
+    /// A balancer of kind `kind`; its state sizes itself to the servers it is shown.
+    pub fn new(kind: Balance) -> Balancer {
         match kind {
             Balance::RoundRobin => Balancer::RoundRobin {
-                current: Mutex::new(vec![0; n]),
+                current: Mutex::new(RoundRobinState::default()),
             },
             Balance::LeastConn => Balancer::LeastConn,
             Balance::RandomTwo => Balancer::RandomTwo,
@@ -65,7 +109,8 @@ impl Balancer {
                 // A poisoned lock only means another pick panicked mid-update; the weights
                 // are still plain integers, so carry on with them.
                 let mut cur = current.lock().unwrap_or_else(|p| p.into_inner());
-                smooth_wrr(&mut cur, c)
+                cur.follow(c);
+                smooth_wrr(&mut cur.weights, c)
             }
             Balancer::LeastConn => least_conn(c, &mut rand::rng()),
             Balancer::RandomTwo => random_two(c, &mut rand::rng()),
@@ -283,7 +328,7 @@ mod tests {
     #[test]
     fn smooth_wrr_gives_nginx_sequence() {
         let p = Pool::new(&[5, 1, 1]);
-        let b = Balancer::new(Balance::RoundRobin, 3);
+        let b = Balancer::new(Balance::RoundRobin);
         let seq: String = (0..21)
             .map(|_| (b'a' + b.pick(&p, ip(1)).unwrap() as u8) as char)
             .collect();
@@ -294,7 +339,7 @@ mod tests {
     fn smooth_wrr_skips_ineligible_servers() {
         let mut p = Pool::new(&[5, 1, 1]);
         p.up[0] = false;
-        let b = Balancer::new(Balance::RoundRobin, 3);
+        let b = Balancer::new(Balance::RoundRobin);
         let seq: String = (0..6)
             .map(|_| (b'a' + b.pick(&p, ip(1)).unwrap() as u8) as char)
             .collect();
@@ -309,7 +354,7 @@ mod tests {
         let picks = 10_000;
         for kind in [Balance::RoundRobin, Balance::LeastConn, Balance::RandomTwo] {
             let p = Pool::new(&weights);
-            let b = Balancer::new(kind, weights.len());
+            let b = Balancer::new(kind);
             let mut count = [0usize; 4];
             for _ in 0..picks {
                 count[b.pick(&p, ip(1)).unwrap()] += 1;
@@ -404,9 +449,64 @@ mod tests {
     }
 
     #[test]
+    fn smooth_wrr_state_follows_a_changed_set() {
+        let mut p = Pool::new(&[5, 1, 1]);
+        let b = Balancer::new(Balance::RoundRobin);
+        for _ in 0..3 {
+            b.pick(&p, ip(1)).unwrap();
+        }
+        let Balancer::RoundRobin { current } = &b else {
+            unreachable!()
+        };
+        let (ka, kb, kc) = (p.key[0], p.key[1], p.key[2]);
+        let (wa, wc) = {
+            let st = current.lock().unwrap();
+            (st.weight_of(ka).unwrap(), st.weight_of(kc).unwrap())
+        };
+        // Server b leaves and a new server d joins at the end: the set is [a, c, d].
+        let kd = hash_addr(SocketAddr::from(([10, 0, 0, 9], 8080)));
+        p.key = vec![ka, kc, kd];
+        {
+            let mut st = current.lock().unwrap();
+            st.follow(&p);
+            assert_eq!(st.weight_of(ka), Some(wa), "a keeps its current weight");
+            assert_eq!(st.weight_of(kc), Some(wc), "c keeps its current weight");
+            assert_eq!(st.weight_of(kd), Some(0), "d starts at zero");
+            assert_eq!(st.weight_of(kb), None, "b is forgotten");
+        }
+        // The new set is then served by weight (within one cycle's drift).
+        let mut count = [0usize; 3];
+        for _ in 0..700 {
+            count[b.pick(&p, ip(1)).unwrap()] += 1;
+        }
+        assert!(count[0].abs_diff(500) <= 5, "{count:?}");
+        assert!(count[1].abs_diff(100) <= 5, "{count:?}");
+        assert!(count[2].abs_diff(100) <= 5, "{count:?}");
+    }
+
+    #[test]
+    fn smooth_wrr_keeps_current_weights_by_key() {
+        let p = Pool::new(&[3, 2]);
+        let mut st = RoundRobinState::default();
+        st.follow(&p);
+        st.weights = vec![7, -7];
+        // Same servers in another order: each keeps its own weight.
+        let mut q = Pool::new(&[2, 3]);
+        q.key = vec![p.key[1], p.key[0]];
+        st.follow(&q);
+        assert_eq!(st.weights, vec![-7, 7]);
+        // A new server starts at zero; a missing one is dropped.
+        let mut r = Pool::new(&[3, 1]);
+        r.key = vec![p.key[0], 42];
+        st.follow(&r);
+        assert_eq!(st.weights, vec![7, 0]);
+        assert_eq!(st.weight_of(p.key[1]), None);
+    }
+
+    #[test]
     fn hash_client_is_sticky() {
         let p = Pool::new(&[1, 2, 1, 1]);
-        let b = Balancer::new(Balance::HashClient, 4);
+        let b = Balancer::new(Balance::HashClient);
         for n in 0..1000 {
             let first = b.pick(&p, ip(n));
             assert!(first.is_some());

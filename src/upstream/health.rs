@@ -5,10 +5,13 @@
 //! status line must be 2xx or 3xx), feeds the result to its [`HealthState`], and on a
 //! transition flips the server's `healthy` flag, counts it on the pool and logs it (info when a
 //! server comes back, warn when it goes). Tasks hold only a weak reference to their pool, so a
-//! dropped pool stops its checks, and each stops at once on shutdown.
+//! dropped pool stops its checks, and each stops at once on shutdown. The pool's [`Checks`]
+//! keeps one stop token per server address, so the tasks follow a server set that changes
+//! (DNS discovery): a task starts for each added server and stops when its server is removed.
 
 use super::{ServerState, Upstream};
 use crate::config::{CheckKind, HealthCheck};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -149,16 +152,71 @@ pub fn status_ok(line: &[u8]) -> Result<(), CheckError> {
     }
 }
 
-/// Starts one checking task per server of `up`.
-pub fn spawn(up: &Arc<Upstream>, hc: &HealthCheck, shutdown: CancellationToken) {
-    for server in &up.servers {
-        let task = CheckTask {
-            up: Arc::downgrade(up),
-            server: server.clone(),
-            hc: hc.clone(),
-            shutdown: shutdown.clone(),
-        };
-        tokio::spawn(task.run());
+/// A pool's checking tasks: one per server address, each with its own stop token.
+#[derive(Debug, Default)]
+pub struct Checks {
+    /// Set once the checks are started; `None` means the pool has no checks (yet).
+    started: Option<Started>,
+    /// The stop token of each server's task, by address.
+    tasks: HashMap<SocketAddr, CancellationToken>,
+}
+
+/// What every task of a pool shares.
+#[derive(Debug)]
+struct Started {
+    /// The pool, weak so that a dropped pool ends its checks.
+    up: Weak<Upstream>,
+    /// The check's settings.
+    hc: HealthCheck,
+    /// Stops every task (each task's token is a child of it).
+    shutdown: CancellationToken,
+}
+
+impl Checks {
+    /// Turns checking on for `up` with settings `hc` until `shutdown`; tasks start at the next
+    /// [`Checks::follow`]. A second call is ignored.
+    pub fn start(&mut self, up: &Arc<Upstream>, hc: &HealthCheck, shutdown: CancellationToken) {
+        if self.started.is_none() {
+            self.started = Some(Started {
+                up: Arc::downgrade(up),
+                hc: hc.clone(),
+                shutdown,
+            });
+        }
+    }
+
+    /// Makes the tasks match `servers`: starts one for each server without one, stops those
+    /// of servers no longer listed. Does nothing before [`Checks::start`].
+    pub fn follow(&mut self, servers: &[Arc<ServerState>]) {
+        let Some(st) = &self.started else { return };
+        self.tasks.retain(|addr, stop| {
+            let keep = servers.iter().any(|s| s.addr == *addr) && !stop.is_cancelled();
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+        for s in servers {
+            if self.tasks.contains_key(&s.addr) {
+                continue;
+            }
+            let stop = st.shutdown.child_token();
+            self.tasks.insert(s.addr, stop.clone());
+            let task = CheckTask {
+                up: st.up.clone(),
+                addr: s.addr,
+                hc: st.hc.clone(),
+                stop,
+            };
+            tokio::spawn(task.run());
+        }
+    }
+
+    /// The addresses being checked now.
+    pub fn checked(&self) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = self.tasks.keys().copied().collect();
+        v.sort();
+        v
     }
 }
 
@@ -166,12 +224,13 @@ pub fn spawn(up: &Arc<Upstream>, hc: &HealthCheck, shutdown: CancellationToken) 
 struct CheckTask {
     /// The pool, weak so that a dropped pool ends its checks.
     up: Weak<Upstream>,
-    /// The server checked.
-    server: Arc<ServerState>,
+    /// The server checked. Its state is looked up in the pool at each transition, so a state
+    /// replaced by a swap of the set is the one updated.
+    addr: SocketAddr,
     /// The check's settings.
     hc: HealthCheck,
-    /// Stops the task.
-    shutdown: CancellationToken,
+    /// Stops the task: on shutdown, or when its server leaves the set.
+    stop: CancellationToken,
 }
 
 impl CheckTask {
@@ -180,24 +239,31 @@ impl CheckTask {
         // A slow check delays the next one rather than bunching checks up after it.
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state = HealthState::default();
+        let addr = self.addr;
         loop {
             tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = self.stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }
             let result = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                r = check(&self.hc.kind, self.server.addr, self.hc.timeout) => r,
+                _ = self.stop.cancelled() => return,
+                r = check(&self.hc.kind, addr, self.hc.timeout) => r,
             };
             let Some(up) = self.up.upgrade() else { return };
-            let addr = self.server.addr;
             if let Err(e) = &result {
                 tracing::debug!(upstream = %up.name(), server = %addr, reason = %e, "health check failed");
             }
             let ok = result.is_ok();
-            match state.record(ok, self.hc.rise, self.hc.fall) {
-                Some(Transition::Down) => {
-                    self.server.healthy.store(false, Ordering::Relaxed);
+            let Some(transition) = state.record(ok, self.hc.rise, self.hc.fall) else {
+                continue;
+            };
+            let Some(server) = up.find(addr) else {
+                // Removed from the set while this check ran; the task is being stopped.
+                return;
+            };
+            match transition {
+                Transition::Down => {
+                    server.healthy.store(false, Ordering::Relaxed);
                     up.counters.marked_down.fetch_add(1, Ordering::Relaxed);
                     if let Some(m) = up.metrics() {
                         m.health_transition(false);
@@ -205,15 +271,14 @@ impl CheckTask {
                     let reason = result.err().map(|e| e.to_string()).unwrap_or_default();
                     tracing::warn!(upstream = %up.name(), server = %addr, reason = %reason, checks = self.hc.fall, "server marked unhealthy");
                 }
-                Some(Transition::Up) => {
-                    self.server.healthy.store(true, Ordering::Relaxed);
+                Transition::Up => {
+                    server.healthy.store(true, Ordering::Relaxed);
                     up.counters.marked_up.fetch_add(1, Ordering::Relaxed);
                     if let Some(m) = up.metrics() {
                         m.health_transition(true);
                     }
                     tracing::info!(upstream = %up.name(), server = %addr, reason = "health checks passed", checks = self.hc.rise, "server marked healthy");
                 }
-                None => {}
             }
         }
     }

@@ -5,18 +5,26 @@
 //! [`Upstream::report`]. [`Upstream::pick`] asks the pool's [`balance::Balancer`] to choose
 //! among servers that are healthy, not ejected and not already tried; when every server is
 //! down it fails open and chooses among all of them (see docs/upstreams.md for why). The pick
-//! path takes no lock except the round robin's short `Mutex` and allocates nothing.
+//! path takes no lock except the round robin's short `Mutex`, and allocates nothing (round robin
+//! re-sizes its state once after the set changed).
+//!
+//! The server set is swappable ([`Upstream::set_servers`], driven by DNS discovery in
+//! [`resolve`]): a pick reads one snapshot of it (an `ArcSwap` load, no lock), a server that
+//! stays across a swap keeps its state (health, ejection, active count), and a server that
+//! leaves is no longer picked while the connections holding it run on until they end.
 
 pub mod balance;
 pub mod health;
+pub mod resolve;
 
 use crate::config;
+use arc_swap::ArcSwap;
 use balance::{Balancer, Candidates};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -51,6 +59,8 @@ pub struct ServerState {
     addr: SocketAddr,
     /// Relative weight, at least 1.
     weight: u32,
+    /// The `host:port` entry it was resolved from; `None` for an `ip:port` entry.
+    name: Option<Arc<str>>,
     /// Stable hash of `addr`, computed once for consistent hashing.
     key: u64,
     /// Connections holding a [`ServerGuard`] for it.
@@ -61,6 +71,68 @@ pub struct ServerState {
     failures: AtomicU32,
     /// Ejected until this time (ms on the pool's clock); 0 = not ejected.
     ejected_until: AtomicU64,
+}
+
+impl ServerState {
+    /// A new server, healthy and not ejected.
+    fn new(spec: &ServerSpec) -> ServerState {
+        ServerState {
+            addr: spec.addr,
+            weight: spec.weight.max(1),
+            name: spec.name.clone(),
+            key: balance::hash_addr(spec.addr),
+            active: AtomicUsize::new(0),
+            healthy: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+        }
+    }
+
+    /// A server described anew (another weight or entry) that keeps the health and ejection
+    /// state of `old`, the same address. Its active count starts at 0: the connections that
+    /// hold `old` count against `old`.
+    fn carried(spec: &ServerSpec, old: &ServerState) -> ServerState {
+        let s = ServerState::new(spec);
+        s.healthy
+            .store(old.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
+        s.failures
+            .store(old.failures.load(Ordering::Relaxed), Ordering::Relaxed);
+        s.ejected_until
+            .store(old.ejected_until.load(Ordering::Relaxed), Ordering::Relaxed);
+        s
+    }
+
+    /// Whether this state describes `spec` exactly.
+    fn is(&self, spec: &ServerSpec) -> bool {
+        self.addr == spec.addr && self.weight == spec.weight.max(1) && self.name == spec.name
+    }
+}
+
+/// A server a pool should have: what [`Upstream::set_servers`] is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Relative weight (0 counts as 1).
+    pub weight: u32,
+    /// The `host:port` entry it was resolved from; `None` for an `ip:port` entry.
+    pub name: Option<Arc<str>>,
+}
+
+/// What a call to [`Upstream::set_servers`] changed, by address.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SetChange {
+    /// Servers now in the set that were not before.
+    pub added: Vec<SocketAddr>,
+    /// Servers no longer in the set.
+    pub removed: Vec<SocketAddr>,
+}
+
+impl SetChange {
+    /// Whether nothing was added or removed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
 }
 
 /// A server chosen for one connection; counts as active while held.
@@ -97,6 +169,9 @@ pub struct ServerStatus {
     pub active: usize,
     /// Consecutive failed connects counted towards ejection.
     pub failures: u32,
+    /// The `host:port` entry it was resolved from (absent for an `ip:port` entry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// Event counts of a pool, for metrics.
@@ -119,8 +194,12 @@ pub struct UpstreamCounters {
 pub struct Upstream {
     /// Its configuration.
     cfg: config::Upstream,
-    /// Its servers, in configuration order.
-    servers: Vec<Arc<ServerState>>,
+    /// Its servers, in configuration order (a hostname's addresses sorted, in its place);
+    /// swapped whole when DNS discovery changes it.
+    servers: ArcSwap<Vec<Arc<ServerState>>>,
+    /// The active health-check tasks; its lock also serialises swaps of `servers`, so the
+    /// tasks follow the set.
+    checks: Mutex<health::Checks>,
     /// The balancing algorithm and its state.
     balancer: Balancer,
     /// Origin of the pool's millisecond clock (ejection deadlines, log rate limits).
@@ -136,6 +215,8 @@ pub struct Upstream {
 /// Which servers a pick may choose.
 struct View<'a> {
     up: &'a Upstream,
+    /// The snapshot of the set this pick works on.
+    servers: &'a [Arc<ServerState>],
     exclude: &'a [SocketAddr],
     /// Now, on the pool's clock.
     now: u64,
@@ -145,20 +226,20 @@ struct View<'a> {
 
 impl Candidates for View<'_> {
     fn len(&self) -> usize {
-        self.up.servers.len()
+        self.servers.len()
     }
     fn eligible(&self, i: usize) -> bool {
-        let s = &self.up.servers[i];
+        let s = &self.servers[i];
         !self.exclude.contains(&s.addr) && (self.all || self.up.usable(s, self.now))
     }
     fn weight(&self, i: usize) -> u32 {
-        self.up.servers[i].weight
+        self.servers[i].weight
     }
     fn active(&self, i: usize) -> usize {
-        self.up.servers[i].active.load(Ordering::Relaxed)
+        self.servers[i].active.load(Ordering::Relaxed)
     }
     fn key(&self, i: usize) -> u64 {
-        self.up.servers[i].key
+        self.servers[i].key
     }
 }
 
@@ -166,32 +247,76 @@ impl Candidates for View<'_> {
 const FAIL_OPEN_WARN_EVERY_MS: u64 = 1000;
 
 impl Upstream {
-    /// Builds a pool from its configuration.
+    /// Builds a pool from its configuration. Only `ip:port` entries are servers at first;
+    /// hostname entries join when [`resolve`] has resolved them.
     pub fn new(cfg: &config::Upstream) -> Arc<Upstream> {
         let servers: Vec<_> = cfg
             .servers
             .iter()
-            .map(|s| {
-                Arc::new(ServerState {
-                    addr: s.addr,
-                    weight: s.weight.max(1),
-                    key: balance::hash_addr(s.addr),
-                    active: AtomicUsize::new(0),
-                    healthy: AtomicBool::new(true),
-                    failures: AtomicU32::new(0),
-                    ejected_until: AtomicU64::new(0),
-                })
+            .filter_map(|s| match s.addr {
+                config::ServerAddr::Ip(addr) => Some(Arc::new(ServerState::new(&ServerSpec {
+                    addr,
+                    weight: s.weight,
+                    name: None,
+                }))),
+                config::ServerAddr::Name { .. } => None,
             })
             .collect();
         Arc::new(Upstream {
-            balancer: Balancer::new(cfg.balance, servers.len()),
+            balancer: Balancer::new(cfg.balance),
             cfg: cfg.clone(),
-            servers,
+            servers: ArcSwap::from_pointee(servers),
+            checks: Mutex::new(health::Checks::default()),
             epoch: Instant::now(),
             last_fail_open_warn: AtomicU64::new(0),
             counters: UpstreamCounters::default(),
             metrics: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Replaces the server set with `specs`, in their order (an address listed twice keeps
+    /// its first entry). A server whose address, weight and entry stay keeps its state and
+    /// identity; a removed server is no longer picked, while connections holding it run on.
+    /// Health checks follow: started for added servers, stopped for removed ones.
+    pub fn set_servers(&self, specs: &[ServerSpec]) -> SetChange {
+        let mut checks = self.lock_checks();
+        let old = self.servers.load_full();
+        let mut new: Vec<Arc<ServerState>> = Vec::with_capacity(specs.len());
+        for spec in specs {
+            if new.iter().any(|s| s.addr == spec.addr) {
+                continue;
+            }
+            new.push(match old.iter().find(|s| s.addr == spec.addr) {
+                Some(s) if s.is(spec) => s.clone(),
+                Some(s) => Arc::new(ServerState::carried(spec, s)),
+                None => Arc::new(ServerState::new(spec)),
+            });
+        }
+        let change = SetChange {
+            added: new
+                .iter()
+                .filter(|s| !old.iter().any(|o| o.addr == s.addr))
+                .map(|s| s.addr)
+                .collect(),
+            removed: old
+                .iter()
+                .filter(|o| !new.iter().any(|s| s.addr == o.addr))
+                .map(|o| o.addr)
+                .collect(),
+        };
+        checks.follow(&new);
+        self.servers.store(Arc::new(new));
+        change
+    }
+
+    /// The health-check state; a poisoned lock is taken over (it holds only task handles).
+    fn lock_checks(&self) -> MutexGuard<'_, health::Checks> {
+        self.checks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current state of the server at `addr`, if it is in the set.
+    fn find(&self, addr: SocketAddr) -> Option<Arc<ServerState>> {
+        self.servers.load().iter().find(|s| s.addr == addr).cloned()
     }
 
     /// The pool's name.
@@ -240,8 +365,10 @@ impl Upstream {
     /// they were tried, and the rest are known down.
     pub fn pick(&self, client: IpAddr, exclude: &[SocketAddr]) -> Option<ServerGuard> {
         let now = self.now_ms();
+        let servers = self.servers.load();
         let mut view = View {
             up: self,
+            servers: &servers,
             exclude,
             now,
             all: false,
@@ -249,7 +376,7 @@ impl Upstream {
         let i = match self.balancer.pick(&view, client) {
             Some(i) => i,
             None => {
-                if self.servers.iter().any(|s| self.usable(s, now)) {
+                if servers.iter().any(|s| self.usable(s, now)) {
                     return None;
                 }
                 view.all = true;
@@ -257,16 +384,16 @@ impl Upstream {
                 self.counters
                     .fail_open_picks
                     .fetch_add(1, Ordering::Relaxed);
-                self.warn_fail_open(now);
+                self.warn_fail_open(now, servers.len());
                 i
             }
         };
-        let s = &self.servers[i];
+        let s = &servers[i];
         s.active.fetch_add(1, Ordering::Relaxed);
         Some(ServerGuard { server: s.clone() })
     }
 
-    fn warn_fail_open(&self, now: u64) {
+    fn warn_fail_open(&self, now: u64, servers: usize) {
         let last = self.last_fail_open_warn.load(Ordering::Relaxed);
         if last != 0 && now < last + FAIL_OPEN_WARN_EVERY_MS {
             return;
@@ -277,7 +404,7 @@ impl Upstream {
             .is_ok()
         {
             let picks = self.counters.fail_open_picks.load(Ordering::Relaxed);
-            tracing::warn!(upstream = %self.cfg.name, servers = self.servers.len(), fail_open_picks = picks, "every server is unhealthy or ejected; failing open and trying them anyway");
+            tracing::warn!(upstream = %self.cfg.name, servers, fail_open_picks = picks, "every server is unhealthy or ejected; failing open and trying them anyway");
         }
     }
 
@@ -295,7 +422,8 @@ impl Upstream {
     /// server's failure count; `eject_after` failures in a row eject it for `eject_for`. A
     /// server back from ejection is on probation: its next failure ejects it again.
     pub fn report(&self, addr: SocketAddr, ok: bool) {
-        let Some(s) = self.servers.iter().find(|s| s.addr == addr) else {
+        let Some(s) = self.find(addr) else {
+            // Removed from the set since it was picked: nothing left to judge.
             return;
         };
         if ok {
@@ -366,10 +494,14 @@ impl Upstream {
         }
     }
 
-    /// Starts the active health checks (if configured), stopped by `shutdown`.
+    /// Starts the active health checks (if configured), stopped by `shutdown`. From then on
+    /// they follow the server set: a server added later gets its own checks, a removed one
+    /// loses them.
     pub fn spawn_health_checks(self: &Arc<Self>, shutdown: CancellationToken) {
         if let Some(hc) = &self.cfg.health_check {
-            health::spawn(self, hc, shutdown);
+            let mut checks = self.lock_checks();
+            checks.start(self, hc, shutdown);
+            checks.follow(&self.servers.load());
         }
     }
 
@@ -377,6 +509,7 @@ impl Upstream {
     pub fn status(&self) -> Vec<ServerStatus> {
         let now = self.now_ms();
         self.servers
+            .load()
             .iter()
             .map(|s| {
                 let until = s.ejected_until.load(Ordering::Relaxed);
@@ -387,6 +520,7 @@ impl Upstream {
                     ejected: until != 0 && now < until,
                     active: s.active.load(Ordering::Relaxed),
                     failures: s.failures.load(Ordering::Relaxed),
+                    name: s.name.as_deref().map(str::to_string),
                 }
             })
             .collect()
@@ -394,7 +528,7 @@ impl Upstream {
 
     /// Marks a server healthy or not, as an active check would (for tests and admin tools).
     pub fn set_healthy(&self, addr: SocketAddr, healthy: bool) {
-        if let Some(s) = self.servers.iter().find(|s| s.addr == addr) {
+        if let Some(s) = self.find(addr) {
             s.healthy.store(healthy, Ordering::Relaxed);
         }
     }

@@ -15,7 +15,7 @@ fn pool(
         servers: servers
             .iter()
             .map(|&(port, weight)| config::Server {
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                addr: SocketAddr::from(([127, 0, 0, 1], port)).into(),
                 weight,
             })
             .collect(),
@@ -23,6 +23,7 @@ fn pool(
         connect_timeout: Duration::from_secs(1),
         retries: 2,
         health_check: None,
+        resolve: None,
         eject_after,
         eject_for,
         http: config::UpstreamHttp::default(),
@@ -204,11 +205,11 @@ async fn connect_retries_other_servers() {
         name: "u".into(),
         servers: vec![
             config::Server {
-                addr: dead,
+                addr: dead.into(),
                 weight: 1,
             },
             config::Server {
-                addr: live,
+                addr: live.into(),
                 weight: 1,
             },
         ],
@@ -216,6 +217,7 @@ async fn connect_retries_other_servers() {
         connect_timeout: Duration::from_secs(5),
         retries: 1,
         health_check: None,
+        resolve: None,
         eject_after: 0,
         eject_for: Duration::from_secs(1),
         http: config::UpstreamHttp::default(),
@@ -229,4 +231,243 @@ async fn connect_retries_other_servers() {
         Err(ConnectError::Failed { attempts: 2, .. }) => {}
         other => panic!("expected two failed attempts, got {other:?}"),
     }
+}
+
+fn spec(port: u16, weight: u32) -> ServerSpec {
+    ServerSpec {
+        addr: a(port),
+        weight,
+        name: Some("app.test:1".into()),
+    }
+}
+
+fn specs(ports: &[u16]) -> Vec<ServerSpec> {
+    ports.iter().map(|&p| spec(p, 1)).collect()
+}
+
+fn addrs(u: &Upstream) -> Vec<SocketAddr> {
+    u.status().iter().map(|s| s.addr).collect()
+}
+
+#[test]
+fn set_swap_keeps_the_state_of_remaining_servers() {
+    let u = pool(config::Balance::RoundRobin, &[], 2, Duration::from_secs(60));
+    assert!(
+        u.pick(CLIENT, &[]).is_none(),
+        "no server before the first swap"
+    );
+    let c = u.set_servers(&specs(&[1, 2]));
+    assert_eq!(c.added, vec![a(1), a(2)]);
+    assert!(c.removed.is_empty());
+    // Give each server some state: 1 unhealthy, 2 ejected and in use.
+    u.set_healthy(a(1), false);
+    u.report(a(2), false);
+    u.report(a(2), false);
+    u.set_healthy(a(1), true);
+    let held = u.pick(CLIENT, &[]).unwrap();
+    assert_eq!(held.addr(), a(1), "2 is ejected");
+    u.set_healthy(a(1), false);
+    let before = u.find(a(1)).unwrap();
+
+    let c = u.set_servers(&specs(&[1, 2, 3]));
+    assert_eq!(
+        c,
+        SetChange {
+            added: vec![a(3)],
+            removed: vec![]
+        }
+    );
+    assert!(
+        Arc::ptr_eq(&before, &u.find(a(1)).unwrap()),
+        "same state kept"
+    );
+    let st = u.status();
+    assert_eq!(addrs(&u), vec![a(1), a(2), a(3)]);
+    assert!(!st[0].healthy && st[0].active == 1);
+    assert!(st[1].ejected && st[1].failures == 1);
+    assert!(st[2].healthy && !st[2].ejected && st[2].active == 0);
+    assert_eq!(st[2].name.as_deref(), Some("app.test:1"));
+    for _ in 0..5 {
+        assert_eq!(u.pick(CLIENT, &[]).unwrap().addr(), a(3));
+    }
+
+    // Server 1 leaves while a connection holds it: never picked again, its guard still works.
+    let c = u.set_servers(&specs(&[2, 3]));
+    assert_eq!(
+        c,
+        SetChange {
+            added: vec![],
+            removed: vec![a(1)]
+        }
+    );
+    assert_eq!(addrs(&u), vec![a(2), a(3)]);
+    u.set_healthy(a(1), true);
+    u.report(a(1), false);
+    for _ in 0..5 {
+        assert_eq!(u.pick(CLIENT, &[]).unwrap().addr(), a(3));
+    }
+    assert_eq!(held.addr(), a(1));
+    assert_eq!(before.active.load(Ordering::Relaxed), 1);
+    drop(held);
+    assert_eq!(before.active.load(Ordering::Relaxed), 0);
+
+    // The same set again changes nothing.
+    assert!(u.set_servers(&specs(&[2, 3])).is_empty());
+    // A duplicate address keeps its first entry.
+    let mut dup = specs(&[2, 3]);
+    dup.push(spec(2, 5));
+    u.set_servers(&dup);
+    assert_eq!(
+        u.status().iter().map(|s| s.weight).collect::<Vec<_>>(),
+        vec![1, 1]
+    );
+}
+
+#[test]
+fn a_new_weight_keeps_health_and_ejection() {
+    let u = pool(config::Balance::RoundRobin, &[], 1, Duration::from_secs(60));
+    u.set_servers(&specs(&[1, 2]));
+    u.set_healthy(a(1), false);
+    u.report(a(2), false);
+    let c = u.set_servers(&[spec(1, 3), spec(2, 2)]);
+    assert!(c.is_empty());
+    let st = u.status();
+    assert_eq!((st[0].weight, st[0].healthy), (3, false));
+    assert_eq!((st[1].weight, st[1].ejected), (2, true));
+}
+
+#[test]
+fn static_servers_stay_and_names_join_in_order() {
+    let u = pool(
+        config::Balance::RoundRobin,
+        &[(1, 1)],
+        3,
+        Duration::from_secs(60),
+    );
+    assert_eq!(addrs(&u), vec![a(1)]);
+    let mut all = vec![ServerSpec {
+        addr: a(1),
+        weight: 1,
+        name: None,
+    }];
+    all.extend(specs(&[5, 4]));
+    u.set_servers(&all);
+    assert_eq!(addrs(&u), vec![a(1), a(5), a(4)]);
+    assert_eq!(u.status()[0].name, None);
+}
+
+#[test]
+fn round_robin_stays_weighted_after_swaps() {
+    let u = pool(config::Balance::RoundRobin, &[], 3, Duration::from_secs(60));
+    u.set_servers(&[spec(1, 3), spec(2, 1)]);
+    for _ in 0..3 {
+        u.pick(CLIENT, &[]).unwrap();
+    }
+    u.set_servers(&[spec(1, 3), spec(3, 2), spec(4, 1)]);
+    let picks: Vec<SocketAddr> = (0..600)
+        .map(|_| u.pick(CLIENT, &[]).unwrap().addr())
+        .collect();
+    let count = |p| picks.iter().filter(|&&x| x == a(p)).count();
+    assert_eq!(count(2), 0, "a removed server is not picked");
+    // Exact within a cycle of 6: 300/200/100 over 100 cycles, allowing the carried state's drift.
+    assert!(count(1).abs_diff(300) <= 3, "{}", count(1));
+    assert!(count(3).abs_diff(200) <= 3, "{}", count(3));
+    assert!(count(4).abs_diff(100) <= 3, "{}", count(4));
+    // A smooth sequence: the heaviest server never runs more than twice in a row.
+    let runs = picks
+        .windows(3)
+        .filter(|w| w.iter().all(|&x| x == a(1)))
+        .count();
+    assert_eq!(runs, 0);
+}
+
+#[test]
+fn hash_client_moves_only_affected_clients_on_a_swap() {
+    let u = pool(config::Balance::HashClient, &[], 3, Duration::from_secs(60));
+    u.set_servers(&specs(&[1, 2, 3, 4]));
+    let clients: Vec<IpAddr> = (0..400u32)
+        .map(|n| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n)))
+        .collect();
+    let map = |u: &Upstream| -> Vec<SocketAddr> {
+        clients
+            .iter()
+            .map(|c| u.pick(*c, &[]).unwrap().addr())
+            .collect()
+    };
+    let before = map(&u);
+    // Server 2 leaves and server 5 joins.
+    u.set_servers(&specs(&[1, 3, 4, 5]));
+    let after = map(&u);
+    let mut moved = 0;
+    for (b, n) in before.iter().zip(&after) {
+        if *b == a(2) {
+            assert_ne!(*n, a(2));
+            moved += 1;
+        } else if n != b {
+            // Only to the newcomer, never between servers that stayed.
+            assert_eq!(*n, a(5), "a client moved from {b} to {n}");
+            moved += 1;
+        }
+    }
+    assert!(moved > 0 && moved < clients.len() / 2, "{moved}");
+    assert!(after.contains(&a(5)));
+}
+
+#[tokio::test]
+async fn health_checks_follow_the_set() {
+    let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let live_addr = live.local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let u = Upstream::new(&config::Upstream {
+        name: "u".into(),
+        servers: vec![],
+        balance: config::Balance::RoundRobin,
+        connect_timeout: Duration::from_secs(1),
+        retries: 0,
+        health_check: Some(config::HealthCheck {
+            kind: config::CheckKind::Tcp,
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_secs(5),
+            rise: 1,
+            fall: 1,
+        }),
+        resolve: None,
+        eject_after: 0,
+        eject_for: Duration::from_secs(1),
+        http: config::UpstreamHttp::default(),
+    });
+    let shutdown = CancellationToken::new();
+    u.spawn_health_checks(shutdown.clone());
+    let at = |addr| ServerSpec {
+        addr,
+        weight: 1,
+        name: None,
+    };
+    assert!(u.lock_checks().checked().is_empty());
+    u.set_servers(&[at(live_addr)]);
+    assert_eq!(u.lock_checks().checked(), vec![live_addr]);
+    // A server added later is checked too: the dead one is marked down.
+    u.set_servers(&[at(live_addr), at(dead)]);
+    let mut both = vec![live_addr, dead];
+    both.sort();
+    assert_eq!(u.lock_checks().checked(), both);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while u.status()[1].healthy {
+        assert!(
+            Instant::now() < deadline,
+            "the added server was never checked"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(u.status()[0].healthy);
+    // A removed server's task stops.
+    u.set_servers(&[at(live_addr)]);
+    assert_eq!(u.lock_checks().checked(), vec![live_addr]);
+    let down = u.counters.marked_down.load(Ordering::Relaxed);
+    assert_eq!(down, 1);
+    shutdown.cancel();
+    drop(live);
 }
