@@ -182,8 +182,8 @@ mem_measure() {
         --max-seconds 120 >"$WORK/conns.out" 2>&1 &
     local cpid=$!
     track "$cpid"
-    for ((i = 0; i < 900 && ! -s "$ready"; i++)); do
-        [[ -d /proc/$cpid ]] || break
+    for ((i = 0; i < 900; i++)); do
+        [[ -s "$ready" || ! -d /proc/$cpid ]] && break
         sleep 0.1
     done
     [[ -s "$ready" ]] || { cat "$WORK/conns.out" >&2; die "$proxy $kind: clients not established in 90 s"; }
@@ -193,7 +193,7 @@ mem_measure() {
     wait "$cpid" 2>/dev/null
     out=$(tail -1 "$WORK/conns.out")
     local errs
-    errs=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["errors"], d["error_samples"][:1])' "$out" 2>/dev/null || echo "? ($out)")
+    errs=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["errors"] if not d["errors"] else "%d (%s)" % (d["errors"], d["error_samples"][0]))' "$out" 2>/dev/null || echo "? ($out)")
     stop_pid "$pid"
     rm -f "$WORK/baton.pid"
     awk -v p="$proxy" -v k="$kind" -v n="$n" -v i="$idle" -v l="$loaded" -v e="$errs" 'BEGIN {
