@@ -20,7 +20,8 @@
 #   BENCH_RAW=FILE       also keep the raw per-run lines in FILE
 #   BENCH_NO_BUILD=1     use target/release/baton as it is
 #   BENCH_KEEP=1         keep the temporary folder (configs, logs)
-#   memory mode: MEM_IDLE_HTTP=10000 MEM_IDLE_TCP=4000 MEM_ACTIVE=1000 (connection counts)
+#   memory mode: MEM_IDLE_HTTP=9500 MEM_IDLE_TCP=4000 MEM_ACTIVE=1000 (connection counts; HAProxy
+#   cannot start with maxconn ≥ 9,890 under a 20,000 fd limit, and an L4 proxy needs 2 fds a tunnel)
 #
 # Quick smoke run: BENCH_SECONDS=2 BENCH_ROUNDS=1 scripts/bench.sh
 set -uo pipefail
@@ -157,7 +158,7 @@ throughput() {
 mem_measure() {
     local proxy=$1 kind=$2 pid tport hport n args=() idle loaded ready="$WORK/ready" out i maxconn
     case "$kind" in
-    idle-http) n=${MEM_IDLE_HTTP:-10000} ;;
+    idle-http) n=${MEM_IDLE_HTTP:-9500} ;;
     idle-tcp) n=${MEM_IDLE_TCP:-4000} ;;
     active-tcp) n=${MEM_ACTIVE:-1000} ;;
     esac
@@ -217,7 +218,8 @@ memory() {
     echo
     echo "RSS (VmRSS summed over the proxy's processes) of a freshly started proxy after one request"
     echo "(idle), then with the client connections held open (scripts/bench/conns.py):"
-    echo "idle-http = HTTP keep-alive connections idle after one request each; idle-tcp = L4 tunnels"
+    echo "idle-http = HTTP keep-alive connections idle after one request each (9,500, not 10,000: HAProxy"
+    echo "refuses to start with maxconn ≥ 9,890 under this machine's 20,000 fd limit); idle-tcp = L4 tunnels"
     echo "idle after one request (each costs an L4 proxy two fds, so fewer fit the 20,000 fd limit);"
     echo "active-tcp = L4 tunnels each sending a request every 200 ms. Per connection = (loaded − idle) / N."
     echo "Load average before: $load_before, after: $(load_avg)."

@@ -23,6 +23,7 @@ ensure_tools() {
     command -v python3 >/dev/null || missing+=(python3)
     command -v taskset >/dev/null || missing+=(util-linux)
     command -v curl >/dev/null || missing+=(curl)
+    command -v ss >/dev/null || missing+=(iproute2)
     if ((${#missing[@]})); then
         log "installing ${missing[*]}"
         apt-get update -qq >&2 || die "apt-get update failed"
@@ -219,6 +220,10 @@ EOF
 start_haproxy() {
     local cpu=$1 tport=$2 hport=$3 bport=$4 maxconn=$5 d="$WORK/haproxy"
     mkdir -p "$d"
+    # HAProxy refuses to start when 2 × maxconn (+ a few) exceeds the hard fd limit (20,000 here).
+    local fdmax
+    fdmax=$((($(ulimit -Hn) - 220) / 2))
+    ((maxconn > fdmax)) && maxconn=$fdmax
     cat >"$d/haproxy.cfg" <<EOF
 global
     nbthread 1
