@@ -26,7 +26,7 @@
 # Quick smoke run: BENCH_SECONDS=2 BENCH_ROUNDS=1 scripts/bench.sh
 set -uo pipefail
 
-# shellcheck source=bench/lib.sh
+# shellcheck source=scripts/bench/lib.sh
 source "$(dirname "$0")/bench/lib.sh"
 
 MODE="${1:-throughput}"

@@ -16,7 +16,7 @@
 # the ports; BENCH_KEEP=1 keeps the temporary folder.
 set -uo pipefail
 
-# shellcheck source=bench/lib.sh
+# shellcheck source=scripts/bench/lib.sh
 source "$(dirname "$0")/bench/lib.sh"
 
 SECS="${UPGRADE_SECONDS:-30}"

@@ -98,7 +98,9 @@ async fn idle_connection_parks_with_read_ahead_and_resumes() {
     };
     assert_eq!(h.meta.kind, ConnKind::Http);
     // The handle deregisters right after sending the parked value.
-    tokio::time::timeout(WAIT, st.registry.wait_empty()).await.unwrap();
+    tokio::time::timeout(WAIT, st.registry.wait_empty())
+        .await
+        .unwrap();
     let read_ahead = String::from_utf8_lossy(&h.read_ahead).into_owned();
     assert!(
         read_ahead.is_empty() || "GET /headers HTTP/1.1\r\nHo".starts_with(&read_ahead),

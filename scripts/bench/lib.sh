@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034
 # Shared helpers for scripts/bench.sh and scripts/upgrade-under-load.sh (sourced, not run).
 #
 # Everything started here is recorded by pid in STARTED_PIDS and stopped by `stop_all` (the
