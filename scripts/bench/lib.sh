@@ -125,11 +125,11 @@ port_free() { ! ss -Hltn "sport = :$1" | grep -q .; }
 # Waits (bounded) until 127.0.0.1:$1 answers an HTTP GET with 200 (through whatever listens).
 wait_http() {
     local port=$1 what=$2 i
-    for ((i = 0; i < 100; i++)); do
+    for ((i = 0; i < 300; i++)); do
         if curl -fs -o /dev/null --max-time 1 "http://127.0.0.1:$port/"; then return 0; fi
         sleep 0.1
     done
-    die "$what on port $port did not answer within 10 s (logs in $WORK)"
+    die "$what on port $port did not answer within 30 s (logs in $WORK)"
 }
 
 # --- the backend: nginx answering 200 "ok\n" with keep-alive, pinned with the load generator ---
@@ -170,6 +170,8 @@ EOF
 
 # --- the proxies under test. Each: start_X CPU TCP_PORT HTTP_PORT BACKEND_PORT MAXCONN ---
 # Set X_PID. Each serves an L4 listener and an HTTP listener to the same backend.
+# PROXY_WRAP, if set, prefixes the proxy's command (scripts/bench/instructions.sh: valgrind);
+# NGINX_MASTER=off runs nginx as a single process (so the wrapper sees the worker).
 
 start_baton() {
     local cpu=$1 tport=$2 hport=$3 bport=$4 maxconn=$5 d="$WORK/baton"
@@ -207,10 +209,11 @@ upstreams:
       pool_idle_per_server: 128
 EOF
     "$BATON" check -c "$d/baton.yaml" >&2 || die "baton check failed"
+    # shellcheck disable=SC2086 # PROXY_WRAP is a command prefix (e.g. valgrind), split on purpose
     if [[ -n "$cpu" ]]; then
-        taskset -c "$cpu" "$BATON" run -c "$d/baton.yaml" >"$d/stderr" 2>&1 &
+        taskset -c "$cpu" ${PROXY_WRAP:-} "$BATON" run -c "$d/baton.yaml" >"$d/stderr" 2>&1 &
     else
-        "$BATON" run -c "$d/baton.yaml" >"$d/stderr" 2>&1 &
+        ${PROXY_WRAP:-} "$BATON" run -c "$d/baton.yaml" >"$d/stderr" 2>&1 &
     fi
     BATON_PID=$!
     track "$BATON_PID"
@@ -254,7 +257,8 @@ backend bk_http
     server s1 127.0.0.1:$bport
 EOF
     haproxy -c -q -f "$d/haproxy.cfg" >&2 || die "haproxy config check failed"
-    taskset -c "$cpu" haproxy -db -f "$d/haproxy.cfg" >"$d/stderr" 2>&1 &
+    # shellcheck disable=SC2086
+    taskset -c "$cpu" ${PROXY_WRAP:-} haproxy -db -f "$d/haproxy.cfg" >"$d/stderr" 2>&1 &
     HAPROXY_PID=$!
     track "$HAPROXY_PID"
     wait_http "$hport" "haproxy http"
@@ -268,7 +272,7 @@ start_nginx() {
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 user root;
 daemon off;
-master_process on;
+master_process ${NGINX_MASTER:-on};
 worker_processes 1;
 worker_rlimit_nofile 20000;
 pid $d/nginx.pid;
@@ -305,7 +309,8 @@ http {
 }
 EOF
     nginx -t -q -p "$d" -c "$d/nginx.conf" >&2 || die "nginx config test failed"
-    taskset -c "$cpu" nginx -p "$d" -c "$d/nginx.conf" >"$d/logs/stderr" 2>&1 &
+    # shellcheck disable=SC2086
+    taskset -c "$cpu" ${PROXY_WRAP:-} nginx -p "$d" -c "$d/nginx.conf" >"$d/logs/stderr" 2>&1 &
     NGINX_PID=$!
     track "$NGINX_PID"
     wait_http "$hport" "nginx http"
