@@ -3,6 +3,7 @@
 //! `cargo run --example backend -- --listen 127.0.0.1:9101 --name a` answers every request
 //! with `200 hello from a`, echoes request bodies on POST and PUT (streamed), and answers an
 //! `Upgrade` request with 101 and then echoes raw bytes (enough for a WebSocket-style check).
+//! With `--echo ADDR` it also runs a raw TCP echo server there (a target for L4 tunnels).
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
@@ -55,19 +56,34 @@ async fn answer(
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut listen = "127.0.0.1:9101".to_string();
     let mut name = "a".to_string();
+    let mut echo: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => listen = args.next().ok_or("--listen needs an address")?,
             "--name" => name = args.next().ok_or("--name needs a value")?,
+            "--echo" => echo = Some(args.next().ok_or("--echo needs an address")?),
             other => {
-                return Err(
-                    format!("unknown argument {other:?} (use --listen ADDR --name NAME)").into(),
+                return Err(format!(
+                    "unknown argument {other:?} (use --listen ADDR --name NAME [--echo ADDR])"
                 )
+                .into())
             }
         }
     }
     let name: &'static str = Box::leak(name.into_boxed_str());
+    if let Some(addr) = echo {
+        let l = TcpListener::bind(&addr).await?;
+        eprintln!("backend {name} echoing on {}", l.local_addr()?);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+    }
     let listener = TcpListener::bind(&listen).await?;
     eprintln!("backend {name} listening on {}", listener.local_addr()?);
     loop {

@@ -10,6 +10,7 @@
 //! - [`upstream`]: server sets, balancing, active and passive health.
 //! - [`handover`]: the private channel to a successor, its framed messages and fd passing.
 //! - [`lifecycle`]: signals, the phase state machine, spawning the successor, rollback.
+//! - [`supervisor`]: multi-process mode: owns listeners, runs, watches and upgrades N workers.
 //! - [`admin`]: the control socket for the CLI.
 //! - [`metrics`]: process counters that carry over across an upgrade.
 //! - [`logging`]: tracing setup with `pid` and `generation` on every line.
@@ -23,4 +24,5 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
+pub mod supervisor;
 pub mod upstream;

@@ -74,6 +74,19 @@ enum Command {
         #[arg(long)]
         binary: Option<PathBuf>,
     },
+    /// Multi-process mode: one worker, started by the supervisor (not for direct use).
+    #[command(hide = true)]
+    Worker {
+        /// Configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Worker index.
+        #[arg(long)]
+        index: usize,
+        /// Generation number.
+        #[arg(long, default_value_t = 1)]
+        generation: u64,
+    },
     /// Re-read the configuration: an upgrade to the same binary with the new config.
     Reload {
         /// Configuration file (names the control socket).
@@ -100,7 +113,12 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config, generation } => run(config, generation),
+        Command::Run { config, generation } => run(config, generation, None),
+        Command::Worker {
+            config,
+            index,
+            generation,
+        } => run(config, generation, Some(index)),
         Command::Status { config, json } => ctl(&config, Ctl::Status, json),
         Command::Stop { config, fast } => ctl(&config, Ctl::Stop { fast }, false),
         Command::Upgrade { config, binary } => {
@@ -119,7 +137,7 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     rt.enable_all().build()
 }
 
-fn run(config: PathBuf, generation: u64) -> ExitCode {
+fn run(config: PathBuf, generation: u64, worker: Option<usize>) -> ExitCode {
     let cfg = match Config::load(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -136,7 +154,7 @@ fn run(config: PathBuf, generation: u64) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match serve(cfg, config, generation) {
+    match serve(cfg, config, generation, worker) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("baton: {e:#}");
@@ -145,14 +163,26 @@ fn run(config: PathBuf, generation: u64) -> ExitCode {
     }
 }
 
-fn serve(cfg: Config, config_path: PathBuf, generation: u64) -> anyhow::Result<()> {
-    baton::logging::init(&cfg.log, generation).context("cannot open the log file")?;
-    let rt = runtime(cfg.runtime.worker_threads).context("cannot start the runtime")?;
+fn serve(
+    cfg: Config,
+    config_path: PathBuf,
+    generation: u64,
+    worker: Option<usize>,
+) -> anyhow::Result<()> {
+    baton::logging::init_as(&cfg.log, generation, worker).context("cannot open the log file")?;
     let opts = RunOptions {
         config_path,
         binary: lifecycle::own_binary_path(),
         generation,
+        worker,
     };
+    // With workers, `baton run` is their supervisor: one thread is plenty for it.
+    if worker.is_none() && cfg.runtime.workers > 1 {
+        let rt = runtime(1).context("cannot start the runtime")?;
+        rt.block_on(baton::supervisor::run(cfg, opts))?;
+        return Ok(());
+    }
+    let rt = runtime(cfg.runtime.worker_threads).context("cannot start the runtime")?;
     rt.block_on(lifecycle::run(cfg, opts))?;
     Ok(())
 }
@@ -190,6 +220,9 @@ fn ctl(config: &std::path::Path, command: Ctl, json: bool) -> ExitCode {
                     "{}",
                     serde_json::to_string_pretty(&reply.data).unwrap_or_default()
                 );
+            } else if matches!(command, Ctl::Status) && reply.ok && reply.data["workers"].is_array()
+            {
+                print!("{}", baton::supervisor::render_status(&reply.data));
             } else if matches!(command, Ctl::Status) && reply.ok {
                 print!("{}", baton::admin::render_status(&reply.data));
             } else {

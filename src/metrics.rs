@@ -1,15 +1,63 @@
-//! Process counters. They are plain atomics so the data path pays one relaxed add, and they
-//! serialise to [`Counters`] so a successor continues from its predecessor's totals.
+//! Process metrics that continue across upgrades.
+//!
+//! Everything here is a relaxed atomic, so the data path pays one or two `fetch_add`s per
+//! event: no lock and no allocation per connection or request. Per-listener and per-upstream
+//! series live behind [`ListenerHandle`] and [`UpstreamHandle`]: created once (when a
+//! listener or pool is set up, or up front by [`Metrics::new`]) and kept by the caller.
+//!
+//! The predecessor sends [`Metrics::snapshot`] in the handover's `Done { counters }` message
+//! and the successor adds it with [`Metrics::absorb`], so counters never restart at zero on an
+//! upgrade. Gauges (active connections, generation, start time) describe this process and are
+//! not carried.
+//!
+//! The API the data path calls:
+//! ```text
+//! let l = metrics.listener("web");         // once per listener (ListenerCtx)
+//! l.accepted();                            // a connection was accepted (+active)
+//! l.resumed();                             // a connection came from a predecessor / rollback (+active)
+//! l.parked();                              // a connection left to be handed over (-active)
+//! l.closed();                              // a connection closed here (-active)
+//! l.bytes(bytes_in, bytes_out);            // bytes relayed, at close (or periodically)
+//! metrics.http_request("api", 200, elapsed);   // one answered HTTP request ("" = no upstream)
+//! let u = metrics.upstream("api");         // or cache a handle per pool:
+//! u.request(503, elapsed); u.connect_failure(); u.retry(); u.health_transition(false);
+//! metrics.record_handover(handed_over, drained, closed_at_deadline);   // end of an upgrade
+//! ```
+//! [`Metrics::render`] writes the Prometheus text format (see `metrics/render.rs`).
 
+mod render;
+
+pub use render::CONTENT_TYPE;
+
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the request-duration histogram buckets; `+Inf` is implied.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Status classes counted per upstream: 1xx to 5xx (anything else counts as 5xx).
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
 
 /// Counters of one process, continued across upgrades.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    /// Client connections accepted.
+    /// Client connections accepted (all listeners).
     pub accepted: AtomicU64,
-    /// Client connections closed.
+    /// Client connections closed (all listeners).
     pub closed: AtomicU64,
     /// Bytes received from clients.
     pub bytes_in: AtomicU64,
@@ -19,14 +67,232 @@ pub struct Metrics {
     pub requests: AtomicU64,
     /// Upstream connect failures.
     pub connect_failures: AtomicU64,
-    /// Upgrades that completed (counted by the successor).
+    /// Upgrades that completed (counted by the predecessor, before its snapshot).
     pub upgrades_ok: AtomicU64,
     /// Upgrades that were rolled back.
     pub upgrades_failed: AtomicU64,
+    /// Upstream attempts retried on another server.
+    pub retries: AtomicU64,
+    /// Connections passed to a successor.
+    pub handed_over: AtomicU64,
+    /// Connections that finished in an old process while it drained after an upgrade.
+    pub drained: AtomicU64,
+    /// Connections closed because the drain deadline passed.
+    pub closed_at_deadline: AtomicU64,
+    /// 1 for a first start, +1 per upgrade (a gauge, not carried).
+    generation: AtomicU64,
+    /// When this process started, ms since the Unix epoch (a gauge, not carried).
+    started_unix_ms: u64,
+    /// Per-listener series by listener name; swapped (copy on write) only when one is added.
+    listeners: ArcSwap<BTreeMap<String, Arc<ListenerMetrics>>>,
+    /// Per-upstream series by pool name; `""` collects requests that reached no upstream.
+    upstreams: ArcSwap<BTreeMap<String, Arc<UpstreamMetrics>>>,
 }
 
-/// A snapshot of [`Metrics`], sent to a successor in the handover's `Done` message.
+impl Default for Metrics {
+    fn default() -> Self {
+        let started_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        Metrics {
+            accepted: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            upgrades_ok: AtomicU64::new(0),
+            upgrades_failed: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            handed_over: AtomicU64::new(0),
+            drained: AtomicU64::new(0),
+            closed_at_deadline: AtomicU64::new(0),
+            generation: AtomicU64::new(1),
+            started_unix_ms,
+            listeners: ArcSwap::from_pointee(BTreeMap::new()),
+            upstreams: ArcSwap::from_pointee(BTreeMap::new()),
+        }
+    }
+}
+
+/// Series of one listener.
+#[derive(Debug, Default)]
+pub struct ListenerMetrics {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections served now (accepted or received, not yet closed or handed over).
+    pub active: AtomicI64,
+    /// Connections closed.
+    pub closed: AtomicU64,
+    /// Bytes received from clients.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent to clients.
+    pub bytes_out: AtomicU64,
+}
+
+/// A request-duration histogram: non-cumulative bucket counts (cumulated when rendered).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// One count per [`DURATION_BUCKETS`] bound; slower requests only reach `count`.
+    buckets: [AtomicU64; DURATION_BUCKETS.len()],
+    /// Sum of observed durations in microseconds.
+    sum_us: AtomicU64,
+    /// Observations.
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = DURATION_BUCKETS.iter().position(|b| secs <= *b) {
+            add(&self.buckets[i], 1);
+        }
+        add(&self.sum_us, d.as_micros().min(u64::MAX as u128) as u64);
+        add(&self.count, 1);
+    }
+}
+
+/// Series of one upstream pool.
+#[derive(Debug, Default)]
+pub struct UpstreamMetrics {
+    /// HTTP responses by status class (see [`STATUS_CLASSES`]).
+    pub responses: [AtomicU64; 5],
+    /// Request durations.
+    pub duration: Histogram,
+    /// Failed connects to its servers.
+    pub connect_failures: AtomicU64,
+    /// Attempts retried on another server.
+    pub retries: AtomicU64,
+    /// Servers that became healthy (active checks or return from ejection).
+    pub health_up: AtomicU64,
+    /// Servers that became unhealthy or were ejected.
+    pub health_down: AtomicU64,
+}
+
+impl UpstreamMetrics {
+    fn request(&self, status: u16, d: Duration) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        add(&self.responses[class], 1);
+        self.duration.observe(d);
+    }
+}
+
+/// The handle a listener's connections count through. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ListenerHandle {
+    totals: Arc<Metrics>,
+    m: Arc<ListenerMetrics>,
+}
+
+impl ListenerHandle {
+    /// A connection was accepted.
+    pub fn accepted(&self) {
+        add(&self.totals.accepted, 1);
+        add(&self.m.accepted, 1);
+        self.m.active.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A connection was received from a predecessor, or taken back after a rollback.
+    pub fn resumed(&self) {
+        self.m.active.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A connection stopped being served here to be handed over (it may come back with
+    /// [`Self::resumed`] if the upgrade is rolled back).
+    pub fn parked(&self) {
+        self.m.active.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// A connection closed here.
+    pub fn closed(&self) {
+        add(&self.totals.closed, 1);
+        add(&self.m.closed, 1);
+        self.m.active.fetch_sub(1, Ordering::Relaxed);
+    }
+    /// Bytes relayed: `bytes_in` from the client, `bytes_out` to it.
+    pub fn bytes(&self, bytes_in: u64, bytes_out: u64) {
+        add(&self.totals.bytes_in, bytes_in);
+        add(&self.totals.bytes_out, bytes_out);
+        add(&self.m.bytes_in, bytes_in);
+        add(&self.m.bytes_out, bytes_out);
+    }
+}
+
+/// The handle an upstream pool counts through. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct UpstreamHandle {
+    totals: Arc<Metrics>,
+    m: Arc<UpstreamMetrics>,
+}
+
+impl UpstreamHandle {
+    /// One HTTP request answered with `status` after `d`.
+    pub fn request(&self, status: u16, d: Duration) {
+        add(&self.totals.requests, 1);
+        self.m.request(status, d);
+    }
+    /// A connect to one of its servers failed.
+    pub fn connect_failure(&self) {
+        add(&self.totals.connect_failures, 1);
+        add(&self.m.connect_failures, 1);
+    }
+    /// An attempt is retried on another server.
+    pub fn retry(&self) {
+        add(&self.totals.retries, 1);
+        add(&self.m.retries, 1);
+    }
+    /// A server became healthy (`true`) or unhealthy / ejected (`false`).
+    pub fn health_transition(&self, healthy: bool) {
+        add(
+            if healthy {
+                &self.m.health_up
+            } else {
+                &self.m.health_down
+            },
+            1,
+        );
+    }
+}
+
+/// The carried counters of one listener.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ListenerCounters {
+    /// See [`ListenerMetrics::accepted`].
+    pub accepted: u64,
+    /// See [`ListenerMetrics::closed`].
+    pub closed: u64,
+    /// See [`ListenerMetrics::bytes_in`].
+    pub bytes_in: u64,
+    /// See [`ListenerMetrics::bytes_out`].
+    pub bytes_out: u64,
+}
+
+/// The carried counters of one upstream.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UpstreamCounters {
+    /// Responses by status class, 1xx to 5xx.
+    pub responses: [u64; 5],
+    /// Non-cumulative histogram bucket counts, one per [`DURATION_BUCKETS`] bound.
+    pub duration_buckets: Vec<u64>,
+    /// Sum of durations, µs.
+    pub duration_sum_us: u64,
+    /// Number of durations.
+    pub duration_count: u64,
+    /// See [`UpstreamMetrics::connect_failures`].
+    pub connect_failures: u64,
+    /// See [`UpstreamMetrics::retries`].
+    pub retries: u64,
+    /// See [`UpstreamMetrics::health_up`].
+    pub health_up: u64,
+    /// See [`UpstreamMetrics::health_down`].
+    pub health_down: u64,
+}
+
+/// A snapshot of [`Metrics`], sent to a successor in the handover's `Done` message. Fields
+/// added after protocol version 1 default to zero, so an older predecessor's message decodes.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Counters {
     /// See [`Metrics::accepted`].
     pub accepted: u64,
@@ -44,6 +310,18 @@ pub struct Counters {
     pub upgrades_ok: u64,
     /// See [`Metrics::upgrades_failed`].
     pub upgrades_failed: u64,
+    /// See [`Metrics::retries`].
+    pub retries: u64,
+    /// See [`Metrics::handed_over`].
+    pub handed_over: u64,
+    /// See [`Metrics::drained`].
+    pub drained: u64,
+    /// See [`Metrics::closed_at_deadline`].
+    pub closed_at_deadline: u64,
+    /// Per listener.
+    pub listeners: BTreeMap<String, ListenerCounters>,
+    /// Per upstream.
+    pub upstreams: BTreeMap<String, UpstreamCounters>,
 }
 
 macro_rules! fields {
@@ -56,30 +334,196 @@ macro_rules! fields {
             requests,
             connect_failures,
             upgrades_ok,
-            upgrades_failed
+            upgrades_failed,
+            retries,
+            handed_over,
+            drained,
+            closed_at_deadline
         )
     };
 }
 
 impl Metrics {
+    /// Metrics for a process of `generation` with the series of `cfg`'s listeners and
+    /// upstreams created up front.
+    pub fn new(cfg: &crate::config::Config, generation: u64) -> Metrics {
+        let m = Metrics::default();
+        m.generation.store(generation, Ordering::Relaxed);
+        m.listeners.store(Arc::new(
+            cfg.listeners
+                .keys()
+                .map(|n| (n.clone(), Arc::default()))
+                .collect(),
+        ));
+        m.upstreams.store(Arc::new(
+            cfg.upstreams
+                .keys()
+                .chain(std::iter::once(&String::new()))
+                .map(|n| (n.clone(), Arc::default()))
+                .collect(),
+        ));
+        m
+    }
+
     /// Adds one to a counter.
     pub fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+        add(c, 1);
     }
 
-    /// Current values.
+    /// This process's generation.
+    pub fn generation(&self) -> u64 {
+        get(&self.generation)
+    }
+
+    /// When this process started, seconds since the Unix epoch.
+    pub fn start_time_seconds(&self) -> f64 {
+        self.started_unix_ms as f64 / 1000.0
+    }
+
+    fn listener_metrics(&self, name: &str) -> Arc<ListenerMetrics> {
+        if let Some(m) = self.listeners.load().get(name) {
+            return m.clone();
+        }
+        self.listeners.rcu(|map| {
+            let mut map = BTreeMap::clone(map);
+            map.entry(name.to_string()).or_default();
+            map
+        });
+        self.listeners.load().get(name).cloned().unwrap_or_default()
+    }
+
+    fn upstream_metrics(&self, name: &str) -> Arc<UpstreamMetrics> {
+        if let Some(m) = self.upstreams.load().get(name) {
+            return m.clone();
+        }
+        self.upstreams.rcu(|map| {
+            let mut map = BTreeMap::clone(map);
+            map.entry(name.to_string()).or_default();
+            map
+        });
+        self.upstreams.load().get(name).cloned().unwrap_or_default()
+    }
+
+    /// The handle of listener `name` (created if new). Call once per listener, not per
+    /// connection: a new name copies the table.
+    pub fn listener(self: &Arc<Self>, name: &str) -> ListenerHandle {
+        ListenerHandle {
+            totals: self.clone(),
+            m: self.listener_metrics(name),
+        }
+    }
+
+    /// The handle of upstream `name` (created if new); `""` means "no upstream".
+    pub fn upstream(self: &Arc<Self>, name: &str) -> UpstreamHandle {
+        UpstreamHandle {
+            totals: self.clone(),
+            m: self.upstream_metrics(name),
+        }
+    }
+
+    /// One HTTP request answered with `status` after `d`, by upstream name (`""`: none, e.g.
+    /// no route matched). Lock-free; an unknown name counts under `""` rather than allocate.
+    pub fn http_request(&self, upstream: &str, status: u16, d: Duration) {
+        add(&self.requests, 1);
+        let map = self.upstreams.load();
+        if let Some(m) = map.get(upstream).or_else(|| map.get("")) {
+            m.request(status, d);
+        }
+    }
+
+    /// Counts a health transition of a server of `upstream` (see
+    /// [`UpstreamHandle::health_transition`]).
+    pub fn health_transition(&self, upstream: &str, healthy: bool) {
+        if let Some(m) = self.upstreams.load().get(upstream) {
+            add(
+                if healthy {
+                    &m.health_up
+                } else {
+                    &m.health_down
+                },
+                1,
+            );
+        }
+    }
+
+    /// Counts the outcome of one upgrade's connection handover, in the old process before
+    /// it sends its snapshot.
+    pub fn record_handover(&self, handed_over: u64, drained: u64, closed_at_deadline: u64) {
+        add(&self.handed_over, handed_over);
+        add(&self.drained, drained);
+        add(&self.closed_at_deadline, closed_at_deadline);
+    }
+
+    /// Current values of every carried counter.
     pub fn snapshot(&self) -> Counters {
         macro_rules! snap {
-            ($($f:ident),*) => { Counters { $($f: self.$f.load(Ordering::Relaxed)),* } };
+            ($($f:ident),*) => { Counters { $($f: get(&self.$f),)* ..Counters::default() } };
         }
-        fields!(snap)
+        let mut c = fields!(snap);
+        for (name, l) in self.listeners.load().iter() {
+            c.listeners.insert(
+                name.clone(),
+                ListenerCounters {
+                    accepted: get(&l.accepted),
+                    closed: get(&l.closed),
+                    bytes_in: get(&l.bytes_in),
+                    bytes_out: get(&l.bytes_out),
+                },
+            );
+        }
+        for (name, u) in self.upstreams.load().iter() {
+            c.upstreams.insert(
+                name.clone(),
+                UpstreamCounters {
+                    responses: std::array::from_fn(|i| get(&u.responses[i])),
+                    duration_buckets: u.duration.buckets.iter().map(get).collect(),
+                    duration_sum_us: get(&u.duration.sum_us),
+                    duration_count: get(&u.duration.count),
+                    connect_failures: get(&u.connect_failures),
+                    retries: get(&u.retries),
+                    health_up: get(&u.health_up),
+                    health_down: get(&u.health_down),
+                },
+            );
+        }
+        c
     }
 
-    /// Adds a predecessor's totals to ours.
+    /// Adds a predecessor's totals to ours. Series of listeners and upstreams this process
+    /// does not have are kept too, so no count is lost when a reload renames one.
     pub fn absorb(&self, c: &Counters) {
-        macro_rules! add {
-            ($($f:ident),*) => {{ $(self.$f.fetch_add(c.$f, Ordering::Relaxed);)* }};
+        macro_rules! absorb {
+            ($($f:ident),*) => {{ $(add(&self.$f, c.$f);)* }};
         }
-        fields!(add);
+        fields!(absorb);
+        for (name, lc) in &c.listeners {
+            let l = self.listener_metrics(name);
+            add(&l.accepted, lc.accepted);
+            add(&l.closed, lc.closed);
+            add(&l.bytes_in, lc.bytes_in);
+            add(&l.bytes_out, lc.bytes_out);
+        }
+        for (name, uc) in &c.upstreams {
+            let u = self.upstream_metrics(name);
+            for (a, n) in u.responses.iter().zip(uc.responses) {
+                add(a, n);
+            }
+            // A different bucket layout (another version) cannot be merged bucket by bucket;
+            // its observations still count in sum and count (and so in `+Inf`).
+            if uc.duration_buckets.len() == DURATION_BUCKETS.len() {
+                for (a, n) in u.duration.buckets.iter().zip(&uc.duration_buckets) {
+                    add(a, *n);
+                }
+            }
+            add(&u.duration.sum_us, uc.duration_sum_us);
+            add(&u.duration.count, uc.duration_count);
+            add(&u.connect_failures, uc.connect_failures);
+            add(&u.retries, uc.retries);
+            add(&u.health_up, uc.health_up);
+            add(&u.health_down, uc.health_down);
+        }
     }
 }
+
+#[cfg(test)]
+mod tests;

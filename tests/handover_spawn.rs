@@ -100,7 +100,7 @@ fn peer_takes_over() {
         }
 
         match ch.recv().await.unwrap().msg {
-            Message::Done { counters } => assert_eq!(counters.accepted, 42),
+            Message::Done { counters, .. } => assert_eq!(counters.accepted, 42),
             other => panic!("expected done, got {other:?}"),
         }
     });

@@ -223,7 +223,9 @@ async fn client_errors_400_408_413_431() {
     );
     // 413 while streaming (the head was already forwarded; the body is cut at the limit) a chunked body.
     let chunk = "a".repeat(150);
-    let req = format!("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n96\r\n{chunk}\r\n0\r\n\r\n");
+    // `/sum` reads the whole body before answering, so the limit is hit before any response
+    // byte (an echoing backend could start its 200 first, and then the body is only cut).
+    let req = format!("POST /sum HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n96\r\n{chunk}\r\n0\r\n\r\n");
     let r = raw(addr, req.as_bytes()).await;
     assert!(r.starts_with("HTTP/1.1 413"), "{r}");
     // 431: headers past max_header_bytes.
@@ -419,4 +421,24 @@ async fn h2c_client_reaches_an_http1_upstream() {
     let (mut s2, _) = (h1(b.addr("web")).await, ());
     let (status, _, _) = exchange(&mut s2, get("x", "/")).await;
     assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_matching_route_and_no_default_is_404() {
+    let (api, counts) = backend("api").await;
+    let yaml = format!(
+        "listeners:\n  web:\n    listen: 127.0.0.1:0\n    protocol: http\n    routes:\n      - {{ host: \"api.example.com\", upstream: api }}\nupstreams:\n{}",
+        upstream("api", &[api], "")
+    );
+    let b = Baton::start(&yaml);
+    let mut c = h1(b.addr("web")).await;
+    let (status, _, body) = exchange(&mut c, get("api.example.com", "/")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "hello from api\n")
+    );
+    let (status, _, body) = exchange(&mut c, get("other.example.com", "/")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!body.is_empty() && body.len() < 100, "short body: {body:?}");
+    assert_eq!(counts.requests.load(Ordering::Relaxed), 1);
 }

@@ -16,77 +16,29 @@ fn tcp_config(backend: std::net::SocketAddr, extra_runtime: &str) -> String {
     )
 }
 
-/// Runs `baton upgrade` against the running process; returns (success, output line).
-fn cli_upgrade(b: &Baton, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(bin())
-        .args(["upgrade", "-c"])
-        .arg(&b.config)
-        .args(extra)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("[upgrade] {}", text.trim());
-    (out.status.success(), text)
-}
-
-/// The pid currently serving, from the pid file.
-fn serving_pid(b: &Baton) -> i32 {
-    std::fs::read_to_string(b.dir().join("baton.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
 }
 
-fn alive(pid: i32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
-}
-
-/// A client holding one tunnel open, sending a numbered line every 50 ms and checking that the
-/// echo comes back complete and in order. Returns how many round trips it made.
 async fn numbered_client(
     addr: std::net::SocketAddr,
     id: usize,
     stop: Arc<AtomicBool>,
 ) -> Result<u64, String> {
-    let mut s = TcpStream::connect(addr)
+    let s = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("client {id}: connect: {e}"))?;
-    let mut n = 0u64;
-    let mut buf = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let line = format!("client {id} seq {n}\n");
-        s.write_all(line.as_bytes())
-            .await
-            .map_err(|e| format!("client {id} seq {n}: write: {e}"))?;
-        buf.resize(line.len(), 0);
-        tokio::time::timeout(WAIT, s.read_exact(&mut buf))
-            .await
-            .map_err(|_| format!("client {id} seq {n}: echo timed out"))?
-            .map_err(|e| format!("client {id} seq {n}: read: {e}"))?;
-        if buf != line.as_bytes() {
-            return Err(format!(
-                "client {id} seq {n}: got {:?}",
-                String::from_utf8_lossy(&buf)
-            ));
-        }
-        n += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(n)
+    numbered_echo(s, id, stop).await
+}
+
+fn serving_pid(b: &Baton) -> i32 {
+    b.serving_pid()
+}
+
+fn cli_upgrade(b: &Baton, extra: &[&str]) -> (bool, String) {
+    b.cli_upgrade(extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,4 +320,55 @@ async fn no_fd_leak_across_twenty_upgrades() {
         "fd count grew across upgrades: {counts:?}"
     );
     kill_serving(&b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_on_disk_is_started_not_the_running_one() {
+    // Run a copy of baton from a temp folder, then replace that file (as `mv` of a new build
+    // would): the upgrade must start the new file, not /proc/self/exe (the old, deleted one).
+    let be = echo_backend("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("baton");
+    std::fs::copy(bin(), &exe).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, tcp_config(be, "")).unwrap();
+    let mut child = Command::new(&exe)
+        .args(["run", "-c"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(LogLines::default());
+    pump(child.stderr.take().unwrap(), log.clone(), "baton");
+    assert!(log.wait_for(&["to=Ready"], WAIT).is_some());
+    // The "new build": a wrapper that leaves a mark, then runs the real binary.
+    let marker = dir.path().join("new-binary-ran");
+    let staged = dir.path().join("baton.new");
+    std::fs::write(
+        &staged,
+        format!(
+            "#!/bin/sh\ntouch {}\nexec {} \"$@\"\n",
+            marker.display(),
+            bin()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&staged, &exe).unwrap();
+    let (ok, out) = cli(&config, "upgrade", &[]);
+    assert!(ok, "{out}");
+    assert!(
+        marker.exists(),
+        "the replaced binary was not the one started"
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let pid: i32 = std::fs::read_to_string(dir.path().join("baton.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    );
 }

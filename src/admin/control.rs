@@ -109,6 +109,11 @@ pub async fn serve(
                     peer_uid = c.uid(),
                     "control socket: refused a client of another user"
                 );
+                let reply = Reply::err(format!(
+                    "refused: uid {} may not control this baton (only uid {my_uid} or root)",
+                    c.uid()
+                ));
+                tracker.spawn(write_reply(stream, reply));
                 continue;
             }
             Err(e) => {
@@ -153,27 +158,42 @@ async fn handle(stream: UnixStream, tx: mpsc::Sender<ControlRequest>) {
     let _ = w.write_all(out.as_bytes()).await;
 }
 
+/// Writes one reply line and closes.
+async fn write_reply(mut stream: UnixStream, reply: Reply) {
+    let mut out = serde_json::to_string(&reply)
+        .unwrap_or_else(|_| "{\"ok\":false,\"message\":\"encoding error\"}".into());
+    out.push('\n');
+    let _ = stream.write_all(out.as_bytes()).await;
+}
+
 /// Client side: sends one command and waits for the reply.
 pub async fn request(path: &Path, command: &Command) -> Result<Reply, ControlClientError> {
     let stream = UnixStream::connect(path)
         .await
-        .map_err(|e| ControlClientError::NotRunning {
-            path: path.to_path_buf(),
-            source: e,
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                ControlClientError::NotRunning {
+                    path: path.to_path_buf(),
+                    source: e,
+                }
+            }
+            _ => ControlClientError::Connect {
+                path: path.to_path_buf(),
+                source: e,
+            },
         })?;
     let (r, mut w) = stream.into_split();
     let mut msg =
         serde_json::to_string(command).map_err(|e| ControlClientError::Protocol(e.to_string()))?;
     msg.push('\n');
-    w.write_all(msg.as_bytes())
-        .await
-        .map_err(ControlClientError::Io)?;
+    // A server that refuses us answers at once and closes, so our write may fail: the
+    // reply, if any, says more than the broken pipe.
+    let written = w.write_all(msg.as_bytes()).await;
     let mut line = String::new();
-    BufReader::new(r)
-        .read_line(&mut line)
-        .await
-        .map_err(ControlClientError::Io)?;
+    let read = BufReader::new(r).read_line(&mut line).await;
     if line.is_empty() {
+        written.map_err(ControlClientError::Io)?;
+        read.map_err(ControlClientError::Io)?;
         return Err(ControlClientError::Protocol(
             "connection closed without a reply".into(),
         ));
@@ -187,6 +207,14 @@ pub enum ControlClientError {
     /// Nothing listens on the control socket.
     #[error("no baton is running (cannot connect to {}: {source})", path.display())]
     NotRunning {
+        /// The socket path.
+        path: PathBuf,
+        /// The connect error.
+        source: io::Error,
+    },
+    /// The socket exists but cannot be used (e.g. permission denied).
+    #[error("cannot connect to the control socket {}: {source}", path.display())]
+    Connect {
         /// The socket path.
         path: PathBuf,
         /// The connect error.

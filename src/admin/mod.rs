@@ -1,6 +1,9 @@
-//! Operating a running baton: the control socket the CLI talks to, and the status it reports.
+//! Operating a running baton: the control socket the CLI talks to, the status it reports, the
+//! HTTP admin endpoint ([`http`]) and the systemd integration ([`notify`]).
 
 pub mod control;
+pub mod http;
+pub mod notify;
 
 use std::fmt::Write as _;
 

@@ -37,6 +37,53 @@ pub struct Runtime {
     pub worker_threads: Option<usize>,
     /// Binary started on upgrade; default: the path this process was started from.
     pub binary: Option<String>,
+    /// Worker processes: a number or `auto`.
+    pub workers: Option<S<NumOrText>>,
+    /// How workers accept: `shared` or `reuseport`.
+    pub accept: Option<S<String>>,
+    /// Per-worker resource limits.
+    pub worker_limits: Option<WorkerLimits>,
+}
+
+/// `runtime.worker_limits:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerLimits {
+    pub memory: Option<S<NumOrText>>,
+    pub cpu: Option<S<f64>>,
+    pub pids: Option<S<u64>>,
+    pub nofile: Option<S<u64>>,
+}
+
+/// A scalar that may be written as a number (`2`) or a word (`auto`, `512MiB`).
+#[derive(Debug, Clone)]
+pub enum NumOrText {
+    Num(u64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for NumOrText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = NumOrText;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number or a word")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<NumOrText, E> {
+                Ok(NumOrText::Num(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<NumOrText, E> {
+                u64::try_from(v)
+                    .map(NumOrText::Num)
+                    .map_err(|_| E::custom(format!("{v} is negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<NumOrText, E> {
+                Ok(NumOrText::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `admin:` — the HTTP admin endpoint.
@@ -61,7 +108,7 @@ pub struct Log {
 pub struct Listener {
     pub listen: S<String>,
     pub protocol: Option<S<String>>,
-    pub upstream: S<String>,
+    pub upstream: Option<S<String>>,
     pub max_connections: Option<S<usize>>,
     pub idle_timeout: Option<S<String>>,
     pub backlog: Option<u32>,
@@ -107,11 +154,37 @@ pub struct Upstream {
 }
 
 /// A server: `"host:port"` or `{ addr: "host:port", weight: 3 }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+///
+/// Not `#[serde(untagged)]`: an untagged enum swallows the inner error ("did not match any
+/// variant"), so a typo such as `wieght` would not be named. The visitor below picks the form
+/// from the YAML node's shape and lets the long form report its own errors.
+#[derive(Debug)]
 pub enum ServerEntry {
     Short(String),
     Long(ServerLong),
+}
+
+impl<'de> Deserialize<'de> for ServerEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ServerEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a server: \"host:port\" or {addr: \"host:port\", weight: N}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ServerEntry, E> {
+                Ok(ServerEntry::Short(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<ServerEntry, A::Error> {
+                ServerLong::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(ServerEntry::Long)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// The long form of a server.

@@ -45,6 +45,35 @@ pub struct Runtime {
     pub worker_threads: usize,
     /// The binary started on upgrade; `None` means the path this process was started from.
     pub binary: Option<PathBuf>,
+    /// Worker processes; 1 runs a single process (no supervisor).
+    pub workers: usize,
+    /// How workers share the listeners (multi-process mode only).
+    pub accept: AcceptMode,
+    /// Resource limits applied to each worker (multi-process mode only).
+    pub worker_limits: WorkerLimits,
+}
+
+/// How the workers of a supervisor accept connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptMode {
+    /// Every worker accepts on the same listening sockets.
+    Shared,
+    /// Each worker has its own SO_REUSEPORT socket per listener (the kernel spreads connections).
+    Reuseport,
+}
+
+/// `runtime.worker_limits`: each `None` is "no limit".
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct WorkerLimits {
+    /// Memory in bytes (cgroup).
+    pub memory: Option<u64>,
+    /// CPUs, e.g. 1.5 (cgroup CPU quota).
+    pub cpu: Option<f64>,
+    /// Processes and threads (cgroup).
+    pub pids: Option<u64>,
+    /// Open files (RLIMIT_NOFILE).
+    pub nofile: Option<u64>,
 }
 
 /// `admin:` settings.
@@ -102,7 +131,7 @@ pub struct Listener {
     pub listen: SocketAddr,
     /// TCP or HTTP.
     pub protocol: Protocol,
-    /// Default upstream.
+    /// Default upstream; empty for an HTTP listener that routes only by `routes`.
     pub upstream: String,
     /// Accepting pauses while this many connections are open.
     pub max_connections: usize,

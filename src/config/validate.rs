@@ -131,9 +131,18 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
     }
 }
 
-/// Parses and validates a whole configuration text.
-pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let raw: file::File = serde_saphyr::from_str(text).map_err(|e| {
+/// Reads the YAML into the raw model. A failure is reported as
+/// `file:line:column: key.path: message`, the key path tracked by `serde_path_to_error` (the
+/// YAML error alone says what is wrong and where, not under which key).
+fn read_yaml(path: &Path, text: &str) -> Result<file::File, ConfigError> {
+    let mut key_path = String::new();
+    let res = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            key_path = key_path_of(e.path());
+            e.into_inner()
+        })
+    });
+    res.map_err(|e| {
         let loc = e
             .location()
             .map(|l| format!("{}:{}:", l.line(), l.column()))
@@ -141,9 +150,79 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let msg = e.without_snippet().to_string();
         // The message repeats the position at its end; keep the first line only.
         let first = msg.lines().next().unwrap_or("invalid YAML");
-        let first = first.split(" at line ").next().unwrap_or(first).to_string();
-        ConfigError(vec![format!("{}:{loc} {first}", path.display())])
-    })?;
+        let first = first.split(" at line ").next().unwrap_or(first);
+        let (key_path, first) = plain_message(key_path, first);
+        let key = if key_path.is_empty() {
+            String::new()
+        } else {
+            format!(" {key_path}:")
+        };
+        ConfigError(vec![format!("{}:{loc}{key} {first}", path.display())])
+    })
+}
+
+/// The operator's key path (`listeners.db.upstream`, `upstreams.pg.servers[1]`) from serde's:
+/// drops the `value` field of [`S`] wrappers and unknown (`?`) segments.
+fn key_path_of(p: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    let mut prev: Option<String> = None;
+    for seg in p.iter() {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } => {
+                // `value` is the field of a Spanned wrapper, unless it names a listener or an
+                // upstream (the only maps whose keys the operator chooses).
+                let named = matches!(prev.as_deref(), Some("listeners" | "upstreams"));
+                if key != "value" || named {
+                    if !out.is_empty() {
+                        out.push('.');
+                    }
+                    out.push_str(key);
+                }
+                prev = Some(key.clone());
+                continue;
+            }
+            Segment::Enum { variant } => out.push_str(&format!(".{variant}")),
+            Segment::Unknown => {}
+        }
+        prev = None;
+    }
+    out
+}
+
+/// Rewrites the YAML library's wording where it is unclear to an operator.
+fn plain_message(mut key_path: String, msg: &str) -> (String, String) {
+    if let Some(rest) = msg.strip_prefix("duplicate mapping key: ") {
+        let key = rest
+            .split(", set DuplicateKeyPolicy")
+            .next()
+            .unwrap_or(rest);
+        if !key_path.is_empty() {
+            key_path.push('.');
+        }
+        key_path.push_str(key);
+        return (
+            key_path,
+            "duplicate key (a key may appear only once in a mapping)".into(),
+        );
+    }
+    let msg = match msg {
+        "invalid u64" | "invalid u32" | "invalid usize" | "invalid u16" | "invalid u8" => {
+            "expected a whole number (0 or more)".to_string()
+        }
+        "expected string scalar" => "expected a string".to_string(),
+        "expected mapping start" => "expected a mapping (key: value entries)".to_string(),
+        m => m
+            .replace("unknown field", "unknown key")
+            .replace("missing field", "missing key"),
+    };
+    (key_path, msg)
+}
+
+/// Parses and validates a whole configuration text.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let raw = read_yaml(path, text)?;
     let mut errs = Errors {
         file: path,
         list: Vec::new(),
@@ -247,6 +326,105 @@ fn runtime(errs: &mut Errors, r: &file::Runtime, dir: &Path) -> Runtime {
         ),
         worker_threads: r.worker_threads.unwrap_or(0),
         binary: r.binary.as_deref().map(|b| resolve(dir, b)),
+        workers: workers(errs, &r.workers),
+        accept: errs.choice(
+            &r.accept,
+            "runtime.accept",
+            &[
+                ("shared", AcceptMode::Shared),
+                ("reuseport", AcceptMode::Reuseport),
+            ],
+            AcceptMode::Shared,
+        ),
+        worker_limits: r
+            .worker_limits
+            .as_ref()
+            .map(|l| worker_limits(errs, l))
+            .unwrap_or_default(),
+    }
+}
+
+/// `runtime.workers`: a positive number or `auto` (one per core).
+fn workers(errs: &mut Errors, w: &Option<S<file::NumOrText>>) -> usize {
+    let Some(w) = w else { return 1 };
+    match &w.value {
+        file::NumOrText::Num(n) if *n >= 1 && *n <= 1024 => *n as usize,
+        file::NumOrText::Text(t) if t == "auto" => {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+        _ => {
+            errs.at(
+                w,
+                "runtime.workers",
+                "expected a number from 1 to 1024, or auto",
+            );
+            1
+        }
+    }
+}
+
+fn worker_limits(errs: &mut Errors, l: &file::WorkerLimits) -> WorkerLimits {
+    let memory = l.memory.as_ref().and_then(|m| match &m.value {
+        file::NumOrText::Num(n) => Some(*n),
+        file::NumOrText::Text(t) => parse_size(t)
+            .map_err(|e| errs.at(m, "runtime.worker_limits.memory", e))
+            .ok(),
+    });
+    let cpu = l.cpu.as_ref().and_then(|c| {
+        if c.value.is_finite() && c.value > 0.0 && c.value <= 4096.0 {
+            Some(c.value)
+        } else {
+            errs.at(
+                c,
+                "runtime.worker_limits.cpu",
+                "expected a number of CPUs above 0, e.g. 1.5",
+            );
+            None
+        }
+    });
+    let positive = |errs: &mut Errors, v: &Option<S<u64>>, path: &str| {
+        v.as_ref().and_then(|n| {
+            if n.value == 0 {
+                errs.at(n, path, "must be at least 1");
+                None
+            } else {
+                Some(n.value)
+            }
+        })
+    };
+    WorkerLimits {
+        memory,
+        cpu,
+        pids: positive(errs, &l.pids, "runtime.worker_limits.pids"),
+        nofile: positive(errs, &l.nofile, "runtime.worker_limits.nofile"),
+    }
+}
+
+/// Parses a size such as `512MiB`, `1GiB`, `64M` (binary units) or `1000000` (bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (expected e.g. 512MiB)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "KB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use B, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    match n.checked_mul(mult) {
+        Some(0) | None => Err(format!("size {s:?} is out of range")),
+        Some(v) => Ok(v),
     }
 }
 
@@ -385,13 +563,23 @@ fn listener(
     let p = format!("listeners.{name}");
     let raw = &l.value;
     let listen = errs.addr(&raw.listen, &format!("{p}.listen"));
-    check_upstream_ref(errs, &raw.upstream, &format!("{p}.upstream"), upstreams);
     let protocol = errs.choice(
         &raw.protocol,
         &format!("{p}.protocol"),
         &[("tcp", Protocol::Tcp), ("http", Protocol::Http)],
         Protocol::Tcp,
     );
+    match &raw.upstream {
+        Some(u) => check_upstream_ref(errs, u, &format!("{p}.upstream"), upstreams),
+        // An HTTP listener may route only by `routes` (no match → 404); TCP has nothing else.
+        None if protocol == Protocol::Http && !raw.routes.is_empty() => {}
+        None if protocol == Protocol::Http => errs.at(
+            l,
+            &p,
+            "missing key upstream (an http listener needs a default upstream or routes)",
+        ),
+        None => errs.at(l, &p, "missing key upstream"),
+    }
     let mut routes = Vec::new();
     for (i, r) in raw.routes.iter().enumerate() {
         let rp = format!("{p}.routes[{i}]");
@@ -468,7 +656,11 @@ fn listener(
         name: name.to_string(),
         listen: listen?,
         protocol,
-        upstream: raw.upstream.value.clone(),
+        upstream: raw
+            .upstream
+            .as_ref()
+            .map(|u| u.value.clone())
+            .unwrap_or_default(),
         max_connections,
         idle_timeout,
         backlog: raw.backlog.unwrap_or(1024),

@@ -199,7 +199,15 @@ pub async fn send_abort(ch: &mut Channel, reason: &str) -> Result<(), HandoverEr
 
 /// The predecessor is finished; its counters continue in the successor.
 pub async fn send_done(ch: &mut Channel, counters: Counters) -> Result<(), HandoverError> {
-    ch.send(&Message::Done { counters }, &[], &[]).await
+    ch.send(
+        &Message::Done {
+            counters,
+            history: Vec::new(),
+        },
+        &[],
+        &[],
+    )
+    .await
 }
 
 #[cfg(test)]

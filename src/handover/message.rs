@@ -179,12 +179,25 @@ pub enum Message {
     Done {
         /// The predecessor's totals.
         counters: Counters,
+        /// The predecessor's upgrade history (opaque records, newest last), so the timeline
+        /// survives upgrades like the counters do.
+        #[serde(default)]
+        history: Vec<serde_json::Value>,
     },
     /// Either side gives up the upgrade.
     Abort {
         /// Why, for the operator.
         reason: String,
     },
+    /// Multi-process mode, worker → supervisor, every second: alive, with its counters.
+    Heartbeat {
+        /// The worker's totals.
+        counters: Counters,
+    },
+    /// Multi-process mode, supervisor → worker, with one fd: a fresh handover channel. A
+    /// starting worker takes over through it (its predecessor is the supervisor or the old
+    /// worker); a serving worker hands everything over through it to its replacement.
+    HandOverTo,
 }
 
 impl Message {
@@ -200,6 +213,8 @@ impl Message {
             Message::Commit => "commit",
             Message::Done { .. } => "done",
             Message::Abort { .. } => "abort",
+            Message::Heartbeat { .. } => "heartbeat",
+            Message::HandOverTo => "hand_over_to",
         }
     }
 
@@ -208,6 +223,7 @@ impl Message {
         match self {
             Message::Listeners { listeners } => listeners.len(),
             Message::Conns { conns, .. } => conns.iter().map(ConnEntry::fd_count).sum(),
+            Message::HandOverTo => 1,
             _ => 0,
         }
     }

@@ -76,6 +76,7 @@ fn round_trip_every_message() {
                 accepted: 9,
                 ..Default::default()
             },
+            history: vec![serde_json::json!({"ok": true})],
         },
         Message::Abort { reason: "x".into() },
     ];

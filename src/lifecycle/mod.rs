@@ -6,9 +6,12 @@ mod process;
 mod successor;
 mod triggers;
 mod upgrade;
+// Multi-process mode: the worker's side of its link to the supervisor.
+pub mod worker;
 
 pub use process::run;
 pub use successor::refuse;
+pub use triggers::{Trigger, Triggers};
 pub use upgrade::UpgradeReport;
 
 use serde::Serialize;
@@ -74,6 +77,8 @@ pub struct RunOptions {
     pub binary: PathBuf,
     /// 1 for a first start, +1 per upgrade.
     pub generation: u64,
+    /// Multi-process mode: this process is worker `index` of a supervisor (see [`worker`]).
+    pub worker: Option<usize>,
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit: a proxy holds two fds per connection,

@@ -13,6 +13,7 @@ use crate::upstream::{self, Upstreams};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpListener;
@@ -31,8 +32,11 @@ pub(super) struct Slot {
     pub paused: Option<TcpListener>,
 }
 
+/// How many upgrade records status keeps (and passes on to a successor).
+pub(super) const HISTORY_LEN: usize = 20;
+
 /// One past upgrade, for status.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct UpgradeRecord {
     pub at_ms: u64,
     pub ok: bool,
@@ -54,6 +58,9 @@ pub(super) struct Process {
     pub started: Instant,
     pub started_ms: u64,
     pub history: Vec<UpgradeRecord>,
+    /// Device and inode of the control socket this process bound, so it removes the path at
+    /// exit only if no successor has bound its own there since.
+    pub control_inode: Option<(u64, u64)>,
     /// Control-socket handlers, waited for at exit so their replies get written.
     pub control_tasks: tokio_util::task::TaskTracker,
 }
@@ -62,6 +69,12 @@ impl Process {
     pub fn set_phase(&mut self, p: Phase) {
         tracing::info!(from = ?self.phase, to = ?p, "phase");
         self.phase = p;
+        // systemd (issue 6): READY=1 when serving (again), RELOADING=1 when an upgrade starts.
+        match p {
+            Phase::Ready => crate::admin::notify::ready(),
+            Phase::HandingOver => crate::admin::notify::reloading(),
+            _ => {}
+        }
     }
 
     /// Starts accepting on a listener.
@@ -155,10 +168,10 @@ impl Process {
         }
     }
 
-    /// Stops accepting and closes every listener.
+    /// Stops accepting and closes every listener (the duplicate fds kept for a handover too).
     pub async fn close_listeners(&mut self) {
         self.pause_listeners().await;
-        self.slots.values_mut().for_each(|s| s.paused = None);
+        self.slots.clear();
     }
 
     /// Serves a parked connection in this process again.
@@ -177,10 +190,35 @@ impl Process {
         &mut self,
         control_tx: &mut Option<tokio::sync::mpsc::Sender<control::ControlRequest>>,
     ) -> Result<(), LifecycleError> {
+        // A worker's supervisor owns the control socket and the pid file.
+        if self.opts.worker.is_some() {
+            return Ok(());
+        }
         if let Some(tx) = control_tx.take() {
+            // Admin HTTP (issue 6): a successor waits for the predecessor to release the address.
+            if let Some(admin) = &self.cfg.admin {
+                let ctx = crate::admin::http::AdminCtx::new(
+                    &self.cfg,
+                    self.metrics.clone(),
+                    tx.clone(),
+                    self.upstreams.clone(),
+                );
+                crate::admin::http::start(
+                    admin.listen,
+                    Arc::new(ctx),
+                    self.opts.generation > 1,
+                    self.shutdown.child_token(),
+                )
+                .map_err(|source| LifecycleError::Bind {
+                    name: "admin".into(),
+                    addr: admin.listen,
+                    source,
+                })?;
+            }
             let path = self.cfg.runtime.control_socket.clone();
             let ctl = control::bind(&path)
                 .map_err(io_err(format!("control socket {}", path.display())))?;
+            self.control_inode = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
             tokio::spawn(control::serve(
                 ctl,
                 tx,
@@ -279,13 +317,14 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
     super::raise_nofile();
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(16);
     let mut triggers = Triggers::new(control_rx)?;
+    crate::logging::reopen_on_sigusr1().map_err(io_err("SIGUSR1 handler"))?;
     let inherited = crate::handover::inherited_channel();
     let (registry, parked_rx) = Registry::new();
     let upstreams = upstream::build(&cfg);
     let mut p = Process {
         registry,
         parked_rx,
-        metrics: Arc::new(Metrics::default()),
+        metrics: Arc::new(Metrics::new(&cfg, opts.generation)),
         upstreams,
         slots: BTreeMap::new(),
         shutdown: CancellationToken::new(),
@@ -294,19 +333,30 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
         started_ms: crate::registry::now_ms(),
         history: Vec::new(),
         control_tasks: tokio_util::task::TaskTracker::new(),
+        control_inode: None,
         opts,
         cfg,
     };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), generation = p.opts.generation,
         config = %p.opts.config_path.display(), "starting");
     for u in p.upstreams.values() {
+        u.set_metrics(p.metrics.upstream(u.name()));
         u.spawn_health_checks(p.shutdown.child_token());
     }
+    // Multi-process mode: the inherited channel is the supervisor's; take over through the one
+    // it sends.
+    let (inherited, mut worker_link) = super::worker::setup(&p, inherited).await?;
     let takeover = match inherited {
         Some(ch) => Some(super::successor::take_over(&mut p, ch).await?),
         None => {
+            // Socket activation (issue 6): adopt sockets systemd passed under a listener's name.
+            let mut activated = crate::admin::notify::systemd_listeners();
             for l in p.cfg.listeners.clone().values() {
-                let s = crate::listener::bind(l).map_err(|source| LifecycleError::Bind {
+                let s = match activated.remove(&l.name) {
+                    Some(fd) => crate::listener::adopt(fd),
+                    None => crate::listener::bind(l),
+                }
+                .map_err(|source| LifecycleError::Bind {
                     name: l.name.clone(),
                     addr: l.listen,
                     source,
@@ -344,9 +394,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
                 match ev {
                     Some(TakeOverEvent::Committed(live)) => {
                         p.resume_listeners();
+                        super::worker::live(&worker_link);
                         if let Err(e) = p.go_live(&mut control_tx) {
                             tracing::error!(error = %e, "cannot take the control socket or pid file");
                         }
+                        crate::admin::notify::took_over(); // systemd: MAINPID=, READY=1 (issue 6)
                         let _ = live.send(());
                     }
                     Some(TakeOverEvent::Done(done)) => {
@@ -357,6 +409,21 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
                 }
                 continue;
             }
+            ev = super::worker::next(&mut worker_link) => {
+                match ev {
+                    super::worker::WorkerEvent::HandOverTo(ch) => {
+                        if super::worker::hand_over(&mut p, &mut triggers, ch).await {
+                            break;
+                        }
+                    }
+                    super::worker::WorkerEvent::SupervisorGone => {
+                        tracing::warn!("supervisor gone; stopping gracefully");
+                        p.drain_and_stop(false).await;
+                        break;
+                    }
+                }
+                continue;
+            }
         };
         match trigger {
             Trigger::Status(reply) => {
@@ -364,6 +431,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
             }
             Trigger::Stop { why, fast, reply } => {
                 tracing::info!(trigger = why, fast, "stopping gracefully");
+                crate::admin::notify::stopping(); // systemd (issue 6)
                 let (live, closed) = p.drain_and_stop(fast).await;
                 if let Some(r) = reply {
                     let _ = r.send(Reply::ok(
@@ -379,6 +447,14 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
                 binary,
                 reply,
             } => {
+                if p.opts.worker.is_some() {
+                    let msg = "upgrade refused: this is a worker; upgrade its supervisor";
+                    tracing::warn!(trigger = why, "{msg}");
+                    if let Some(r) = reply {
+                        let _ = r.send(Reply::err(msg));
+                    }
+                    continue;
+                }
                 if p.phase == Phase::TakingOver && deferred.is_none() {
                     tracing::info!(
                         trigger = why,
@@ -432,5 +508,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), p.control_tasks.wait()).await;
     p.set_phase(Phase::Stopped);
     remove_pid_file(&p.cfg.runtime.pid_file);
+    let ctl = &p.cfg.runtime.control_socket;
+    if p.control_inode.is_some()
+        && std::fs::metadata(ctl).ok().map(|m| (m.dev(), m.ino())) == p.control_inode
+    {
+        let _ = std::fs::remove_file(ctl);
+    }
     Ok(())
 }

@@ -6,7 +6,7 @@
 use super::process::{Process, UpgradeRecord};
 use super::{LifecycleError, Phase};
 use crate::handover::{self, Channel, HandoverError, Message};
-use crate::metrics::{Counters, Metrics};
+use crate::metrics::Counters;
 use crate::proxy::{self, ListenerCtx};
 use crate::registry::Parked;
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ pub(super) struct TakeOver {
 }
 
 /// What the end of a take-over reports: the predecessor's counters, or why it ended early.
-pub(super) type TakeOverDone = Result<(u32, Counters, usize), String>;
+pub(super) type TakeOverDone = Result<(u32, Counters, usize, Vec<serde_json::Value>), String>;
 
 /// Progress of a take-over, reported to the main loop.
 #[derive(Debug)]
@@ -50,12 +50,7 @@ pub(super) async fn take_over(
     ch: Result<Channel, HandoverError>,
 ) -> Result<TakeOver, LifecycleError> {
     let mut ch = ch.map_err(|e| refused("handover channel", e))?;
-    let hello = Message::Hello {
-        protocol_version: handover::PROTOCOL_VERSION,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        pid: std::process::id(),
-    };
-    ch.send(&hello, &[], &[])
+    ch.send(&handover::hello(), &[], &[])
         .await
         .map_err(|e| refused("send hello", e))?;
     let predecessor = match ch
@@ -153,6 +148,12 @@ impl TakeOver {
     }
 }
 
+/// Tells the predecessor why this successor gives up; returns the reason.
+async fn abort(ch: &mut Channel, reason: String) -> String {
+    let _ = handover::send_abort(ch, &reason).await;
+    reason
+}
+
 /// Asks the main loop to start accepting and take the control socket and pid file; waits
 /// until it has.
 async fn go_live(events: &mpsc::Sender<TakeOverEvent>) {
@@ -223,17 +224,9 @@ async fn receive(
                 let conns = match handover::recv_conns(received) {
                     Ok(c) => c,
                     Err(e) => {
-                        let reason = format!("bad connection batch {seq}: {e}");
-                        let _ =
-                            t.ch.send(
-                                &Message::Abort {
-                                    reason: reason.clone(),
-                                },
-                                &[],
-                                &[],
-                            )
-                            .await;
-                        return Err(reason);
+                        return Err(
+                            abort(&mut t.ch, format!("bad connection batch {seq}: {e}")).await
+                        );
                     }
                 };
                 let count = conns.len();
@@ -267,12 +260,12 @@ async fn receive(
                 );
                 resume_all(&ctxs, std::mem::take(&mut held)).await;
             }
-            Message::Done { counters } => {
+            Message::Done { counters, history } => {
                 if !committed {
                     go_live(events).await;
                 }
                 resume_all(&ctxs, std::mem::take(&mut held)).await;
-                return Ok((t.predecessor, counters, total));
+                return Ok((t.predecessor, counters, total, history));
             }
             Message::Abort { reason } => {
                 // The predecessor keeps everything; drop our copies without touching them.
@@ -280,17 +273,11 @@ async fn receive(
                 return Err(format!("predecessor aborted: {reason}"));
             }
             other => {
-                let reason = format!("unexpected {} from predecessor", other.name());
-                let _ =
-                    t.ch.send(
-                        &Message::Abort {
-                            reason: reason.clone(),
-                        },
-                        &[],
-                        &[],
-                    )
-                    .await;
-                return Err(reason);
+                return Err(abort(
+                    &mut t.ch,
+                    format!("unexpected {} from predecessor", other.name()),
+                )
+                .await);
             }
         }
     }
@@ -299,16 +286,25 @@ async fn receive(
 /// Records the end of the take-over.
 pub(super) fn taken_over(p: &mut Process, done: TakeOverDone) {
     match done {
-        Ok((pred, counters, total)) => {
+        Ok((pred, counters, total, history)) => {
+            // The predecessor counted this upgrade in `upgrades_ok` before its snapshot.
             p.metrics.absorb(&counters);
-            Metrics::inc(&p.metrics.upgrades_ok);
-            let summary = format!("took over from pid {pred}: {total} connections received");
             tracing::info!(predecessor = pred, connections = total, "upgrade complete");
-            p.history.push(UpgradeRecord {
-                at_ms: crate::registry::now_ms(),
-                ok: true,
-                summary,
-            });
+            // The predecessor's history ends with this upgrade's own record.
+            let mut carried: Vec<UpgradeRecord> = history
+                .into_iter()
+                .filter_map(|v| serde_json::from_value(v).ok())
+                .collect();
+            if carried.is_empty() {
+                carried.push(UpgradeRecord {
+                    at_ms: crate::registry::now_ms(),
+                    ok: true,
+                    summary: format!("took over from pid {pred}: {total} connections received"),
+                });
+            }
+            carried.append(&mut p.history);
+            let keep = carried.len().saturating_sub(super::process::HISTORY_LEN);
+            p.history = carried.split_off(keep);
         }
         Err(e) => tracing::warn!(reason = %e, "take-over ended early"),
     }

@@ -87,10 +87,22 @@ async fn guarded<F: Future>(
     }
 }
 
+/// The successor's process when this process spawned it; `None` when the successor is a peer
+/// the supervisor connected us to (multi-process mode), whose death shows as channel EOF.
+type Succ = Option<Child>;
+
+/// Waits for the spawned successor to exit; never returns for a peer.
+async fn wait_child(child: &mut Succ) -> std::io::Result<std::process::ExitStatus> {
+    match child {
+        Some(c) => c.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Receives one message, failing if the successor exits or the deadline passes.
 async fn expect(
     ch: &mut Channel,
-    child: &mut Child,
+    child: &mut Succ,
     deadline: Instant,
 ) -> Result<handover::Received, String> {
     let left = deadline.saturating_duration_since(Instant::now());
@@ -99,13 +111,13 @@ async fn expect(
             Ok(m) => Ok(m),
             Err(e) => {
                 // The channel usually breaks because the successor died: say how, if it did.
-                match timeout(Duration::from_millis(500), child.wait()).await {
+                match timeout(Duration::from_millis(500), wait_child(child)).await {
                     Ok(Ok(st)) => Err(format!("successor exited ({st}) : {e}")),
                     _ => Err(format!("handover channel: {e}")),
                 }
             }
         },
-        st = child.wait() => Err(match st {
+        st = wait_child(child) => Err(match st {
             Ok(st) => format!("successor exited ({st})"),
             Err(e) => format!("successor lost: {e}"),
         }),
@@ -114,7 +126,7 @@ async fn expect(
 }
 
 /// Everything before the rollback point: handshake, listeners, readiness.
-async fn prepare(p: &Process, ch: &mut Channel, child: &mut Child) -> Result<Vec<String>, String> {
+async fn prepare(p: &Process, ch: &mut Channel, child: &mut Succ) -> Result<Vec<String>, String> {
     let deadline = Instant::now() + p.cfg.runtime.upgrade_timeout;
     match expect(ch, child, deadline).await?.msg {
         Message::Hello {
@@ -133,12 +145,7 @@ async fn prepare(p: &Process, ch: &mut Channel, child: &mut Child) -> Result<Vec
         Message::Refused { reason } => return Err(format!("successor refused to start: {reason}")),
         other => return Err(format!("expected hello, got {}", other.name())),
     }
-    let hello = Message::Hello {
-        protocol_version: handover::PROTOCOL_VERSION,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        pid: std::process::id(),
-    };
-    ch.send(&hello, &[], &[])
+    ch.send(&handover::hello(), &[], &[])
         .await
         .map_err(|e| format!("send hello: {e}"))?;
     let mut entries = Vec::new();
@@ -162,7 +169,7 @@ async fn prepare(p: &Process, ch: &mut Channel, child: &mut Child) -> Result<Vec
 /// Sends one batch of parked connections and waits for its acknowledgement.
 async fn send_batch(
     ch: &mut Channel,
-    child: &mut Child,
+    child: &mut Succ,
     seq: u64,
     batch: &[Parked],
     wait: Duration,
@@ -254,10 +261,40 @@ pub(super) async fn upgrade(
             return Err(format!("cannot start {}: {e}", binary.display()));
         }
     };
-    let mut child = spawned.child;
-    let mut ch = spawned.channel;
-    let new_pid = child.id().unwrap_or(0);
-    tracing::info!(successor = new_pid, binary = %binary.display(), "successor started");
+    tracing::info!(successor = spawned.child.id(), binary = %binary.display(), "successor started");
+    hand_over(
+        p,
+        triggers,
+        Some(spawned.child),
+        spawned.channel,
+        started,
+        status,
+    )
+    .await
+}
+
+/// Hands everything over to a successor the supervisor connected us to through `ch`
+/// (multi-process mode: the replacement of this worker). Same protocol as [`upgrade`].
+pub(super) async fn upgrade_to_peer(
+    p: &mut Process,
+    triggers: &mut Triggers,
+    ch: Channel,
+) -> Result<UpgradeReport, String> {
+    let status = p.status();
+    p.set_phase(Phase::HandingOver);
+    hand_over(p, triggers, None, ch, Instant::now(), status).await
+}
+
+/// The upgrade from the handshake on, with the successor started.
+async fn hand_over(
+    p: &mut Process,
+    triggers: &mut Triggers,
+    mut child: Succ,
+    mut ch: Channel,
+    started: Instant,
+    status: serde_json::Value,
+) -> Result<UpgradeReport, String> {
+    let new_pid = child.as_ref().and_then(Child::id).unwrap_or(0);
 
     // Phase 1: handshake and listeners, then stop accepting here.
     let adopted = match guarded(triggers, &status, prepare(p, &mut ch, &mut child)).await {
@@ -319,58 +356,83 @@ pub(super) async fn upgrade(
     let before = p.registry.len();
     let mut late_handed = 0usize;
     let mut closed_at_deadline = 0usize;
+    // A connection registered just before accepting paused may have missed the first request.
+    let mut repark = tokio::time::interval(Duration::from_millis(100));
     loop {
+        let mut batch = Vec::new();
+        let mut last = false;
         tokio::select! {
-            Some(c) = p.parked_rx.recv() => {
-                let mut batch = vec![c];
-                while let Ok(more) = p.parked_rx.try_recv() {
-                    batch.push(more);
-                    if batch.len() >= 100 { break; }
-                }
-                for part in handover::split_batches(&batch) {
-                    seq += 1;
-                    match send_batch(&mut ch, &mut child, seq, part, wait).await {
-                        Ok(()) => {
-                            late_handed += part.len();
-                            count_kinds(part, &mut tunnels, &mut idle_http);
-                        }
-                        Err(e) => tracing::warn!(error = %e, connections = part.len(), "late handover failed; closing them"),
-                    }
-                }
+            Some(c) = p.parked_rx.recv() => batch.push(c),
+            _ = repark.tick() => {
+                p.registry.park_where(|c| adopted.contains(&*c.listener));
             }
-            _ = p.registry.wait_empty() => break,
+            // A parked connection is queued before it leaves the registry, so once the registry
+            // is empty everything still to send is in the queue.
+            _ = p.registry.wait_empty() => last = true,
             _ = tokio::time::sleep_until(drain_deadline) => {
                 closed_at_deadline = p.registry.len();
                 tracing::warn!(connections = closed_at_deadline, "drain deadline reached; closing the rest");
                 p.registry.kill_all();
                 let _ = timeout(Duration::from_secs(1), p.registry.wait_empty()).await;
-                break;
+                last = true;
             }
+        }
+        while let Ok(more) = p.parked_rx.try_recv() {
+            batch.push(more);
+        }
+        for part in handover::split_batches(&batch) {
+            seq += 1;
+            match send_batch(&mut ch, &mut child, seq, part, wait).await {
+                Ok(()) => {
+                    late_handed += part.len();
+                    count_kinds(part, &mut tunnels, &mut idle_http);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, connections = part.len(), "late handover failed; closing them")
+                }
+            }
+        }
+        if last {
+            break;
         }
     }
     let finished_in_old = before.saturating_sub(late_handed + closed_at_deadline);
     Metrics::inc(&p.metrics.upgrades_ok);
-    let counters = p.metrics.snapshot();
-    if let Err(e) = ch.send(&Message::Done { counters }, &[], &[]).await {
-        tracing::warn!(error = %e, "cannot send done to the successor");
-    }
-    p.close_listeners().await;
+    p.metrics.record_handover(
+        (tunnels + idle_http) as u64,
+        finished_in_old as u64,
+        closed_at_deadline as u64,
+    );
+    let listeners = p.slots.len();
     let report = UpgradeReport {
         old_pid: std::process::id(),
         new_pid,
-        listeners: p.slots.len(),
+        listeners,
         tunnels,
         idle_http,
         finished_in_old,
         closed_at_deadline,
         millis: started.elapsed().as_millis() as u64,
     };
-    tracing::info!(summary = %report.summary(), "upgrade complete; exiting");
     p.history.push(UpgradeRecord {
         at_ms: crate::registry::now_ms(),
         ok: true,
         summary: report.summary(),
     });
+    let counters = p.metrics.snapshot();
+    let history = p
+        .history
+        .iter()
+        .filter_map(|r| serde_json::to_value(r).ok())
+        .collect();
+    if let Err(e) = ch
+        .send(&Message::Done { counters, history }, &[], &[])
+        .await
+    {
+        tracing::warn!(error = %e, "cannot send done to the successor");
+    }
+    p.close_listeners().await;
+    tracing::info!(summary = %report.summary(), "upgrade complete; exiting");
     Ok(report)
 }
 
@@ -378,7 +440,7 @@ pub(super) async fn upgrade(
 /// connection here. Returns the reason, for the caller to report.
 async fn rollback(
     p: &mut Process,
-    mut child: Child,
+    child: Succ,
     ch: &mut Channel,
     held: Vec<Parked>,
     why: String,
@@ -395,8 +457,10 @@ async fn rollback(
         ),
     )
     .await;
-    let _ = child.start_kill();
-    let _ = timeout(Duration::from_secs(5), child.wait()).await;
+    if let Some(mut child) = child {
+        let _ = child.start_kill();
+        let _ = timeout(Duration::from_secs(5), child.wait()).await;
+    }
     p.resume_listeners();
     let n = held.len();
     for c in held {

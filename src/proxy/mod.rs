@@ -27,6 +27,8 @@ pub struct ListenerCtx {
     pub registry: Arc<Registry>,
     /// Process counters.
     pub metrics: Arc<Metrics>,
+    /// This listener's counters (and, through them, the process totals).
+    pub lm: crate::metrics::ListenerHandle,
     /// Caps live connections at `max_connections`; accepting waits for a permit.
     pub limit: Arc<Semaphore>,
     /// Idle upstream HTTP connections of this listener (HTTP listeners only).
@@ -45,6 +47,7 @@ impl ListenerCtx {
             name: cfg.name.as_str().into(),
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             http_pool: Arc::default(),
+            lm: metrics.listener(&cfg.name),
             cfg,
             upstreams,
             registry,
@@ -53,8 +56,8 @@ impl ListenerCtx {
     }
 }
 
-/// Whether an accept error means "out of file descriptors or memory": back off, don't spin.
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+/// Whether an I/O error means "out of file descriptors or memory": back off, don't spin.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
     use rustix::io::Errno;
     let Some(code) = e.raw_os_error() else {
         return false;
@@ -90,7 +93,7 @@ pub async fn serve(
         match accepted {
             Ok((stream, peer)) => {
                 crate::listener::tune(&stream);
-                Metrics::inc(&ctx.metrics.accepted);
+                ctx.lm.accepted();
                 spawn_connection(ctx.clone(), stream, peer, permit);
             }
             Err(e) if is_resource_exhaustion(&e) => {
@@ -132,6 +135,7 @@ pub async fn resume(ctx: Arc<ListenerCtx>, parked: Parked) {
         Ok(p) => p,
         Err(_) => return,
     };
+    ctx.lm.resumed();
     match parked {
         Parked::Tunnel(t) => {
             tokio::spawn(tcp::resume(ctx, t, permit));

@@ -1,19 +1,32 @@
-//! Upstream pools: their servers, how one is chosen, and whether each is healthy.
+//! Upstream pools: their servers, how one is chosen, and whether each may be used.
 //!
-//! (Placeholder round robin; balancers and health checks land in balance.rs and health.rs.)
+//! A pool ([`Upstream`]) holds its servers' live state: active connections, the health flag
+//! written by active checks ([`health`]), and the passive-ejection state written by
+//! [`Upstream::report`]. [`Upstream::pick`] asks the pool's [`balance::Balancer`] to choose
+//! among servers that are healthy, not ejected and not already tried; when every server is
+//! down it fails open and chooses among all of them (see docs/upstreams.md for why). The pick
+//! path takes no lock except the round robin's short `Mutex` and allocates nothing.
+
+pub mod balance;
+pub mod health;
 
 use crate::config;
+use balance::{Balancer, Candidates};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 /// Why no upstream connection could be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// This process is out of resources (file descriptors, memory).
+    #[error("out of local resources: {0}")]
+    Local(String),
     /// The pool has no server that may be tried.
     #[error("no server available in upstream {0}")]
     NoServer(String),
@@ -34,9 +47,20 @@ pub enum ConnectError {
 /// One server and its live state.
 #[derive(Debug)]
 pub struct ServerState {
+    /// Where it listens.
     addr: SocketAddr,
+    /// Relative weight, at least 1.
     weight: u32,
+    /// Stable hash of `addr`, computed once for consistent hashing.
+    key: u64,
+    /// Connections holding a [`ServerGuard`] for it.
     active: AtomicUsize,
+    /// Written by the active health checks; true when there are none.
+    healthy: AtomicBool,
+    /// Consecutive failed connects (passive health).
+    failures: AtomicU32,
+    /// Ejected until this time (ms on the pool's clock); 0 = not ejected.
+    ejected_until: AtomicU64,
 }
 
 /// A server chosen for one connection; counts as active while held.
@@ -71,34 +95,102 @@ pub struct ServerStatus {
     pub ejected: bool,
     /// Connections using it now.
     pub active: usize,
+    /// Consecutive failed connects counted towards ejection.
+    pub failures: u32,
+}
+
+/// Event counts of a pool, for metrics.
+#[derive(Debug, Default)]
+pub struct UpstreamCounters {
+    /// Healthy → unhealthy transitions made by active checks.
+    pub marked_down: AtomicU64,
+    /// Unhealthy → healthy transitions made by active checks.
+    pub marked_up: AtomicU64,
+    /// Passive ejections.
+    pub ejections: AtomicU64,
+    /// Returns from passive ejection.
+    pub returns: AtomicU64,
+    /// Picks made while every server was down (fail-open).
+    pub fail_open_picks: AtomicU64,
 }
 
 /// An upstream pool.
 #[derive(Debug)]
 pub struct Upstream {
+    /// Its configuration.
     cfg: config::Upstream,
+    /// Its servers, in configuration order.
     servers: Vec<Arc<ServerState>>,
-    next: AtomicUsize,
+    /// The balancing algorithm and its state.
+    balancer: Balancer,
+    /// Origin of the pool's millisecond clock (ejection deadlines, log rate limits).
+    epoch: Instant,
+    /// When the fail-open warning was last logged (ms on the pool's clock, +1; 0 = never).
+    last_fail_open_warn: AtomicU64,
+    /// Health and ejection event counts.
+    pub counters: UpstreamCounters,
+    /// The process metrics' handle for this pool, set once by the lifecycle.
+    metrics: std::sync::OnceLock<crate::metrics::UpstreamHandle>,
 }
+
+/// Which servers a pick may choose.
+struct View<'a> {
+    up: &'a Upstream,
+    exclude: &'a [SocketAddr],
+    /// Now, on the pool's clock.
+    now: u64,
+    /// Ignore health and ejection (fail-open).
+    all: bool,
+}
+
+impl Candidates for View<'_> {
+    fn len(&self) -> usize {
+        self.up.servers.len()
+    }
+    fn eligible(&self, i: usize) -> bool {
+        let s = &self.up.servers[i];
+        !self.exclude.contains(&s.addr) && (self.all || self.up.usable(s, self.now))
+    }
+    fn weight(&self, i: usize) -> u32 {
+        self.up.servers[i].weight
+    }
+    fn active(&self, i: usize) -> usize {
+        self.up.servers[i].active.load(Ordering::Relaxed)
+    }
+    fn key(&self, i: usize) -> u64 {
+        self.up.servers[i].key
+    }
+}
+
+/// At most one fail-open warning per pool per this many ms.
+const FAIL_OPEN_WARN_EVERY_MS: u64 = 1000;
 
 impl Upstream {
     /// Builds a pool from its configuration.
     pub fn new(cfg: &config::Upstream) -> Arc<Upstream> {
-        let servers = cfg
+        let servers: Vec<_> = cfg
             .servers
             .iter()
             .map(|s| {
                 Arc::new(ServerState {
                     addr: s.addr,
-                    weight: s.weight,
+                    weight: s.weight.max(1),
+                    key: balance::hash_addr(s.addr),
                     active: AtomicUsize::new(0),
+                    healthy: AtomicBool::new(true),
+                    failures: AtomicU32::new(0),
+                    ejected_until: AtomicU64::new(0),
                 })
             })
             .collect();
         Arc::new(Upstream {
+            balancer: Balancer::new(cfg.balance, servers.len()),
             cfg: cfg.clone(),
             servers,
-            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            last_fail_open_warn: AtomicU64::new(0),
+            counters: UpstreamCounters::default(),
+            metrics: std::sync::OnceLock::new(),
         })
     }
 
@@ -112,26 +204,128 @@ impl Upstream {
         &self.cfg
     }
 
-    /// Chooses a server for a client, skipping `exclude` (servers already tried).
-    pub fn pick(&self, _client: IpAddr, exclude: &[SocketAddr]) -> Option<ServerGuard> {
-        let n = self.servers.len();
-        for _ in 0..n {
-            let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-            let s = &self.servers[i];
-            if !exclude.contains(&s.addr) {
-                s.active.fetch_add(1, Ordering::Relaxed);
-                return Some(ServerGuard { server: s.clone() });
-            }
-        }
-        None
+    /// Milliseconds since the pool was built, plus one, so 0 can mean "never".
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    /// Records the result of a connection attempt (passive health).
-    pub fn report(&self, _addr: SocketAddr, _ok: bool) {}
+    /// Healthy and not ejected at `now`. An ejection found expired is ended here (once, by
+    /// whoever swaps it out) and logged, so returns need no timer task.
+    fn usable(&self, s: &ServerState, now: u64) -> bool {
+        if !s.healthy.load(Ordering::Relaxed) {
+            return false;
+        }
+        let until = s.ejected_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        if now < until {
+            return false;
+        }
+        if s.ejected_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.counters.returns.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(upstream = %self.cfg.name, server = %s.addr, reason = "ejection time over", "server returned from ejection");
+        }
+        true
+    }
+
+    /// Chooses a server for a client, skipping `exclude` (servers already tried).
+    ///
+    /// Only healthy, non-ejected servers are chosen. When no server of the pool is usable at
+    /// all, the pick fails open among every server not in `exclude`, with a warning at most
+    /// once a second. When usable servers exist but all are in `exclude`, it returns `None`:
+    /// they were tried, and the rest are known down.
+    pub fn pick(&self, client: IpAddr, exclude: &[SocketAddr]) -> Option<ServerGuard> {
+        let now = self.now_ms();
+        let mut view = View {
+            up: self,
+            exclude,
+            now,
+            all: false,
+        };
+        let i = match self.balancer.pick(&view, client) {
+            Some(i) => i,
+            None => {
+                if self.servers.iter().any(|s| self.usable(s, now)) {
+                    return None;
+                }
+                view.all = true;
+                let i = self.balancer.pick(&view, client)?;
+                self.counters
+                    .fail_open_picks
+                    .fetch_add(1, Ordering::Relaxed);
+                self.warn_fail_open(now);
+                i
+            }
+        };
+        let s = &self.servers[i];
+        s.active.fetch_add(1, Ordering::Relaxed);
+        Some(ServerGuard { server: s.clone() })
+    }
+
+    fn warn_fail_open(&self, now: u64) {
+        let last = self.last_fail_open_warn.load(Ordering::Relaxed);
+        if last != 0 && now < last + FAIL_OPEN_WARN_EVERY_MS {
+            return;
+        }
+        if self
+            .last_fail_open_warn
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            let picks = self.counters.fail_open_picks.load(Ordering::Relaxed);
+            tracing::warn!(upstream = %self.cfg.name, servers = self.servers.len(), fail_open_picks = picks, "every server is unhealthy or ejected; failing open and trying them anyway");
+        }
+    }
+
+    /// Attaches the process metrics (once; later calls are ignored).
+    pub fn set_metrics(&self, h: crate::metrics::UpstreamHandle) {
+        let _ = self.metrics.set(h);
+    }
+
+    /// The process metrics' handle, once attached.
+    pub fn metrics(&self) -> Option<&crate::metrics::UpstreamHandle> {
+        self.metrics.get()
+    }
+
+    /// Records the result of a connection attempt (passive health). A success resets the
+    /// server's failure count; `eject_after` failures in a row eject it for `eject_for`. A
+    /// server back from ejection is on probation: its next failure ejects it again.
+    pub fn report(&self, addr: SocketAddr, ok: bool) {
+        let Some(s) = self.servers.iter().find(|s| s.addr == addr) else {
+            return;
+        };
+        if ok {
+            s.failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        if let Some(m) = self.metrics() {
+            m.connect_failure();
+        }
+        let limit = self.cfg.eject_after;
+        if limit == 0 {
+            return;
+        }
+        let failures = s.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if failures < limit {
+            return;
+        }
+        let now = self.now_ms();
+        let until = now + self.cfg.eject_for.as_millis() as u64;
+        let prev = s.ejected_until.swap(until, Ordering::Relaxed);
+        s.failures.store(limit - 1, Ordering::Relaxed);
+        if prev == 0 || prev <= now {
+            self.counters.ejections.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(upstream = %self.cfg.name, server = %addr, failures, eject_for = ?self.cfg.eject_for, reason = "consecutive connect failures", "server ejected");
+        }
+    }
 
     /// Connects to a server chosen for `client`, trying up to `retries` others on failure.
     pub async fn connect(&self, client: IpAddr) -> Result<(TcpStream, ServerGuard), ConnectError> {
-        let mut tried = Vec::new();
+        let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last = None;
         while tried.len() as u32 <= self.cfg.retries {
             let Some(guard) = self.pick(client, &tried) else {
@@ -139,15 +333,27 @@ impl Upstream {
             };
             let addr = guard.addr();
             tried.push(addr);
-            match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
+            let reason = match tokio::time::timeout(
+                self.cfg.connect_timeout,
+                TcpStream::connect(addr),
+            )
+            .await
+            {
                 Ok(Ok(s)) => {
                     self.report(addr, true);
                     return Ok((s, guard));
                 }
-                Ok(Err(e)) => last = Some((addr, e.to_string())),
-                Err(_) => last = Some((addr, "connect timed out".to_string())),
-            }
+                // Out of fds or memory here: not the server's fault, and no other server
+                // would do better. Fail without counting it against the server.
+                Ok(Err(e)) if crate::proxy::is_resource_exhaustion(&e) => {
+                    return Err(ConnectError::Local(e.to_string()));
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("connect timed out after {:?}", self.cfg.connect_timeout),
+            };
+            tracing::debug!(upstream = %self.cfg.name, server = %addr, client = %client, error = %reason, "connect attempt failed");
             self.report(addr, false);
+            last = Some((addr, reason));
         }
         match last {
             None => Err(ConnectError::NoServer(self.cfg.name.clone())),
@@ -160,21 +366,37 @@ impl Upstream {
         }
     }
 
-    /// Starts the active health checks, stopped by `shutdown`.
-    pub fn spawn_health_checks(self: &Arc<Self>, _shutdown: CancellationToken) {}
+    /// Starts the active health checks (if configured), stopped by `shutdown`.
+    pub fn spawn_health_checks(self: &Arc<Self>, shutdown: CancellationToken) {
+        if let Some(hc) = &self.cfg.health_check {
+            health::spawn(self, hc, shutdown);
+        }
+    }
 
     /// The servers and their state.
     pub fn status(&self) -> Vec<ServerStatus> {
+        let now = self.now_ms();
         self.servers
             .iter()
-            .map(|s| ServerStatus {
-                addr: s.addr,
-                weight: s.weight,
-                healthy: true,
-                ejected: false,
-                active: s.active.load(Ordering::Relaxed),
+            .map(|s| {
+                let until = s.ejected_until.load(Ordering::Relaxed);
+                ServerStatus {
+                    addr: s.addr,
+                    weight: s.weight,
+                    healthy: s.healthy.load(Ordering::Relaxed),
+                    ejected: until != 0 && now < until,
+                    active: s.active.load(Ordering::Relaxed),
+                    failures: s.failures.load(Ordering::Relaxed),
+                }
             })
             .collect()
+    }
+
+    /// Marks a server healthy or not, as an active check would (for tests and admin tools).
+    pub fn set_healthy(&self, addr: SocketAddr, healthy: bool) {
+        if let Some(s) = self.servers.iter().find(|s| s.addr == addr) {
+            s.healthy.store(healthy, Ordering::Relaxed);
+        }
     }
 }
 
@@ -188,3 +410,6 @@ pub fn build(cfg: &config::Config) -> Upstreams {
         .map(|(n, u)| (n.clone(), Upstream::new(u)))
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

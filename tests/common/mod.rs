@@ -246,3 +246,83 @@ pub fn tally<T: std::hash::Hash + Eq>(items: impl IntoIterator<Item = T>) -> Has
     }
     m
 }
+
+impl Baton {
+    /// Runs `baton upgrade -c CONFIG [extra]` against the running process (blocking);
+    /// returns (success, everything it printed).
+    pub fn cli_upgrade(&self, extra: &[&str]) -> (bool, String) {
+        cli(&self.config, "upgrade", extra)
+    }
+
+    /// The pid currently serving, from the pid file.
+    pub fn serving_pid(&self) -> i32 {
+        std::fs::read_to_string(self.dir().join("baton.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+/// Runs `baton CMD -c CONFIG [extra]` (blocking); returns (success, everything it printed).
+pub fn cli(config: &Path, cmd: &str, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(bin())
+        .args([cmd, "-c"])
+        .arg(config)
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("[{cmd}] {}", text.trim());
+    (out.status.success(), text)
+}
+
+/// `baton upgrade` from async code.
+pub async fn upgrade_async(config: &Path) -> (bool, String) {
+    let config = config.to_path_buf();
+    tokio::task::spawn_blocking(move || cli(&config, "upgrade", &[]))
+        .await
+        .unwrap()
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// A client holding one tunnel open, sending a numbered line every 50 ms and checking that
+/// the echo comes back complete and in order, until `stop`. Returns the round trips made.
+pub async fn numbered_echo(
+    mut s: TcpStream,
+    id: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<u64, String> {
+    let mut n = 0u64;
+    let mut buf = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let line = format!("client {id} seq {n}\n");
+        s.write_all(line.as_bytes())
+            .await
+            .map_err(|e| format!("client {id} seq {n}: write: {e}"))?;
+        buf.resize(line.len(), 0);
+        tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+            .await
+            .map_err(|_| format!("client {id} seq {n}: echo timed out"))?
+            .map_err(|e| format!("client {id} seq {n}: read: {e}"))?;
+        if buf != line.as_bytes() {
+            return Err(format!(
+                "client {id} seq {n}: got {:?}",
+                String::from_utf8_lossy(&buf)
+            ));
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(n)
+}

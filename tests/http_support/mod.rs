@@ -78,6 +78,10 @@ async fn answer(
             .insert("content-length", total.to_string().parse().unwrap());
         return Ok(r);
     }
+    if let Some(ms) = path.strip_prefix("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        return Ok(Response::new(text(format!("slow hello from {name}\n"))));
+    }
     if path == "/hang" {
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }

@@ -240,6 +240,9 @@ pub async fn send(t: &Target<'_>, head: &Head, body: ReplayBody) -> Result<Forwa
         });
         if retry_ok && tried.len() as u32 <= cfg.retries {
             if let Some(b) = handle.replay() {
+                if let Some(m) = t.upstream.metrics() {
+                    m.retry();
+                }
                 next_body = Some(b);
                 continue;
             }

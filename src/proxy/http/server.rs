@@ -201,6 +201,7 @@ fn park(ctx: &ListenerCtx, conn: ConnHandle, stream: TcpStream, read_ahead: Byte
     match stream.into_std() {
         Ok(client) => {
             tracing::debug!(conn = conn.stats().id, client = %meta.client, read_ahead = read_ahead.len(), "parking idle http connection");
+            ctx.lm.parked();
             conn.park(Parked::IdleHttp(IdleHttpState {
                 meta,
                 client,

@@ -59,6 +59,9 @@ pub struct ReqLog {
     client: SocketAddr,
     trace_id: String,
     server: Option<SocketAddr>,
+    /// The upstream chosen by routing, for its request metrics.
+    upstream: Option<Arc<crate::upstream::Upstream>>,
+    metrics: Arc<crate::metrics::Metrics>,
     status: u16,
     start: Instant,
     _in_flight: InFlight,
@@ -67,6 +70,9 @@ pub struct ReqLog {
 impl ReqLog {
     /// Writes the access line: `bytes` of response body sent, `complete` if it all went out.
     pub fn emit(self, bytes: u64, complete: bool) {
+        let upstream = self.upstream.as_ref().map_or("", |u| u.name());
+        self.metrics
+            .http_request(upstream, self.status, self.start.elapsed());
         tracing::info!(
             target: "baton::access",
             conn = self.conn,
@@ -107,13 +113,21 @@ async fn serve_request(s: Arc<SvcCtx>, req: Request<Incoming>) -> Response<ResBo
         client: s.client,
         trace_id,
         server: None,
+        upstream: None,
+        metrics: s.ctx.metrics.clone(),
         status: 0,
         start,
         _in_flight: in_flight,
     };
     let http_cfg = &s.ctx.cfg.http;
     let deadline = http_cfg.request_timeout.map(|d| start + d);
-    let fut = proxy(&s, parts, body, host.as_deref(), &mut log.server);
+    let fut = proxy(
+        &s,
+        parts,
+        body,
+        host.as_deref(),
+        (&mut log.server, &mut log.upstream),
+    );
     let result = match http_cfg.request_timeout {
         Some(d) => tokio::time::timeout(d, fut)
             .await
@@ -186,7 +200,10 @@ async fn proxy(
     mut parts: request::Parts,
     body: Incoming,
     host: Option<&str>,
-    server: &mut Option<SocketAddr>,
+    (server, chosen): (
+        &mut Option<SocketAddr>,
+        &mut Option<Arc<crate::upstream::Upstream>>,
+    ),
 ) -> Result<(Response<ResBody>, Release), ProxyError> {
     let cfg = &s.ctx.cfg;
     check_framing(s, &parts)?;
@@ -202,6 +219,7 @@ async fn proxy(
         .upstreams
         .get(name)
         .ok_or_else(|| ProxyError::MissingUpstream(name.to_string()))?;
+    *chosen = Some(upstream.clone());
     if s.h2 && parts.method == Method::CONNECT {
         return Err(ProxyError::NotSupported("CONNECT over HTTP/2"));
     }

@@ -3,7 +3,6 @@
 pub mod relay;
 
 use super::ListenerCtx;
-use crate::metrics::Metrics;
 use crate::registry::{now_ms, ConnHandle, ConnKind, ConnState, Parked, PendingHalf, TunnelState};
 use relay::{Relay, RelayEnd};
 use std::net::SocketAddr;
@@ -34,7 +33,6 @@ pub async fn handle(
     let (server, guard) = match connected {
         Ok(c) => c,
         Err(e) => {
-            Metrics::inc(&ctx.metrics.connect_failures);
             tracing::warn!(listener = %ctx.name, client = %peer, error = %e, side = "upstream", "closing client: no server connected");
             close_log(&ctx, &conn, "upstream connect failed");
             return;
@@ -116,6 +114,7 @@ pub async fn run_tunnel(
                 match relay.into_parts() {
                     Ok((client, upstream, to_upstream, to_client)) => {
                         drop(guard);
+                        ctx.lm.parked();
                         conn.park(Parked::Tunnel(TunnelState { meta, client, upstream, to_upstream, to_client }));
                     }
                     Err(e) => tracing::warn!(client = %meta.client, error = %e, "cannot park tunnel; closing it"),
@@ -134,11 +133,11 @@ pub fn close_log(ctx: &ListenerCtx, conn: &ConnHandle, reason: &str) {
     let s = conn.stats();
     let bytes_in = s.bytes_in.load(Ordering::Relaxed);
     let bytes_out = s.bytes_out.load(Ordering::Relaxed);
-    ctx.metrics.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+    ctx.lm.bytes(bytes_in, bytes_out);
     ctx.metrics
         .bytes_out
         .fetch_add(bytes_out, Ordering::Relaxed);
-    Metrics::inc(&ctx.metrics.closed);
+    ctx.lm.closed();
     let duration = Duration::from_millis(now_ms().saturating_sub(s.started_ms));
     tracing::info!(
         conn = s.id,

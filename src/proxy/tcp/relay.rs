@@ -5,6 +5,9 @@
 //! future is dropped. Here every byte read is either already written or still in
 //! `buf[start..end]` of its [`Half`], so dropping a [`Relay::poll_relay`] future mid-way loses
 //! nothing: [`Relay::into_parts`] returns both sockets and the pending bytes.
+//!
+//! A direction takes a 64 KiB buffer from a per-thread pool only when its source is readable
+//! and gives it back once everything read has been written, so idle tunnels hold no buffers.
 
 use crate::registry::{ConnStats, PendingHalf};
 use std::io;
@@ -12,17 +15,43 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Size of each direction's buffer; 64 KiB measured fastest (8 KiB costs ~25%).
 pub const BUF_SIZE: usize = 64 * 1024;
 
+/// Buffers kept per thread for reuse; bounds the memory an idle moment leaves behind.
+const POOL_MAX: usize = 64;
+
+thread_local! {
+    /// Free relay buffers of this thread. A direction holds a buffer only while bytes are in
+    /// flight, so ten thousand idle tunnels cost no buffer memory at all.
+    static POOL: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Box<[u8]> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+}
+
+fn give_buffer(b: Box<[u8]>) {
+    if b.len() == BUF_SIZE {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(b);
+            }
+        });
+    }
+}
+
 /// One direction: bytes flow from a source socket through `buf` into a destination.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Half {
-    buf: Box<[u8]>,
+    /// Present only while bytes are in flight (taken from the pool when the source is readable).
+    buf: Option<Box<[u8]>>,
     /// First byte not yet written.
     start: usize,
     /// One past the last byte read.
@@ -34,9 +63,16 @@ struct Half {
 }
 
 impl Half {
-    fn new(pending: PendingHalf, size: usize) -> Half {
-        let mut buf = vec![0u8; size.max(pending.bytes.len())].into_boxed_slice();
-        buf[..pending.bytes.len()].copy_from_slice(&pending.bytes);
+    fn new(pending: PendingHalf) -> Half {
+        let buf = (!pending.bytes.is_empty()).then(|| {
+            let mut b = if pending.bytes.len() <= BUF_SIZE {
+                take_buffer()
+            } else {
+                vec![0u8; pending.bytes.len()].into_boxed_slice()
+            };
+            b[..pending.bytes.len()].copy_from_slice(&pending.bytes);
+            b
+        });
         Half {
             buf,
             start: 0,
@@ -52,7 +88,11 @@ impl Half {
 
     fn pending(&self) -> PendingHalf {
         PendingHalf {
-            bytes: self.buf[self.start..self.end].to_vec(),
+            bytes: self
+                .buf
+                .as_ref()
+                .map(|b| b[self.start..self.end].to_vec())
+                .unwrap_or_default(),
             read_eof: self.read_eof,
             shut: self.shut,
         }
@@ -60,20 +100,16 @@ impl Half {
 
     /// Moves as many bytes as possible from `src` to `dst`. Returns Ready(Ok) once the FIN has
     /// been passed on; Pending with a registered waker otherwise. `moved` counts bytes read.
-    fn poll_copy<R, W>(
+    fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
-        mut src: Pin<&mut R>,
-        mut dst: Pin<&mut W>,
+        src: &TcpStream,
+        mut dst: Pin<&mut TcpStream>,
         moved: &mut u64,
-    ) -> Poll<io::Result<()>>
-    where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
-    {
+    ) -> Poll<io::Result<()>> {
         loop {
-            if self.start < self.end {
-                let n = ready!(dst.as_mut().poll_write(cx, &self.buf[self.start..self.end]))?;
+            if let Some(buf) = self.buf.as_ref().filter(|_| self.start < self.end) {
+                let n = ready!(dst.as_mut().poll_write(cx, &buf[self.start..self.end]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -82,6 +118,9 @@ impl Half {
             }
             self.start = 0;
             self.end = 0;
+            if let Some(b) = self.buf.take() {
+                give_buffer(b);
+            }
             if self.read_eof {
                 if !self.shut {
                     // The peer may already be gone; a failed shutdown still ends this half.
@@ -90,15 +129,33 @@ impl Half {
                 }
                 return Poll::Ready(Ok(()));
             }
-            let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
-            ready!(src.as_mut().poll_read(cx, &mut rb))?;
-            let n = rb.filled().len();
-            if n == 0 {
-                self.read_eof = true;
-            } else {
-                self.end += n;
-                *moved += n as u64;
+            // Wait for readability before taking a buffer, so an idle direction holds none.
+            ready!(src.poll_read_ready(cx))?;
+            let mut buf = take_buffer();
+            match src.try_read(&mut buf) {
+                Ok(0) => {
+                    give_buffer(buf);
+                    self.read_eof = true;
+                }
+                Ok(n) => {
+                    self.end = n;
+                    *moved += n as u64;
+                    self.buf = Some(buf);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => give_buffer(buf),
+                Err(e) => {
+                    give_buffer(buf);
+                    return Poll::Ready(Err(e));
+                }
             }
+        }
+    }
+}
+
+impl Drop for Half {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            give_buffer(b);
         }
     }
 }
@@ -136,8 +193,8 @@ impl Relay {
         Relay {
             client,
             upstream,
-            to_upstream: Half::new(to_upstream, BUF_SIZE),
-            to_client: Half::new(to_client, BUF_SIZE),
+            to_upstream: Half::new(to_upstream),
+            to_client: Half::new(to_client),
             stats,
             last_activity: Instant::now(),
         }
@@ -157,7 +214,7 @@ impl Relay {
         } else {
             self.to_upstream.poll_copy(
                 cx,
-                Pin::new(&mut self.client),
+                &self.client,
                 Pin::new(&mut self.upstream),
                 &mut up_moved,
             )
@@ -167,7 +224,7 @@ impl Relay {
         } else {
             self.to_client.poll_copy(
                 cx,
-                Pin::new(&mut self.upstream),
+                &self.upstream,
                 Pin::new(&mut self.client),
                 &mut down_moved,
             )
@@ -204,5 +261,111 @@ impl Relay {
         let up = self.to_upstream.pending();
         let down = self.to_client.pending();
         Ok((self.client.into_std()?, self.upstream.into_std()?, up, down))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::registry::{ConnKind, Registry};
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connected pair of loopback sockets (ours, peer).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (s, c)
+    }
+
+    fn stats() -> Arc<ConnStats> {
+        let (reg, _rx) = Registry::new();
+        let h = reg.register("t".into(), "127.0.0.1:1".parse().unwrap(), ConnKind::Tcp, 0);
+        h.stats().clone()
+    }
+
+    fn pending(b: &[u8]) -> PendingHalf {
+        PendingHalf {
+            bytes: b.to_vec(),
+            read_eof: false,
+            shut: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn pending_bytes_go_first_then_the_stream() {
+        let (client, mut client_peer) = pair().await;
+        let (upstream, mut upstream_peer) = pair().await;
+        let mut relay = Relay::new(client, upstream, pending(b"abc"), pending(b"xyz"), stats());
+        let task = tokio::spawn(async move { relay.run().await });
+        client_peer.write_all(b"def").await.unwrap();
+        client_peer.shutdown().await.unwrap();
+        let mut up = Vec::new();
+        upstream_peer.read_to_end(&mut up).await.unwrap();
+        assert_eq!(up, b"abcdef");
+        upstream_peer.write_all(b"!").await.unwrap();
+        upstream_peer.shutdown().await.unwrap();
+        let mut down = Vec::new();
+        client_peer.read_to_end(&mut down).await.unwrap();
+        assert_eq!(down, b"xyz!");
+        assert!(matches!(task.await.unwrap(), RelayEnd::Closed));
+    }
+
+    /// Stopped while the destination does not read, the relay loses no byte: what the
+    /// destination got, followed by the pending bytes, is exactly what was read from the source.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopping_mid_stream_loses_no_byte() {
+        let (client, client_peer) = pair().await;
+        let (upstream, upstream_peer) = pair().await;
+        let total = 16 * 1024 * 1024;
+        let data: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        // The source writes far more than the socket buffers hold; it blocks, which is fine.
+        let mut client_peer = client_peer.into_std().unwrap();
+        client_peer.set_nonblocking(false).unwrap();
+        std::thread::spawn(move || {
+            let _ = client_peer.write_all(&sent);
+        });
+        let stats = stats();
+        let mut relay = Relay::new(
+            client,
+            upstream,
+            PendingHalf::default(),
+            PendingHalf::default(),
+            stats.clone(),
+        );
+        // Run until the destination's buffers are full and the relay stalls, then stop it.
+        let mut last = u64::MAX;
+        loop {
+            let _ = tokio::time::timeout(Duration::from_millis(100), relay.run()).await;
+            let now = stats.bytes_in.load(Ordering::Relaxed);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let read_from_source = stats.bytes_in.load(Ordering::Relaxed) as usize;
+        let (_client, mut upstream, to_up, _) = relay.into_parts().unwrap();
+        // Usually the stall leaves bytes in the buffer; the check below holds either way.
+        // Drain what reached the destination while passing the pending bytes on ourselves.
+        let mut upstream_peer = upstream_peer.into_std().unwrap();
+        upstream_peer.set_nonblocking(false).unwrap();
+        upstream.set_nonblocking(false).unwrap();
+        let writer = std::thread::spawn(move || {
+            upstream.write_all(&to_up.bytes).unwrap();
+            upstream.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut got = Vec::new();
+        upstream_peer.read_to_end(&mut got).unwrap();
+        writer.join().unwrap();
+        assert_eq!(got.len(), read_from_source);
+        assert!(
+            got == data[..read_from_source],
+            "bytes reordered or corrupted"
+        );
     }
 }

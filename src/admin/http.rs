@@ -1,0 +1,266 @@
+//! The HTTP admin endpoint on `admin.listen`: `GET /status` (the control socket's status
+//! JSON), `GET /metrics` (Prometheus text), `GET /healthz` (alive), `GET /readyz` (listeners
+//! bound and at least one healthy server per upstream in use) and `GET /` (a self-contained
+//! status page). Served with hyper's HTTP/1 server directly.
+//!
+//! The status comes from the lifecycle over the same channel as the control socket's, so it is
+//! exactly what `baton status --json` prints. While the lifecycle is busy (draining after an
+//! upgrade or a stop) it cannot answer; then the last answer is served with fresh counters and
+//! upstream health, marked `"stale": true`.
+//!
+//! On upgrade the admin socket is not handed over: the successor binds it once the
+//! predecessor has closed it at exit (retrying every 100 ms), so scrapes during the drain
+//! still see the old process's full counters, and the new process answers only once it has
+//! absorbed them. Scrapes in the gap of a few milliseconds are refused, never wrong.
+
+use super::control::{Command, ControlRequest, Reply};
+use crate::metrics::{Metrics, CONTENT_TYPE};
+use crate::upstream::Upstreams;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// The status page, served at `/`.
+const PAGE: &str = include_str!("page.html");
+
+/// How long a status request waits for the lifecycle before the last answer is used.
+const STATUS_WAIT: Duration = Duration::from_secs(1);
+
+/// What the admin endpoint reads.
+#[derive(Debug)]
+pub struct AdminCtx {
+    /// Counters and the Prometheus rendering.
+    pub metrics: Arc<Metrics>,
+    /// The lifecycle's command channel, for status.
+    pub control: mpsc::Sender<ControlRequest>,
+    /// Upstream pools, for readiness and fresh health.
+    pub upstreams: Upstreams,
+    /// Names of the upstreams some listener or route uses.
+    pub in_use: Vec<String>,
+    /// The last status the lifecycle gave.
+    last_status: Mutex<Option<serde_json::Value>>,
+}
+
+impl AdminCtx {
+    /// The context for `cfg`.
+    pub fn new(
+        cfg: &crate::config::Config,
+        metrics: Arc<Metrics>,
+        control: mpsc::Sender<ControlRequest>,
+        upstreams: Upstreams,
+    ) -> AdminCtx {
+        let mut in_use: Vec<String> = cfg
+            .listeners
+            .values()
+            .flat_map(|l| {
+                std::iter::once(l.upstream.clone())
+                    .chain(l.routes.iter().map(|r| r.upstream.clone()))
+            })
+            .collect();
+        in_use.sort();
+        in_use.dedup();
+        AdminCtx {
+            metrics,
+            control,
+            upstreams,
+            in_use,
+            last_status: Mutex::new(None),
+        }
+    }
+
+    /// The lifecycle's status, or the last one with fresh counters if it is busy.
+    pub async fn status(&self) -> Option<serde_json::Value> {
+        let (tx, rx) = oneshot::channel();
+        let asked = self
+            .control
+            .try_send(ControlRequest {
+                command: Command::Status,
+                reply: tx,
+            })
+            .is_ok();
+        if asked {
+            if let Ok(Ok(Reply { ok: true, data, .. })) =
+                tokio::time::timeout(STATUS_WAIT, rx).await
+            {
+                if let Ok(mut last) = self.last_status.lock() {
+                    *last = Some(data.clone());
+                }
+                return Some(data);
+            }
+        }
+        let mut v = self.last_status.lock().ok()?.clone()?;
+        v["stale"] = json!(true);
+        v["counters"] = json!(self.metrics.snapshot());
+        for (name, u) in &self.upstreams {
+            v["upstreams"][name] = json!(u.status());
+        }
+        Some(v)
+    }
+
+    /// Why this process is not ready, if it is not.
+    pub async fn not_ready(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        match self.status().await {
+            None => why.push("no status from the lifecycle yet".to_string()),
+            Some(s) => {
+                let phase = s["phase"].as_str().unwrap_or("?");
+                if !matches!(phase, "ready" | "taking_over" | "handing_over") {
+                    why.push(format!("phase is {phase}"));
+                }
+            }
+        }
+        for name in &self.in_use {
+            let Some(u) = self.upstreams.get(name) else {
+                continue;
+            };
+            if !u.status().iter().any(|s| s.healthy && !s.ejected) {
+                why.push(format!("upstream {name}: no healthy server"));
+            }
+        }
+        why
+    }
+}
+
+/// Starts the admin endpoint on `addr` until `stop`. A first generation binds at once and
+/// fails if it cannot. A successor (`wait_for_release`) binds in the background, retrying
+/// every 100 ms while the predecessor still holds the address.
+pub fn start(
+    addr: SocketAddr,
+    ctx: Arc<AdminCtx>,
+    wait_for_release: bool,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    if !wait_for_release {
+        let l = bind_once(addr)?;
+        tokio::spawn(serve(l, ctx, stop));
+        return Ok(());
+    }
+    tokio::spawn(async move {
+        let mut logged = false;
+        loop {
+            match bind_once(addr) {
+                Ok(l) => return serve(l, ctx, stop).await,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    if !logged {
+                        tracing::info!(addr = %addr, "admin address busy; waiting for the predecessor to release it");
+                        logged = true;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(addr = %addr, error = %e, "cannot bind the admin address; retrying");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    });
+    Ok(())
+}
+
+fn bind_once(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    s.set_nonblocking(true)?;
+    TcpListener::from_std(s.into())
+}
+
+/// Serves the admin endpoint on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, stop: CancellationToken) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listener = "admin", addr = %addr, protocol = "http", "listening");
+    }
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(Duration::from_secs(10))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "admin connection error") },
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+    tracing::debug!("admin endpoint closed");
+}
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+fn json_reply(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+    reply(status, "application/json", format!("{v}\n"))
+}
+
+async fn handle(ctx: &AdminCtx, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
+    }
+    match req.uri().path() {
+        "/" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE),
+        "/metrics" => reply(StatusCode::OK, CONTENT_TYPE, ctx.metrics.render()),
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" => {
+            let why = ctx.not_ready().await;
+            if why.is_empty() {
+                json_reply(StatusCode::OK, &json!({ "ready": true }))
+            } else {
+                json_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({ "ready": false, "reasons": why }),
+                )
+            }
+        }
+        "/status" => match ctx.status().await {
+            Some(v) => json_reply(StatusCode::OK, &v),
+            None => json_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({ "error": "no status from the lifecycle yet" }),
+            ),
+        },
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}

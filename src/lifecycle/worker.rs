@@ -1,0 +1,216 @@
+//! Multi-process mode, the worker's side: a worker is a successor whose first predecessor is
+//! its supervisor. Its inherited channel goes to the supervisor and stays open for the
+//! worker's whole life. The supervisor sends `HandOverTo` with a fresh channel (one fd): the
+//! first one to take over through (the supervisor itself, or the old worker this one
+//! replaces, plays the predecessor on it), a later one to hand everything over through to this
+//! worker's replacement. The worker sends `Ready` once it accepts, and `Heartbeat` with its
+//! counters every second. If the supervisor's channel ends, the worker stops gracefully.
+
+use super::process::{Process, UpgradeRecord};
+use super::triggers::Triggers;
+use super::{LifecycleError, Phase};
+use crate::config::WorkerLimits;
+use crate::handover::{Channel, HandoverError, Message};
+use crate::metrics::Metrics;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How often a worker reports to its supervisor.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the supervisor asks of a serving worker.
+#[derive(Debug)]
+pub enum WorkerEvent {
+    /// Hand everything over through this channel (an upgrade of this worker).
+    HandOverTo(Channel),
+    /// The supervisor's channel ended.
+    SupervisorGone,
+}
+
+/// The worker's link to its supervisor, held by the main loop.
+pub struct WorkerLink {
+    events: mpsc::Receiver<WorkerEvent>,
+    live: mpsc::UnboundedSender<()>,
+}
+
+/// Splits a channel into two on the same socket (one fd each, by `dup`), so one task can
+/// receive while another sends: [`Channel::recv`] is not cancel-safe, so a single `select!`
+/// over both would risk dropping half a frame.
+pub fn split_channel(ch: Channel) -> io::Result<(Channel, Channel)> {
+    let a = ch.into_inner().into_std()?;
+    let b = a.try_clone()?;
+    Ok((Channel::from_std(a)?, Channel::from_std(b)?))
+}
+
+/// Receives a `HandOverTo` and turns its fd into a channel.
+pub async fn recv_hand_over_to(ch: &mut Channel) -> Result<Channel, HandoverError> {
+    let r = ch.recv().await?;
+    match r.msg {
+        Message::HandOverTo => {
+            let fd = r
+                .fds
+                .into_iter()
+                .next()
+                .ok_or(HandoverError::BadHeader("hand_over_to without its fd"))?;
+            Ok(Channel::from_std(std::os::unix::net::UnixStream::from(fd))?)
+        }
+        other => Err(crate::handover::unexpected(other, "hand_over_to")),
+    }
+}
+
+/// Applies `nofile` as both limits of RLIMIT_NOFILE (the soft one only, if the hard one
+/// cannot be changed).
+pub fn apply_rlimits(limits: &WorkerLimits) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let Some(n) = limits.nofile else { return };
+    let want = Rlimit {
+        current: Some(n),
+        maximum: Some(n),
+    };
+    if let Err(e) = setrlimit(Resource::Nofile, want) {
+        let mut lim = getrlimit(Resource::Nofile);
+        lim.current = Some(lim.maximum.map_or(n, |m| m.min(n)));
+        let soft = setrlimit(Resource::Nofile, lim);
+        tracing::warn!(error = %e, nofile = n, soft_ok = soft.is_ok(),
+            "cannot set the open-file limit; soft limit only");
+    }
+}
+
+/// In a worker, receives the channel to take over through and starts the heartbeat; in any
+/// other process returns `inherited` unchanged.
+pub(super) async fn setup(
+    p: &Process,
+    inherited: Option<Result<Channel, HandoverError>>,
+) -> Result<(Option<Result<Channel, HandoverError>>, Option<WorkerLink>), LifecycleError> {
+    let Some(index) = p.opts.worker else {
+        return Ok((inherited, None));
+    };
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        LifecycleError::TakeOver(format!("worker {index}: {what}: {e}"))
+    };
+    apply_rlimits(&p.cfg.runtime.worker_limits);
+    let sup = match inherited {
+        Some(Ok(ch)) => ch,
+        Some(Err(e)) => return Err(fail("supervisor channel", &e)),
+        None => {
+            return Err(fail(
+                "supervisor channel",
+                &"not inherited (start workers with baton run)",
+            ))
+        }
+    };
+    let (mut rx, tx) = split_channel(sup).map_err(|e| fail("supervisor channel", &e))?;
+    let pred = recv_hand_over_to(&mut rx)
+        .await
+        .map_err(|e| fail("first message from the supervisor", &e))?;
+    let (events_tx, events) = mpsc::channel(2);
+    let (live, live_rx) = mpsc::unbounded_channel();
+    tokio::spawn(report(tx, p.metrics.clone(), live_rx, index));
+    tokio::spawn(listen(rx, events_tx));
+    Ok((Some(Ok(pred)), Some(WorkerLink { events, live })))
+}
+
+/// Sends `Ready` once the worker accepts, and a heartbeat every second.
+async fn report(
+    mut tx: Channel,
+    metrics: Arc<Metrics>,
+    mut live: mpsc::UnboundedReceiver<()>,
+    index: usize,
+) {
+    let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+    loop {
+        let msg = tokio::select! {
+            Some(()) = live.recv() => {
+                test_fault_grow_memory(index);
+                Message::Ready { adopted: Vec::new() }
+            }
+            _ = tick.tick() => Message::Heartbeat { counters: metrics.snapshot() },
+        };
+        if let Err(e) = tx.send(&msg, &[], &[]).await {
+            tracing::debug!(error = %e, "supervisor channel closed");
+            return;
+        }
+    }
+}
+
+/// Receives the supervisor's requests.
+async fn listen(mut rx: Channel, events: mpsc::Sender<WorkerEvent>) {
+    loop {
+        match recv_hand_over_to(&mut rx).await {
+            Ok(ch) => {
+                if events.send(WorkerEvent::HandOverTo(ch)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e @ (HandoverError::Unexpected { .. } | HandoverError::BadHeader(_))) => {
+                tracing::warn!(error = %e, "ignoring a message from the supervisor");
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "supervisor channel ended");
+                let _ = events.send(WorkerEvent::SupervisorGone).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Tells the supervisor this worker accepts now.
+pub(super) fn live(link: &Option<WorkerLink>) {
+    if let Some(l) = link {
+        let _ = l.live.send(());
+    }
+}
+
+/// The next request of the supervisor; never returns outside multi-process mode.
+pub(super) async fn next(link: &mut Option<WorkerLink>) -> WorkerEvent {
+    match link {
+        Some(l) => l.events.recv().await.unwrap_or(WorkerEvent::SupervisorGone),
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands everything over to this worker's replacement; true when this process should exit.
+pub(super) async fn hand_over(p: &mut Process, triggers: &mut Triggers, mut ch: Channel) -> bool {
+    if p.phase != Phase::Ready {
+        let reason = format!("worker is {:?}, not ready", p.phase);
+        tracing::warn!(%reason, "hand-over refused");
+        let _ = crate::handover::send_abort(&mut ch, &reason).await;
+        return false;
+    }
+    tracing::info!("handing over to the replacement worker");
+    match super::upgrade::upgrade_to_peer(p, triggers, ch).await {
+        Ok(report) => {
+            tracing::info!(summary = %report.summary(), "worker replaced; exiting");
+            true
+        }
+        Err(e) => {
+            let msg = format!("hand-over failed, this worker keeps serving: {e}");
+            tracing::error!("{msg}");
+            p.history.push(UpgradeRecord {
+                at_ms: crate::registry::now_ms(),
+                ok: false,
+                summary: msg,
+            });
+            false
+        }
+    }
+}
+
+/// Failure injection for the memory-limit test: with `BATON_TEST_FAULT=grow_memory:INDEX`,
+/// worker INDEX allocates and touches 8 MiB every 20 ms once it serves, without end.
+fn test_fault_grow_memory(index: usize) {
+    let hit = std::env::var("BATON_TEST_FAULT").is_ok_and(|v| v == format!("grow_memory:{index}"));
+    if !hit {
+        return;
+    }
+    tracing::warn!("test fault: growing memory without bound");
+    std::thread::spawn(|| {
+        let mut hoard: Vec<Vec<u8>> = Vec::new();
+        loop {
+            hoard.push(vec![1u8; 8 << 20]);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+}

@@ -1,0 +1,604 @@
+//! Multi-process mode (`runtime.workers: N > 1`): a small supervisor that owns the listening
+//! sockets, the control socket and the pid file, and runs N worker processes of the same
+//! binary (`baton worker`, a hidden subcommand). Each worker is a successor in the sense of the
+//! handover protocol: the supervisor hands it its listeners (`shared`: the same sockets for
+//! every worker; `reuseport`: a SO_REUSEPORT socket per worker and listener, created and kept
+//! here so a worker restart never loses an accept queue). Workers report a heartbeat every
+//! second; one that misses 3 in a row is killed and, like any worker that exits, restarted
+//! with exponential back-off. Signals go to the supervisor: SIGTERM/SIGINT stop every worker
+//! gracefully, SIGUSR2 replaces them one by one through the single-process handover (see
+//! [`upgrade`]). Per-worker limits: [`limits`].
+
+pub mod limits;
+mod status;
+mod upgrade;
+pub mod worker;
+
+pub use status::render as render_status;
+
+use crate::admin::control::{self, Reply};
+use crate::config::{AcceptMode, Config};
+use crate::lifecycle::{RunOptions, Trigger, Triggers};
+use crate::metrics::Counters;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use worker::{Event, ListenerFd, Worker};
+
+/// Missed heartbeats before a worker is killed and replaced.
+pub const MISSED_HEARTBEATS: u32 = 3;
+/// First restart delay; doubles per consecutive crash.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Largest restart delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A worker that served this long resets its back-off.
+pub const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+/// Consecutive crashes that count as a crash loop.
+pub const CRASH_LOOP: u32 = 5;
+
+/// Why the supervisor could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// A listener could not be bound.
+    #[error("listener {name}: cannot bind {addr}: {source}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Its address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another OS-level failure.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("{0}")]
+    Lifecycle(#[from] crate::lifecycle::LifecycleError),
+}
+
+/// One worker position (index) and its history.
+#[derive(Debug)]
+struct Slot {
+    index: usize,
+    worker: Option<Worker>,
+    /// The binary and generation a (re)start of this slot uses.
+    binary: PathBuf,
+    generation: u64,
+    restarts: u64,
+    oom_kills: u64,
+    missed_heartbeat_kills: u64,
+    backoff: Duration,
+    restart_at: Option<Instant>,
+    crash_streak: u32,
+    last_exit: Option<String>,
+}
+
+/// The supervisor's state.
+struct Supervisor {
+    cfg: Config,
+    opts: RunOptions,
+    /// Listener sets: one for `shared`, one per worker for `reuseport`.
+    sets: Vec<Vec<ListenerFd>>,
+    slots: Vec<Slot>,
+    /// Old workers draining after handing over to their replacement.
+    retiring: Vec<Worker>,
+    /// The new worker of an upgrade step, until it is live.
+    incoming: Option<Worker>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    cgroups: Option<limits::Cgroups>,
+    /// Counters of workers that died, so the service's totals never go back.
+    retired: Counters,
+    stopping: bool,
+    started: Instant,
+    history: Vec<serde_json::Value>,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
+    let what = what.into();
+    move |source| SupervisorError::Io { what, source }
+}
+
+/// Binds every listener: one socket each (`shared`) or `workers` SO_REUSEPORT sockets each,
+/// all on the port the first one got.
+fn bind_all(cfg: &Config) -> Result<Vec<Vec<ListenerFd>>, SupervisorError> {
+    let n = match cfg.runtime.accept {
+        AcceptMode::Shared => 1,
+        AcceptMode::Reuseport => cfg.runtime.workers,
+    };
+    let mut sets: Vec<Vec<ListenerFd>> = (0..n).map(|_| Vec::new()).collect();
+    for l in cfg.listeners.values() {
+        let mut lc = l.clone();
+        lc.reuse_port = lc.reuse_port || cfg.runtime.accept == AcceptMode::Reuseport;
+        for set in sets.iter_mut() {
+            let s = crate::listener::bind(&lc).map_err(|source| SupervisorError::Bind {
+                name: l.name.clone(),
+                addr: lc.listen,
+                source,
+            })?;
+            let addr = s
+                .local_addr()
+                .map_err(io_err(format!("listener {}", l.name)))?;
+            // The next sockets of a reuseport group bind the port the first one was given.
+            lc.listen = addr;
+            set.push(ListenerFd {
+                name: l.name.clone(),
+                addr,
+                protocol: l.protocol,
+                fd: s.into(),
+            });
+        }
+        tracing::info!(listener = %l.name, addr = %lc.listen, protocol = %l.protocol,
+            sockets = n, "listening");
+    }
+    Ok(sets)
+}
+
+fn add(into: &mut Counters, c: &Counters) {
+    into.accepted += c.accepted;
+    into.closed += c.closed;
+    into.bytes_in += c.bytes_in;
+    into.bytes_out += c.bytes_out;
+    into.requests += c.requests;
+    into.connect_failures += c.connect_failures;
+    into.upgrades_ok += c.upgrades_ok;
+    into.upgrades_failed += c.upgrades_failed;
+}
+
+/// Runs the supervisor until it is stopped.
+pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), SupervisorError> {
+    crate::lifecycle::raise_nofile();
+    let (control_tx, control_rx) = mpsc::channel(16);
+    let mut triggers = Triggers::new(control_rx)?;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), workers = cfg.runtime.workers,
+        accept = ?cfg.runtime.accept, config = %opts.config_path.display(), "supervisor starting");
+    let sets = bind_all(&cfg)?;
+    let cgroups = limits::Cgroups::setup(&cfg.runtime.worker_limits);
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let binary = cfg
+        .runtime
+        .binary
+        .clone()
+        .unwrap_or_else(|| opts.binary.clone());
+    let slots = (0..cfg.runtime.workers)
+        .map(|index| Slot {
+            index,
+            worker: None,
+            binary: binary.clone(),
+            generation: opts.generation,
+            restarts: 0,
+            oom_kills: 0,
+            missed_heartbeat_kills: 0,
+            backoff: BACKOFF_MIN,
+            restart_at: None,
+            crash_streak: 0,
+            last_exit: None,
+        })
+        .collect();
+    let mut s = Supervisor {
+        cfg,
+        opts,
+        sets,
+        slots,
+        retiring: Vec::new(),
+        incoming: None,
+        events_tx,
+        events,
+        cgroups,
+        retired: Counters::default(),
+        stopping: false,
+        started: Instant::now(),
+        history: Vec::new(),
+    };
+    for i in 0..s.slots.len() {
+        if let Err(e) = s.start_worker(i).await {
+            tracing::error!(index = i, error = %e, "cannot start worker");
+            s.schedule_restart(i);
+        }
+    }
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let path = s.cfg.runtime.control_socket.clone();
+    let ctl = control::bind(&path).map_err(io_err(format!("control socket {}", path.display())))?;
+    tokio::spawn(control::serve(
+        ctl,
+        control_tx,
+        shutdown.child_token(),
+        tasks.clone(),
+    ));
+    write_pid_file(&s.cfg.runtime.pid_file).map_err(io_err(format!(
+        "pid file {}",
+        s.cfg.runtime.pid_file.display()
+    )))?;
+    // Ready once every worker accepts (or after the upgrade timeout, with what there is).
+    let limit = s.cfg.runtime.upgrade_timeout;
+    s.pump_until(limit, |s| {
+        s.slots
+            .iter()
+            .all(|w| w.worker.as_ref().is_some_and(|w| w.live_since.is_some()))
+    })
+    .await;
+    tracing::info!(
+        from = "Starting",
+        to = "Ready",
+        workers = s.slots.len(),
+        "phase"
+    );
+
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let trigger = tokio::select! {
+            Some(ev) = s.events.recv() => { s.on_event(ev); continue; }
+            _ = tick.tick() => { s.tick().await; continue; }
+            t = triggers.next() => t,
+        };
+        match trigger {
+            Trigger::Status(reply) => {
+                let _ = reply.send(Reply::ok("status", s.status()));
+            }
+            Trigger::Stop { why, fast, reply } => {
+                tracing::info!(trigger = why, fast, "stopping every worker gracefully");
+                let n = s.stop().await;
+                if let Some(r) = reply {
+                    let _ = r.send(Reply::ok(
+                        format!(
+                            "stopped supervisor {} and its {n} workers",
+                            std::process::id()
+                        ),
+                        json!({ "workers": n }),
+                    ));
+                }
+                break;
+            }
+            Trigger::Upgrade {
+                why,
+                reload,
+                binary,
+                reply,
+            } => {
+                tracing::info!(
+                    trigger = why,
+                    reload,
+                    "upgrade requested: replacing workers one by one"
+                );
+                let r = s.upgrade(reload, binary).await;
+                let (ok, msg) = match r {
+                    Ok(m) => (true, m),
+                    Err(m) => (false, m),
+                };
+                if ok {
+                    tracing::info!(summary = %msg, "upgrade complete");
+                } else {
+                    tracing::error!(reason = %msg, "upgrade failed");
+                }
+                s.history
+                    .push(json!({ "at_ms": crate::registry::now_ms(), "ok": ok, "summary": msg }));
+                if let Some(r) = reply {
+                    let _ = r.send(if ok {
+                        Reply::ok(msg, s.status())
+                    } else {
+                        Reply::err(msg)
+                    });
+                }
+            }
+        }
+    }
+    shutdown.cancel();
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+    remove_pid_file(&s.cfg.runtime.pid_file);
+    tracing::info!(from = "Ready", to = "Stopped", "phase");
+    Ok(())
+}
+
+fn write_pid_file(path: &std::path::Path) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
+    std::fs::rename(&tmp, path)
+}
+
+fn remove_pid_file(path: &std::path::Path) {
+    let ours = std::fs::read_to_string(path)
+        .map(|s| s.trim() == std::process::id().to_string())
+        .unwrap_or(false);
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+impl Supervisor {
+    /// Duplicates the listener set of worker `index`, to hand to it.
+    fn listeners_for(
+        &self,
+        index: usize,
+    ) -> Result<
+        Vec<(
+            String,
+            std::net::SocketAddr,
+            crate::config::Protocol,
+            std::os::fd::OwnedFd,
+        )>,
+        String,
+    > {
+        let set = self
+            .sets
+            .get(index)
+            .or_else(|| self.sets.first())
+            .ok_or("no listener set")?;
+        set.iter()
+            .map(|l| {
+                let fd =
+                    l.fd.try_clone()
+                        .map_err(|e| format!("dup listener {}: {e}", l.name))?;
+                Ok((l.name.clone(), l.addr, l.protocol, fd))
+            })
+            .collect()
+    }
+
+    /// Spawns a worker process for slot `index` (binary and generation of the slot).
+    fn spawn_for(
+        &self,
+        index: usize,
+        binary: &std::path::Path,
+        generation: u64,
+    ) -> Result<Worker, String> {
+        let mut w = worker::spawn(
+            binary,
+            &self.opts.config_path,
+            index,
+            generation,
+            &self.events_tx,
+        )?;
+        if let Some(cg) = &self.cgroups {
+            match cg.place(index, w.pid) {
+                Ok(c) => w.cgroup = Some(c),
+                Err(e) => {
+                    tracing::warn!(index, worker_pid = w.pid, error = %e, "cannot apply cgroup limits to worker")
+                }
+            }
+        }
+        tracing::info!(index, worker_pid = w.pid, generation, "worker spawned");
+        Ok(w)
+    }
+
+    /// Starts worker `index` fresh: the supervisor plays its predecessor.
+    async fn start_worker(&mut self, index: usize) -> Result<(), String> {
+        let (binary, generation) = {
+            let s = &self.slots[index];
+            (s.binary.clone(), s.generation)
+        };
+        let listeners = self.listeners_for(index)?;
+        let mut w = self.spawn_for(index, &binary, generation)?;
+        let (ours, theirs) = worker::pair()?;
+        let sent = w.send_hand_over_to(&theirs).await;
+        drop(theirs);
+        self.slots[index].worker = Some(w);
+        sent?;
+        let ch = crate::handover::Channel::from_std(std::os::unix::net::UnixStream::from(ours))
+            .map_err(|e| format!("handover channel: {e}"))?;
+        let limit = self.cfg.runtime.upgrade_timeout;
+        let events = self.events_tx.clone();
+        let pid = self.slots[index].worker.as_ref().map_or(0, |w| w.pid);
+        tokio::spawn(async move {
+            if let Err(e) = worker::introduce(ch, listeners, limit).await {
+                let _ = events.send(Event::Failed(pid, e));
+            }
+        });
+        Ok(())
+    }
+
+    fn find(&mut self, pid: u32) -> Option<&mut Worker> {
+        self.slots
+            .iter_mut()
+            .filter_map(|s| s.worker.as_mut())
+            .chain(self.retiring.iter_mut())
+            .chain(self.incoming.iter_mut())
+            .find(|w| w.pid == pid)
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Heartbeat(pid, counters) => {
+                if let Some(w) = self.find(pid) {
+                    w.last_heartbeat = Instant::now();
+                    w.counters = counters;
+                }
+            }
+            Event::Live(pid) => {
+                let index = self.index_of(pid);
+                if let Some(w) = self.find(pid) {
+                    w.live_since = Some(Instant::now());
+                    w.last_heartbeat = Instant::now();
+                    let index = index.map_or(-1, |i| i as i64);
+                    tracing::info!(
+                        index,
+                        worker_pid = pid,
+                        generation = w.generation,
+                        "worker started"
+                    );
+                }
+            }
+            Event::Failed(pid, reason) => {
+                tracing::error!(worker_pid = pid, %reason, "worker failed to start; killing it");
+                if let Some(w) = self.find(pid) {
+                    w.signal(rustix::process::Signal::KILL);
+                }
+            }
+            Event::Exited(pid, status) => self.on_exit(pid, status),
+        }
+    }
+
+    fn index_of(&self, pid: u32) -> Option<usize> {
+        self.slots
+            .iter()
+            .find(|s| s.worker.as_ref().is_some_and(|w| w.pid == pid))
+            .map(|s| s.index)
+    }
+
+    fn on_exit(&mut self, pid: u32, status: std::process::ExitStatus) {
+        if let Some(pos) = self.retiring.iter().position(|w| w.pid == pid) {
+            let w = self.retiring.remove(pos);
+            if let Some(c) = &w.cgroup {
+                c.remove();
+            }
+            tracing::info!(worker_pid = pid, %status, "replaced worker exited");
+            return;
+        }
+        if self.incoming.as_ref().is_some_and(|w| w.pid == pid) {
+            // The upgrade step watching it sees it gone.
+            if let Some(c) = self.incoming.as_ref().and_then(|w| w.cgroup.as_ref()) {
+                c.remove();
+            }
+            tracing::warn!(worker_pid = pid, %status, "new worker exited during the upgrade");
+            return;
+        }
+        let Some(index) = self.index_of(pid) else {
+            return;
+        };
+        let slot = &mut self.slots[index];
+        let Some(w) = slot.worker.take() else { return };
+        add(&mut self.retired, &w.counters);
+        let oom = w.cgroup.as_ref().map_or(0, |c| c.oom_kills());
+        if let Some(c) = &w.cgroup {
+            c.remove();
+        }
+        if oom > 0 {
+            slot.oom_kills += 1;
+            tracing::error!(
+                index,
+                worker_pid = pid,
+                "worker killed by the kernel for exceeding its memory limit"
+            );
+        }
+        slot.last_exit = Some(format!(
+            "{status}{}",
+            if oom > 0 { " (memory limit)" } else { "" }
+        ));
+        if self.stopping {
+            tracing::info!(index, worker_pid = pid, %status, "worker stopped");
+            return;
+        }
+        if w.live_since.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER) {
+            slot.backoff = BACKOFF_MIN;
+            slot.crash_streak = 0;
+        }
+        slot.restarts += 1;
+        slot.crash_streak += 1;
+        let delay = slot.backoff;
+        slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
+        slot.restart_at = Some(Instant::now() + delay);
+        tracing::warn!(index, worker_pid = pid, %status, restart_in_ms = delay.as_millis() as u64,
+            restarts = slot.restarts, "worker exited; restarting");
+        if slot.crash_streak >= CRASH_LOOP {
+            tracing::error!(
+                index,
+                crashes = slot.crash_streak,
+                restart_in_ms = delay.as_millis() as u64,
+                "WORKER CRASH LOOP: worker keeps exiting; check its log lines above"
+            );
+        }
+    }
+
+    fn schedule_restart(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        slot.restart_at = Some(Instant::now() + slot.backoff);
+        slot.backoff = (slot.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// Kills workers that missed their heartbeats, restarts those whose back-off is over.
+    async fn tick(&mut self) {
+        let limit = crate::lifecycle::worker::HEARTBEAT_INTERVAL * MISSED_HEARTBEATS
+            + Duration::from_millis(500);
+        for slot in &mut self.slots {
+            let Some(w) = &slot.worker else { continue };
+            if w.last_heartbeat.elapsed() > limit {
+                tracing::error!(
+                    index = slot.index,
+                    worker_pid = w.pid,
+                    missed = MISSED_HEARTBEATS,
+                    "worker missed its heartbeats; killing it"
+                );
+                slot.missed_heartbeat_kills += 1;
+                w.signal(rustix::process::Signal::KILL);
+                // Not again before it is seen gone.
+                if let Some(w) = slot.worker.as_mut() {
+                    w.last_heartbeat = Instant::now() + Duration::from_secs(3600);
+                }
+            }
+        }
+        if self.stopping {
+            return;
+        }
+        for i in 0..self.slots.len() {
+            let due = self.slots[i].worker.is_none()
+                && self.slots[i]
+                    .restart_at
+                    .is_some_and(|t| Instant::now() >= t);
+            if due {
+                self.slots[i].restart_at = None;
+                if let Err(e) = self.start_worker(i).await {
+                    tracing::error!(index = i, error = %e, "cannot restart worker");
+                    self.schedule_restart(i);
+                }
+            }
+        }
+    }
+
+    /// Waits (handling events and ticks) until `done` holds or `limit` passes.
+    async fn pump_until(
+        &mut self,
+        limit: Duration,
+        mut done: impl FnMut(&Supervisor) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        while !done(self) {
+            tokio::select! {
+                Some(ev) = self.events.recv() => self.on_event(ev),
+                _ = tick.tick() => self.tick().await,
+                _ = tokio::time::sleep_until(deadline) => return done(self),
+            }
+        }
+        true
+    }
+
+    fn all_workers(&self) -> impl Iterator<Item = &Worker> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.worker.as_ref())
+            .chain(self.retiring.iter())
+            .chain(self.incoming.iter())
+    }
+
+    /// Forwards SIGTERM to every worker and waits for them (SIGKILL after the drain timeout).
+    async fn stop(&mut self) -> usize {
+        self.stopping = true;
+        let n = self.all_workers().count();
+        for w in self.all_workers() {
+            w.signal(rustix::process::Signal::TERM);
+        }
+        let limit = self.cfg.runtime.drain_timeout + Duration::from_secs(5);
+        if !self
+            .pump_until(limit, |s| s.all_workers().next().is_none())
+            .await
+        {
+            for w in self.all_workers() {
+                tracing::warn!(
+                    worker_pid = w.pid,
+                    "worker did not stop in time; killing it"
+                );
+                w.signal(rustix::process::Signal::KILL);
+            }
+            self.pump_until(Duration::from_secs(5), |s| s.all_workers().next().is_none())
+                .await;
+        }
+        n
+    }
+}

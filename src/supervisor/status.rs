@@ -1,0 +1,131 @@
+//! The supervisor's status: each worker (index, pid, generation, restarts, last heartbeat, its
+//! counters) and the service's totals, for `baton status` (JSON and text).
+
+use super::{add, Supervisor};
+use crate::metrics::Counters;
+use serde_json::json;
+use std::fmt::Write as _;
+
+impl Supervisor {
+    /// Status for `baton status`.
+    pub(super) fn status(&self) -> serde_json::Value {
+        let mut totals = self.retired.clone();
+        let mut workers = Vec::new();
+        let describe = |w: &super::Worker, state: &str| {
+            json!({
+                "pid": w.pid,
+                "generation": w.generation,
+                "state": state,
+                "uptime_s": w.spawned.elapsed().as_secs(),
+                "last_heartbeat_ms": w.last_heartbeat.elapsed().as_millis() as u64,
+                "counters": w.counters,
+            })
+        };
+        for s in &self.slots {
+            let mut v = match &s.worker {
+                Some(w) => {
+                    add(&mut totals, &w.counters);
+                    describe(
+                        w,
+                        if w.live_since.is_some() {
+                            "serving"
+                        } else {
+                            "starting"
+                        },
+                    )
+                }
+                None => json!({ "state": "restarting", "counters": Counters::default() }),
+            };
+            v["index"] = json!(s.index);
+            v["restarts"] = json!(s.restarts);
+            v["oom_kills"] = json!(s.oom_kills);
+            v["missed_heartbeat_kills"] = json!(s.missed_heartbeat_kills);
+            v["crash_loop"] = json!(s.crash_streak >= super::CRASH_LOOP);
+            v["last_exit"] = json!(s.last_exit);
+            workers.push(v);
+        }
+        for w in &self.retiring {
+            add(&mut totals, &w.counters);
+        }
+        let listeners: serde_json::Map<String, serde_json::Value> = self
+            .cfg
+            .listeners
+            .iter()
+            .map(|(n, l)| {
+                let addr = self
+                    .sets
+                    .first()
+                    .and_then(|set| set.iter().find(|x| &x.name == n))
+                    .map_or(l.listen, |x| x.addr);
+                (n.clone(), json!({ "addr": addr.to_string(), "protocol": l.protocol, "upstream": l.upstream }))
+            })
+            .collect();
+        json!({
+            "mode": "supervisor",
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "generation": self.slots.iter().map(|s| s.generation).max().unwrap_or(1),
+            "phase": if self.stopping { "draining" } else { "ready" },
+            "uptime_s": self.started.elapsed().as_secs(),
+            "accept": self.cfg.runtime.accept,
+            "limits": self.cfg.runtime.worker_limits,
+            "cgroups": self.cgroups.as_ref().map(|c| c.version),
+            "listeners": listeners,
+            "workers": workers,
+            "retiring": self.retiring.iter().map(|w| describe(w, "handing_over")).collect::<Vec<_>>(),
+            "totals": totals,
+            "upgrades": self.history,
+        })
+    }
+}
+
+/// Renders the supervisor's status JSON as lines for a person.
+pub fn render(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "baton {} supervisor pid {} generation {} phase {} up {}s accept {}",
+        v["version"].as_str().unwrap_or("?"),
+        v["pid"],
+        v["generation"],
+        v["phase"].as_str().unwrap_or("?"),
+        v["uptime_s"],
+        v["accept"].as_str().unwrap_or("?"),
+    );
+    for (name, l) in v["listeners"].as_object().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "listener {name}: {} {} -> {}",
+            l["protocol"].as_str().unwrap_or("?"),
+            l["addr"].as_str().unwrap_or("?"),
+            l["upstream"].as_str().unwrap_or("?")
+        );
+    }
+    let line = |c: &serde_json::Value| {
+        format!(
+            "accepted {} closed {} requests {} bytes_in {} bytes_out {}",
+            c["accepted"], c["closed"], c["requests"], c["bytes_in"], c["bytes_out"]
+        )
+    };
+    for w in v["workers"].as_array().into_iter().flatten() {
+        let _ =
+            writeln!(
+            out,
+            "worker {}: pid {} generation {} {} restarts {} oom_kills {} heartbeat {} ms ago{}: {}",
+            w["index"],
+            w["pid"],
+            w["generation"],
+            w["state"].as_str().unwrap_or("?"),
+            w["restarts"],
+            w["oom_kills"],
+            w["last_heartbeat_ms"],
+            if w["crash_loop"].as_bool() == Some(true) { " CRASH LOOP" } else { "" },
+            line(&w["counters"]),
+        );
+    }
+    let _ = writeln!(out, "total: {}", line(&v["totals"]));
+    for u in v["upgrades"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "upgrade: {}", u["summary"].as_str().unwrap_or("?"));
+    }
+    out
+}

@@ -1,0 +1,428 @@
+//! Multi-process mode, end to end: a real supervisor and real worker processes, real signals
+//! (kill -9, SIGSTOP), real sockets. What a client sees is what is checked: clients on a
+//! surviving worker never notice, new connections are always accepted, tunnels survive a
+//! rolling upgrade byte for byte, and the supervisor's pid never changes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+use common::*;
+use rustix::process::{kill_process, Pid, Signal};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn config(backend: std::net::SocketAddr, runtime: &str) -> String {
+    format!(
+        "runtime:\n  workers: 2\n  drain_timeout: 5s\n  upgrade_timeout: 10s\n{runtime}listeners:\n  t:\n    listen: 127.0.0.1:0\n    upstream: u\nupstreams:\n  u:\n    servers: [\"{backend}\"]\n"
+    )
+}
+
+/// `baton status --json`.
+fn status(b: &Baton) -> serde_json::Value {
+    let out = std::process::Command::new(bin())
+        .args(["status", "--json", "-c"])
+        .arg(&b.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "status failed: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn worker_pid(s: &serde_json::Value, index: usize) -> Option<i32> {
+    s["workers"][index]["pid"].as_i64().map(|p| p as i32)
+}
+
+fn accepted(s: &serde_json::Value, index: usize) -> u64 {
+    s["workers"][index]["counters"]["accepted"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn signal(pid: i32, sig: Signal) {
+    kill_process(Pid::from_raw(pid).unwrap(), sig).unwrap();
+}
+
+/// Waits for the status to satisfy `cond` (status comes from heartbeats, once a second).
+async fn wait_status(
+    b: &Baton,
+    what: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let s = status(b);
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: last status {s:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stops the supervisor gracefully and checks it exits 0 with its workers.
+fn stop(mut b: Baton, workers: &[i32]) {
+    b.signal(Signal::TERM);
+    assert_eq!(b.wait_exit(WAIT), Some(0), "supervisor exit code");
+    for w in workers {
+        assert!(!alive(*w), "worker {w} outlived its supervisor");
+    }
+}
+
+/// A client making short connections in a loop (connect, echo one line, close) until `stop`;
+/// every one must succeed. Returns how many it made.
+async fn short_connections(
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    made: Arc<AtomicU64>,
+) -> Result<u64, String> {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let line = format!("short {n}\n");
+        let one = async {
+            let mut s = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            s.write_all(line.as_bytes())
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            let mut buf = vec![0u8; line.len()];
+            s.read_exact(&mut buf)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            if buf != line.as_bytes() {
+                return Err(format!("got {:?}", String::from_utf8_lossy(&buf)));
+            }
+            Ok::<(), String>(())
+        };
+        tokio::time::timeout(WAIT, one)
+            .await
+            .map_err(|_| format!("short connection {n} timed out"))?
+            .map_err(|e| format!("short connection {n}: {e}"))?;
+        n += 1;
+        made.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_one_worker_leaves_the_other_workers_clients_untouched() {
+    let be = echo_backend("").await;
+    // reuseport: the kernel spreads clients over both workers' sockets, and the killed
+    // worker's socket (kept by the supervisor) queues new connections for its replacement.
+    let b = Baton::start(&config(be, "  accept: reuseport\n"));
+    let addr = b.addr("t");
+    let s0 = wait_status(&b, "two workers serving", |s| {
+        (0..2).all(|i| s["workers"][i]["state"] == "serving")
+    })
+    .await;
+    let victim = worker_pid(&s0, 0).unwrap();
+    let survivor = worker_pid(&s0, 1).unwrap();
+
+    let stop_long = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            let stop = stop_long.clone();
+            tokio::spawn(async move {
+                let s = TcpStream::connect(addr).await.unwrap();
+                numbered_echo(s, i, stop).await
+            })
+        })
+        .collect();
+    // Where did they land? The heartbeat counters say.
+    let placed = wait_status(&b, "20 clients accepted", |s| {
+        accepted(s, 0) + accepted(s, 1) == 20
+    })
+    .await;
+    let (on_victim, on_survivor) = (accepted(&placed, 0), accepted(&placed, 1));
+    eprintln!("clients on the victim: {on_victim}, on the survivor: {on_survivor}");
+    assert!(
+        on_survivor > 0 && on_victim > 0,
+        "reuseport spread the clients: {placed:#}"
+    );
+
+    let stop_short = Arc::new(AtomicBool::new(false));
+    let made = Arc::new(AtomicU64::new(0));
+    let short = tokio::spawn(short_connections(addr, stop_short.clone(), made.clone()));
+    assert!(wait_until(WAIT, || made.load(Ordering::Relaxed) >= 5).await);
+
+    signal(victim, Signal::KILL);
+    let started = b
+        .log
+        .wait_for(&["worker started", "index=0", "generation=1"], WAIT)
+        .and_then(|_| {
+            // The line of the replacement, not of the first start.
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                if b.log.count("worker started") >= 3 {
+                    return Some(());
+                }
+                if std::time::Instant::now() > deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    assert!(started.is_some(), "replacement worker started");
+    let after = wait_status(&b, "replacement serving", |s| {
+        worker_pid(s, 0).is_some_and(|p| p != victim) && s["workers"][0]["state"] == "serving"
+    })
+    .await;
+    assert_eq!(after["workers"][0]["restarts"], 1);
+    assert_eq!(
+        worker_pid(&after, 1),
+        Some(survivor),
+        "the other worker is untouched"
+    );
+
+    // New connections keep working and reach the replacement too.
+    let before = made.load(Ordering::Relaxed);
+    assert!(wait_until(WAIT, || made.load(Ordering::Relaxed) >= before + 30).await);
+    wait_status(&b, "the replacement accepts", |s| accepted(s, 0) > 0).await;
+    stop_short.store(true, Ordering::Relaxed);
+    let n = short.await.unwrap().unwrap();
+    assert!(n > 30);
+
+    stop_long.store(true, Ordering::Relaxed);
+    let mut ok = 0;
+    let mut failed = 0;
+    for c in clients {
+        match c.await.unwrap() {
+            Ok(rounds) => {
+                assert!(rounds > 0);
+                ok += 1;
+            }
+            Err(e) => {
+                eprintln!("client on the killed worker: {e}");
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(
+        ok, on_survivor,
+        "every client of the surviving worker kept its tunnel"
+    );
+    assert_eq!(
+        failed, on_victim,
+        "only the killed worker's clients lost their tunnel"
+    );
+    let pids = [worker_pid(&after, 0).unwrap(), survivor];
+    stop(b, &pids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_is_replaced_after_missed_heartbeats() {
+    let be = echo_backend("").await;
+    let b = Baton::start(&config(be, ""));
+    let addr = b.addr("t");
+    let s0 = wait_status(&b, "two workers serving", |s| {
+        (0..2).all(|i| s["workers"][i]["state"] == "serving")
+    })
+    .await;
+    let frozen = worker_pid(&s0, 1).unwrap();
+    signal(frozen, Signal::STOP);
+    assert!(
+        b.log
+            .wait_for(
+                &[
+                    "worker missed its heartbeats",
+                    &format!("worker_pid={frozen}")
+                ],
+                WAIT
+            )
+            .is_some(),
+        "missed heartbeats detected"
+    );
+    let after = wait_status(&b, "replacement serving", |s| {
+        worker_pid(s, 1).is_some_and(|p| p != frozen) && s["workers"][1]["state"] == "serving"
+    })
+    .await;
+    assert_eq!(after["workers"][1]["missed_heartbeat_kills"], 1);
+    assert!(
+        wait_until(WAIT, || !alive(frozen)).await,
+        "the frozen worker is gone"
+    );
+    // The service still answers.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"ping\n").await.unwrap();
+    let mut buf = [0u8; 5];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ping\n");
+    let pids = [
+        worker_pid(&after, 0).unwrap(),
+        worker_pid(&after, 1).unwrap(),
+    ];
+    stop(b, &pids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_with_two_workers_keeps_every_tunnel_and_the_supervisor_pid() {
+    let be = echo_backend("").await;
+    let b = Baton::start(&config(be, ""));
+    let addr = b.addr("t");
+    let supervisor = b.pid();
+    let s0 = wait_status(&b, "two workers serving", |s| {
+        (0..2).all(|i| s["workers"][i]["state"] == "serving")
+    })
+    .await;
+    let old: Vec<i32> = (0..2).map(|i| worker_pid(&s0, i).unwrap()).collect();
+    let stop_long = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..30)
+        .map(|i| {
+            let stop = stop_long.clone();
+            tokio::spawn(async move {
+                let s = TcpStream::connect(addr).await.unwrap();
+                numbered_echo(s, i, stop).await
+            })
+        })
+        .collect();
+    let stop_short = Arc::new(AtomicBool::new(false));
+    let made = Arc::new(AtomicU64::new(0));
+    let short = tokio::spawn(short_connections(addr, stop_short.clone(), made.clone()));
+    wait_status(&b, "clients accepted", |s| {
+        accepted(s, 0) + accepted(s, 1) >= 30
+    })
+    .await;
+
+    for round in 0..2 {
+        let (ok, out) = upgrade_async(&b.config).await;
+        assert!(ok, "upgrade {round}: {out}");
+        assert!(out.contains("2 workers replaced"), "upgrade {round}: {out}");
+        assert_eq!(b.serving_pid(), supervisor, "pid file names the supervisor");
+        assert!(alive(supervisor));
+    }
+    let after = status(&b);
+    assert_eq!(after["pid"], supervisor as i64);
+    assert_eq!(after["generation"], 3);
+    let new: Vec<i32> = (0..2).map(|i| worker_pid(&after, i).unwrap()).collect();
+    for p in &old {
+        assert!(!new.contains(p));
+        assert!(
+            wait_until(WAIT, || !alive(*p)).await,
+            "old worker {p} exited"
+        );
+    }
+    // Counters carried over (with the next heartbeats): the 30 tunnels were accepted by the
+    // first generation.
+    wait_status(&b, "counters carried over", |s| {
+        s["totals"]["accepted"].as_u64() >= Some(30)
+    })
+    .await;
+
+    let before = made.load(Ordering::Relaxed);
+    assert!(wait_until(WAIT, || made.load(Ordering::Relaxed) > before + 10).await);
+    stop_short.store(true, Ordering::Relaxed);
+    short.await.unwrap().unwrap();
+    stop_long.store(true, Ordering::Relaxed);
+    for c in clients {
+        let rounds = c.await.unwrap().unwrap();
+        assert!(rounds > 0);
+    }
+    stop(b, &new);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_each_worker_and_the_totals() {
+    let be = echo_backend("").await;
+    let b = Baton::start(&config(be, ""));
+    let addr = b.addr("t");
+    for i in 0..10 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let line = format!("hello {i}\n");
+        s.write_all(line.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; line.len()];
+        tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let s = wait_status(&b, "10 connections counted", |s| {
+        s["totals"]["accepted"].as_u64() == Some(10)
+    })
+    .await;
+    assert_eq!(s["mode"], "supervisor");
+    assert_eq!(s["pid"], b.pid() as i64);
+    let workers = s["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2);
+    for (i, w) in workers.iter().enumerate() {
+        assert_eq!(w["index"], i as i64);
+        assert!(w["pid"].as_i64().unwrap() > 0);
+        assert_eq!(w["generation"], 1);
+        assert_eq!(w["restarts"], 0);
+        assert!(w["last_heartbeat_ms"].as_u64().unwrap() < 10_000);
+    }
+    assert_eq!(accepted(&s, 0) + accepted(&s, 1), 10, "totals are the sum");
+    let (ok, text) = cli(&b.config, "status", &[]);
+    assert!(ok);
+    assert!(
+        text.contains("worker 0: pid") && text.contains("worker 1: pid"),
+        "{text}"
+    );
+    assert!(text.contains("total: accepted 10"), "{text}");
+    let pids = [worker_pid(&s, 0).unwrap(), worker_pid(&s, 1).unwrap()];
+    stop(b, &pids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_over_its_memory_limit_is_killed_and_restarted() {
+    let be = echo_backend("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        config(
+            be,
+            "  worker_limits:\n    memory: 96MiB\n    nofile: 4096\n",
+        ),
+    )
+    .unwrap();
+    let b = Baton::start_with_env(dir, cfg, &[("BATON_TEST_FAULT", "grow_memory:0")]);
+    let s = status(&b);
+    if s["cgroups"].is_null() {
+        eprintln!("SKIPPED: cgroups cannot be written here, so no memory limit can be enforced");
+        return;
+    }
+    let first = worker_pid(&s, 0);
+    assert!(
+        b.log
+            .wait_for(
+                &[
+                    "worker killed by the kernel for exceeding its memory limit",
+                    "index=0"
+                ],
+                WAIT
+            )
+            .is_some(),
+        "OOM kill seen"
+    );
+    // The replacement starts (and, growing too, will be killed again: a crash loop).
+    assert!(
+        wait_until(WAIT, || b.log.count("worker started") >= 3).await,
+        "worker 0 restarted"
+    );
+    let after = wait_status(&b, "worker 0 restarted", |s| {
+        s["workers"][0]["restarts"].as_u64() >= Some(1) && worker_pid(s, 0) != first
+    })
+    .await;
+    assert!(
+        after["workers"][0]["oom_kills"].as_u64() >= Some(1),
+        "{after:#}"
+    );
+    assert_eq!(after["workers"][1]["restarts"], 0, "worker 1 untouched");
+    // The other worker's open-file limit is the configured one.
+    let w1 = worker_pid(&after, 1).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{w1}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert!(line.contains("4096"), "{line}");
+    stop(b, &[w1]);
+}
