@@ -4,6 +4,7 @@
 mod file;
 mod server_addr;
 mod validate;
+mod yaml_error;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
