@@ -2,6 +2,7 @@
 //! validated [`Config`] every other module reads. Plain data: depends on nothing else in baton.
 
 mod file;
+mod runtime;
 mod server_addr;
 mod validate;
 mod yaml_error;

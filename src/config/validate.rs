@@ -3,20 +3,21 @@
 //! `file:line:column: key.path: what is wrong`.
 
 use super::file::{self, S};
+use super::runtime::runtime;
 use super::server_addr::{parse_server_addr, MIN_RESOLVE};
 use super::yaml_error::read_yaml;
 use super::*;
 use std::collections::HashMap;
 
 /// Collects errors while the typed config is built, so `baton check` can list them all.
-struct Errors<'a> {
+pub(super) struct Errors<'a> {
     file: &'a Path,
     /// (line, column, message), sorted by position at the end.
     list: Vec<(u64, u64, String)>,
 }
 
 impl Errors<'_> {
-    fn at<T>(&mut self, span: &S<T>, path: &str, msg: impl fmt::Display) {
+    pub(super) fn at<T>(&mut self, span: &S<T>, path: &str, msg: impl fmt::Display) {
         let loc = span.referenced;
         self.list.push((
             loc.line(),
@@ -30,7 +31,12 @@ impl Errors<'_> {
         ));
     }
 
-    fn duration(&mut self, v: &Option<S<String>>, path: &str, default: Duration) -> Duration {
+    pub(super) fn duration(
+        &mut self,
+        v: &Option<S<String>>,
+        path: &str,
+        default: Duration,
+    ) -> Duration {
         match v {
             None => default,
             Some(s) => parse_duration(&s.value).unwrap_or_else(|e| {
@@ -41,7 +47,7 @@ impl Errors<'_> {
     }
 
     /// A duration where `0` means "no limit".
-    fn opt_duration(
+    pub(super) fn opt_duration(
         &mut self,
         v: &Option<S<String>>,
         path: &str,
@@ -56,11 +62,11 @@ impl Errors<'_> {
         }
     }
 
-    fn addr(&mut self, s: &S<String>, path: &str) -> Option<SocketAddr> {
+    pub(super) fn addr(&mut self, s: &S<String>, path: &str) -> Option<SocketAddr> {
         parse_addr(&s.value).map_err(|e| self.at(s, path, e)).ok()
     }
 
-    fn choice<T: Copy>(
+    pub(super) fn choice<T: Copy>(
         &mut self,
         v: &Option<S<String>>,
         path: &str,
@@ -125,7 +131,7 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("bad address {s:?}: expected ip:port, like 127.0.0.1:8080"))
 }
 
-fn resolve(base: &Path, p: &str) -> PathBuf {
+pub(super) fn resolve(base: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
     if p.is_absolute() {
         p.to_path_buf()
@@ -221,124 +227,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         Err(ConfigError(
             errs.list.into_iter().map(|(_, _, m)| m).collect(),
         ))
-    }
-}
-
-fn runtime(errs: &mut Errors, r: &file::Runtime, dir: &Path) -> Runtime {
-    Runtime {
-        pid_file: resolve(dir, r.pid_file.as_deref().unwrap_or("baton.pid")),
-        control_socket: resolve(dir, r.control_socket.as_deref().unwrap_or("baton.sock")),
-        drain_timeout: errs.duration(
-            &r.drain_timeout,
-            "runtime.drain_timeout",
-            Duration::from_secs(30),
-        ),
-        upgrade_timeout: errs.duration(
-            &r.upgrade_timeout,
-            "runtime.upgrade_timeout",
-            Duration::from_secs(10),
-        ),
-        worker_threads: r.worker_threads.unwrap_or(0),
-        binary: r.binary.as_deref().map(|b| resolve(dir, b)),
-        workers: workers(errs, &r.workers),
-        accept: errs.choice(
-            &r.accept,
-            "runtime.accept",
-            &[
-                ("shared", AcceptMode::Shared),
-                ("reuseport", AcceptMode::Reuseport),
-            ],
-            AcceptMode::Shared,
-        ),
-        worker_limits: r
-            .worker_limits
-            .as_ref()
-            .map(|l| worker_limits(errs, l))
-            .unwrap_or_default(),
-    }
-}
-
-/// `runtime.workers`: a positive number or `auto` (one per core).
-fn workers(errs: &mut Errors, w: &Option<S<file::NumOrText>>) -> usize {
-    let Some(w) = w else { return 1 };
-    match &w.value {
-        file::NumOrText::Num(n) if *n >= 1 && *n <= 1024 => *n as usize,
-        file::NumOrText::Text(t) if t == "auto" => {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        }
-        _ => {
-            errs.at(
-                w,
-                "runtime.workers",
-                "expected a number from 1 to 1024, or auto",
-            );
-            1
-        }
-    }
-}
-
-fn worker_limits(errs: &mut Errors, l: &file::WorkerLimits) -> WorkerLimits {
-    let memory = l.memory.as_ref().and_then(|m| match &m.value {
-        file::NumOrText::Num(n) => Some(*n),
-        file::NumOrText::Text(t) => parse_size(t)
-            .map_err(|e| errs.at(m, "runtime.worker_limits.memory", e))
-            .ok(),
-    });
-    let cpu = l.cpu.as_ref().and_then(|c| {
-        if c.value.is_finite() && c.value > 0.0 && c.value <= 4096.0 {
-            Some(c.value)
-        } else {
-            errs.at(
-                c,
-                "runtime.worker_limits.cpu",
-                "expected a number of CPUs above 0, e.g. 1.5",
-            );
-            None
-        }
-    });
-    let positive = |errs: &mut Errors, v: &Option<S<u64>>, path: &str| {
-        v.as_ref().and_then(|n| {
-            if n.value == 0 {
-                errs.at(n, path, "must be at least 1");
-                None
-            } else {
-                Some(n.value)
-            }
-        })
-    };
-    WorkerLimits {
-        memory,
-        cpu,
-        pids: positive(errs, &l.pids, "runtime.worker_limits.pids"),
-        nofile: positive(errs, &l.nofile, "runtime.worker_limits.nofile"),
-    }
-}
-
-/// Parses a size such as `512MiB`, `1GiB`, `64M` (binary units) or `1000000` (bytes).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?} (expected e.g. 512MiB)"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KiB" | "k" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        "KB" => 1000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {s:?} (use B, KiB, MiB or GiB)"
-            ))
-        }
-    };
-    match n.checked_mul(mult) {
-        Some(0) | None => Err(format!("size {s:?} is out of range")),
-        Some(v) => Ok(v),
     }
 }
 
