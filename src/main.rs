@@ -40,6 +40,9 @@ enum Command {
         /// Generation number, set by a predecessor for its successor.
         #[arg(long, hide = true, default_value_t = 1)]
         generation: u64,
+        /// Multi-process mode: the supervisor's state after it re-executed itself (an fd).
+        #[arg(long, hide = true)]
+        resume_supervisor: Option<i32>,
     },
     /// Validate a configuration file: exit 0, or 2 with every error found.
     Check {
@@ -113,12 +116,16 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config, generation } => run(config, generation, None),
+        Command::Run {
+            config,
+            generation,
+            resume_supervisor,
+        } => run(config, generation, None, resume_supervisor),
         Command::Worker {
             config,
             index,
             generation,
-        } => run(config, generation, Some(index)),
+        } => run(config, generation, Some(index), None),
         Command::Status { config, json } => ctl(&config, Ctl::Status, json),
         Command::Stop { config, fast } => ctl(&config, Ctl::Stop { fast }, false),
         Command::Upgrade { config, binary } => {
@@ -137,7 +144,7 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     rt.enable_all().build()
 }
 
-fn run(config: PathBuf, generation: u64, worker: Option<usize>) -> ExitCode {
+fn run(config: PathBuf, generation: u64, worker: Option<usize>, resume: Option<i32>) -> ExitCode {
     let cfg = match Config::load(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -154,7 +161,7 @@ fn run(config: PathBuf, generation: u64, worker: Option<usize>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match serve(cfg, config, generation, worker) {
+    match serve(cfg, config, generation, worker, resume) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("baton: {e:#}");
@@ -168,6 +175,7 @@ fn serve(
     config_path: PathBuf,
     generation: u64,
     worker: Option<usize>,
+    resume: Option<i32>,
 ) -> anyhow::Result<()> {
     baton::logging::init_as(&cfg.log, generation, worker).context("cannot open the log file")?;
     let opts = RunOptions {
@@ -177,6 +185,11 @@ fn serve(
         worker,
     };
     // With workers, `baton run` is their supervisor: one thread is plenty for it.
+    if let Some(fd) = resume {
+        let rt = runtime(1).context("cannot start the runtime")?;
+        rt.block_on(baton::supervisor::resume(cfg, opts, fd))?;
+        return Ok(());
+    }
     if worker.is_none() && cfg.runtime.workers > 1 {
         let rt = runtime(1).context("cannot start the runtime")?;
         rt.block_on(baton::supervisor::run(cfg, opts))?;

@@ -12,6 +12,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+fn config_text(backend: std::net::SocketAddr) -> String {
+    config(backend, "")
+}
+
 fn config(backend: std::net::SocketAddr, runtime: &str) -> String {
     format!(
         "runtime:\n  workers: 2\n  drain_timeout: 5s\n  upgrade_timeout: 10s\n{runtime}listeners:\n  t:\n    listen: 127.0.0.1:0\n    upstream: u\nupstreams:\n  u:\n    servers: [\"{backend}\"]\n"
@@ -37,6 +41,11 @@ fn accepted(s: &serde_json::Value, index: usize) -> u64 {
     s["workers"][index]["counters"]["accepted"]
         .as_u64()
         .unwrap_or(0)
+}
+
+/// Whether a process is gone and reaped (no /proc entry, not even a zombie).
+fn reaped(pid: i32) -> bool {
+    !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn signal(pid: i32, sig: Signal) {
@@ -298,16 +307,32 @@ async fn upgrade_with_two_workers_keeps_every_tunnel_and_the_supervisor_pid() {
         assert_eq!(b.serving_pid(), supervisor, "pid file names the supervisor");
         assert!(alive(supervisor));
     }
-    let after = status(&b);
+    // The supervisor re-executed itself after each round: same pid, new generation.
+    let after = wait_status(&b, "supervisor re-executed twice", |s| {
+        s["supervisor_generation"] == 3
+    })
+    .await;
     assert_eq!(after["pid"], supervisor as i64);
     assert_eq!(after["generation"], 3);
+    assert_eq!(b.log.count("supervisor resumed after re-exec"), 2);
     let new: Vec<i32> = (0..2).map(|i| worker_pid(&after, i).unwrap()).collect();
     for p in &old {
         assert!(!new.contains(p));
+        // Reaped by the re-executed supervisor (not left a zombie).
         assert!(
-            wait_until(WAIT, || !alive(*p)).await,
-            "old worker {p} exited"
+            wait_until(WAIT, || reaped(*p)).await,
+            "old worker {p} exited and was reaped"
         );
+    }
+    // The same workers keep heartbeating to the re-executed supervisor (4 heartbeats: more
+    // than the 3 it may miss before being killed).
+    let beating = wait_status(&b, "heartbeats to the new image", |s| {
+        (0..2).all(|i| s["workers"][i]["heartbeats"].as_u64() >= Some(4))
+    })
+    .await;
+    for i in 0..2 {
+        assert_eq!(worker_pid(&beating, i), Some(new[i]), "worker {i} kept");
+        assert_eq!(beating["workers"][i]["missed_heartbeat_kills"], 0);
     }
     // Counters carried over (with the next heartbeats): the 30 tunnels were accepted by the
     // first generation.
@@ -425,4 +450,153 @@ async fn a_worker_over_its_memory_limit_is_killed_and_restarted() {
         .unwrap();
     assert!(line.contains("4096"), "{line}");
     stop(b, &[w1]);
+}
+
+/// Starts `exe run -c config` (a copy of baton elsewhere than `bin()`).
+fn start_copy(exe: &std::path::Path, dir: tempfile::TempDir, config: std::path::PathBuf) -> Baton {
+    let mut child = std::process::Command::new(exe)
+        .args(["run", "-c"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(LogLines::default());
+    pump(child.stderr.take().unwrap(), log.clone(), "baton");
+    let b = Baton {
+        child,
+        dir,
+        config,
+        log,
+    };
+    assert!(b.log.wait_for(&["phase", "to=Ready"], WAIT).is_some());
+    b
+}
+
+/// Replaces `exe` (as `mv` of a new build would) with a script that appends "PID ARGS" to
+/// `marker` and then runs `then` (a shell command line) with the same arguments.
+fn replace_with_wrapper(exe: &std::path::Path, marker: &std::path::Path, then: &str) {
+    let staged = exe.with_extension("new");
+    std::fs::write(
+        &staged,
+        format!(
+            "#!/bin/sh\necho \"$$ $*\" >> {}\n{then}\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&staged, exe).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervisor_re_executes_the_binary_on_disk_in_place() {
+    let be = echo_backend("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("baton");
+    std::fs::copy(bin(), &exe).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, config_text(be)).unwrap();
+    let b = start_copy(&exe, dir, config);
+    let addr = b.addr("t");
+    let supervisor = b.pid();
+    wait_status(&b, "two workers serving", |s| {
+        (0..2).all(|i| s["workers"][i]["state"] == "serving") && s["supervisor_generation"] == 1
+    })
+    .await;
+    // A tunnel open across the whole upgrade.
+    let stop_long = Arc::new(AtomicBool::new(false));
+    let tunnel = tokio::spawn({
+        let stop = stop_long.clone();
+        async move { numbered_echo(TcpStream::connect(addr).await.unwrap(), 0, stop).await }
+    });
+    let marker = b.dir().join("ran");
+    replace_with_wrapper(&exe, &marker, &format!("exec {} \"$@\"", bin()));
+    let (ok, out) = upgrade_async(&b.config).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("supervisor re-executing"), "{out}");
+    let s = wait_status(&b, "supervisor generation 2", |s| {
+        s["supervisor_generation"] == 2
+    })
+    .await;
+    assert_eq!(s["pid"], supervisor as i64, "same pid");
+    // The new file ran as the supervisor's own pid, with the resume argument.
+    let ran = std::fs::read_to_string(&marker).unwrap();
+    assert!(
+        ran.lines()
+            .any(|l| l.starts_with(&format!("{supervisor} run"))
+                && l.contains("--resume-supervisor")),
+        "the supervisor did not exec the new file: {ran}"
+    );
+    assert!(
+        ran.lines().any(|l| l.contains(" check -c")),
+        "validated first: {ran}"
+    );
+    let workers: Vec<i32> = (0..2).map(|i| worker_pid(&s, i).unwrap()).collect();
+    let beating = wait_status(&b, "heartbeats to the new image", |s| {
+        (0..2).all(|i| s["workers"][i]["heartbeats"].as_u64() >= Some(4))
+    })
+    .await;
+    for (i, w) in workers.iter().enumerate() {
+        assert_eq!(worker_pid(&beating, i), Some(*w), "worker {i} kept");
+    }
+    // New connections are served by the re-executed supervisor's workers.
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"after\n").await.unwrap();
+    let mut buf = [0u8; 6];
+    tokio::time::timeout(WAIT, c.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"after\n");
+    stop_long.store(true, Ordering::Relaxed);
+    assert!(tunnel.await.unwrap().unwrap() > 0);
+    // It still supervises them: a graceful stop waits for (and reaps) both.
+    stop(b, &workers);
+    for w in workers {
+        assert!(reaped(w), "worker {w} reaped");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_binary_that_fails_its_check_is_not_executed() {
+    let be = echo_backend("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("baton");
+    std::fs::copy(bin(), &exe).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, config_text(be)).unwrap();
+    let b = start_copy(&exe, dir, config);
+    let supervisor = b.pid();
+    wait_status(&b, "two workers serving", |s| {
+        (0..2).all(|i| s["workers"][i]["state"] == "serving")
+    })
+    .await;
+    // Workers start fine from it, but `check` fails.
+    let marker = b.dir().join("ran");
+    replace_with_wrapper(
+        &exe,
+        &marker,
+        &format!(
+            "if [ \"$1\" = check ]; then echo 'broken build' >&2; exit 3; fi\nexec {} \"$@\"",
+            bin()
+        ),
+    );
+    let (ok, out) = upgrade_async(&b.config).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("NOT re-executed") && out.contains("broken build"),
+        "{out}"
+    );
+    let s = status(&b);
+    assert_eq!(s["pid"], supervisor as i64);
+    assert_eq!(
+        s["supervisor_generation"], 1,
+        "the old supervisor keeps running"
+    );
+    assert_eq!(s["generation"], 2, "the workers were replaced");
+    let ran = std::fs::read_to_string(&marker).unwrap();
+    assert!(!ran.contains("--resume-supervisor"), "{ran}");
+    let workers: Vec<i32> = (0..2).map(|i| worker_pid(&s, i).unwrap()).collect();
+    stop(b, &workers);
 }

@@ -181,6 +181,25 @@ impl Cgroups {
 }
 
 impl WorkerCgroup {
+    /// Its folders as (controller, path), for the supervisor's re-exec state.
+    pub fn dirs(&self) -> Vec<(String, PathBuf)> {
+        self.dirs
+            .iter()
+            .map(|(c, d)| (c.to_string(), d.clone()))
+            .collect()
+    }
+
+    /// The folders of a worker adopted after a re-exec; unknown controllers are skipped.
+    pub fn from_dirs(dirs: Vec<(String, PathBuf)>) -> WorkerCgroup {
+        let known = |c: &str| ["memory", "cpu", "pids", ""].into_iter().find(|k| *k == c);
+        WorkerCgroup {
+            dirs: dirs
+                .into_iter()
+                .filter_map(|(c, d)| Some((known(&c)?, d)))
+                .collect(),
+        }
+    }
+
     /// How many processes the kernel killed in this cgroup for exceeding its memory limit.
     pub fn oom_kills(&self) -> u64 {
         self.dirs

@@ -9,18 +9,23 @@
 //! gracefully, SIGUSR2 replaces them one by one through the single-process handover (see
 //! [`upgrade`]). Per-worker limits: [`limits`].
 
+mod fds;
 pub mod limits;
+mod reexec;
+mod resume;
+mod serve;
 mod status;
 mod upgrade;
 pub mod worker;
 
+pub use resume::resume;
+
 pub use status::render as render_status;
 
-use crate::admin::control::{self, Reply};
+use crate::admin::control;
 use crate::config::{AcceptMode, Config};
-use crate::lifecycle::{RunOptions, Trigger, Triggers};
+use crate::lifecycle::{RunOptions, Triggers};
 use crate::metrics::Counters;
-use serde_json::json;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -99,6 +104,10 @@ struct Supervisor {
     stopping: bool,
     started: Instant,
     history: Vec<serde_json::Value>,
+    /// Where control-socket requests go (to the loop's [`Triggers`]).
+    control_tx: mpsc::Sender<crate::admin::control::ControlRequest>,
+    /// The control socket, kept across the re-exec.
+    control: Option<serve::ControlServer>,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
@@ -156,7 +165,7 @@ fn add(into: &mut Counters, c: &Counters) {
 pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), SupervisorError> {
     crate::lifecycle::raise_nofile();
     let (control_tx, control_rx) = mpsc::channel(16);
-    let mut triggers = Triggers::new(control_rx)?;
+    let triggers = Triggers::new(control_rx)?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), workers = cfg.runtime.workers,
         accept = ?cfg.runtime.accept, config = %opts.config_path.display(), "supervisor starting");
     let sets = bind_all(&cfg)?;
@@ -196,6 +205,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), SupervisorError> {
         stopping: false,
         started: Instant::now(),
         history: Vec::new(),
+        control_tx,
+        control: None,
     };
     for i in 0..s.slots.len() {
         if let Err(e) = s.start_worker(i).await {
@@ -203,16 +214,16 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), SupervisorError> {
             s.schedule_restart(i);
         }
     }
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let tasks = tokio_util::task::TaskTracker::new();
     let path = s.cfg.runtime.control_socket.clone();
     let ctl = control::bind(&path).map_err(io_err(format!("control socket {}", path.display())))?;
-    tokio::spawn(control::serve(
-        ctl,
-        control_tx,
-        shutdown.child_token(),
-        tasks.clone(),
-    ));
+    s.start_control(std::os::fd::OwnedFd::from(
+        ctl.into_std()
+            .map_err(io_err(format!("control socket {}", path.display())))?,
+    ))
+    .map_err(|e| SupervisorError::Io {
+        what: format!("control socket {}", path.display()),
+        source: std::io::Error::other(e),
+    })?;
     write_pid_file(&s.cfg.runtime.pid_file).map_err(io_err(format!(
         "pid file {}",
         s.cfg.runtime.pid_file.display()
@@ -231,71 +242,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), SupervisorError> {
         workers = s.slots.len(),
         "phase"
     );
-
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        let trigger = tokio::select! {
-            Some(ev) = s.events.recv() => { s.on_event(ev); continue; }
-            _ = tick.tick() => { s.tick().await; continue; }
-            t = triggers.next() => t,
-        };
-        match trigger {
-            Trigger::Status(reply) => {
-                let _ = reply.send(Reply::ok("status", s.status()));
-            }
-            Trigger::Stop { why, fast, reply } => {
-                tracing::info!(trigger = why, fast, "stopping every worker gracefully");
-                let n = s.stop().await;
-                if let Some(r) = reply {
-                    let _ = r.send(Reply::ok(
-                        format!(
-                            "stopped supervisor {} and its {n} workers",
-                            std::process::id()
-                        ),
-                        json!({ "workers": n }),
-                    ));
-                }
-                break;
-            }
-            Trigger::Upgrade {
-                why,
-                reload,
-                binary,
-                reply,
-            } => {
-                tracing::info!(
-                    trigger = why,
-                    reload,
-                    "upgrade requested: replacing workers one by one"
-                );
-                let r = s.upgrade(reload, binary).await;
-                let (ok, msg) = match r {
-                    Ok(m) => (true, m),
-                    Err(m) => (false, m),
-                };
-                if ok {
-                    tracing::info!(summary = %msg, "upgrade complete");
-                } else {
-                    tracing::error!(reason = %msg, "upgrade failed");
-                }
-                s.history
-                    .push(json!({ "at_ms": crate::registry::now_ms(), "ok": ok, "summary": msg }));
-                if let Some(r) = reply {
-                    let _ = r.send(if ok {
-                        Reply::ok(msg, s.status())
-                    } else {
-                        Reply::err(msg)
-                    });
-                }
-            }
-        }
-    }
-    shutdown.cancel();
-    tasks.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
-    remove_pid_file(&s.cfg.runtime.pid_file);
-    tracing::info!(from = "Ready", to = "Stopped", "phase");
-    Ok(())
+    serve::serve(s, triggers).await
 }
 
 fn write_pid_file(path: &std::path::Path) -> std::io::Result<()> {
@@ -408,6 +355,7 @@ impl Supervisor {
             Event::Heartbeat(pid, counters) => {
                 if let Some(w) = self.find(pid) {
                     w.last_heartbeat = Instant::now();
+                    w.heartbeats += 1;
                     w.counters = counters;
                 }
             }

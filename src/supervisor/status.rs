@@ -1,5 +1,5 @@
 //! The supervisor's status: each worker (index, pid, generation, restarts, last heartbeat, its
-//! counters) and the service's totals, for `baton status` (JSON and text).
+//! counters), the supervisor's own generation (re-execs) and the service's totals, for `baton status` (JSON and text).
 
 use super::{add, Supervisor};
 use crate::metrics::Counters;
@@ -18,6 +18,7 @@ impl Supervisor {
                 "state": state,
                 "uptime_s": w.spawned.elapsed().as_secs(),
                 "last_heartbeat_ms": w.last_heartbeat.elapsed().as_millis() as u64,
+                "heartbeats": w.heartbeats,
                 "counters": w.counters,
             })
         };
@@ -64,6 +65,9 @@ impl Supervisor {
             "mode": "supervisor",
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
+            // +1 per re-exec of the supervisor in place.
+            "supervisor_generation": self.opts.generation,
+            "binary": self.opts.binary,
             "generation": self.slots.iter().map(|s| s.generation).max().unwrap_or(1),
             "phase": if self.stopping { "draining" } else { "ready" },
             "uptime_s": self.started.elapsed().as_secs(),
@@ -84,9 +88,10 @@ pub fn render(v: &serde_json::Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "baton {} supervisor pid {} generation {} phase {} up {}s accept {}",
+        "baton {} supervisor pid {} (generation {}) workers' generation {} phase {} up {}s accept {}",
         v["version"].as_str().unwrap_or("?"),
         v["pid"],
+        v["supervisor_generation"],
         v["generation"],
         v["phase"].as_str().unwrap_or("?"),
         v["uptime_s"],

@@ -6,7 +6,8 @@
 //! the new worker reports it accepts, the old one is retired (it drains and exits) and the
 //! next worker follows. A new worker that fails, exits or is not live in time is killed: the
 //! old worker rolls back on its own (its successor vanished before the commit) and keeps
-//! serving, and the upgrade stops there. The supervisor itself is not re-executed.
+//! serving, and the upgrade stops there. Once every worker is replaced, the supervisor
+//! re-executes itself in place ([`super::reexec`]).
 
 use super::Supervisor;
 use crate::config::Config;
@@ -14,13 +15,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 impl Supervisor {
-    /// Replaces every worker; returns a summary, or why it stopped (workers already replaced
-    /// stay replaced, the others keep serving).
+    /// Replaces every worker; returns a summary and the binary used, or why it stopped
+    /// (workers already replaced stay replaced, the others keep serving).
     pub(super) async fn upgrade(
         &mut self,
         reload: bool,
         binary: Option<PathBuf>,
-    ) -> Result<String, String> {
+    ) -> Result<(String, PathBuf), String> {
         if reload {
             Config::load(&self.opts.config_path)
                 .map_err(|e| format!("config refused, nothing changed:\n{e}"))?;
@@ -57,12 +58,13 @@ impl Supervisor {
                 }
             }
         }
-        Ok(format!(
+        let summary = format!(
             "upgrade ok: supervisor pid {} kept; {} workers replaced: {}",
             std::process::id(),
             replaced.len(),
             replaced.join(", ")
-        ))
+        );
+        Ok((summary, binary))
     }
 
     /// One step: worker `i` hands over to a new worker. Returns (old pid, new pid).

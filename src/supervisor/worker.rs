@@ -60,6 +60,33 @@ pub struct Worker {
     pub tx: Channel,
     /// Its cgroups, if limits are in force.
     pub cgroup: Option<super::limits::WorkerCgroup>,
+    /// Heartbeats received by this supervisor image (reset by a re-exec).
+    pub heartbeats: u64,
+    /// The task forwarding its messages, and how to stop it at a frame boundary.
+    pub listening: Option<Listening>,
+}
+
+/// The task that reads a worker's channel, stoppable between frames so the channel can be
+/// kept across the supervisor's re-exec without losing half a message.
+#[derive(Debug)]
+pub struct Listening {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Option<Channel>>,
+}
+
+impl Listening {
+    /// Starts forwarding what worker `pid` says on `rx` to `events`.
+    pub fn start(rx: Channel, pid: u32, events: mpsc::UnboundedSender<Event>) -> Listening {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(listen(rx, pid, events, stopped));
+        Listening { stop, task }
+    }
+
+    /// Stops the task between two frames and returns the channel (`None` if it had ended).
+    pub async fn stop(self) -> Option<Channel> {
+        let _ = self.stop.send(());
+        self.task.await.ok().flatten()
+    }
 }
 
 impl Worker {
@@ -115,7 +142,7 @@ pub fn spawn(
             let _ = ev.send(Event::Exited(pid, st));
         }
     });
-    tokio::spawn(listen(rx, pid, events.clone()));
+    let listening = Some(Listening::start(rx, pid, events.clone()));
     let now = Instant::now();
     Ok(Worker {
         index,
@@ -127,13 +154,28 @@ pub fn spawn(
         counters: Counters::default(),
         tx,
         cgroup: None,
+        heartbeats: 0,
+        listening,
     })
 }
 
-/// Forwards what a worker says to the supervisor's loop, until its channel ends.
-async fn listen(mut rx: Channel, pid: u32, events: mpsc::UnboundedSender<Event>) {
+/// Forwards what a worker says to the supervisor's loop, until its channel ends (`None`) or
+/// `stop` (the channel is given back). A worker sends each frame with one small `sendmsg`,
+/// which a Unix stream socket delivers whole, so `recv` is only ever pending between frames:
+/// stopping it there loses nothing.
+async fn listen(
+    mut rx: Channel,
+    pid: u32,
+    events: mpsc::UnboundedSender<Event>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Option<Channel> {
     loop {
-        let ev = match rx.recv().await {
+        let received = tokio::select! {
+            biased;
+            _ = &mut stop => return Some(rx),
+            r = rx.recv() => r,
+        };
+        let ev = match received {
             Ok(r) => match r.msg {
                 Message::Heartbeat { counters } => Event::Heartbeat(pid, counters),
                 Message::Ready { .. } => Event::Live(pid),
@@ -149,11 +191,11 @@ async fn listen(mut rx: Channel, pid: u32, events: mpsc::UnboundedSender<Event>)
             },
             Err(e) => {
                 tracing::debug!(worker_pid = pid, error = %e, "worker channel ended");
-                return;
+                return None;
             }
         };
         if events.send(ev).is_err() {
-            return;
+            return None;
         }
     }
 }
@@ -183,5 +225,82 @@ pub async fn introduce(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("not ready within {limit:?}")),
+    }
+}
+
+/// After the supervisor's re-exec: takes over worker `pid` (still this process's child) with
+/// its channel (`None` if it had ended), and watches for its exit by pidfd.
+pub fn adopt(
+    index: usize,
+    pid: u32,
+    generation: u64,
+    channel: Option<OwnedFd>,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<Worker, String> {
+    let channel = match channel {
+        Some(fd) => fd,
+        // A worker whose channel had ended is exiting: a dead end stands in for it.
+        None => pair()?.0,
+    };
+    let ch = Channel::from_std(std::os::unix::net::UnixStream::from(channel))
+        .map_err(|e| format!("worker {index}: channel: {e}"))?;
+    let (rx, tx) = split_channel(ch).map_err(|e| format!("worker {index}: split channel: {e}"))?;
+    let ev = events.clone();
+    tokio::spawn(async move {
+        let st = wait_adopted(pid).await;
+        let _ = ev.send(Event::Exited(pid, st));
+    });
+    let now = Instant::now();
+    Ok(Worker {
+        index,
+        pid,
+        generation,
+        spawned: now,
+        live_since: None,
+        last_heartbeat: now,
+        counters: Counters::default(),
+        tx,
+        cgroup: None,
+        heartbeats: 0,
+        listening: Some(Listening::start(rx, pid, events.clone())),
+    })
+}
+
+/// Waits for an adopted child to exit and reaps it. Not a tokio `Child` (that one belonged
+/// to the previous image), so: `waitpid` first (it may already be a zombie, or — if the old
+/// image reaped it just before the exec — gone), then a pidfd, readable once it exits.
+async fn wait_adopted(pid: u32) -> std::process::ExitStatus {
+    use rustix::process::{pidfd_open, waitpid, PidfdFlags, WaitOptions};
+    use std::os::unix::process::ExitStatusExt;
+    // Exit code 255: what is reported when the real status was lost across the exec.
+    let lost = std::process::ExitStatus::from_raw(0xff00);
+    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
+        return lost;
+    };
+    let mut pidfd = None;
+    loop {
+        match waitpid(Some(p), WaitOptions::NOHANG) {
+            Ok(Some((_, st))) => return std::process::ExitStatus::from_raw(st.as_raw()),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(worker_pid = pid, error = %e, "adopted worker already reaped; its exit status is lost");
+                return lost;
+            }
+        }
+        // Still our unreaped child, so the pid cannot have been reused: the pidfd is its.
+        if pidfd.is_none() {
+            pidfd = pidfd_open(p, PidfdFlags::empty())
+                .ok()
+                .and_then(super::fds::watch_pidfd);
+        }
+        match &pidfd {
+            Some(fd) => {
+                // Readable once it exited; readiness is kept, so a pause avoids spinning in
+                // the (brief) case where waitpid does not see the exit yet.
+                let _ = fd.readable().await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
 }
