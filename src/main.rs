@@ -136,7 +136,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// The runtime: with one worker thread a `current_thread` runtime, which skips the
+/// multi-thread scheduler's cross-thread machinery (work stealing, remote queues, an extra
+/// thread handing tasks over); measured in docs/BENCHMARKS.md ("After the perf pass").
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if threads > 0 {
         rt.worker_threads(threads);

@@ -168,7 +168,15 @@ pub struct ConnStats {
     drain: CancellationToken,
     /// Cancelled when the connection must close now (drain deadline).
     kill: CancellationToken,
+    /// Bits set (before the matching token is cancelled) when any of park, drain or kill was
+    /// asked: a hot loop reads this one atomic instead of polling three tokens (each poll of
+    /// a token takes its tree's mutex) on every wake-up.
+    signals: AtomicU8,
 }
+
+const SIG_PARK: u8 = 1;
+const SIG_DRAIN: u8 = 2;
+const SIG_KILL: u8 = 4;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these short locks leaves plain data behind; keep going.
@@ -233,6 +241,12 @@ impl ConnHandle {
     /// Whether a park was asked for.
     pub fn is_park_requested(&self) -> bool {
         self.stats.park.is_cancelled()
+    }
+    /// Whether park, drain or kill may have been asked for: one relaxed atomic load. Set
+    /// before the token is cancelled, so a loop that polled the `*_requested` futures once (to
+    /// register its waker) needs to poll them again only once this is true.
+    pub fn signalled(&self) -> bool {
+        self.stats.signals.load(Ordering::Acquire) != 0
     }
     /// Resolves when the process is stopping: serve no new requests (HTTP keep-alive ends).
     pub async fn drain_requested(&self) {
@@ -305,6 +319,12 @@ impl Registry {
         started_ms: u64,
     ) -> ConnHandle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Held while the tokens are made and the entry inserted, so park_all, drain_all and
+        // kill_all (which set the signal bits under this lock) see every connection whose
+        // token they cancel.
+        let mut conns = lock(&self.conns);
+        let drain = self.drain_parent.child_token();
+        let signals = if drain.is_cancelled() { SIG_DRAIN } else { 0 };
         let stats = Arc::new(ConnStats {
             id,
             listener,
@@ -316,10 +336,12 @@ impl Registry {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             park: lock(&self.park_parent).child_token(),
-            drain: self.drain_parent.child_token(),
+            drain,
             kill: lock(&self.kill_parent).child_token(),
+            signals: AtomicU8::new(signals),
         });
-        lock(&self.conns).insert(id, stats.clone());
+        conns.insert(id, stats.clone());
+        drop(conns);
         ConnHandle {
             stats,
             registry: self.clone(),
@@ -363,6 +385,7 @@ impl Registry {
             .values()
             .filter(|c| filter(c))
             .map(|c| {
+                c.signals.fetch_or(SIG_PARK, Ordering::Release);
                 c.park.cancel();
                 c.id
             })
@@ -372,17 +395,29 @@ impl Registry {
     /// Asks every live connection to stop at its next safe point and park. Connections
     /// registered afterwards are not affected.
     pub fn park_all(&self) {
+        let conns = lock(&self.conns);
+        for c in conns.values() {
+            c.signals.fetch_or(SIG_PARK, Ordering::Release);
+        }
         let old = std::mem::take(&mut *lock(&self.park_parent));
         old.cancel();
     }
 
     /// Asks every connection, now and later, to finish its current work and close (stop).
     pub fn drain_all(&self) {
+        let conns = lock(&self.conns);
+        for c in conns.values() {
+            c.signals.fetch_or(SIG_DRAIN, Ordering::Release);
+        }
         self.drain_parent.cancel();
     }
 
     /// Asks every live connection to close now.
     pub fn kill_all(&self) {
+        let conns = lock(&self.conns);
+        for c in conns.values() {
+            c.signals.fetch_or(SIG_KILL, Ordering::Release);
+        }
         let old = std::mem::take(&mut *lock(&self.kill_parent));
         old.cancel();
     }

@@ -179,3 +179,43 @@ async fn drain_closes_an_idle_connection() {
         .await
         .unwrap();
 }
+
+/// A keep-alive connection idle for longer than the idle release (1 s: hyper's buffers are
+/// dropped and the connection waits for readability with none) still serves its next request,
+/// and still parks with its read-ahead bytes for a handover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_idle_connection_serves_and_parks() {
+    let mut st = setup().await;
+    let mut c = TcpStream::connect(st.addr).await.unwrap();
+    for _ in 0..2 {
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = read_response(&mut c).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, b"hello from app\n");
+        // Idle past the release; the assertions hold whether or not it happened in time.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    }
+    c.write_all(b"GET /headers HTTP/1.1\r\nHo").await.unwrap();
+    tokio::task::yield_now().await;
+    st.registry.park_all();
+    let parked = tokio::time::timeout(WAIT, st.parked.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Parked::IdleHttp(h) = parked else {
+        panic!("expected an idle http connection")
+    };
+    let read_ahead = String::from_utf8_lossy(&h.read_ahead).into_owned();
+    assert!(
+        read_ahead.is_empty() || "GET /headers HTTP/1.1\r\nHo".starts_with(&read_ahead),
+        "{read_ahead:?}"
+    );
+    proxy::resume(st.ctx.clone(), Parked::IdleHttp(h)).await;
+    c.write_all(b"st: resumed.test\r\n\r\n").await.unwrap();
+    let (head, body) = read_response(&mut c).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("host: resumed.test\n"), "{body}");
+}

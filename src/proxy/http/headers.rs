@@ -1,6 +1,7 @@
 //! Request and response header rewriting: hop-by-hop stripping, `X-Forwarded-*`, `Via`, and
 //! W3C trace context (`traceparent`).
 
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
 
@@ -68,19 +69,17 @@ pub fn add_forwarding(
     via: &'static str,
 ) {
     let xff = HeaderName::from_static("x-forwarded-for");
-    let prior: Vec<String> = headers
-        .get_all(&xff)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-        .collect();
-    let value = if prior.is_empty() {
-        client.to_string()
-    } else {
-        format!("{}, {client}", prior.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    // One buffer for the whole value, no intermediate Strings: this runs on every request.
+    let mut value = BytesMut::with_capacity(48);
+    for v in headers.get_all(&xff) {
+        let v = trim_ows(v.as_bytes());
+        if !v.is_empty() {
+            value.extend_from_slice(v);
+            value.extend_from_slice(b", ");
+        }
+    }
+    write_ip(&mut value, client);
+    if let Ok(v) = HeaderValue::from_maybe_shared(value.freeze()) {
         headers.insert(xff, v);
     }
     headers.insert(
@@ -114,23 +113,111 @@ pub fn parse_traceparent(v: &str) -> Option<&str> {
 
 /// Keeps a valid incoming `traceparent`, or sets a new one (random trace and span ids, sampled);
 /// returns the trace id for the access log.
-pub fn trace_context(headers: &mut HeaderMap) -> String {
+pub fn trace_context(headers: &mut HeaderMap) -> TraceId {
     let tp = HeaderName::from_static("traceparent");
     if let Some(id) = headers
         .get(&tp)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_traceparent)
     {
-        return id.to_string();
+        return TraceId::from_hex(id.as_bytes());
     }
     let trace: u128 = rand::random::<u128>().max(1);
     let span: u64 = rand::random::<u64>().max(1);
-    let trace_id = format!("{trace:032x}");
-    let value = format!("00-{trace_id}-{span:016x}-01");
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    // "00-" trace (32 hex) "-" span (16 hex) "-01", written in place: no format! per request.
+    let mut value = BytesMut::with_capacity(55);
+    value.extend_from_slice(b"00-");
+    push_hex(&mut value, trace, 32);
+    value.extend_from_slice(b"-");
+    push_hex(&mut value, u128::from(span), 16);
+    value.extend_from_slice(b"-01");
+    let value = value.freeze();
+    let id = TraceId::from_hex(&value[3..35]);
+    if let Ok(v) = HeaderValue::from_maybe_shared(value) {
         headers.insert(tp, v);
     }
-    trace_id
+    id
+}
+
+/// A trace id (32 lower-case hex digits), stored inline so the access log needs no String.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceId([u8; 32]);
+
+impl TraceId {
+    fn from_hex(hex: &[u8]) -> TraceId {
+        let mut id = [b'0'; 32];
+        let n = hex.len().min(32);
+        id[..n].copy_from_slice(&hex[..n]);
+        TraceId(id)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        // Only ever built from ASCII hex digits.
+        std::str::from_utf8(&self.0).unwrap_or("-")
+    }
+}
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Appends the low `digits` hex digits of `v`, lower case, most significant first.
+fn push_hex(out: &mut BytesMut, v: u128, digits: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..digits).rev() {
+        out.extend_from_slice(&[HEX[((v >> (i * 4)) & 0xf) as usize]]);
+    }
+}
+
+/// Strips optional white space (spaces and tabs) around a header value.
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |e| e + 1);
+    &v[start..end]
+}
+
+/// Appends an IP address in its usual text form.
+fn write_ip(out: &mut BytesMut, ip: IpAddr) {
+    use std::fmt::Write as _;
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, o) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    out.extend_from_slice(b".");
+                }
+                push_dec(out, *o);
+            }
+        }
+        // Rare enough (and its compression rules subtle enough) to keep the std formatting.
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+fn push_dec(out: &mut BytesMut, v: u8) {
+    if v >= 100 {
+        out.extend_from_slice(&[b'0' + v / 100]);
+    }
+    if v >= 10 {
+        out.extend_from_slice(&[b'0' + (v / 10) % 10]);
+    }
+    out.extend_from_slice(&[b'0' + v % 10]);
 }
 
 #[cfg(test)]
@@ -209,10 +296,21 @@ mod tests {
         }
         let mut h = HeaderMap::new();
         h.insert("traceparent", HeaderValue::from_static(good));
-        assert_eq!(trace_context(&mut h), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            trace_context(&mut h).as_str(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         let mut h = HeaderMap::new();
         let id = trace_context(&mut h);
         let v = h["traceparent"].to_str().unwrap_or_default().to_string();
         assert_eq!(parse_traceparent(&v), Some(id.as_str()));
+        let mut b = BytesMut::new();
+        for ip in ["10.20.3.255", "0.0.0.0", "::1", "2001:db8::7"] {
+            b.clear();
+            write_ip(&mut b, ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])));
+            assert_eq!(&b[..], ip.as_bytes());
+        }
+        assert_eq!(trim_ows(b" \t a b \t"), b"a b");
+        assert_eq!(trim_ows(b"  "), b"");
     }
 }

@@ -36,7 +36,7 @@ pub async fn handle(
     let conn = ctx
         .registry
         .register(ctx.name.clone(), peer, ConnKind::Http, now_ms());
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY was set at accept (`listener::tune`).
     server::serve(ctx, conn, client, Bytes::new()).await;
 }
 

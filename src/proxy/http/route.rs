@@ -8,6 +8,7 @@
 //! `upstream` is used; with no default the request gets 404.
 
 use crate::config::Route;
+use std::borrow::Cow;
 
 /// How specific a matching route is; larger wins.
 type Score = (u8, usize, usize);
@@ -28,7 +29,7 @@ fn host_score(pattern: Option<&str>, host: Option<&str>) -> Option<(u8, usize)> 
 }
 
 /// Lower-cased host name of a Host header or URI authority, without its port.
-pub fn normalize_host(raw: &str) -> String {
+pub fn normalize_host(raw: &str) -> Cow<'_, str> {
     let raw = raw.trim();
     let name = if let Some(rest) = raw.strip_prefix('[') {
         // IPv6 literal: keep the brackets' content.
@@ -42,7 +43,13 @@ pub fn normalize_host(raw: &str) -> String {
             }
         })
     };
-    name.trim_end_matches('.').to_ascii_lowercase()
+    let name = name.trim_end_matches('.');
+    // The common case (already lower case) borrows: no allocation per request.
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    }
 }
 
 /// The upstream for a request to `host` (already normalised) and `path`, or `None` (404).

@@ -29,9 +29,9 @@ use crate::registry::{
 };
 use bytes::{Bytes, BytesMut};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -45,7 +45,13 @@ struct Timing {
     idle_since: Instant,
     /// When the first byte of the next request head arrived, if one did.
     head_started: Option<Instant>,
+    /// When the connection loop's timer fires; `None` while it is not armed.
+    armed: Option<Instant>,
 }
+
+/// How long an idle keep-alive connection keeps its hyper state (two 8 KiB buffers and the
+/// connection struct) before it is taken back and waits for its next request with no buffer.
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// State of one client connection shared by its loop, its service and its io.
 #[derive(Debug)]
@@ -60,7 +66,12 @@ pub struct ConnShared {
     /// `cl_lines` as of the start of the latest request.
     pub cl_accounted: AtomicU64,
     timing: Mutex<Timing>,
-    /// Woken when in-flight count or head timing changes.
+    /// The header read timeout, to tell whether a starting head needs an earlier timer.
+    header_read_timeout: std::time::Duration,
+    /// The loop waits to park: wake it when the connection becomes idle.
+    wake_on_idle: AtomicBool,
+    /// Woken when the loop must look again: idle while waiting to park, or a head started
+    /// before the armed timer would fire.
     changed: Notify,
     /// The upstream side of an accepted upgrade, picked up by the loop after the 101.
     upgrade: Mutex<Option<Tunnel>>,
@@ -77,19 +88,28 @@ pub struct InFlight(Arc<ConnShared>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *lock(&self.0.timing) = Timing {
-                idle_since: Instant::now(),
-                head_started: None,
-            };
+            {
+                let mut t = lock(&self.0.timing);
+                t.idle_since = Instant::now();
+                t.head_started = None;
+            }
             self.0.stats.set_state(ConnState::Idle);
-            self.0.changed.notify_one();
+            // The loop's timer is left as it is (it fires, finds the deadline moved, re-arms):
+            // no timer work and no wake-up per request.
+            if self.0.wake_on_idle.load(Ordering::Acquire) {
+                self.0.changed.notify_one();
+            }
         }
     }
 }
 
 impl ConnShared {
-    fn new(stats: Arc<ConnStats>, head_started: bool) -> Arc<ConnShared> {
-        let now = Instant::now();
+    fn new(
+        stats: Arc<ConnStats>,
+        idle_since: Instant,
+        head_started: Option<Instant>,
+        header_read_timeout: std::time::Duration,
+    ) -> Arc<ConnShared> {
         Arc::new(ConnShared {
             stats,
             in_flight: AtomicUsize::new(0),
@@ -97,9 +117,12 @@ impl ConnShared {
             cl_lines: AtomicU64::new(0),
             cl_accounted: AtomicU64::new(0),
             timing: Mutex::new(Timing {
-                idle_since: now,
-                head_started: head_started.then_some(now),
+                idle_since,
+                head_started,
+                armed: None,
             }),
+            header_read_timeout,
+            wake_on_idle: AtomicBool::new(false),
             changed: Notify::new(),
             upgrade: Mutex::new(None),
         })
@@ -111,7 +134,6 @@ impl ConnShared {
         self.started.fetch_add(1, Ordering::Relaxed);
         lock(&self.timing).head_started = None;
         self.stats.set_state(ConnState::Active);
-        self.changed.notify_one();
         InFlight(self.clone())
     }
 
@@ -120,9 +142,14 @@ impl ConnShared {
         if self.in_flight.load(Ordering::Acquire) == 0 {
             let mut t = lock(&self.timing);
             if t.head_started.is_none() {
-                t.head_started = Some(Instant::now());
-                drop(t);
-                self.changed.notify_one();
+                let now = Instant::now();
+                t.head_started = Some(now);
+                let due = now + self.header_read_timeout;
+                // Wake the loop only if its timer would fire too late for the header timeout.
+                if t.armed.is_none_or(|a| a > due) {
+                    drop(t);
+                    self.changed.notify_one();
+                }
             }
         }
     }
@@ -136,64 +163,129 @@ impl ConnShared {
         self.in_flight.load(Ordering::Acquire) == 0
     }
 
-    /// When the idle connection times out, and whether that is a header timeout.
-    fn deadline(&self, ctx: &ListenerCtx) -> Option<(Instant, bool)> {
+    /// When the idle connection next needs attention, and why.
+    fn deadline(&self, ctx: &ListenerCtx) -> Option<(Instant, Due)> {
         if !self.idle() {
             return None;
         }
         let t = lock(&self.timing);
         Some(match t.head_started {
-            Some(h) => (h + ctx.cfg.http.header_read_timeout, true),
-            None => (t.idle_since + ctx.cfg.http.keepalive_timeout, false),
+            Some(h) => (h + ctx.cfg.http.header_read_timeout, Due::Header),
+            None => {
+                let keepalive = t.idle_since + ctx.cfg.http.keepalive_timeout;
+                let release = t.idle_since + IDLE_RELEASE;
+                if release < keepalive {
+                    (release, Due::Release)
+                } else {
+                    (keepalive, Due::KeepAlive)
+                }
+            }
         })
+    }
+
+    fn set_armed(&self, at: Option<Instant>) {
+        lock(&self.timing).armed = at;
     }
 }
 
+/// What an idle connection's deadline stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// The request head did not arrive within `header_read_timeout`: 408.
+    Header,
+    /// Idle past `keepalive_timeout`: close.
+    KeepAlive,
+    /// Idle for [`IDLE_RELEASE`]: take the socket back from hyper.
+    Release,
+}
+
 /// Serves a client connection whose first bytes (`prefix`) may already have been read.
-pub async fn serve(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut stream: TcpStream, prefix: Bytes) {
+pub async fn serve(
+    ctx: Arc<ListenerCtx>,
+    mut conn: ConnHandle,
+    mut stream: TcpStream,
+    prefix: Bytes,
+) {
     let stats = conn.stats().clone();
     stats.set_state(ConnState::Idle);
     let mut buf = BytesMut::from(&prefix[..]);
-    let started = Instant::now();
-    // Read until the bytes tell HTTP/1.1 (anything not a prefix of the h2 preface) from h2c.
-    let h2 = loop {
-        let n = buf.len().min(H2_PREFACE.len());
-        if n > 0 && buf[..n] != H2_PREFACE[..n] {
-            break false;
-        }
-        if buf.len() >= H2_PREFACE.len() {
-            break true;
-        }
-        let limit = if buf.is_empty() {
-            ctx.cfg.http.keepalive_timeout
-        } else {
-            ctx.cfg.http.header_read_timeout
+    let mut idle_since = Instant::now();
+    loop {
+        let mut head_started = (!buf.is_empty()).then_some(idle_since);
+        // Read until the bytes tell HTTP/1.1 (anything not a prefix of the h2 preface) from
+        // h2c. With nothing buffered this holds no buffer: it waits for readability first, so
+        // an idle keep-alive connection costs a socket and this small task.
+        let h2 = loop {
+            let n = buf.len().min(H2_PREFACE.len());
+            if n > 0 && buf[..n] != H2_PREFACE[..n] {
+                break false;
+            }
+            if buf.len() >= H2_PREFACE.len() {
+                break true;
+            }
+            let deadline = match head_started {
+                Some(h) => h + ctx.cfg.http.header_read_timeout,
+                None => idle_since + ctx.cfg.http.keepalive_timeout,
+            };
+            tokio::select! {
+                r = stream.readable() => match r {
+                    Err(_) => return close_log(&ctx, &conn, "client closed"),
+                    Ok(()) => {
+                        buf.reserve(512);
+                        match stream.try_read_buf(&mut buf) {
+                            Ok(0) => return close_log(&ctx, &conn, "client closed"),
+                            Ok(n) => {
+                                stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                                head_started.get_or_insert_with(Instant::now);
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => return close_log(&ctx, &conn, "client closed"),
+                        }
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline) => return close_log(&ctx, &conn, "idle timeout"),
+                _ = conn.park_requested() => return park(&ctx, conn, stream, buf.freeze()),
+                _ = conn.drain_requested() => return close_log(&ctx, &conn, "drained"),
+                _ = conn.kill_requested() => return close_log(&ctx, &conn, "killed"),
+            }
         };
-        tokio::select! {
-            r = stream.read_buf(&mut buf) => match r {
-                Ok(0) | Err(_) => return close_log(&ctx, &conn, "client closed"),
-                Ok(n) => { stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed); }
-            },
-            _ = tokio::time::sleep_until(started + limit) => return close_log(&ctx, &conn, "idle timeout"),
-            _ = conn.park_requested() => return park(&ctx, conn, stream, buf.freeze()),
-            _ = conn.drain_requested() => return close_log(&ctx, &conn, "drained"),
-            _ = conn.kill_requested() => return close_log(&ctx, &conn, "killed"),
+        let shared = ConnShared::new(
+            stats.clone(),
+            idle_since,
+            head_started,
+            ctx.cfg.http.header_read_timeout,
+        );
+        let io = PrefixedIo::new(stream, buf.split().freeze(), stats.clone(), shared.clone());
+        let svc = Svc(Arc::new(SvcCtx {
+            ctx: ctx.clone(),
+            shared: shared.clone(),
+            client: stats.client,
+            h2,
+        }));
+        if h2 {
+            stats.set_kind(ConnKind::Http2);
+            return serve_h2(ctx, conn, io, svc).await;
         }
-    };
-    let shared = ConnShared::new(stats.clone(), !buf.is_empty());
-    let io = PrefixedIo::new(stream, buf.freeze(), stats.clone(), shared.clone());
-    let svc = Svc(Arc::new(SvcCtx {
-        ctx: ctx.clone(),
-        shared: shared.clone(),
-        client: stats.client,
-        h2,
-    }));
-    if h2 {
-        stats.set_kind(ConnKind::Http2);
-        serve_h2(ctx, conn, io, svc).await
-    } else {
-        serve_h1(ctx, conn, io, svc, shared).await
+        // Boxed: the hyper connection lives on the heap only while it serves, so the task of
+        // an idle (released) connection stays small.
+        match Box::pin(serve_h1(ctx.clone(), conn, io, svc, shared)).await {
+            None => return,
+            Some(idle) => {
+                conn = idle.conn;
+                stream = idle.stream;
+                buf = BytesMut::from(&idle.read_ahead[..]);
+                idle_since = idle.idle_since;
+            }
+        }
     }
+}
+
+/// A keep-alive connection taken back from hyper after [`IDLE_RELEASE`] without a request.
+struct Released {
+    conn: ConnHandle,
+    stream: TcpStream,
+    read_ahead: Bytes,
+    idle_since: Instant,
 }
 
 fn park(ctx: &ListenerCtx, conn: ConnHandle, stream: TcpStream, read_ahead: Bytes) {
@@ -217,17 +309,33 @@ fn park(ctx: &ListenerCtx, conn: ConnHandle, stream: TcpStream, read_ahead: Byte
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
+    /// Handover: hand the idle connection over.
     Park,
+    /// Process stopping.
     Drain,
+    /// Idle for a while: take the socket back from hyper and wait without buffers.
+    Release,
 }
 
+/// What woke the connection loop.
+enum Wake {
+    Conn(Result<(), hyper::Error>),
+    Park,
+    Drain,
+    Kill,
+    Changed,
+    Timer,
+}
+
+/// Serves HTTP/1.1 until the connection closes (`None`), or until it has been idle for
+/// [`IDLE_RELEASE`] (`Some`: the socket and read-ahead bytes, to wait with no hyper state).
 async fn serve_h1(
     ctx: Arc<ListenerCtx>,
     conn: ConnHandle,
     io: PrefixedIo,
     svc: Svc,
     shared: Arc<ConnShared>,
-) {
+) -> Option<Released> {
     let mut builder = hyper::server::conn::http1::Builder::new();
     // hyper refuses a buffer below 8 KiB; a head past max_buf_size gets 431 from hyper.
     builder
@@ -235,42 +343,121 @@ async fn serve_h1(
         .timer(TokioTimer::new());
     let mut hconn = builder.serve_connection(TokioIo::new(io), svc);
     let mut stop: Option<Stop> = None;
-    // Requests started when graceful_shutdown was called for a park.
+    // Requests started when graceful_shutdown was called for a park or a release.
     let mut shut_at: Option<u64> = None;
-    let result = loop {
-        if stop == Some(Stop::Park) && shut_at.is_none() && shared.idle() {
-            shut_at = Some(shared.started.load(Ordering::Relaxed));
-            std::pin::Pin::new(&mut hconn).graceful_shutdown();
-        }
-        let deadline = shared.deadline(&ctx);
-        let timer = async {
-            match deadline {
-                Some((d, _)) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            r = std::future::poll_fn(|cx| hconn.poll_without_shutdown(cx)) => break r,
-            _ = conn.park_requested(), if stop.is_none() => stop = Some(Stop::Park),
-            _ = conn.drain_requested(), if stop.is_none() => {
-                stop = Some(Stop::Drain);
+    let result = {
+        // Made once and kept: a loop over `select!` would make (and drop) a timer, a Notified
+        // and three token futures on every wake-up, several times per request.
+        let park_req = conn.park_requested();
+        let drain_req = conn.drain_requested();
+        let kill_req = conn.kill_requested();
+        let changed = shared.changed.notified();
+        let timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(park_req, drain_req, kill_req, changed, timer);
+        let mut armed = false;
+        // The token futures are polled once to register the waker, then only once the
+        // connection's signal bits say one of them may have fired.
+        let mut poll_signals = true;
+        loop {
+            if matches!(stop, Some(Stop::Park | Stop::Release))
+                && shut_at.is_none()
+                && shared.idle()
+            {
+                shut_at = Some(shared.started.load(Ordering::Relaxed));
                 std::pin::Pin::new(&mut hconn).graceful_shutdown();
             }
-            _ = conn.kill_requested() => return close_log(&ctx, &conn, "closed at drain deadline"),
-            _ = shared.changed.notified() => {}
-            _ = timer => {
-                match shared.deadline(&ctx) {
-                    Some((d, true)) if d <= Instant::now() => {
-                        let mut io = hconn.into_parts().io.into_inner();
-                        tracing::info!(conn = shared.stats.id, client = %shared.stats.client, status = 408, side = "client", "request head not received in time");
-                        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-                            let _ = io.inner.write_all(RAW_408).await;
-                            let _ = io.inner.shutdown().await;
-                        }).await;
-                        return close_log(&ctx, &conn, "header read timeout");
+            if !armed {
+                // While a request is in flight nothing is due, but the loop is not woken when
+                // it ends: look again after a while (once per IDLE_RELEASE at most).
+                let d = shared
+                    .deadline(&ctx)
+                    .map_or_else(|| Instant::now() + IDLE_RELEASE, |(d, _)| d);
+                timer.as_mut().reset(d);
+                shared.set_armed(Some(d));
+                armed = true;
+            }
+            let wake = std::future::poll_fn(|cx| {
+                use std::future::Future;
+                use std::task::Poll;
+                if let Poll::Ready(r) = hconn.poll_without_shutdown(cx) {
+                    return Poll::Ready(Wake::Conn(r));
+                }
+                if poll_signals || conn.signalled() {
+                    poll_signals = false;
+                    if kill_req.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Wake::Kill);
                     }
-                    Some((d, false)) if d <= Instant::now() => return close_log(&ctx, &conn, "keep-alive timeout"),
-                    _ => {}
+                    if !matches!(stop, Some(Stop::Park | Stop::Drain)) {
+                        if park_req.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Wake::Park);
+                        }
+                        if drain_req.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Wake::Drain);
+                        }
+                    }
+                }
+                if changed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Changed);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Timer);
+                }
+                Poll::Pending
+            })
+            .await;
+            match wake {
+                Wake::Conn(r) => break r,
+                Wake::Kill => {
+                    close_log(&ctx, &conn, "closed at drain deadline");
+                    return None;
+                }
+                Wake::Park => {
+                    stop = Some(Stop::Park);
+                    shared.wake_on_idle.store(true, Ordering::Release);
+                    if shut_at.is_some() {
+                        // Already shutting down for a release: that ends the same way.
+                        continue;
+                    }
+                }
+                Wake::Drain => {
+                    if stop == Some(Stop::Release) {
+                        // graceful_shutdown already called: the connection ends idle, then
+                        // closes below as drained.
+                    } else {
+                        std::pin::Pin::new(&mut hconn).graceful_shutdown();
+                    }
+                    stop = Some(Stop::Drain);
+                }
+                Wake::Changed => {
+                    changed.set(shared.changed.notified());
+                    // A head started: make sure the timer fires by its header timeout.
+                    armed = false;
+                }
+                Wake::Timer => {
+                    armed = false;
+                    shared.set_armed(None);
+                    match shared.deadline(&ctx) {
+                        Some((d, Due::Header)) if d <= Instant::now() => {
+                            let mut io = hconn.into_parts().io.into_inner();
+                            tracing::info!(conn = shared.stats.id, client = %shared.stats.client, status = 408, side = "client", "request head not received in time");
+                            let _ =
+                                tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                                    let _ = io.inner.write_all(RAW_408).await;
+                                    let _ = io.inner.shutdown().await;
+                                })
+                                .await;
+                            close_log(&ctx, &conn, "header read timeout");
+                            return None;
+                        }
+                        Some((d, Due::KeepAlive)) if d <= Instant::now() => {
+                            close_log(&ctx, &conn, "keep-alive timeout");
+                            return None;
+                        }
+                        Some((d, Due::Release)) if d <= Instant::now() && stop.is_none() => {
+                            stop = Some(Stop::Release);
+                        }
+                        _ => {}
+                    }
                 }
             }
         }
@@ -278,30 +465,47 @@ async fn serve_h1(
     let upgrade = lock(&shared.upgrade).take();
     if let Some(tunnel) = upgrade {
         if result.is_ok() {
-            return start_tunnel(ctx, conn, hconn.into_parts(), tunnel).await;
+            start_tunnel(ctx, conn, hconn.into_parts(), tunnel).await;
+            return None;
         }
     }
     if let Err(e) = &result {
         tracing::debug!(conn = shared.stats.id, client = %shared.stats.client, error = %e, side = "client", "http connection error");
     }
-    let clean_park = stop == Some(Stop::Park)
+    let clean = matches!(stop, Some(Stop::Park | Stop::Release))
         && result.is_ok()
         && shared.idle()
         && shut_at == Some(shared.started.load(Ordering::Relaxed));
-    if clean_park {
+    if clean {
+        let idle_since = lock(&shared.timing).idle_since;
         let parts = hconn.into_parts();
         let pio = parts.io.into_inner();
         let mut ahead = BytesMut::from(&pio.prefix[..]);
         ahead.extend_from_slice(&parts.read_buf);
-        return park(&ctx, conn, pio.inner, ahead.freeze());
+        if stop == Some(Stop::Park) {
+            park(&ctx, conn, pio.inner, ahead.freeze());
+            return None;
+        }
+        return Some(Released {
+            conn,
+            stream: pio.inner,
+            read_ahead: ahead.freeze(),
+            idle_since,
+        });
     }
     let reason = match (stop, &result) {
         (_, Err(_)) => "error",
         (Some(Stop::Drain), _) => "drained",
         (Some(Stop::Park), _) => "closed after last request (handover)",
+        (Some(Stop::Release), _) => "closed after last request (idle release)",
         (None, _) => "closed",
     };
-    close_log(&ctx, &conn, reason);
+    close(&ctx, conn, reason)
+}
+
+fn close(ctx: &ListenerCtx, conn: ConnHandle, reason: &str) -> Option<Released> {
+    close_log(ctx, &conn, reason);
+    None
 }
 
 async fn start_tunnel(

@@ -5,10 +5,11 @@
 use super::body::{empty, Release, ReplayBody, ResBody, Tracked};
 use super::errors::ProxyError;
 use super::forward::{self, Head, Target};
+use super::headers::TraceId;
 use super::server::{ConnShared, InFlight};
 use super::{headers, route};
 use crate::proxy::ListenerCtx;
-use http::{header, request, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, request, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::convert::Infallible;
@@ -48,16 +49,19 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
     }
 }
 
-/// One access-log line in the making; also keeps the request counted as in flight.
+/// One access-log line in the making; also keeps the request counted as in flight. Its fields
+/// are cheap clones of what the request already holds (no String per request): the line is
+/// formatted only if the access log is enabled.
 #[derive(Debug)]
 pub struct ReqLog {
     conn: u64,
     listener: Arc<str>,
     method: Method,
-    host: String,
-    path: String,
+    /// The Host header (or URI authority) as the client sent it.
+    host: Option<HeaderValue>,
+    uri: Uri,
     client: SocketAddr,
-    trace_id: String,
+    trace_id: TraceId,
     server: Option<SocketAddr>,
     /// The upstream chosen by routing, for its request metrics.
     upstream: Option<Arc<crate::upstream::Upstream>>,
@@ -67,24 +71,45 @@ pub struct ReqLog {
     _in_flight: InFlight,
 }
 
+/// Displays an optional value as `-` when absent.
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 impl ReqLog {
+    fn host(&self) -> OrDash<std::borrow::Cow<'_, str>> {
+        OrDash(
+            self.host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .map(route::normalize_host),
+        )
+    }
+
     /// Writes the access line: `bytes` of response body sent, `complete` if it all went out.
     pub fn emit(self, bytes: u64, complete: bool) {
         let upstream = self.upstream.as_ref().map_or("", |u| u.name());
-        self.metrics
-            .http_request(upstream, self.status, self.start.elapsed());
+        let elapsed = self.start.elapsed();
+        self.metrics.http_request(upstream, self.status, elapsed);
         tracing::info!(
             target: "baton::access",
             conn = self.conn,
             listener = %self.listener,
             method = %self.method,
-            host = %self.host,
-            path = %self.path,
+            host = %self.host(),
+            path = %self.uri.path(),
             status = self.status,
             bytes,
             complete,
-            duration_ms = self.start.elapsed().as_millis() as u64,
-            server = %self.server.map_or_else(|| "-".to_string(), |a| a.to_string()),
+            duration_ms = elapsed.as_millis() as u64,
+            server = %OrDash(self.server),
             client = %self.client,
             trace_id = %self.trace_id,
             "request"
@@ -97,19 +122,18 @@ async fn serve_request(s: Arc<SvcCtx>, req: Request<Incoming>) -> Response<ResBo
     let in_flight = s.shared.begin();
     let (mut parts, body) = req.into_parts();
     let trace_id = headers::trace_context(&mut parts.headers);
-    let raw_host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()));
-    let host = raw_host.as_deref().map(route::normalize_host);
+    let raw_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     let mut log = ReqLog {
         conn: s.shared.stats.id,
         listener: s.ctx.name.clone(),
         method: parts.method.clone(),
-        host: host.clone().unwrap_or_else(|| "-".into()),
-        path: parts.uri.path().to_string(),
+        host: raw_host.clone(),
+        uri: parts.uri.clone(),
         client: s.client,
         trace_id,
         server: None,
@@ -119,13 +143,17 @@ async fn serve_request(s: Arc<SvcCtx>, req: Request<Incoming>) -> Response<ResBo
         start,
         _in_flight: in_flight,
     };
+    let host = raw_host
+        .as_ref()
+        .and_then(|h| h.to_str().ok())
+        .map(route::normalize_host);
     let http_cfg = &s.ctx.cfg.http;
     let deadline = http_cfg.request_timeout.map(|d| start + d);
     let fut = proxy(
         &s,
         parts,
         body,
-        host.as_deref(),
+        (host.as_deref(), raw_host.as_ref()),
         (&mut log.server, &mut log.upstream),
     );
     let result = match http_cfg.request_timeout {
@@ -144,8 +172,8 @@ async fn serve_request(s: Arc<SvcCtx>, req: Request<Incoming>) -> Response<ResBo
                 conn = log.conn,
                 client = %s.client,
                 method = %log.method,
-                host = %log.host,
-                path = %log.path,
+                host = %log.host(),
+                path = %log.uri.path(),
                 status = e.status().as_u16(),
                 side = e.side().as_str(),
                 error = %e,
@@ -199,7 +227,7 @@ async fn proxy(
     s: &SvcCtx,
     mut parts: request::Parts,
     body: Incoming,
-    host: Option<&str>,
+    (host, orig_host): (Option<&str>, Option<&HeaderValue>),
     (server, chosen): (
         &mut Option<SocketAddr>,
         &mut Option<Arc<crate::upstream::Upstream>>,
@@ -224,20 +252,14 @@ async fn proxy(
         return Err(ProxyError::NotSupported("CONNECT over HTTP/2"));
     }
     let upgrade = !s.h2 && (headers::is_upgrade(&parts.headers) || parts.method == Method::CONNECT);
-    let orig_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
     headers::strip_hop_by_hop(
         &mut parts.headers,
         upgrade && parts.method != Method::CONNECT,
     );
     let via = if s.h2 { "2.0 baton" } else { "1.1 baton" };
-    headers::add_forwarding(&mut parts.headers, s.client.ip(), orig_host.as_ref(), via);
+    headers::add_forwarding(&mut parts.headers, s.client.ip(), orig_host, via);
     if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), orig_host) {
-        parts.headers.insert(header::HOST, h);
+        parts.headers.insert(header::HOST, h.clone());
     }
     let head = Head {
         method: parts.method,

@@ -60,6 +60,9 @@ struct Half {
     read_eof: bool,
     /// The destination was shut down for writing (FIN passed on).
     shut: bool,
+    /// Finished without passing the FIN on, because the other direction had already finished:
+    /// closing the sockets sends it, and saves a `shutdown` syscall per connection.
+    ended: bool,
 }
 
 impl Half {
@@ -79,11 +82,12 @@ impl Half {
             end: pending.bytes.len(),
             read_eof: pending.read_eof,
             shut: pending.shut,
+            ended: false,
         }
     }
 
     fn done(&self) -> bool {
-        self.shut
+        self.shut || self.ended
     }
 
     fn pending(&self) -> PendingHalf {
@@ -99,13 +103,16 @@ impl Half {
     }
 
     /// Moves as many bytes as possible from `src` to `dst`. Returns Ready(Ok) once the FIN has
-    /// been passed on; Pending with a registered waker otherwise. `moved` counts bytes read.
+    /// been passed on (or, with `other_done`, as soon as all bytes are written: the relay is
+    /// about to close both sockets); Pending with a registered waker otherwise. `moved` counts
+    /// bytes read.
     fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
         src: &TcpStream,
         mut dst: Pin<&mut TcpStream>,
         moved: &mut u64,
+        other_done: bool,
     ) -> Poll<io::Result<()>> {
         loop {
             if let Some(buf) = self.buf.as_ref().filter(|_| self.start < self.end) {
@@ -122,7 +129,11 @@ impl Half {
                 give_buffer(b);
             }
             if self.read_eof {
-                if !self.shut {
+                if other_done {
+                    // Both sources sent FIN and every byte is written: the relay ends now and
+                    // dropping the sockets closes them, which sends this FIN too.
+                    self.ended = true;
+                } else if !self.shut {
                     // The peer may already be gone; a failed shutdown still ends this half.
                     let _ = ready!(dst.as_mut().poll_shutdown(cx));
                     self.shut = true;
@@ -212,21 +223,25 @@ impl Relay {
         let a = if self.to_upstream.done() {
             Poll::Ready(Ok(()))
         } else {
+            let other_done = self.to_client.done();
             self.to_upstream.poll_copy(
                 cx,
                 &self.client,
                 Pin::new(&mut self.upstream),
                 &mut up_moved,
+                other_done,
             )
         };
         let b = if self.to_client.done() {
             Poll::Ready(Ok(()))
         } else {
+            let other_done = self.to_upstream.done();
             self.to_client.poll_copy(
                 cx,
                 &self.upstream,
                 Pin::new(&mut self.client),
                 &mut down_moved,
+                other_done,
             )
         };
         if up_moved + down_moved > 0 {
