@@ -302,3 +302,44 @@ async fn h2c_connection_gets_goaway_and_finishes_in_the_old_process() {
         .unwrap();
     assert_eq!(read_response(&mut r).await.unwrap().0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_released_from_hyper_still_serves_and_moves() {
+    let (be, _) = http_support::backend("a").await;
+    let b = Baton::start(&http_config(be));
+    let mut r = BufReader::new(TcpStream::connect(b.addr("web")).await.unwrap());
+    r.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+    // Idle for a moment, the connection gives hyper's buffers back and waits with none.
+    assert!(
+        b.log
+            .wait_for(&["idle http connection released from hyper"], WAIT)
+            .is_some(),
+        "idle connection was not released"
+    );
+    r.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+    // Released again, then handed over: served by the successor on the same socket.
+    let old = b.serving_pid();
+    assert!(
+        wait_until(WAIT, || b
+            .log
+            .count("idle http connection released from hyper")
+            >= 2)
+        .await
+    );
+    let (ok, out) = upgrade_async(&b.config).await;
+    assert!(ok && out.contains("1 idle http"), "{out}");
+    assert!(wait_until(WAIT, || !alive(old)).await);
+    r.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+}

@@ -51,7 +51,7 @@ struct Timing {
 
 /// How long an idle keep-alive connection keeps its hyper state (two 8 KiB buffers and the
 /// connection struct) before it is taken back and waits for its next request with no buffer.
-const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// State of one client connection shared by its loop, its service and its io.
 #[derive(Debug)]
@@ -264,7 +264,8 @@ pub async fn serve(
         }));
         if h2 {
             stats.set_kind(ConnKind::Http2);
-            return serve_h2(ctx, conn, io, svc).await;
+            // Boxed: an h2 connection is large, and only h2 clients should pay for it.
+            return Box::pin(serve_h2(ctx, conn, io, svc)).await;
         }
         // Boxed: the hyper connection lives on the heap only while it serves, so the task of
         // an idle (released) connection stays small.
@@ -369,9 +370,11 @@ async fn serve_h1(
             if !armed {
                 // While a request is in flight nothing is due, but the loop is not woken when
                 // it ends: look again after a while (once per IDLE_RELEASE at most).
-                let d = shared
-                    .deadline(&ctx)
-                    .map_or_else(|| Instant::now() + IDLE_RELEASE, |(d, _)| d);
+                // Never later than IDLE_RELEASE from now either: the end of a request does
+                // not re-arm the timer, so a header deadline armed for the first request would
+                // otherwise hold hyper's buffers until it fires.
+                let check = Instant::now() + IDLE_RELEASE;
+                let d = shared.deadline(&ctx).map_or(check, |(d, _)| d.min(check));
                 timer.as_mut().reset(d);
                 shared.set_armed(Some(d));
                 armed = true;
@@ -486,6 +489,11 @@ async fn serve_h1(
             park(&ctx, conn, pio.inner, ahead.freeze());
             return None;
         }
+        tracing::debug!(
+            conn = conn.stats().id,
+            read_ahead = ahead.len(),
+            "idle http connection released from hyper"
+        );
         return Some(Released {
             conn,
             stream: pio.inner,
