@@ -7,6 +7,19 @@ pub mod notify;
 
 use std::fmt::Write as _;
 
+/// Appends one line per listener of a status JSON (single process or supervisor).
+pub fn render_listeners(out: &mut String, v: &serde_json::Value) {
+    for (name, l) in v["listeners"].as_object().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "listener {name}: {} {} -> {}",
+            l["protocol"].as_str().unwrap_or("?"),
+            l["addr"].as_str().unwrap_or("?"),
+            l["upstream"].as_str().unwrap_or("?")
+        );
+    }
+}
+
 /// Renders the status JSON (see `lifecycle`) as a few lines for a person.
 pub fn render_status(v: &serde_json::Value) -> String {
     let mut out = String::new();
@@ -19,17 +32,7 @@ pub fn render_status(v: &serde_json::Value) -> String {
         v["phase"].as_str().unwrap_or("?"),
         v["uptime_s"]
     );
-    if let Some(ls) = v["listeners"].as_object() {
-        for (name, l) in ls {
-            let _ = writeln!(
-                out,
-                "listener {name}: {} {} -> {}",
-                l["protocol"].as_str().unwrap_or("?"),
-                l["addr"].as_str().unwrap_or("?"),
-                l["upstream"].as_str().unwrap_or("?")
-            );
-        }
-    }
+    render_listeners(&mut out, v);
     if let Some(us) = v["upstreams"].as_object() {
         for (name, servers) in us {
             for s in servers.as_array().into_iter().flatten() {

@@ -97,15 +97,7 @@ pub fn render(v: &serde_json::Value) -> String {
         v["uptime_s"],
         v["accept"].as_str().unwrap_or("?"),
     );
-    for (name, l) in v["listeners"].as_object().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "listener {name}: {} {} -> {}",
-            l["protocol"].as_str().unwrap_or("?"),
-            l["addr"].as_str().unwrap_or("?"),
-            l["upstream"].as_str().unwrap_or("?")
-        );
-    }
+    crate::admin::render_listeners(&mut out, v);
     let line = |c: &serde_json::Value| {
         format!(
             "accepted {} closed {} requests {} bytes_in {} bytes_out {}",
