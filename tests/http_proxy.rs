@@ -442,3 +442,30 @@ async fn no_matching_route_and_no_default_is_404() {
     assert!(!body.is_empty() && body.len() < 100, "short body: {body:?}");
     assert_eq!(counts.requests.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_server_available_is_503() {
+    // The only server is a name that does not resolve (an empty hosts file is the resolver).
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "").unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "listeners:\n  web:\n    listen: 127.0.0.1:0\n    protocol: http\n    upstream: app\nupstreams:\n  app:\n    servers: [\"nowhere.test:80\"]\n",
+    )
+    .unwrap();
+    let b = Baton::start_with_env(
+        dir,
+        config,
+        &[("BATON_HOSTS_FILE", hosts.to_str().unwrap())],
+    );
+    let r = raw(
+        b.addr("web"),
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    let body = r.split("\r\n\r\n").nth(1).unwrap_or("");
+    assert!(!body.is_empty() && body.len() < 100, "short body: {body:?}");
+}
