@@ -3,7 +3,7 @@
 
 use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// Whether a header value list (`Connection`) names `token`.
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -102,6 +102,35 @@ pub fn add_forwarding(
         headers.insert(HeaderName::from_static("x-forwarded-host"), h.clone());
     }
     headers.append(header::VIA, HeaderValue::from_static(via));
+}
+
+/// The Host value naming a server, `ip:port` (as `SocketAddr` displays it), written without the
+/// formatting machinery for IPv4: this runs on every request.
+pub fn host_value(addr: SocketAddr) -> Option<HeaderValue> {
+    let mut value = BytesMut::with_capacity(24);
+    match addr {
+        SocketAddr::V4(a) => {
+            write_ip(&mut value, IpAddr::V4(*a.ip()));
+            value.extend_from_slice(b":");
+            let mut port = [0u8; 5];
+            let mut n = a.port();
+            let mut i = port.len();
+            loop {
+                i -= 1;
+                port[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            value.extend_from_slice(&port[i..]);
+        }
+        SocketAddr::V6(a) => {
+            use std::fmt::Write as _;
+            let _ = write!(value, "{a}");
+        }
+    }
+    HeaderValue::from_maybe_shared(value.freeze()).ok()
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -343,6 +372,15 @@ mod tests {
             b.clear();
             write_ip(&mut b, ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])));
             assert_eq!(&b[..], ip.as_bytes());
+        }
+        for addr in [
+            "127.0.0.1:80",
+            "10.0.0.255:65535",
+            "1.2.3.4:0",
+            "[::1]:8080",
+        ] {
+            let a: SocketAddr = addr.parse().unwrap();
+            assert_eq!(host_value(a).unwrap(), addr);
         }
         assert_eq!(trim_ows(b" \t a b \t"), b"a b");
         assert_eq!(trim_ows(b"  "), b"");
