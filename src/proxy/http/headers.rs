@@ -1,9 +1,15 @@
 //! Request and response header rewriting: hop-by-hop stripping, `X-Forwarded-*`, `Via`, and
 //! W3C trace context (`traceparent`).
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::{IpAddr, SocketAddr};
+
+// Names built at compile time: `HeaderName::from_static` at run time validates the text each call.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Whether a header value list (`Connection`) names `token`.
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -80,7 +86,7 @@ pub fn add_forwarding(
     host: Option<&HeaderValue>,
     via: &'static str,
 ) {
-    let xff = HeaderName::from_static("x-forwarded-for");
+    let xff = X_FORWARDED_FOR;
     // One buffer for the whole value, no intermediate Strings: this runs on every request.
     let mut value = BytesMut::with_capacity(48);
     for v in headers.get_all(&xff) {
@@ -94,12 +100,9 @@ pub fn add_forwarding(
     if let Ok(v) = HeaderValue::from_maybe_shared(value.freeze()) {
         headers.insert(xff, v);
     }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(h) = host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), h.clone());
+        headers.insert(X_FORWARDED_HOST, h.clone());
     }
     headers.append(header::VIA, HeaderValue::from_static(via));
 }
@@ -155,7 +158,7 @@ pub fn parse_traceparent(v: &str) -> Option<&str> {
 /// Keeps a valid incoming `traceparent`, or sets a new one (random trace and span ids, sampled);
 /// returns the trace id for the access log.
 pub fn trace_context(headers: &mut HeaderMap) -> TraceId {
-    let tp = HeaderName::from_static("traceparent");
+    let tp = TRACEPARENT;
     if let Some(id) = headers
         .get(&tp)
         .and_then(|v| v.to_str().ok())
@@ -163,18 +166,18 @@ pub fn trace_context(headers: &mut HeaderMap) -> TraceId {
     {
         return TraceId::from_hex(id.as_bytes());
     }
-    let trace: u128 = rand::random::<u128>().max(1);
-    let span: u64 = rand::random::<u64>().max(1);
-    // "00-" trace (32 hex) "-" span (16 hex) "-01", written in place: no format! per request.
-    let mut value = BytesMut::with_capacity(55);
-    value.extend_from_slice(b"00-");
-    push_hex(&mut value, trace, 32);
-    value.extend_from_slice(b"-");
-    push_hex(&mut value, u128::from(span), 16);
-    value.extend_from_slice(b"-01");
-    let value = value.freeze();
+    // One draw from the thread's generator for both ids.
+    let (trace, span): (u128, u64) = rand::random();
+    let (trace, span) = (trace.max(1), span.max(1));
+    // "00-" trace (32 hex) "-" span (16 hex) "-01", written on the stack: one allocation.
+    let mut value = [0u8; 55];
+    value[..3].copy_from_slice(b"00-");
+    put_hex(&mut value[3..35], trace);
+    value[35] = b'-';
+    put_hex(&mut value[36..52], u128::from(span));
+    value[52..].copy_from_slice(b"-01");
     let id = TraceId::from_hex(&value[3..35]);
-    if let Ok(v) = HeaderValue::from_maybe_shared(value) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&value)) {
         headers.insert(tp, v);
     }
     id
@@ -211,11 +214,12 @@ impl std::fmt::Debug for TraceId {
     }
 }
 
-/// Appends the low `digits` hex digits of `v`, lower case, most significant first.
-fn push_hex(out: &mut BytesMut, v: u128, digits: u32) {
+/// Fills `out` with the low `out.len()` hex digits of `v`, lower case, most significant first.
+fn put_hex(out: &mut [u8], mut v: u128) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for i in (0..digits).rev() {
-        out.extend_from_slice(&[HEX[((v >> (i * 4)) & 0xf) as usize]]);
+    for b in out.iter_mut().rev() {
+        *b = HEX[(v & 0xf) as usize];
+        v >>= 4;
     }
 }
 
