@@ -10,11 +10,12 @@
 
 use super::body::{Release, ReplayBody};
 use super::errors::ProxyError;
+use super::headers;
 use super::pool::{connect_tcp, Lease, Pool, Sender};
 use crate::config::UpstreamProtocol;
 use crate::upstream::{ServerGuard, Upstream};
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -74,19 +75,25 @@ async fn within<F: Future>(limit: Option<Duration>, f: F) -> Option<F::Output> {
     }
 }
 
+/// The request of one attempt, with `headers` (the rewritten head's, moved or cloned by the
+/// caller). Returns whether the Host header was added (it was missing and `preserve_host` is on),
+/// so headers taken back from an unsent request can be restored.
 fn build(
     head: &Head,
+    mut headers: HeaderMap,
     t: &Target<'_>,
     addr: SocketAddr,
     proto: UpstreamProtocol,
     body: ReplayBody,
-) -> Request<ReplayBody> {
+) -> (Request<ReplayBody>, bool) {
     let mut req = Request::new(body);
     *req.method_mut() = head.method.clone();
-    let mut headers = head.headers.clone();
-    if !t.preserve_host || !headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(&addr.to_string()) {
+    let had_host = headers.contains_key(header::HOST);
+    let mut host_added = false;
+    if !t.preserve_host || !had_host {
+        if let Some(v) = headers::host_value(addr) {
             headers.insert(header::HOST, v);
+            host_added = !had_host;
         }
     }
     let pq = head.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -106,7 +113,7 @@ fn build(
     };
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
-    req
+    (req, host_added)
 }
 
 /// Whether a method may be retried after its request reached a server.
@@ -117,8 +124,14 @@ pub fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// Sends a request and returns the response head, with retries as described above.
-pub async fn send(t: &Target<'_>, head: &Head, body: ReplayBody) -> Result<Forwarded, ProxyError> {
+/// Sends a request and returns the response head, with retries as described above. The last
+/// attempt that may be made takes `head`'s headers instead of a copy (with `retries: 0`, the
+/// only one).
+pub async fn send(
+    t: &Target<'_>,
+    mut head: Head,
+    body: ReplayBody,
+) -> Result<Forwarded, ProxyError> {
     let cfg = t.upstream.config();
     let proto = cfg.http.protocol;
     let retry_ok = idempotent(&head.method);
@@ -165,6 +178,15 @@ pub async fn send(t: &Target<'_>, head: &Head, body: ReplayBody) -> Result<Forwa
             },
         };
         let handle = body.handle();
+        // A retry after this attempt needs the headers again; otherwise this attempt takes them.
+        let headers_taken = !(retry_ok && (tried.len() as u32) < cfg.retries);
+        let take_headers = |head: &mut Head| {
+            if headers_taken {
+                std::mem::take(&mut head.headers)
+            } else {
+                head.headers.clone()
+            }
+        };
         let err = match sender {
             Sender::H1(mut s) => {
                 if reused
@@ -178,7 +200,8 @@ pub async fn send(t: &Target<'_>, head: &Head, body: ReplayBody) -> Result<Forwa
                     next_body = Some(body);
                     continue;
                 }
-                let req = build(head, t, addr, proto, body);
+                let headers = take_headers(&mut head);
+                let (req, host_added) = build(&head, headers, t, addr, proto, body);
                 match within(cfg.http.response_timeout, s.try_send_request(req)).await {
                     None => return Err(ProxyError::UpstreamTimeout(addr)),
                     Some(Ok(resp)) => {
@@ -202,7 +225,15 @@ pub async fn send(t: &Target<'_>, head: &Head, body: ReplayBody) -> Result<Forwa
                         if let Some(req) = e.take_message() {
                             if reused {
                                 fresh_only = true;
-                                next_body = Some(req.into_body());
+                                let (parts, body) = req.into_parts();
+                                if headers_taken {
+                                    // Unsent: its headers serve the next attempt as they were.
+                                    head.headers = parts.headers;
+                                    if host_added {
+                                        head.headers.remove(header::HOST);
+                                    }
+                                }
+                                next_body = Some(body);
                                 continue;
                             }
                         }
@@ -211,7 +242,8 @@ pub async fn send(t: &Target<'_>, head: &Head, body: ReplayBody) -> Result<Forwa
                 }
             }
             Sender::H2(mut s) => {
-                let req = build(head, t, addr, proto, body);
+                let headers = take_headers(&mut head);
+                let (req, _) = build(&head, headers, t, addr, proto, body);
                 match within(cfg.http.response_timeout, s.send_request(req)).await {
                     None => return Err(ProxyError::UpstreamTimeout(addr)),
                     Some(Ok(resp)) => {
@@ -256,7 +288,7 @@ pub async fn send(t: &Target<'_>, head: &Head, body: ReplayBody) -> Result<Forwa
 /// Only connect failures are retried.
 pub async fn upgrade(
     t: &Target<'_>,
-    head: &Head,
+    mut head: Head,
     body: ReplayBody,
 ) -> Result<(Response<Incoming>, SocketAddr, Option<Tunnel>), ProxyError> {
     let cfg = t.upstream.config();
@@ -298,7 +330,8 @@ pub async fn upgrade(
             tracing::debug!(server = %addr, error = %e, "upstream upgrade connection ended with an error");
         }
     });
-    let req = build(head, t, addr, UpstreamProtocol::Http1, body);
+    let headers = std::mem::take(&mut head.headers);
+    let (req, _) = build(&head, headers, t, addr, UpstreamProtocol::Http1, body);
     let mut resp = match within(cfg.http.response_timeout, s.send_request(req)).await {
         None => return Err(ProxyError::UpstreamTimeout(addr)),
         Some(r) => r.map_err(fail)?,

@@ -1,9 +1,15 @@
 //! Request and response header rewriting: hop-by-hop stripping, `X-Forwarded-*`, `Via`, and
 //! W3C trace context (`traceparent`).
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+
+// Names built at compile time: `HeaderName::from_static` at run time validates the text each call.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Whether a header value list (`Connection`) names `token`.
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -20,43 +26,55 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE) && has_token(headers, header::CONNECTION, "upgrade")
 }
 
+/// Header names that are hop-by-hop by themselves (besides `Proxy-*`).
+const HOP_NAMES: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether a header name (any case) is hop-by-hop by itself: one of [`HOP_NAMES`] or `Proxy-*`.
+fn is_hop_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    HOP_NAMES
+        .iter()
+        .any(|h| b.eq_ignore_ascii_case(h.as_bytes()))
+        || b.get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"proxy-"))
+}
+
 /// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `TE`,
 /// `Trailer`, `Transfer-Encoding`, `Proxy-*`, and `Upgrade` unless `upgrade` (then
 /// `Connection: upgrade` and `Upgrade` are kept, as the next hop needs them).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
+    // One pass over the names finds what is present; only those are removed. (Removing each
+    // candidate blindly cost a dozen hash lookups per message, twice per request.)
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_hop_name(k.as_str()) && !(upgrade && *k == header::UPGRADE))
+        .cloned()
+        .collect();
+    if doomed.is_empty() && !upgrade {
+        return;
+    }
+    let named = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        if !(upgrade && n == header::UPGRADE) {
-            headers.remove(n);
-        }
-    }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-    ] {
-        headers.remove(n);
-    }
-    headers.remove("keep-alive");
-    let proxy: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for n in proxy {
+        .map(str::trim)
+        // Names that are hop-by-hop by themselves are in `doomed` already if present.
+        .filter(|t| !t.is_empty() && !is_hop_name(t))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok());
+    doomed.extend(named);
+    for n in doomed {
         headers.remove(n);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -68,7 +86,7 @@ pub fn add_forwarding(
     host: Option<&HeaderValue>,
     via: &'static str,
 ) {
-    let xff = HeaderName::from_static("x-forwarded-for");
+    let xff = X_FORWARDED_FOR;
     // One buffer for the whole value, no intermediate Strings: this runs on every request.
     let mut value = BytesMut::with_capacity(48);
     for v in headers.get_all(&xff) {
@@ -82,14 +100,40 @@ pub fn add_forwarding(
     if let Ok(v) = HeaderValue::from_maybe_shared(value.freeze()) {
         headers.insert(xff, v);
     }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(h) = host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), h.clone());
+        headers.insert(X_FORWARDED_HOST, h.clone());
     }
     headers.append(header::VIA, HeaderValue::from_static(via));
+}
+
+/// The Host value naming a server, `ip:port` (as `SocketAddr` displays it), written without the
+/// formatting machinery for IPv4: this runs on every request.
+pub fn host_value(addr: SocketAddr) -> Option<HeaderValue> {
+    let mut value = BytesMut::with_capacity(24);
+    match addr {
+        SocketAddr::V4(a) => {
+            write_ip(&mut value, IpAddr::V4(*a.ip()));
+            value.extend_from_slice(b":");
+            let mut port = [0u8; 5];
+            let mut n = a.port();
+            let mut i = port.len();
+            loop {
+                i -= 1;
+                port[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            value.extend_from_slice(&port[i..]);
+        }
+        SocketAddr::V6(a) => {
+            use std::fmt::Write as _;
+            let _ = write!(value, "{a}");
+        }
+    }
+    HeaderValue::from_maybe_shared(value.freeze()).ok()
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -114,7 +158,7 @@ pub fn parse_traceparent(v: &str) -> Option<&str> {
 /// Keeps a valid incoming `traceparent`, or sets a new one (random trace and span ids, sampled);
 /// returns the trace id for the access log.
 pub fn trace_context(headers: &mut HeaderMap) -> TraceId {
-    let tp = HeaderName::from_static("traceparent");
+    let tp = TRACEPARENT;
     if let Some(id) = headers
         .get(&tp)
         .and_then(|v| v.to_str().ok())
@@ -122,18 +166,18 @@ pub fn trace_context(headers: &mut HeaderMap) -> TraceId {
     {
         return TraceId::from_hex(id.as_bytes());
     }
-    let trace: u128 = rand::random::<u128>().max(1);
-    let span: u64 = rand::random::<u64>().max(1);
-    // "00-" trace (32 hex) "-" span (16 hex) "-01", written in place: no format! per request.
-    let mut value = BytesMut::with_capacity(55);
-    value.extend_from_slice(b"00-");
-    push_hex(&mut value, trace, 32);
-    value.extend_from_slice(b"-");
-    push_hex(&mut value, u128::from(span), 16);
-    value.extend_from_slice(b"-01");
-    let value = value.freeze();
+    // One draw from the thread's generator for both ids.
+    let (trace, span): (u128, u64) = rand::random();
+    let (trace, span) = (trace.max(1), span.max(1));
+    // "00-" trace (32 hex) "-" span (16 hex) "-01", written on the stack: one allocation.
+    let mut value = [0u8; 55];
+    value[..3].copy_from_slice(b"00-");
+    put_hex(&mut value[3..35], trace);
+    value[35] = b'-';
+    put_hex(&mut value[36..52], u128::from(span));
+    value[52..].copy_from_slice(b"-01");
     let id = TraceId::from_hex(&value[3..35]);
-    if let Ok(v) = HeaderValue::from_maybe_shared(value) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&value)) {
         headers.insert(tp, v);
     }
     id
@@ -170,11 +214,12 @@ impl std::fmt::Debug for TraceId {
     }
 }
 
-/// Appends the low `digits` hex digits of `v`, lower case, most significant first.
-fn push_hex(out: &mut BytesMut, v: u128, digits: u32) {
+/// Fills `out` with the low `out.len()` hex digits of `v`, lower case, most significant first.
+fn put_hex(out: &mut [u8], mut v: u128) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    for i in (0..digits).rev() {
-        out.extend_from_slice(&[HEX[((v >> (i * 4)) & 0xf) as usize]]);
+    for b in out.iter_mut().rev() {
+        *b = HEX[(v & 0xf) as usize];
+        v >>= 4;
     }
 }
 
@@ -244,6 +289,28 @@ mod tests {
     }
 
     #[test]
+    fn strips_named_in_any_case_and_leaves_clean_maps_alone() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Close, X-Gone , Proxy-Thing, Upgrade"),
+        );
+        h.insert("close", HeaderValue::from_static("1"));
+        h.insert("x-gone", HeaderValue::from_static("1"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("a"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(is_hop_name("Proxy-Authorization") && is_hop_name("TE") && !is_hop_name("prox"));
+    }
+
+    #[test]
     fn keeps_upgrade_on_upgrade_requests() {
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_static("Upgrade"));
@@ -309,6 +376,15 @@ mod tests {
             b.clear();
             write_ip(&mut b, ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])));
             assert_eq!(&b[..], ip.as_bytes());
+        }
+        for addr in [
+            "127.0.0.1:80",
+            "10.0.0.255:65535",
+            "1.2.3.4:0",
+            "[::1]:8080",
+        ] {
+            let a: SocketAddr = addr.parse().unwrap();
+            assert_eq!(host_value(a).unwrap(), addr);
         }
         assert_eq!(trim_ows(b" \t a b \t"), b"a b");
         assert_eq!(trim_ows(b"  "), b"");

@@ -274,7 +274,7 @@ async fn proxy(
     };
     let body = ReplayBody::new(body, cfg.http.max_body_bytes);
     if upgrade {
-        let (resp, addr, tunnel) = forward::upgrade(&target, &head, body).await?;
+        let (resp, addr, tunnel) = forward::upgrade(&target, head, body).await?;
         *server = Some(addr);
         let switched = tunnel.is_some();
         let (mut rparts, rbody) = resp.into_parts();
@@ -297,7 +297,7 @@ async fn proxy(
             release,
         ));
     }
-    let f = forward::send(&target, &head, body).await?;
+    let f = forward::send(&target, head, body).await?;
     *server = Some(f.server);
     let (mut rparts, rbody) = f.resp.into_parts();
     headers::strip_hop_by_hop(&mut rparts.headers, false);
