@@ -360,6 +360,19 @@ async fn serve_h1(
         // connection's signal bits say one of them may have fired.
         let mut poll_signals = true;
         loop {
+            if stop == Some(Stop::Park)
+                && shut_at.is_none()
+                && shared.idle()
+                && shared.started.load(Ordering::Relaxed) == 0
+            {
+                // No request has started on this hyper connection (a fresh one, after a
+                // release, holding at most part of a head): nothing was written and every
+                // byte read is still in hyper's read buffer, so it is taken back as it is.
+                // graceful_shutdown would not do here: hyper counts a fresh connection as
+                // busy and would wait for the rest of the request, then close.
+                shut_at = Some(0);
+                break Ok(());
+            }
             if matches!(stop, Some(Stop::Park | Stop::Release))
                 && shut_at.is_none()
                 && shared.idle()
