@@ -343,3 +343,36 @@ async fn a_connection_released_from_hyper_still_serves_and_moves() {
         .unwrap();
     assert_eq!(read_response(&mut r).await.unwrap().0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_request_after_a_release_is_completed_by_the_successor() {
+    let (be, _) = http_support::backend("a").await;
+    let b = Baton::start(&http_config(be));
+    let mut r = BufReader::new(TcpStream::connect(b.addr("web")).await.unwrap());
+    r.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+    assert!(b
+        .log
+        .wait_for(&["idle http connection released from hyper"], WAIT)
+        .is_some());
+    // Part of the next head arrives on the released connection (a fresh hyper connection
+    // takes it), then the upgrade: the successor must complete it on the same socket.
+    r.get_mut()
+        .write_all(b"GET /headers HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let old = b.serving_pid();
+    let (ok, out) = upgrade_async(&b.config).await;
+    assert!(ok && out.contains("1 idle http"), "{out}");
+    assert!(wait_until(WAIT, || !alive(old)).await);
+    r.get_mut()
+        .write_all(b"st: t\r\nX-Test: after-release\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut r).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("x-test: after-release"), "{body}");
+}
