@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,14 +33,6 @@ async fn numbered_client(
     numbered_echo(s, id, stop).await
 }
 
-fn serving_pid(b: &Baton) -> i32 {
-    b.serving_pid()
-}
-
-fn cli_upgrade(b: &Baton, extra: &[&str]) -> (bool, String) {
-    b.cli_upgrade(extra)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_tunnels_survive_ten_upgrades() {
     let be = echo_backend("").await;
@@ -50,29 +42,13 @@ async fn fifty_tunnels_survive_ten_upgrades() {
     let clients: Vec<_> = (0..50)
         .map(|i| tokio::spawn(numbered_client(addr, i, stop.clone())))
         .collect();
-    let first = serving_pid(&b);
+    let first = b.serving_pid();
     let mut pids = vec![first];
     for round in 0..10 {
-        let (ok, out) = tokio::task::spawn_blocking({
-            let cfg = b.config.clone();
-            move || {
-                let out = Command::new(bin())
-                    .args(["upgrade", "-c"])
-                    .arg(&cfg)
-                    .output()
-                    .unwrap();
-                (
-                    out.status.success(),
-                    String::from_utf8_lossy(&out.stdout).to_string()
-                        + &String::from_utf8_lossy(&out.stderr),
-                )
-            }
-        })
-        .await
-        .unwrap();
+        let (ok, out) = upgrade_async(&b.config).await;
         assert!(ok, "upgrade {round} failed: {out}");
         assert!(out.contains("50 tunnels"), "upgrade {round}: {out}");
-        let pid = serving_pid(&b);
+        let pid = b.serving_pid();
         assert!(
             !pids.contains(&pid),
             "a new process serves after upgrade {round}"
@@ -95,7 +71,7 @@ async fn fifty_tunnels_survive_ten_upgrades() {
 }
 
 fn kill_serving(b: &Baton) {
-    let pid = serving_pid(b);
+    let pid = b.serving_pid();
     let _ = rustix::process::kill_process(
         rustix::process::Pid::from_raw(pid).unwrap(),
         rustix::process::Signal::KILL,
@@ -121,22 +97,7 @@ async fn tunnel_bytes_in_flight_move_with_the_connection() {
     let mut s = TcpStream::connect(b.addr("t")).await.unwrap();
     let payload: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
     s.write_all(&payload[..2_000_000]).await.unwrap();
-    let (ok, out) = tokio::task::spawn_blocking({
-        let cfg = b.config.clone();
-        move || {
-            let out = Command::new(bin())
-                .args(["upgrade", "-c"])
-                .arg(&cfg)
-                .output()
-                .unwrap();
-            (
-                out.status.success(),
-                String::from_utf8_lossy(&out.stdout).to_string(),
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let (ok, out) = upgrade_async(&b.config).await;
     assert!(ok, "{out}");
     s.write_all(&payload[2_000_000..]).await.unwrap();
     s.shutdown().await.unwrap();
@@ -156,11 +117,11 @@ async fn rollback_when_successor_exits_at_once() {
     let b = Baton::start(&tcp_config(be, ""));
     let (mut s, g) = greeting(b.addr("t"), 1).await;
     assert_eq!(g, "E");
-    let (ok, out) = cli_upgrade(&b, &["--binary", "/bin/false"]);
+    let (ok, out) = b.cli_upgrade(&["--binary", "/bin/false"]);
     assert!(!ok);
     assert!(out.contains("still serving"), "{out}");
     // The same process keeps serving the old connection and new ones.
-    assert_eq!(serving_pid(&b), b.pid());
+    assert_eq!(b.serving_pid(), b.pid());
     s.write_all(b"x").await.unwrap();
     let mut one = [0u8; 1];
     s.read_exact(&mut one).await.unwrap();
@@ -206,7 +167,7 @@ async fn rollback_when_successor_config_is_invalid() {
     let mut one = [0u8; 1];
     s.read_exact(&mut one).await.unwrap();
     assert_eq!(&one, b"y");
-    assert_eq!(serving_pid(&b), b.pid());
+    assert_eq!(b.serving_pid(), b.pid());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +180,7 @@ async fn rollback_when_successor_never_ready() {
     std::fs::write(&hang, "#!/bin/sh\nexec sleep 600\n").unwrap();
     std::fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let (mut s, _) = greeting(b.addr("t"), 1).await;
-    let (ok, out) = cli_upgrade(&b, &["--binary", hang.to_str().unwrap()]);
+    let (ok, out) = b.cli_upgrade(&["--binary", hang.to_str().unwrap()]);
     assert!(!ok);
     assert!(out.contains("not ready within upgrade_timeout"), "{out}");
     s.write_all(b"z").await.unwrap();
@@ -247,7 +208,7 @@ async fn rollback_when_successor_is_killed_mid_handover() {
         .map(|i| tokio::spawn(numbered_client(addr, i, stop.clone())))
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (ok, out) = cli_upgrade(&b, &[]);
+    let (ok, out) = b.cli_upgrade(&[]);
     assert!(!ok, "{out}");
     assert!(out.contains("still serving"), "{out}");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -255,7 +216,7 @@ async fn rollback_when_successor_is_killed_mid_handover() {
     for c in clients {
         c.await.unwrap().unwrap();
     }
-    assert_eq!(serving_pid(&b), b.pid());
+    assert_eq!(b.serving_pid(), b.pid());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,7 +238,7 @@ async fn second_upgrade_during_an_upgrade_is_refused() {
         .wait_for(&["upgrade complete; exiting"], WAIT)
         .is_some());
     let pid = b.pid();
-    assert!(wait_until(WAIT, || serving_pid(&b) != pid).await);
+    assert!(wait_until(WAIT, || b.serving_pid() != pid).await);
     kill_serving(&b);
 }
 
@@ -291,22 +252,10 @@ async fn no_fd_leak_across_twenty_upgrades() {
         .map(|i| tokio::spawn(numbered_client(addr, i, stop.clone())))
         .collect();
     let mut counts = Vec::new();
-    let rounds = Arc::new(AtomicU64::new(0));
     for _ in 0..20 {
-        let cfg = b.config.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            Command::new(bin())
-                .args(["upgrade", "-c"])
-                .arg(&cfg)
-                .status()
-                .unwrap()
-                .success()
-        })
-        .await
-        .unwrap();
-        assert!(ok);
-        rounds.fetch_add(1, Ordering::Relaxed);
-        counts.push(fd_count(serving_pid(&b)));
+        let (ok, out) = upgrade_async(&b.config).await;
+        assert!(ok, "{out}");
+        counts.push(fd_count(b.serving_pid()));
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {

@@ -49,6 +49,20 @@ async fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, St
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// A client connection to the `web` listener.
+async fn connect(b: &Baton) -> BufReader<TcpStream> {
+    BufReader::new(TcpStream::connect(b.addr("web")).await.unwrap())
+}
+
+/// Sends `GET /` on `r` and checks that the answer is a 200.
+async fn get_ok(r: &mut BufReader<TcpStream>) {
+    r.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(r).await.unwrap().0, 200);
+}
+
 #[derive(Default)]
 struct Tally {
     ok: AtomicU64,
@@ -182,12 +196,8 @@ async fn fifty_websockets_survive_ten_upgrades() {
 async fn idle_keepalive_connection_is_served_by_the_successor() {
     let (be, _) = http_support::backend("a").await;
     let b = Baton::start(&http_config(be));
-    let mut r = BufReader::new(TcpStream::connect(b.addr("web")).await.unwrap());
-    r.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+    let mut r = connect(&b).await;
+    get_ok(&mut r).await;
     let old = b.serving_pid();
     let (ok, out) = upgrade_async(&b.config).await;
     assert!(ok && out.contains("1 idle http"), "{out}");
@@ -209,12 +219,8 @@ async fn idle_keepalive_connection_is_served_by_the_successor() {
 async fn half_sent_request_is_completed_by_the_successor() {
     let (be, _) = http_support::backend("a").await;
     let b = Baton::start(&http_config(be));
-    let mut r = BufReader::new(TcpStream::connect(b.addr("web")).await.unwrap());
-    r.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+    let mut r = connect(&b).await;
+    get_ok(&mut r).await;
     r.get_mut()
         .write_all(b"GET /headers HTTP/1.1\r\nHo")
         .await
@@ -236,7 +242,7 @@ async fn half_sent_request_is_completed_by_the_successor() {
 async fn in_flight_request_finishes_then_its_connection_moves() {
     let (be, _) = http_support::backend("a").await;
     let b = Baton::start(&http_config(be));
-    let mut r = BufReader::new(TcpStream::connect(b.addr("web")).await.unwrap());
+    let mut r = connect(&b).await;
     r.get_mut()
         .write_all(b"GET /slow/1500 HTTP/1.1\r\nHost: t\r\n\r\n")
         .await
@@ -249,11 +255,7 @@ async fn in_flight_request_finishes_then_its_connection_moves() {
     let (ok, out) = up.await.unwrap();
     assert!(ok, "{out}");
     assert!(wait_until(WAIT, || !alive(old)).await);
-    r.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+    get_ok(&mut r).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,24 +297,16 @@ async fn h2c_connection_gets_goaway_and_finishes_in_the_old_process() {
     );
     assert!(wait_until(WAIT, || !alive(old)).await);
     // A new connection is served by the successor.
-    let mut r = BufReader::new(TcpStream::connect(b.addr("web")).await.unwrap());
-    r.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+    let mut r = connect(&b).await;
+    get_ok(&mut r).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_released_from_hyper_still_serves_and_moves() {
     let (be, _) = http_support::backend("a").await;
     let b = Baton::start(&http_config(be));
-    let mut r = BufReader::new(TcpStream::connect(b.addr("web")).await.unwrap());
-    r.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+    let mut r = connect(&b).await;
+    get_ok(&mut r).await;
     // Idle for a moment, the connection gives hyper's buffers back and waits with none.
     assert!(
         b.log
@@ -320,11 +314,7 @@ async fn a_connection_released_from_hyper_still_serves_and_moves() {
             .is_some(),
         "idle connection was not released"
     );
-    r.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+    get_ok(&mut r).await;
     // Released again, then handed over: served by the successor on the same socket.
     let old = b.serving_pid();
     assert!(
@@ -337,23 +327,15 @@ async fn a_connection_released_from_hyper_still_serves_and_moves() {
     let (ok, out) = upgrade_async(&b.config).await;
     assert!(ok && out.contains("1 idle http"), "{out}");
     assert!(wait_until(WAIT, || !alive(old)).await);
-    r.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+    get_ok(&mut r).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_request_after_a_release_is_completed_by_the_successor() {
     let (be, _) = http_support::backend("a").await;
     let b = Baton::start(&http_config(be));
-    let mut r = BufReader::new(TcpStream::connect(b.addr("web")).await.unwrap());
-    r.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut r).await.unwrap().0, 200);
+    let mut r = connect(&b).await;
+    get_ok(&mut r).await;
     assert!(b
         .log
         .wait_for(&["idle http connection released from hyper"], WAIT)

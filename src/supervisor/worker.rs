@@ -90,6 +90,31 @@ impl Listening {
 }
 
 impl Worker {
+    /// A worker just spawned or adopted: its messages on `rx` are forwarded to `events`.
+    fn new(
+        index: usize,
+        pid: u32,
+        generation: u64,
+        rx: Channel,
+        tx: Channel,
+        events: &mpsc::UnboundedSender<Event>,
+    ) -> Worker {
+        let now = Instant::now();
+        Worker {
+            index,
+            pid,
+            generation,
+            spawned: now,
+            live_since: None,
+            last_heartbeat: now,
+            counters: Counters::default(),
+            tx,
+            cgroup: None,
+            heartbeats: 0,
+            listening: Some(Listening::start(rx, pid, events.clone())),
+        }
+    }
+
     /// Sends a signal; a worker that is already gone is not an error worth reporting.
     pub fn signal(&self, sig: rustix::process::Signal) {
         if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
@@ -142,21 +167,7 @@ pub fn spawn(
             let _ = ev.send(Event::Exited(pid, st));
         }
     });
-    let listening = Some(Listening::start(rx, pid, events.clone()));
-    let now = Instant::now();
-    Ok(Worker {
-        index,
-        pid,
-        generation,
-        spawned: now,
-        live_since: None,
-        last_heartbeat: now,
-        counters: Counters::default(),
-        tx,
-        cgroup: None,
-        heartbeats: 0,
-        listening,
-    })
+    Ok(Worker::new(index, pid, generation, rx, tx, events))
 }
 
 /// Forwards what a worker says to the supervisor's loop, until its channel ends (`None`) or
@@ -250,20 +261,7 @@ pub fn adopt(
         let st = wait_adopted(pid).await;
         let _ = ev.send(Event::Exited(pid, st));
     });
-    let now = Instant::now();
-    Ok(Worker {
-        index,
-        pid,
-        generation,
-        spawned: now,
-        live_since: None,
-        last_heartbeat: now,
-        counters: Counters::default(),
-        tx,
-        cgroup: None,
-        heartbeats: 0,
-        listening: Some(Listening::start(rx, pid, events.clone())),
-    })
+    Ok(Worker::new(index, pid, generation, rx, tx, events))
 }
 
 /// Waits for an adopted child to exit and reaps it. Not a tokio `Child` (that one belonged
