@@ -8,6 +8,7 @@
 # Each proxy runs under `valgrind --tool=callgrind` (nginx as a single process); counters are
 # zeroed before and dumped after each `wrk -t1 -c8 -d${INSN_SECONDS:-5}s` run. BENCH_KEEP=1 keeps
 # the callgrind files (callgrind_annotate FILE shows where the instructions go).
+# INSN_PROXIES="baton" limits the proxies measured (default: baton haproxy nginx).
 # Same ports, backend, configs and clean-up as scripts/bench.sh.
 set -uo pipefail
 
@@ -40,7 +41,7 @@ echo "|---|---:|---:|---:|---:|"
 
 export PROXY_WRAP="valgrind --tool=callgrind --callgrind-out-file=$WORK/cg.%p"
 export NGINX_MASTER=off
-for proxy in baton haproxy nginx; do
+for proxy in ${INSN_PROXIES:-baton haproxy nginx}; do
     tport=$((BASE + 1)) hport=$((BASE + 2))
     "start_$proxy" 0 "$tport" "$hport" "$P_BACKEND" 512
     case $proxy in baton) pid=$BATON_PID ;; haproxy) pid=$HAPROXY_PID ;; nginx) pid=$NGINX_PID ;; esac
