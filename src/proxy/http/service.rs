@@ -95,9 +95,16 @@ impl ReqLog {
 
     /// Writes the access line: `bytes` of response body sent, `complete` if it all went out.
     pub fn emit(self, bytes: u64, complete: bool) {
-        let upstream = self.upstream.as_ref().map_or("", |u| u.name());
         let elapsed = self.start.elapsed();
-        self.metrics.http_request(upstream, self.status, elapsed);
+        // The upstream's own metrics handle: no lookup by name per request.
+        match self.upstream.as_ref().and_then(|u| u.metrics()) {
+            Some(h) => h.request(self.status, elapsed),
+            None => self.metrics.http_request(
+                self.upstream.as_ref().map_or("", |u| u.name()),
+                self.status,
+                elapsed,
+            ),
+        }
         tracing::info!(
             target: "baton::access",
             conn = self.conn,
