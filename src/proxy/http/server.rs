@@ -227,7 +227,11 @@ pub async fn serve(
                 Some(h) => h + ctx.cfg.http.header_read_timeout,
                 None => idle_since + ctx.cfg.http.keepalive_timeout,
             };
+            // Biased, readability first: a new client has usually sent its request by the time
+            // it is accepted, and then no timer is registered at all (registering one can cost
+            // the runtime an eventfd write to wake its own driver).
             tokio::select! {
+                biased;
                 r = stream.readable() => match r {
                     Err(_) => return close_log(&ctx, &conn, "client closed"),
                     Ok(()) => {
@@ -339,9 +343,12 @@ async fn serve_h1(
 ) -> Option<Released> {
     let mut builder = hyper::server::conn::http1::Builder::new();
     // hyper refuses a buffer below 8 KiB; a head past max_buf_size gets 431 from hyper.
+    // No hyper header timer: this loop enforces `header_read_timeout` (with a 408) and the
+    // keep-alive timeout. hyper's own (30 s by default once a timer is set) would cut a
+    // longer configured timeout short, and it allocated and armed a timer for every request.
     builder
         .max_buf_size(ctx.cfg.http.max_header_bytes.max(8192))
-        .timer(TokioTimer::new());
+        .header_read_timeout(None);
     let mut hconn = builder.serve_connection(TokioIo::new(io), svc);
     let mut stop: Option<Stop> = None;
     // Requests started when graceful_shutdown was called for a park or a release.
