@@ -31,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -235,15 +235,26 @@ pub async fn serve(
                 r = stream.readable() => match r {
                     Err(_) => return close_log(&ctx, &conn, "client closed"),
                     Ok(()) => {
-                        buf.reserve(512);
-                        match stream.try_read_buf(&mut buf) {
-                            Ok(0) => return close_log(&ctx, &conn, "client closed"),
-                            Ok(n) => {
-                                stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                        // poll_read rather than try_read: a short read clears the readiness,
+                        // so hyper's first read waits for epoll instead of costing a recvfrom
+                        // that returns EAGAIN. The noop waker is replaced by the real one when
+                        // `readable()` is polled again.
+                        let mut tmp = [0u8; 512];
+                        let mut rb = tokio::io::ReadBuf::new(&mut tmp);
+                        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                        match std::pin::Pin::new(&mut stream).poll_read(&mut cx, &mut rb) {
+                            std::task::Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                                return close_log(&ctx, &conn, "client closed")
+                            }
+                            std::task::Poll::Ready(Ok(())) => {
+                                buf.extend_from_slice(rb.filled());
+                                stats.bytes_in.fetch_add(rb.filled().len() as u64, Ordering::Relaxed);
                                 head_started.get_or_insert_with(Instant::now);
                             }
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                            Err(_) => return close_log(&ctx, &conn, "client closed"),
+                            std::task::Poll::Pending => {}
+                            std::task::Poll::Ready(Err(_)) => {
+                                return close_log(&ctx, &conn, "client closed")
+                            }
                         }
                     }
                 },
