@@ -25,7 +25,8 @@ use super::service::{Svc, SvcCtx};
 use crate::proxy::tcp::{close_log, relay::Relay, run_tunnel};
 use crate::proxy::ListenerCtx;
 use crate::registry::{
-    ConnHandle, ConnKind, ConnState, ConnStats, IdleHttpState, Parked, PendingHalf,
+    ConnHandle, ConnKind, ConnState, ConnStats, IdleHttpState, Parked, PendingHalf, SIG_DRAIN,
+    SIG_KILL, SIG_PARK,
 };
 use bytes::{Bytes, BytesMut};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -214,40 +215,70 @@ pub async fn serve(
         let mut head_started = (!buf.is_empty()).then_some(idle_since);
         // Read until the bytes tell HTTP/1.1 (anything not a prefix of the h2 preface) from
         // h2c. With nothing buffered this holds no buffer: it waits for readability first, so
-        // an idle keep-alive connection costs a socket and this small task.
-        let h2 = loop {
-            let n = buf.len().min(H2_PREFACE.len());
-            if n > 0 && buf[..n] != H2_PREFACE[..n] {
-                break false;
-            }
-            if buf.len() >= H2_PREFACE.len() {
-                break true;
-            }
-            let deadline = match head_started {
-                Some(h) => h + ctx.cfg.http.header_read_timeout,
-                None => idle_since + ctx.cfg.http.keepalive_timeout,
-            };
-            tokio::select! {
-                r = stream.readable() => match r {
-                    Err(_) => return close_log(&ctx, &conn, "client closed"),
-                    Ok(()) => {
+        // an idle keep-alive connection costs a socket and this small task. The keep-alive
+        // deadline applies until the first byte, then the header deadline.
+        let waited = {
+            // Pinned once per wait and polled by hand: `select!` over `readable()`, a new
+            // `sleep_until` and the signal future would keep a readiness waiter node and
+            // its own bookkeeping in every idle connection's task as well.
+            let sleep = tokio::time::sleep_until(idle_since + ctx.cfg.http.keepalive_timeout);
+            let signal = conn.requested(SIG_PARK | SIG_DRAIN | SIG_KILL);
+            tokio::pin!(sleep, signal);
+            loop {
+                let n = buf.len().min(H2_PREFACE.len());
+                if n > 0 && buf[..n] != H2_PREFACE[..n] {
+                    break Waited::Request { h2: false };
+                }
+                if buf.len() >= H2_PREFACE.len() {
+                    break Waited::Request { h2: true };
+                }
+                if let Some(h) = head_started {
+                    let due = h + ctx.cfg.http.header_read_timeout;
+                    if sleep.deadline() != due {
+                        sleep.as_mut().reset(due);
+                    }
+                }
+                let event = std::future::poll_fn(|cx| {
+                    use std::future::Future;
+                    use std::task::Poll;
+                    if let Poll::Ready(bits) = signal.as_mut().poll(cx) {
+                        return Poll::Ready(IdleEvent::Signal(bits));
+                    }
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(IdleEvent::Timeout);
+                    }
+                    // The socket's own reader slot: no waiter node is kept in this task.
+                    stream.poll_read_ready(cx).map(IdleEvent::Readable)
+                })
+                .await;
+                match event {
+                    IdleEvent::Signal(bits) if bits & SIG_KILL != 0 => {
+                        break Waited::Close("killed")
+                    }
+                    IdleEvent::Signal(bits) if bits & SIG_PARK != 0 => break Waited::Park,
+                    IdleEvent::Signal(_) => break Waited::Close("drained"),
+                    IdleEvent::Timeout => break Waited::Close("idle timeout"),
+                    IdleEvent::Readable(Err(_)) => break Waited::Close("client closed"),
+                    IdleEvent::Readable(Ok(())) => {
                         buf.reserve(512);
+                        // On WouldBlock, try_read_buf clears the readiness: the next poll waits.
                         match stream.try_read_buf(&mut buf) {
-                            Ok(0) => return close_log(&ctx, &conn, "client closed"),
+                            Ok(0) => break Waited::Close("client closed"),
                             Ok(n) => {
                                 stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                                 head_started.get_or_insert_with(Instant::now);
                             }
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                            Err(_) => return close_log(&ctx, &conn, "client closed"),
+                            Err(_) => break Waited::Close("client closed"),
                         }
                     }
-                },
-                _ = tokio::time::sleep_until(deadline) => return close_log(&ctx, &conn, "idle timeout"),
-                _ = conn.park_requested() => return park(&ctx, conn, stream, buf.freeze()),
-                _ = conn.drain_requested() => return close_log(&ctx, &conn, "drained"),
-                _ = conn.kill_requested() => return close_log(&ctx, &conn, "killed"),
+                }
             }
+        };
+        let h2 = match waited {
+            Waited::Request { h2 } => h2,
+            Waited::Park => return park(&ctx, conn, stream, buf.freeze()),
+            Waited::Close(reason) => return close_log(&ctx, &conn, reason),
         };
         let shared = ConnShared::new(
             stats.clone(),
@@ -279,6 +310,23 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// What woke a connection waiting for its next request.
+enum IdleEvent {
+    Signal(u8),
+    Timeout,
+    Readable(std::io::Result<()>),
+}
+
+/// How a wait for the next request ended.
+enum Waited {
+    /// Request bytes arrived; whether they are the h2c preface.
+    Request { h2: bool },
+    /// Asked to park (handover).
+    Park,
+    /// Closed, for this reason.
+    Close(&'static str),
 }
 
 /// A keep-alive connection taken back from hyper after [`IDLE_RELEASE`] without a request.
@@ -348,16 +396,15 @@ async fn serve_h1(
     let mut shut_at: Option<u64> = None;
     let result = {
         // Made once and kept: a loop over `select!` would make (and drop) a timer, a Notified
-        // and three token futures on every wake-up, several times per request.
-        let park_req = conn.park_requested();
-        let drain_req = conn.drain_requested();
-        let kill_req = conn.kill_requested();
+        // and a signal future on every wake-up, several times per request.
+        // After park or drain only kill is still to act on (the future is replaced then).
+        let signal = conn.requested(SIG_PARK | SIG_DRAIN | SIG_KILL);
         let changed = shared.changed.notified();
         let timer = tokio::time::sleep_until(Instant::now());
-        tokio::pin!(park_req, drain_req, kill_req, changed, timer);
+        tokio::pin!(signal, changed, timer);
         let mut armed = false;
-        // The token futures are polled once to register the waker, then only once the
-        // connection's signal bits say one of them may have fired.
+        // The signal future is polled once to register the waker, then only once the
+        // connection's signal bits say it may have fired.
         let mut poll_signals = true;
         loop {
             if stop == Some(Stop::Park)
@@ -400,16 +447,14 @@ async fn serve_h1(
                 }
                 if poll_signals || conn.signalled() {
                     poll_signals = false;
-                    if kill_req.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Kill);
-                    }
-                    if !matches!(stop, Some(Stop::Park | Stop::Drain)) {
-                        if park_req.as_mut().poll(cx).is_ready() {
+                    if let Poll::Ready(bits) = signal.as_mut().poll(cx) {
+                        if bits & SIG_KILL != 0 {
+                            return Poll::Ready(Wake::Kill);
+                        }
+                        if bits & SIG_PARK != 0 {
                             return Poll::Ready(Wake::Park);
                         }
-                        if drain_req.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Wake::Drain);
-                        }
+                        return Poll::Ready(Wake::Drain);
                     }
                 }
                 if changed.as_mut().poll(cx).is_ready() {
@@ -428,6 +473,7 @@ async fn serve_h1(
                     return None;
                 }
                 Wake::Park => {
+                    signal.set(conn.requested(SIG_KILL));
                     stop = Some(Stop::Park);
                     shared.wake_on_idle.store(true, Ordering::Release);
                     if shut_at.is_some() {
@@ -436,6 +482,7 @@ async fn serve_h1(
                     }
                 }
                 Wake::Drain => {
+                    signal.set(conn.requested(SIG_KILL));
                     if stop == Some(Stop::Release) {
                         // graceful_shutdown already called: the connection ends idle, then
                         // closes below as drained.
