@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 /// The HTTP/2 client connection preface.
@@ -200,16 +200,17 @@ enum Due {
     Release,
 }
 
-/// Serves a client connection whose first bytes (`prefix`) may already have been read.
+/// Serves a client connection whose first bytes (`buf`) may already have been read; the
+/// permit (the listener's connection limit) is held until it closes or parks.
 pub async fn serve(
     ctx: Arc<ListenerCtx>,
     mut conn: ConnHandle,
     mut stream: TcpStream,
-    prefix: Bytes,
+    mut buf: BytesMut,
+    _permit: OwnedSemaphorePermit,
 ) {
     let stats = conn.stats().clone();
     stats.set_state(ConnState::Idle);
-    let mut buf = BytesMut::from(&prefix[..]);
     let mut idle_since = Instant::now();
     loop {
         let mut head_started = (!buf.is_empty()).then_some(idle_since);
