@@ -37,6 +37,17 @@ mod mi {
         // SAFETY: mi_collect takes no pointers and is safe to call from any thread at any time.
         unsafe { mi_collect(false) }
     }
+
+    /// No transparent huge pages for this process (and its successors: the flag survives
+    /// `execve`). mimalloc asks for huge pages on its arenas (`MADV_HUGEPAGE`), so with THP in
+    /// `madvise` mode one touched byte made 2 MiB resident: 16.4 MiB RSS at start instead of
+    /// 10.7, and a little more per connection. A proxy's heap is small; TLB reach does not
+    /// matter to it.
+    pub fn no_huge_pages() {
+        // SAFETY: prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) takes integers only; failure (an old
+        // kernel) only leaves THP as it was.
+        let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
 }
 
 /// Starts the thread that lets mimalloc purge freed memory while the process is quiet.
@@ -143,6 +154,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    mi::no_huge_pages();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
