@@ -10,11 +10,10 @@
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, Notify};
-use tokio_util::sync::CancellationToken;
 
 /// Identifies a connection within one process generation.
 pub type ConnId = u64;
@@ -162,21 +161,23 @@ pub struct ConnStats {
     pub bytes_in: AtomicU64,
     /// Bytes to the client.
     pub bytes_out: AtomicU64,
-    /// Cancelled when the connection must stop and park (handover).
-    park: CancellationToken,
-    /// Cancelled when the process stops: finish the current work, take no more.
-    drain: CancellationToken,
-    /// Cancelled when the connection must close now (drain deadline).
-    kill: CancellationToken,
-    /// Bits set (before the matching token is cancelled) when any of park, drain or kill was
-    /// asked: a hot loop reads this one atomic instead of polling three tokens (each poll of
-    /// a token takes its tree's mutex) on every wake-up.
+    /// What the connection was asked to do: [`SIG_PARK`] (stop and park for a handover),
+    /// [`SIG_DRAIN`] (the process stops: finish the current work, take no more), [`SIG_KILL`]
+    /// (close now). Set under the registry lock, then [`ConnStats::wake`] is notified.
     signals: AtomicU8,
+    /// Wakes the connection's waiters after a bit of `signals` was set. One `Notify` instead
+    /// of three cancellation tokens (child nodes of the registry's parent tokens, 112 bytes
+    /// each plus a slot in the parent's child list, and three waiter futures in every
+    /// connection task): an idle connection is mostly this bookkeeping.
+    wake: Notify,
 }
 
-const SIG_PARK: u8 = 1;
-const SIG_DRAIN: u8 = 2;
-const SIG_KILL: u8 = 4;
+/// Signal bit: stop at the next safe point and park (handover).
+pub const SIG_PARK: u8 = 1;
+/// Signal bit: the process is stopping; finish the current work and close.
+pub const SIG_DRAIN: u8 = 2;
+/// Signal bit: close now.
+pub const SIG_KILL: u8 = 4;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these short locks leaves plain data behind; keep going.
@@ -208,6 +209,11 @@ impl ConnStats {
     pub fn set_server(&self, s: Option<SocketAddr>) {
         *lock(&self.server) = s;
     }
+    /// Sets signal bits and wakes the connection's waiters. Callers hold the registry lock.
+    fn signal(&self, bits: u8) {
+        self.signals.fetch_or(bits, Ordering::Release);
+        self.wake.notify_waiters();
+    }
     /// A snapshot of the metadata, with current counters.
     pub fn meta(&self) -> ConnMeta {
         ConnMeta {
@@ -234,27 +240,40 @@ impl ConnHandle {
     pub fn stats(&self) -> &Arc<ConnStats> {
         &self.stats
     }
+    /// Resolves with the signal bits ([`SIG_PARK`], [`SIG_DRAIN`], [`SIG_KILL`]) once any bit
+    /// of `mask` is set. One future for all three: it is what an idle connection waits on.
+    pub async fn requested(&self, mask: u8) -> u8 {
+        loop {
+            // Made before the check: `notify_waiters` reaches a `Notified` from its creation.
+            let woken = self.stats.wake.notified();
+            let bits = self.stats.signals.load(Ordering::Acquire);
+            if bits & mask != 0 {
+                return bits;
+            }
+            woken.await;
+        }
+    }
     /// Resolves when the connection is asked to stop at its next safe point and park.
     pub async fn park_requested(&self) {
-        self.stats.park.cancelled().await
+        self.requested(SIG_PARK).await;
     }
     /// Whether a park was asked for.
     pub fn is_park_requested(&self) -> bool {
-        self.stats.park.is_cancelled()
+        self.stats.signals.load(Ordering::Acquire) & SIG_PARK != 0
     }
-    /// Whether park, drain or kill may have been asked for: one relaxed atomic load. Set
-    /// before the token is cancelled, so a loop that polled the `*_requested` futures once (to
-    /// register its waker) needs to poll them again only once this is true.
+    /// Whether park, drain or kill may have been asked for: one atomic load. A loop that
+    /// polled the `*_requested` futures once (to register its waker) needs to poll them
+    /// again only once this is true.
     pub fn signalled(&self) -> bool {
         self.stats.signals.load(Ordering::Acquire) != 0
     }
     /// Resolves when the process is stopping: serve no new requests (HTTP keep-alive ends).
     pub async fn drain_requested(&self) {
-        self.stats.drain.cancelled().await
+        self.requested(SIG_DRAIN).await;
     }
     /// Resolves when the connection must close now.
     pub async fn kill_requested(&self) {
-        self.stats.kill.cancelled().await
+        self.requested(SIG_KILL).await;
     }
     /// Hands a stopped connection to the lifecycle, and deregisters it.
     pub fn park(self, parked: Parked) {
@@ -280,12 +299,8 @@ impl Drop for ConnHandle {
 pub struct Registry {
     next_id: AtomicU64,
     conns: Mutex<HashMap<ConnId, Arc<ConnStats>>>,
-    /// Parent of every connection's park token; replaced after each park_all.
-    park_parent: Mutex<CancellationToken>,
-    /// Parent of every connection's drain token.
-    drain_parent: CancellationToken,
-    /// Parent of every connection's kill token.
-    kill_parent: Mutex<CancellationToken>,
+    /// The process is stopping: connections registered from now on start drained.
+    draining: AtomicBool,
     parked_tx: mpsc::UnboundedSender<Parked>,
     /// Woken each time the last connection goes.
     emptied: Notify,
@@ -301,9 +316,7 @@ impl Registry {
         let r = Registry {
             next_id: AtomicU64::new(1),
             conns: Mutex::new(HashMap::new()),
-            park_parent: Mutex::new(CancellationToken::new()),
-            drain_parent: CancellationToken::new(),
-            kill_parent: Mutex::new(CancellationToken::new()),
+            draining: AtomicBool::new(false),
             parked_tx,
             emptied: Notify::new(),
         };
@@ -319,12 +332,14 @@ impl Registry {
         started_ms: u64,
     ) -> ConnHandle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // Held while the tokens are made and the entry inserted, so park_all, drain_all and
-        // kill_all (which set the signal bits under this lock) see every connection whose
-        // token they cancel.
+        // Held while `draining` is read and the entry inserted, so drain_all (which sets it
+        // under this lock) either sees the entry or the entry sees the flag.
         let mut conns = lock(&self.conns);
-        let drain = self.drain_parent.child_token();
-        let signals = if drain.is_cancelled() { SIG_DRAIN } else { 0 };
+        let signals = if self.draining.load(Ordering::Relaxed) {
+            SIG_DRAIN
+        } else {
+            0
+        };
         let stats = Arc::new(ConnStats {
             id,
             listener,
@@ -335,10 +350,8 @@ impl Registry {
             state: AtomicU8::new(ConnState::Connecting as u8),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
-            park: lock(&self.park_parent).child_token(),
-            drain,
-            kill: lock(&self.kill_parent).child_token(),
             signals: AtomicU8::new(signals),
+            wake: Notify::new(),
         });
         conns.insert(id, stats.clone());
         drop(conns);
@@ -385,8 +398,7 @@ impl Registry {
             .values()
             .filter(|c| filter(c))
             .map(|c| {
-                c.signals.fetch_or(SIG_PARK, Ordering::Release);
-                c.park.cancel();
+                c.signal(SIG_PARK);
                 c.id
             })
             .collect()
@@ -397,28 +409,24 @@ impl Registry {
     pub fn park_all(&self) {
         let conns = lock(&self.conns);
         for c in conns.values() {
-            c.signals.fetch_or(SIG_PARK, Ordering::Release);
+            c.signal(SIG_PARK);
         }
-        let old = std::mem::take(&mut *lock(&self.park_parent));
-        old.cancel();
     }
 
     /// Asks every connection, now and later, to finish its current work and close (stop).
     pub fn drain_all(&self) {
         let conns = lock(&self.conns);
+        self.draining.store(true, Ordering::Relaxed);
         for c in conns.values() {
-            c.signals.fetch_or(SIG_DRAIN, Ordering::Release);
+            c.signal(SIG_DRAIN);
         }
-        self.drain_parent.cancel();
     }
 
     /// Asks every live connection to close now.
     pub fn kill_all(&self) {
         let conns = lock(&self.conns);
         for c in conns.values() {
-            c.signals.fetch_or(SIG_KILL, Ordering::Release);
+            c.signal(SIG_KILL);
         }
-        let old = std::mem::take(&mut *lock(&self.kill_parent));
-        old.cancel();
     }
 }

@@ -19,30 +19,40 @@ mod service;
 
 use super::ListenerCtx;
 use crate::registry::{now_ms, ConnKind, IdleHttpState};
-use bytes::Bytes;
+use bytes::BytesMut;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::either::Either;
 
 /// Serves one accepted client connection of an `http` listener.
-pub async fn handle(
+///
+/// Not an `async fn`: the registration happens here, and the task is `serve`'s future itself.
+/// An `async fn` wrapper would keep its own copies of the arguments next to it for the whole
+/// life of the connection, in every idle connection's task.
+pub fn handle(
     ctx: Arc<ListenerCtx>,
     client: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
-) {
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send + 'static {
     let conn = ctx
         .registry
         .register(ctx.name.clone(), peer, ConnKind::Http, now_ms());
     // TCP_NODELAY was set at accept (`listener::tune`).
-    server::serve(ctx, conn, client, Bytes::new()).await;
+    server::serve(ctx, conn, client, BytesMut::new(), permit)
 }
 
 /// Resumes an idle keep-alive connection parked by a predecessor (or by a rolled-back upgrade):
-/// its read-ahead bytes are served before the socket.
-pub async fn resume(ctx: Arc<ListenerCtx>, h: IdleHttpState, _permit: OwnedSemaphorePermit) {
+/// its read-ahead bytes are served before the socket. Not an `async fn`, as [`handle`].
+pub fn resume(
+    ctx: Arc<ListenerCtx>,
+    h: IdleHttpState,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send + 'static {
     let conn = ctx.registry.register(
         ctx.name.clone(),
         h.meta.client,
@@ -60,9 +70,10 @@ pub async fn resume(ctx: Arc<ListenerCtx>, h: IdleHttpState, _permit: OwnedSemap
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(client = %h.meta.client, error = %e, "cannot resume http connection");
-            return;
+            return Either::Left(std::future::ready(()));
         }
     };
     let _ = stream.set_nodelay(true);
-    server::serve(ctx, conn, stream, Bytes::from(h.read_ahead)).await;
+    let read_ahead = BytesMut::from(&h.read_ahead[..]);
+    Either::Right(server::serve(ctx, conn, stream, read_ahead, permit))
 }

@@ -25,7 +25,8 @@ use super::service::{Svc, SvcCtx};
 use crate::proxy::tcp::{close_log, relay::Relay, run_tunnel};
 use crate::proxy::ListenerCtx;
 use crate::registry::{
-    ConnHandle, ConnKind, ConnState, ConnStats, IdleHttpState, Parked, PendingHalf,
+    ConnHandle, ConnKind, ConnState, ConnStats, IdleHttpState, Parked, PendingHalf, SIG_DRAIN,
+    SIG_KILL, SIG_PARK,
 };
 use bytes::{Bytes, BytesMut};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -33,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 /// The HTTP/2 client connection preface.
@@ -199,70 +200,101 @@ enum Due {
     Release,
 }
 
-/// Serves a client connection whose first bytes (`prefix`) may already have been read.
+/// Serves a client connection whose first bytes (`buf`) may already have been read; the
+/// permit (the listener's connection limit) is held until it closes or parks.
 pub async fn serve(
     ctx: Arc<ListenerCtx>,
     mut conn: ConnHandle,
     mut stream: TcpStream,
-    prefix: Bytes,
+    mut buf: BytesMut,
+    _permit: OwnedSemaphorePermit,
 ) {
     let stats = conn.stats().clone();
     stats.set_state(ConnState::Idle);
-    let mut buf = BytesMut::from(&prefix[..]);
     let mut idle_since = Instant::now();
     loop {
         let mut head_started = (!buf.is_empty()).then_some(idle_since);
         // Read until the bytes tell HTTP/1.1 (anything not a prefix of the h2 preface) from
         // h2c. With nothing buffered this holds no buffer: it waits for readability first, so
-        // an idle keep-alive connection costs a socket and this small task.
-        let h2 = loop {
-            let n = buf.len().min(H2_PREFACE.len());
-            if n > 0 && buf[..n] != H2_PREFACE[..n] {
-                break false;
-            }
-            if buf.len() >= H2_PREFACE.len() {
-                break true;
-            }
-            let deadline = match head_started {
-                Some(h) => h + ctx.cfg.http.header_read_timeout,
-                None => idle_since + ctx.cfg.http.keepalive_timeout,
-            };
-            // Biased, readability first: a new client has usually sent its request by the time
-            // it is accepted, and then no timer is registered at all (registering one can cost
-            // the runtime an eventfd write to wake its own driver).
-            tokio::select! {
-                biased;
-                r = stream.readable() => match r {
-                    Err(_) => return close_log(&ctx, &conn, "client closed"),
-                    Ok(()) => {
-                        // poll_read rather than try_read: a short read clears the readiness,
-                        // so hyper's first read waits for epoll instead of costing a recvfrom
-                        // that returns EAGAIN. The noop waker is replaced by the real one when
-                        // `readable()` is polled again.
+        // an idle keep-alive connection costs a socket and this small task. The keep-alive
+        // deadline applies until the first byte, then the header deadline.
+        let waited = {
+            // Pinned once per wait and polled by hand: `select!` over `readable()`, a new
+            // `sleep_until` and the signal future would keep a readiness waiter node and
+            // its own bookkeeping in every idle connection's task as well.
+            let sleep = tokio::time::sleep_until(idle_since + ctx.cfg.http.keepalive_timeout);
+            let signal = conn.requested(SIG_PARK | SIG_DRAIN | SIG_KILL);
+            tokio::pin!(sleep, signal);
+            loop {
+                let n = buf.len().min(H2_PREFACE.len());
+                if n > 0 && buf[..n] != H2_PREFACE[..n] {
+                    break Waited::Request { h2: false };
+                }
+                if buf.len() >= H2_PREFACE.len() {
+                    break Waited::Request { h2: true };
+                }
+                if let Some(h) = head_started {
+                    let due = h + ctx.cfg.http.header_read_timeout;
+                    if sleep.deadline() != due {
+                        sleep.as_mut().reset(due);
+                    }
+                }
+                let event = std::future::poll_fn(|cx| {
+                    use std::future::Future;
+                    use std::task::Poll;
+                    if let Poll::Ready(bits) = signal.as_mut().poll(cx) {
+                        return Poll::Ready(IdleEvent::Signal(bits));
+                    }
+                    // The socket's own reader slot: no waiter node is kept in this task.
+                    // Polled before the timer: a new client has usually sent its request by
+                    // the time it is accepted, and then no timer is registered at all
+                    // (registering one can cost the runtime an eventfd write to wake itself).
+                    if let Poll::Ready(r) = stream.poll_read_ready(cx) {
+                        return Poll::Ready(IdleEvent::Readable(r));
+                    }
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(IdleEvent::Timeout);
+                    }
+                    Poll::Pending
+                })
+                .await;
+                match event {
+                    IdleEvent::Signal(bits) if bits & SIG_KILL != 0 => {
+                        break Waited::Close("killed")
+                    }
+                    IdleEvent::Signal(bits) if bits & SIG_PARK != 0 => break Waited::Park,
+                    IdleEvent::Signal(_) => break Waited::Close("drained"),
+                    IdleEvent::Timeout => break Waited::Close("idle timeout"),
+                    IdleEvent::Readable(Err(_)) => break Waited::Close("client closed"),
+                    IdleEvent::Readable(Ok(())) => {
+                        // poll_read rather than try_read: a short read clears the readiness
+                        // too (as WouldBlock does), so hyper's first read waits for epoll
+                        // instead of costing a recvfrom that returns EAGAIN. The noop waker is
+                        // replaced by the real one at the next poll_read_ready.
                         let mut tmp = [0u8; 512];
                         let mut rb = tokio::io::ReadBuf::new(&mut tmp);
                         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
                         match std::pin::Pin::new(&mut stream).poll_read(&mut cx, &mut rb) {
                             std::task::Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                                return close_log(&ctx, &conn, "client closed")
+                                break Waited::Close("client closed")
                             }
                             std::task::Poll::Ready(Ok(())) => {
                                 buf.extend_from_slice(rb.filled());
-                                stats.bytes_in.fetch_add(rb.filled().len() as u64, Ordering::Relaxed);
+                                let n = rb.filled().len() as u64;
+                                stats.bytes_in.fetch_add(n, Ordering::Relaxed);
                                 head_started.get_or_insert_with(Instant::now);
                             }
                             std::task::Poll::Pending => {}
-                            std::task::Poll::Ready(Err(_)) => {
-                                return close_log(&ctx, &conn, "client closed")
-                            }
+                            std::task::Poll::Ready(Err(_)) => break Waited::Close("client closed"),
                         }
                     }
-                },
-                _ = tokio::time::sleep_until(deadline) => return close_log(&ctx, &conn, "idle timeout"),
-                _ = conn.park_requested() => return park(&ctx, conn, stream, buf.freeze()),
-                _ = conn.drain_requested() => return close_log(&ctx, &conn, "drained"),
-                _ = conn.kill_requested() => return close_log(&ctx, &conn, "killed"),
+                }
             }
+        };
+        let h2 = match waited {
+            Waited::Request { h2 } => h2,
+            Waited::Park => return park(&ctx, conn, stream, buf.freeze()),
+            Waited::Close(reason) => return close_log(&ctx, &conn, reason),
         };
         let shared = ConnShared::new(
             stats.clone(),
@@ -294,6 +326,23 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// What woke a connection waiting for its next request.
+enum IdleEvent {
+    Signal(u8),
+    Timeout,
+    Readable(std::io::Result<()>),
+}
+
+/// How a wait for the next request ended.
+enum Waited {
+    /// Request bytes arrived; whether they are the h2c preface.
+    Request { h2: bool },
+    /// Asked to park (handover).
+    Park,
+    /// Closed, for this reason.
+    Close(&'static str),
 }
 
 /// A keep-alive connection taken back from hyper after [`IDLE_RELEASE`] without a request.
@@ -366,16 +415,15 @@ async fn serve_h1(
     let mut shut_at: Option<u64> = None;
     let result = {
         // Made once and kept: a loop over `select!` would make (and drop) a timer, a Notified
-        // and three token futures on every wake-up, several times per request.
-        let park_req = conn.park_requested();
-        let drain_req = conn.drain_requested();
-        let kill_req = conn.kill_requested();
+        // and a signal future on every wake-up, several times per request.
+        // After park or drain only kill is still to act on (the future is replaced then).
+        let signal = conn.requested(SIG_PARK | SIG_DRAIN | SIG_KILL);
         let changed = shared.changed.notified();
         let timer = tokio::time::sleep_until(Instant::now());
-        tokio::pin!(park_req, drain_req, kill_req, changed, timer);
+        tokio::pin!(signal, changed, timer);
         let mut armed = false;
-        // The token futures are polled once to register the waker, then only once the
-        // connection's signal bits say one of them may have fired.
+        // The signal future is polled once to register the waker, then only once the
+        // connection's signal bits say it may have fired.
         let mut poll_signals = true;
         loop {
             if stop == Some(Stop::Park)
@@ -418,16 +466,14 @@ async fn serve_h1(
                 }
                 if poll_signals || conn.signalled() {
                     poll_signals = false;
-                    if kill_req.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Wake::Kill);
-                    }
-                    if !matches!(stop, Some(Stop::Park | Stop::Drain)) {
-                        if park_req.as_mut().poll(cx).is_ready() {
+                    if let Poll::Ready(bits) = signal.as_mut().poll(cx) {
+                        if bits & SIG_KILL != 0 {
+                            return Poll::Ready(Wake::Kill);
+                        }
+                        if bits & SIG_PARK != 0 {
                             return Poll::Ready(Wake::Park);
                         }
-                        if drain_req.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Wake::Drain);
-                        }
+                        return Poll::Ready(Wake::Drain);
                     }
                 }
                 if changed.as_mut().poll(cx).is_ready() {
@@ -446,6 +492,7 @@ async fn serve_h1(
                     return None;
                 }
                 Wake::Park => {
+                    signal.set(conn.requested(SIG_KILL));
                     stop = Some(Stop::Park);
                     shared.wake_on_idle.store(true, Ordering::Release);
                     if shut_at.is_some() {
@@ -454,6 +501,7 @@ async fn serve_h1(
                     }
                 }
                 Wake::Drain => {
+                    signal.set(conn.requested(SIG_KILL));
                     if stop == Some(Stop::Release) {
                         // graceful_shutdown already called: the connection ends idle, then
                         // closes below as drained.
