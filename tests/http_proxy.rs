@@ -469,3 +469,72 @@ async fn no_server_available_is_503() {
     let body = r.split("\r\n\r\n").nth(1).unwrap_or("");
     assert!(!body.is_empty() && body.len() < 100, "short body: {body:?}");
 }
+
+/// A backend that answers every request with a head promising 100 bytes, sends 10, then stalls.
+async fn stalling_backend() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                break;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                .await;
+            held.push(s);
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_bounds_the_response_wait_and_the_streamed_body() {
+    let (silent, _) = silent_backend().await;
+    let stalling = stalling_backend().await;
+    // The upstream's own response timeout is far longer than the test's patience: only the
+    // listener's request_timeout can end these requests.
+    let ups = [
+        upstream("app", &[silent], "    http:\n      response_timeout: 1h\n"),
+        upstream(
+            "stall",
+            &[stalling],
+            "    http:\n      response_timeout: 1h\n",
+        ),
+    ]
+    .concat();
+    let listener = "    routes:\n      - { path_prefix: \"/stall\", upstream: stall }\n    http:\n      request_timeout: 300ms\n";
+    let b = Baton::start(&config(listener, &ups));
+    let mut c = h1(b.addr("web")).await;
+    let (status, _, body) = exchange(&mut c, get("x", "/")).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::GATEWAY_TIMEOUT, "request timeout\n")
+    );
+    assert!(b
+        .log
+        .wait_for(
+            &[
+                "request failed",
+                "status=504",
+                "longer than request_timeout"
+            ],
+            common::WAIT
+        )
+        .is_some());
+    // The head arrived in time, the body stalls: the response is cut at the deadline (the
+    // client sees the connection end before the promised length), never left hanging.
+    let mut s = TcpStream::connect(b.addr("web")).await.unwrap();
+    s.write_all(b"GET /stall HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(common::WAIT, s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the stalled response was never ended");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("0123456789"), "{text}");
+}

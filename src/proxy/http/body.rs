@@ -174,7 +174,9 @@ pub struct Release {
 pub struct Tracked {
     inner: ResBody,
     bytes: u64,
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Instant>,
+    /// The timer for `deadline`, made only if the body has to wait (most end at once).
+    timer: Option<Pin<Box<Sleep>>>,
     log: Option<ReqLog>,
     release: Release,
 }
@@ -204,7 +206,8 @@ impl Tracked {
         Tracked {
             inner,
             bytes: 0,
-            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            deadline,
+            timer: None,
             log: Some(log),
             release,
         }
@@ -248,8 +251,11 @@ impl Body for Tracked {
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => {
-                if let Some(d) = this.deadline.as_mut() {
-                    if d.as_mut().poll(cx).is_ready() {
+                if let Some(d) = this.deadline {
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(d)));
+                    if timer.as_mut().poll(cx).is_ready() {
                         this.finish(false);
                         return Poll::Ready(Some(Err(DeadlinePassed.into())));
                     }

@@ -24,6 +24,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// Where a request goes.
 pub struct Target<'a> {
@@ -35,6 +36,10 @@ pub struct Target<'a> {
     pub client_ip: IpAddr,
     /// Forward the client's Host header as is.
     pub preserve_host: bool,
+    /// The request's `request_timeout` deadline: every wait here ends by it (with
+    /// [`ProxyError::RequestTimeout`]), so one timer per wait covers both this and the step's
+    /// own timeout instead of an outer timer around the whole exchange.
+    pub deadline: Option<Instant>,
 }
 
 /// The rewritten request head, reused for each attempt.
@@ -68,10 +73,52 @@ pub struct Tunnel {
     pub guard: ServerGuard,
 }
 
-async fn within<F: Future>(limit: Option<Duration>, f: F) -> Option<F::Output> {
-    match limit {
-        Some(d) => tokio::time::timeout(d, f).await.ok(),
-        None => Some(f.await),
+/// Which limit ended a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    /// The step's own timeout (connect, response).
+    Step,
+    /// The request's deadline (`request_timeout`).
+    Request,
+}
+
+impl Target<'_> {
+    /// The earlier of `now + limit` and the request deadline, and which one it is.
+    fn until(&self, limit: Option<Duration>) -> Option<(Instant, Expired)> {
+        let step = limit.map(|d| Instant::now() + d);
+        match (step, self.deadline) {
+            (Some(a), Some(b)) if b <= a => Some((b, Expired::Request)),
+            (Some(a), _) => Some((a, Expired::Step)),
+            (None, Some(b)) => Some((b, Expired::Request)),
+            (None, None) => None,
+        }
+    }
+
+    /// Runs `f` for at most `limit` and never past the request deadline.
+    async fn within<F: Future>(&self, limit: Option<Duration>, f: F) -> Result<F::Output, Expired> {
+        match self.until(limit) {
+            Some((at, which)) => tokio::time::timeout_at(at, f).await.map_err(|_| which),
+            None => Ok(f.await),
+        }
+    }
+
+    /// `limit`, shortened to what is left before the request deadline.
+    fn capped(&self, limit: Duration) -> Duration {
+        self.deadline.map_or(limit, |d| {
+            limit.min(d.saturating_duration_since(Instant::now()))
+        })
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// The error for a response wait that ran out.
+fn timed_out(which: Expired, addr: SocketAddr) -> ProxyError {
+    match which {
+        Expired::Step => ProxyError::UpstreamTimeout(addr),
+        Expired::Request => ProxyError::RequestTimeout,
     }
 }
 
@@ -156,12 +203,20 @@ pub async fn send(
         let reused = pooled.is_some();
         let sender = match pooled {
             Some(s) => s,
-            None => match t.pool.connect(addr, proto, cfg.connect_timeout).await {
+            None => match t
+                .pool
+                .connect(addr, proto, t.capped(cfg.connect_timeout))
+                .await
+            {
                 Ok(s) => {
                     t.upstream.report(addr, true);
                     s
                 }
                 Err(e) => {
+                    if t.past_deadline() {
+                        // Cut short by the request deadline: not the server's fault.
+                        return Err(ProxyError::RequestTimeout);
+                    }
                     t.upstream.report(addr, false);
                     tracing::debug!(server = %addr, error = %e, side = "upstream", "upstream connect failed");
                     tried.push(addr);
@@ -189,12 +244,15 @@ pub async fn send(
         };
         let err = match sender {
             Sender::H1(mut s) => {
-                if reused
-                    && !matches!(
-                        within(Some(cfg.connect_timeout), s.ready()).await,
-                        Some(Ok(()))
-                    )
-                {
+                let ready = if reused {
+                    t.within(Some(cfg.connect_timeout), s.ready()).await
+                } else {
+                    Ok(Ok(()))
+                };
+                if matches!(ready, Err(Expired::Request)) {
+                    return Err(ProxyError::RequestTimeout);
+                }
+                if !matches!(ready, Ok(Ok(()))) {
                     // The pooled connection was closed by the server while idle: nothing sent.
                     fresh_only = true;
                     next_body = Some(body);
@@ -202,9 +260,12 @@ pub async fn send(
                 }
                 let headers = take_headers(&mut head);
                 let (req, host_added) = build(&head, headers, t, addr, proto, body);
-                match within(cfg.http.response_timeout, s.try_send_request(req)).await {
-                    None => return Err(ProxyError::UpstreamTimeout(addr)),
-                    Some(Ok(resp)) => {
+                match t
+                    .within(cfg.http.response_timeout, s.try_send_request(req))
+                    .await
+                {
+                    Err(which) => return Err(timed_out(which, addr)),
+                    Ok(Ok(resp)) => {
                         let lease = Lease {
                             pool: t.pool.clone(),
                             addr,
@@ -221,7 +282,7 @@ pub async fn send(
                             release,
                         });
                     }
-                    Some(Err(mut e)) => {
+                    Ok(Err(mut e)) => {
                         if let Some(req) = e.take_message() {
                             if reused {
                                 fresh_only = true;
@@ -244,9 +305,12 @@ pub async fn send(
             Sender::H2(mut s) => {
                 let headers = take_headers(&mut head);
                 let (req, _) = build(&head, headers, t, addr, proto, body);
-                match within(cfg.http.response_timeout, s.send_request(req)).await {
-                    None => return Err(ProxyError::UpstreamTimeout(addr)),
-                    Some(Ok(resp)) => {
+                match t
+                    .within(cfg.http.response_timeout, s.send_request(req))
+                    .await
+                {
+                    Err(which) => return Err(timed_out(which, addr)),
+                    Ok(Ok(resp)) => {
                         let release = Release {
                             lease: None,
                             guard: Some(guard),
@@ -257,7 +321,7 @@ pub async fn send(
                             release,
                         });
                     }
-                    Some(Err(e)) => e,
+                    Ok(Err(e)) => e,
                 }
             }
         };
@@ -270,7 +334,7 @@ pub async fn send(
             server: addr,
             reason: err.to_string(),
         });
-        if retry_ok && tried.len() as u32 <= cfg.retries {
+        if retry_ok && tried.len() as u32 <= cfg.retries && !t.past_deadline() {
             if let Some(b) = handle.replay() {
                 if let Some(m) = t.upstream.metrics() {
                     m.retry();
@@ -299,11 +363,12 @@ pub async fn upgrade(
             return Err(last.unwrap_or_else(|| ProxyError::NoServer(cfg.name.clone())));
         };
         let addr = guard.addr();
-        match connect_tcp(addr, cfg.connect_timeout).await {
+        match connect_tcp(addr, t.capped(cfg.connect_timeout)).await {
             Ok(s) => {
                 t.upstream.report(addr, true);
                 break (guard, s);
             }
+            Err(_) if t.past_deadline() => return Err(ProxyError::RequestTimeout),
             Err(e) => {
                 t.upstream.report(addr, false);
                 tried.push(addr);
@@ -332,9 +397,12 @@ pub async fn upgrade(
     });
     let headers = std::mem::take(&mut head.headers);
     let (req, _) = build(&head, headers, t, addr, UpstreamProtocol::Http1, body);
-    let mut resp = match within(cfg.http.response_timeout, s.send_request(req)).await {
-        None => return Err(ProxyError::UpstreamTimeout(addr)),
-        Some(r) => r.map_err(fail)?,
+    let mut resp = match t
+        .within(cfg.http.response_timeout, s.send_request(req))
+        .await
+    {
+        Err(which) => return Err(timed_out(which, addr)),
+        Ok(r) => r.map_err(fail)?,
     };
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || (head.method == Method::CONNECT && resp.status().is_success());

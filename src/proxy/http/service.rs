@@ -156,19 +156,16 @@ async fn serve_request(s: Arc<SvcCtx>, req: Request<Incoming>) -> Response<ResBo
         .map(route::normalize_host);
     let http_cfg = &s.ctx.cfg.http;
     let deadline = http_cfg.request_timeout.map(|d| start + d);
-    let fut = proxy(
+    // The deadline bounds every wait inside (see `forward::Target::deadline`): no outer timer.
+    let result = proxy(
         &s,
         parts,
         body,
         (host.as_deref(), raw_host.as_ref()),
         (&mut log.server, &mut log.upstream),
-    );
-    let result = match http_cfg.request_timeout {
-        Some(d) => tokio::time::timeout(d, fut)
-            .await
-            .unwrap_or(Err(ProxyError::RequestTimeout)),
-        None => fut.await,
-    };
+        deadline,
+    )
+    .await;
     let (resp, release) = match result {
         Ok(x) => x,
         Err(mut e) => {
@@ -239,6 +236,7 @@ async fn proxy(
         &mut Option<SocketAddr>,
         &mut Option<Arc<crate::upstream::Upstream>>,
     ),
+    deadline: Option<Instant>,
 ) -> Result<(Response<ResBody>, Release), ProxyError> {
     let cfg = &s.ctx.cfg;
     check_framing(s, &parts)?;
@@ -278,6 +276,7 @@ async fn proxy(
         upstream,
         client_ip: s.client.ip(),
         preserve_host: cfg.http.preserve_host,
+        deadline,
     };
     let body = ReplayBody::new(body, cfg.http.max_body_bytes);
     if upgrade {
