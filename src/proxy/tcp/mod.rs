@@ -3,14 +3,19 @@
 pub mod relay;
 
 use super::ListenerCtx;
-use crate::registry::{now_ms, ConnHandle, ConnKind, ConnState, Parked, PendingHalf, TunnelState};
+use crate::registry::{
+    now_ms, ConnHandle, ConnKind, ConnState, Parked, PendingHalf, TunnelState, SIG_KILL, SIG_PARK,
+};
 use relay::{Relay, RelayEnd};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 
 /// Serves one accepted client connection of a `tcp` listener.
 pub async fn handle(
@@ -27,6 +32,9 @@ pub async fn handle(
         return;
     };
     let connected = tokio::select! {
+        // The connect first: it is what normally finishes, and the kill waiter is then
+        // polled only while the connect is pending.
+        biased;
         c = upstream.connect(peer.ip()) => c,
         _ = conn.kill_requested() => return,
     };
@@ -88,44 +96,96 @@ pub async fn run_tunnel(
 ) {
     conn.stats().set_state(ConnState::Active);
     let idle = ctx.cfg.idle_timeout;
-    let reason = loop {
-        let deadline = idle.map(|d| relay.last_activity() + d);
-        let idle_sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            end = relay.run() => break match end {
-                RelayEnd::Closed => "closed",
-                RelayEnd::Error(e) => {
-                    tracing::debug!(client = %conn.stats().client, error = %e, "tunnel socket error");
-                    "socket error"
+    let outcome = {
+        // One signal future and one idle timer for the tunnel's life, polled by hand: a
+        // `select!` would poll every branch (two `Notify` waiters and the timer) on each of
+        // the several wake-ups per message. The signal future is polled once to register,
+        // then only when the connection's signal bits say something was asked.
+        let signal = conn.requested(SIG_PARK | SIG_KILL);
+        let timer = idle.map(|d| tokio::time::sleep_until(relay.last_activity() + d));
+        tokio::pin!(signal, timer);
+        let mut poll_signal = true;
+        loop {
+            let event = std::future::poll_fn(|cx| {
+                if let Poll::Ready(end) = relay.poll_relay(cx) {
+                    return Poll::Ready(TunnelEvent::End(end));
                 }
-            },
-            _ = idle_sleep => {
-                if idle.is_some_and(|d| relay.last_activity().elapsed() >= d) {
-                    break "idle timeout";
-                }
-            }
-            _ = conn.park_requested() => {
-                let meta = conn.stats().meta();
-                match relay.into_parts() {
-                    Ok((client, upstream, to_upstream, to_client)) => {
-                        drop(guard);
-                        ctx.lm.parked();
-                        conn.park(Parked::Tunnel(TunnelState { meta, client, upstream, to_upstream, to_client }));
+                if poll_signal || conn.signalled() {
+                    poll_signal = false;
+                    if let Poll::Ready(bits) = signal.as_mut().poll(cx) {
+                        return Poll::Ready(TunnelEvent::Signal(bits));
                     }
-                    Err(e) => tracing::warn!(client = %meta.client, error = %e, "cannot park tunnel; closing it"),
                 }
-                return;
+                if let Some(t) = timer.as_mut().as_pin_mut() {
+                    if t.poll(cx).is_ready() {
+                        return Poll::Ready(TunnelEvent::Timer);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                TunnelEvent::End(RelayEnd::Closed) => break Outcome::Close("closed"),
+                TunnelEvent::End(RelayEnd::Error(e)) => {
+                    tracing::debug!(client = %conn.stats().client, error = %e, "tunnel socket error");
+                    break Outcome::Close("socket error");
+                }
+                TunnelEvent::Timer => {
+                    // Activity moves the deadline without touching the timer; look again.
+                    let Some(d) = idle else { continue };
+                    let due = relay.last_activity() + d;
+                    if Instant::now() >= due {
+                        break Outcome::Close("idle timeout");
+                    }
+                    if let Some(t) = timer.as_mut().as_pin_mut() {
+                        t.reset(due);
+                    }
+                }
+                TunnelEvent::Signal(bits) if bits & SIG_KILL != 0 => {
+                    break Outcome::Close("closed at drain deadline")
+                }
+                TunnelEvent::Signal(_) => break Outcome::Park,
             }
-            _ = conn.kill_requested() => break "closed at drain deadline",
         }
     };
-    drop(guard);
-    close_log(&ctx, &conn, reason);
+    match outcome {
+        Outcome::Close(reason) => {
+            drop(guard);
+            close_log(&ctx, &conn, reason);
+        }
+        Outcome::Park => {
+            let meta = conn.stats().meta();
+            match relay.into_parts() {
+                Ok((client, upstream, to_upstream, to_client)) => {
+                    drop(guard);
+                    ctx.lm.parked();
+                    conn.park(Parked::Tunnel(TunnelState {
+                        meta,
+                        client,
+                        upstream,
+                        to_upstream,
+                        to_client,
+                    }));
+                }
+                Err(e) => {
+                    tracing::warn!(client = %meta.client, error = %e, "cannot park tunnel; closing it")
+                }
+            }
+        }
+    }
+}
+
+/// What woke a tunnel.
+enum TunnelEvent {
+    End(RelayEnd),
+    Signal(u8),
+    Timer,
+}
+
+/// How a tunnel's loop ended.
+enum Outcome {
+    Close(&'static str),
+    Park,
 }
 
 /// Logs one line for a closed connection and counts it.
