@@ -41,19 +41,34 @@ fn is_hop_header(k: &HeaderName) -> bool {
 /// `Trailer`, `Transfer-Encoding`, `Proxy-*`, and `Upgrade` unless `upgrade` (then
 /// `Connection: upgrade` and `Upgrade` are kept, as the next hop needs them).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the names present decides; only those are removed. A name listed in
-    // `Connection` is matched against the names present (usually a handful) rather than parsed
-    // into a `HeaderName` and looked up: most tokens (`close`, `keep-alive`) name no header.
-    let connection = headers.get_all(header::CONNECTION);
-    let listed = |k: &HeaderName| {
-        connection
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(k.as_str()))
+    // The names `Connection` lists, read once, in a small array (a Vec only past four):
+    // the common message allocates nothing. `keep-alive` is skipped: hop-by-hop by itself.
+    let mut first: [&[u8]; 4] = [&[]; 4];
+    let mut n = 0;
+    let mut more: Vec<&[u8]> = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        for t in v.as_bytes().split(|&b| b == b',') {
+            let t = trim_ows(t);
+            if t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive") {
+                continue;
+            }
+            if n < first.len() {
+                first[n] = t;
+                n += 1;
+            } else {
+                more.push(t);
+            }
+        }
+    }
+    let listed = first[..n].iter().chain(more.iter());
+    // One pass over the names present decides; only those are removed.
+    let doomed_here = |k: &HeaderName| {
+        !(upgrade && *k == header::UPGRADE)
+            && (is_hop_header(k)
+                || listed
+                    .clone()
+                    .any(|t| t.eq_ignore_ascii_case(k.as_str().as_bytes())))
     };
-    let doomed_here =
-        |k: &HeaderName| !(upgrade && *k == header::UPGRADE) && (is_hop_header(k) || listed(k));
     if !upgrade && !headers.keys().any(doomed_here) {
         return;
     }
@@ -271,6 +286,19 @@ mod tests {
         h.insert("proxy-authorization", HeaderValue::from_static("x"));
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn strips_every_name_of_a_long_connection_list() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("a, b,c , d"));
+        h.append("connection", HeaderValue::from_static("e,, F, keep-alive"));
+        for n in ["a", "b", "c", "d", "e", "f", "x-keep"] {
+            h.insert(HeaderName::from_static(n), HeaderValue::from_static("1"));
+        }
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
