@@ -20,6 +20,7 @@
 
 use super::errors::RAW_408;
 use super::forward::Tunnel;
+use super::idle::{Idle, Watcher};
 use super::io::PrefixedIo;
 use super::service::{Svc, SvcCtx};
 use crate::proxy::tcp::{close_log, relay::Relay, run_tunnel};
@@ -207,7 +208,7 @@ pub async fn serve(
     mut conn: ConnHandle,
     mut stream: TcpStream,
     mut buf: BytesMut,
-    _permit: OwnedSemaphorePermit,
+    mut permit: OwnedSemaphorePermit,
 ) {
     let stats = conn.stats().clone();
     stats.set_state(ConnState::Idle);
@@ -319,12 +320,87 @@ pub async fn serve(
         match Box::pin(serve_h1(ctx.clone(), conn, io, svc, shared)).await {
             None => return,
             Some(idle) => {
-                conn = idle.conn;
-                stream = idle.stream;
-                buf = BytesMut::from(&idle.read_ahead[..]);
                 idle_since = idle.idle_since;
+                buf = BytesMut::from(&idle.read_ahead[..]);
+                if !buf.is_empty() {
+                    // Part of a head (rare): wait here, under the header deadline.
+                    conn = idle.conn;
+                    stream = idle.stream;
+                    continue;
+                }
+                // The usual case: nothing read ahead. The connection waits in the listener's
+                // idle watcher, and this task ends.
+                match to_watcher(&ctx, idle.conn, idle.stream, permit, idle_since) {
+                    ToWatcher::Watched => return,
+                    ToWatcher::Closed => return,
+                    ToWatcher::Back(c, s, p) => {
+                        conn = c;
+                        stream = s;
+                        permit = p;
+                    }
+                }
             }
         }
+    }
+}
+
+/// How handing a released connection to the idle watcher went.
+enum ToWatcher {
+    /// The watcher has it.
+    Watched,
+    /// The socket could not be moved (logged and closed).
+    Closed,
+    /// It waits in its task after all: a signal is pending, or there is no watcher.
+    Back(ConnHandle, TcpStream, OwnedSemaphorePermit),
+}
+
+/// The listener's idle watcher, started by the first release.
+fn watcher(ctx: &Arc<ListenerCtx>) -> Option<&Arc<Watcher>> {
+    ctx.idle_watcher
+        .get_or_init(|| match Watcher::start(ctx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(listener = %ctx.name, error = %e, "no idle watcher: idle connections keep a task");
+                None
+            }
+        })
+        .as_ref()
+}
+
+fn to_watcher(
+    ctx: &Arc<ListenerCtx>,
+    conn: ConnHandle,
+    stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+    idle_since: Instant,
+) -> ToWatcher {
+    let Some(w) = watcher(ctx).filter(|_| !conn.signalled()) else {
+        return ToWatcher::Back(conn, stream, permit);
+    };
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(conn = conn.stats().id, error = %e, "cannot take idle connection from tokio");
+            close_log(ctx, &conn, "error");
+            return ToWatcher::Closed;
+        }
+    };
+    let idle = Idle {
+        stream,
+        conn,
+        permit,
+        idle_since,
+    };
+    match w.watch(ctx, idle) {
+        Ok(()) => ToWatcher::Watched,
+        Err(idle) => match TcpStream::from_std(idle.stream) {
+            Ok(s) => ToWatcher::Back(idle.conn, s, idle.permit),
+            Err(e) => {
+                tracing::debug!(conn = idle.conn.stats().id, error = %e, "cannot give idle connection back to tokio");
+                close_log(ctx, &idle.conn, "error");
+                ToWatcher::Closed
+            }
+        },
     }
 }
 
@@ -353,23 +429,32 @@ struct Released {
     idle_since: Instant,
 }
 
+/// Hands an idle connection over as [`Parked::IdleHttp`].
 fn park(ctx: &ListenerCtx, conn: ConnHandle, stream: TcpStream, read_ahead: Bytes) {
-    let meta = conn.stats().meta();
     match stream.into_std() {
-        Ok(client) => {
-            tracing::debug!(conn = conn.stats().id, client = %meta.client, read_ahead = read_ahead.len(), "parking idle http connection");
-            ctx.lm.parked();
-            conn.park(Parked::IdleHttp(IdleHttpState {
-                meta,
-                client,
-                read_ahead: read_ahead.to_vec(),
-            }));
-        }
+        Ok(client) => park_std(ctx, conn, client, read_ahead),
         Err(e) => {
-            tracing::warn!(client = %meta.client, error = %e, "cannot park http connection; closing it");
+            tracing::warn!(client = %conn.stats().client, error = %e, "cannot park http connection; closing it");
             close_log(ctx, &conn, "park failed");
         }
     }
+}
+
+/// [`park`] for a socket already out of tokio (the idle watcher's).
+pub(super) fn park_std(
+    ctx: &ListenerCtx,
+    conn: ConnHandle,
+    client: std::net::TcpStream,
+    read_ahead: Bytes,
+) {
+    let meta = conn.stats().meta();
+    tracing::debug!(conn = conn.stats().id, client = %meta.client, read_ahead = read_ahead.len(), "parking idle http connection");
+    ctx.lm.parked();
+    conn.park(Parked::IdleHttp(IdleHttpState {
+        meta,
+        client,
+        read_ahead: read_ahead.to_vec(),
+    }));
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
