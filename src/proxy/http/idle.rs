@@ -356,3 +356,15 @@ fn on_signals(w: &Watcher, ctx: &ListenerCtx) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a watched connection costs in the table (the figure in docs/BENCHMARKS.md).
+    #[test]
+    fn an_entry_stays_small() {
+        let entry = std::mem::size_of::<Entry>();
+        assert!(entry <= 80, "{entry}");
+    }
+}
