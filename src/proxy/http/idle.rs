@@ -2,10 +2,10 @@
 //! request with no task and no tokio registration of their own.
 //!
 //! One watcher per HTTP listener, started by the first release. It owns an epoll set
-//! (registered in tokio as one [`AsyncFd`]) holding every released connection's socket, a table
-//! of {socket, [`ConnHandle`], connection permit, idle-since}, and the keep-alive deadlines in
-//! order. An idle connection costs that entry (≈ 200 bytes with the kernel's own epoll item
-//! outside the process) instead of a task (≈ 640 bytes) and a tokio `ScheduledIo` (256 bytes).
+//! (registered in tokio as one [`AsyncFd`]) holding every released connection's socket, and a
+//! table of {socket, [`ConnHandle`], connection permit} in keep-alive deadline order
+//! (`table`). An idle connection costs a 56-byte slot here (the kernel's epoll item is not
+//! process memory) instead of a task (≈ 640 bytes) and a tokio `ScheduledIo` (256 bytes).
 //!
 //! - Readable: the watcher reads what arrived (up to [`FIRST_READ`] bytes), takes the socket
 //!   out of its set and spawns [`server::serve`] with those bytes. EOF or an error closes it
@@ -24,7 +24,6 @@ use crate::proxy::ListenerCtx;
 use crate::registry::{ConnHandle, SIG_KILL, SIG_PARK};
 use bytes::BytesMut;
 use rustix::event::epoll;
-use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
@@ -58,31 +57,17 @@ pub struct Idle {
     pub idle_since: Instant,
 }
 
-/// One watched connection.
+mod table;
+
+/// One watched connection: [`Idle`] without `idle_since` (its deadline is in the table).
 #[derive(Debug)]
 struct Entry {
-    idle: Idle,
-    /// Its keep-alive deadline (its key in [`Table::deadlines`]).
-    deadline: Instant,
+    stream: std::net::TcpStream,
+    conn: ConnHandle,
+    permit: OwnedSemaphorePermit,
 }
 
-#[derive(Debug, Default)]
-struct Table {
-    /// The next token (epoll user data); never reused, so an event of a removed entry read in
-    /// the same batch finds nothing.
-    next: u64,
-    entries: HashMap<u64, Entry>,
-    /// Keep-alive deadlines, earliest first.
-    deadlines: BTreeSet<(Instant, u64)>,
-}
-
-impl Table {
-    fn remove(&mut self, token: u64) -> Option<Entry> {
-        let e = self.entries.remove(&token)?;
-        self.deadlines.remove(&(e.deadline, token));
-        Some(e)
-    }
-}
+type Table = table::Table<Entry>;
 
 /// The idle watcher of one listener.
 #[derive(Debug)]
@@ -91,7 +76,7 @@ pub struct Watcher {
     table: Mutex<Table>,
     /// Woken when an entry's deadline is earlier than every other (the timer must move).
     rearm: Notify,
-    /// The timers' time origin, to round deadlines to [`GRANULARITY`].
+    /// The timer's time origin: deadlines are counted in [`GRANULARITY`] ticks from it.
     base: Instant,
 }
 
@@ -129,22 +114,42 @@ impl Watcher {
         if idle.conn.signalled() {
             return Err(idle);
         }
-        let token = t.next;
+        let idle_since = idle.idle_since;
+        let tick = self.tick_of(idle_since + ctx.cfg.http.keepalive_timeout);
+        let back = |e: Entry| Idle {
+            stream: e.stream,
+            conn: e.conn,
+            permit: e.permit,
+            idle_since,
+        };
+        let entry = Entry {
+            stream: idle.stream,
+            conn: idle.conn,
+            permit: idle.permit,
+        };
+        // Full (2³² − 1 entries) is not reachable under the fd limit.
+        let (token, earliest) = t.insert(entry, tick).map_err(back)?;
         let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP;
-        if let Err(e) = epoll::add(
-            self.epoll.get_ref(),
-            &idle.stream,
-            epoll::EventData::new_u64(token),
-            flags,
-        ) {
-            tracing::debug!(conn = idle.conn.stats().id, error = %e, "cannot watch idle connection");
-            return Err(idle);
+        let added = match t.get(token) {
+            Some(e) => epoll::add(
+                self.epoll.get_ref(),
+                &e.stream,
+                epoll::EventData::new_u64(token),
+                flags,
+            ),
+            None => Ok(()),
+        };
+        if let Err(err) = added {
+            let e = t.remove(token);
+            drop(t);
+            return match e {
+                Some(e) => {
+                    tracing::debug!(conn = e.conn.stats().id, error = %err, "cannot watch idle connection");
+                    Err(back(e))
+                }
+                None => Ok(()),
+            };
         }
-        t.next += 1;
-        let deadline = idle.idle_since + ctx.cfg.http.keepalive_timeout;
-        let earliest = t.deadlines.first().is_none_or(|&(d, _)| deadline < d);
-        t.deadlines.insert((deadline, token));
-        t.entries.insert(token, Entry { idle, deadline });
         drop(t);
         if earliest {
             self.rearm.notify_one();
@@ -154,7 +159,7 @@ impl Watcher {
 
     /// Number of watched connections.
     pub fn len(&self) -> usize {
-        lock(&self.table).entries.len()
+        lock(&self.table).len()
     }
 
     /// Whether no connection is watched.
@@ -162,19 +167,30 @@ impl Watcher {
         self.len() == 0
     }
 
-    /// When the timer should fire next: the earliest deadline, rounded up to [`GRANULARITY`].
+    /// The tick of deadline `at`: rounded up to [`GRANULARITY`], so never early.
+    fn tick_of(&self, at: Instant) -> u32 {
+        let since = at.saturating_duration_since(self.base).as_nanos();
+        u32::try_from(since.div_ceil(GRANULARITY.as_nanos())).unwrap_or(u32::MAX)
+    }
+
+    /// The last tick that has passed.
+    fn now_tick(&self) -> u32 {
+        let since = Instant::now()
+            .saturating_duration_since(self.base)
+            .as_nanos();
+        u32::try_from(since / GRANULARITY.as_nanos()).unwrap_or(u32::MAX)
+    }
+
+    /// When the timer should fire next: the earliest deadline's tick.
     fn next_tick(&self) -> Option<Instant> {
-        let d = lock(&self.table).deadlines.first()?.0;
-        let g = GRANULARITY.as_nanos();
-        let since = d.saturating_duration_since(self.base).as_nanos();
-        let ticks = since.div_ceil(g);
-        Some(self.base + Duration::from_nanos(u64::try_from(ticks * g).unwrap_or(u64::MAX)))
+        let tick = lock(&self.table).first_tick()?;
+        Some(self.base + GRANULARITY * tick)
     }
 
     /// Removes `token`'s socket from the epoll set (before it leaves the process or goes to
     /// tokio: the set would otherwise keep reporting it).
     fn unwatch(&self, e: &Entry) {
-        let _ = epoll::delete(self.epoll.get_ref(), &e.idle.stream);
+        let _ = epoll::delete(self.epoll.get_ref(), &e.stream);
     }
 }
 
@@ -259,15 +275,14 @@ fn on_events(w: &Watcher, ctx: &Arc<ListenerCtx>, events: &[epoll::Event]) {
         let mut t = lock(&w.table);
         for ev in events {
             let token = ev.data.u64();
-            let Some(e) = t.entries.get_mut(&token) else {
+            let Some(e) = t.get(token) else {
                 continue;
             };
             let mut buf = [0u8; FIRST_READ];
-            let outcome = match (&e.idle.stream).read(&mut buf) {
+            let outcome = match (&e.stream).read(&mut buf) {
                 Ok(0) => "client closed",
                 Ok(n) => {
-                    e.idle
-                        .conn
+                    e.conn
                         .stats()
                         .bytes_in
                         .fetch_add(n as u64, Ordering::Relaxed);
@@ -288,12 +303,11 @@ fn on_events(w: &Watcher, ctx: &Arc<ListenerCtx>, events: &[epoll::Event]) {
         match o {
             Outcome::Serve(e, buf) => {
                 w.unwatch(&e);
-                let Idle {
+                let Entry {
                     stream,
                     conn,
                     permit,
-                    ..
-                } = e.idle;
+                } = e;
                 match tokio::net::TcpStream::from_std(stream) {
                     Ok(s) => {
                         tokio::spawn(server::serve(ctx.clone(), conn, s, buf, permit));
@@ -305,54 +319,38 @@ fn on_events(w: &Watcher, ctx: &Arc<ListenerCtx>, events: &[epoll::Event]) {
                 }
             }
             // Dropping the socket closes it, which also takes it out of the epoll set.
-            Outcome::Close(e, reason) => close_log(ctx, &e.idle.conn, reason),
+            Outcome::Close(e, reason) => close_log(ctx, &e.conn, reason),
         }
     }
 }
 
 /// Closes the connections whose keep-alive deadline passed.
 fn on_timer(w: &Watcher, ctx: &ListenerCtx) {
-    let now = Instant::now();
+    let now = w.now_tick();
     let mut expired = Vec::new();
     {
         let mut t = lock(&w.table);
-        while let Some(&(d, token)) = t.deadlines.first() {
-            if d > now {
-                break;
-            }
-            if let Some(e) = t.remove(token) {
-                expired.push(e);
-            } else {
-                t.deadlines.pop_first();
-            }
+        while let Some(e) = t.pop_due(now) {
+            expired.push(e);
         }
     }
     for e in expired {
-        close_log(ctx, &e.idle.conn, "idle timeout");
+        close_log(ctx, &e.conn, "idle timeout");
     }
 }
 
 /// Acts on park, drain and kill requests for the watched connections.
 fn on_signals(w: &Watcher, ctx: &ListenerCtx) {
-    let asked: Vec<Entry> = {
-        let mut t = lock(&w.table);
-        let tokens: Vec<u64> = t
-            .entries
-            .iter()
-            .filter(|(_, e)| e.idle.conn.signalled())
-            .map(|(&k, _)| k)
-            .collect();
-        tokens.into_iter().filter_map(|k| t.remove(k)).collect()
-    };
+    let asked = lock(&w.table).take_where(|e| e.conn.signalled());
     for e in asked {
         w.unwatch(&e);
-        let bits = e.idle.conn.stats().signals();
+        let bits = e.conn.stats().signals();
         if bits & SIG_KILL != 0 {
-            close_log(ctx, &e.idle.conn, "killed");
+            close_log(ctx, &e.conn, "killed");
         } else if bits & SIG_PARK != 0 {
-            server::park_std(ctx, e.idle.conn, e.idle.stream, bytes::Bytes::new());
+            server::park_std(ctx, e.conn, e.stream, bytes::Bytes::new());
         } else {
-            close_log(ctx, &e.idle.conn, "drained");
+            close_log(ctx, &e.conn, "drained");
         }
     }
 }
@@ -365,6 +363,8 @@ mod tests {
     #[test]
     fn an_entry_stays_small() {
         let entry = std::mem::size_of::<Entry>();
-        assert!(entry <= 80, "{entry}");
+        assert!(entry <= 40, "{entry}");
+        let slot = table::slot_size::<Entry>();
+        assert!(slot <= 56, "{slot}");
     }
 }
