@@ -78,6 +78,8 @@ pub struct Watcher {
     rearm: Notify,
     /// The timer's time origin: deadlines are counted in [`GRANULARITY`] ticks from it.
     base: Instant,
+    /// The watcher's task ended: connections wait in their own task again.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,6 +100,7 @@ impl Watcher {
             table: Mutex::default(),
             rearm: Notify::new(),
             base: Instant::now(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         });
         let signals = ctx.registry.signal_changes();
         tokio::spawn(run(w.clone(), Arc::downgrade(ctx), signals));
@@ -111,7 +114,7 @@ impl Watcher {
         // Checked under the table lock: a signal whose scan of the table has already run set
         // its bits before that scan took the lock, so they are seen here; a later scan sees
         // the entry.
-        if idle.conn.signalled() {
+        if idle.conn.signalled() || self.stopped.load(Ordering::Acquire) {
             return Err(idle);
         }
         let idle_since = idle.idle_since;
@@ -202,7 +205,23 @@ enum Outcome {
     Close(Entry, &'static str),
 }
 
-async fn run(w: Arc<Watcher>, ctx: Weak<ListenerCtx>, mut signals: watch::Receiver<u64>) {
+async fn run(w: Arc<Watcher>, ctx: Weak<ListenerCtx>, signals: watch::Receiver<u64>) {
+    watch_loop(&w, &ctx, signals).await;
+    // Stopped (runtime shutting down, or the epoll set failed): take no more connections,
+    // and close the ones held rather than leave them with nobody to serve them.
+    let held = {
+        let mut t = lock(&w.table);
+        w.stopped.store(true, Ordering::Release);
+        t.take_where(|_| true)
+    };
+    if let Some(ctx) = ctx.upgrade() {
+        for e in held {
+            close_log(&ctx, &e.conn, "error");
+        }
+    }
+}
+
+async fn watch_loop(w: &Arc<Watcher>, ctx: &Weak<ListenerCtx>, mut signals: watch::Receiver<u64>) {
     let far = Duration::from_secs(86400 * 365);
     let timer = tokio::time::sleep(far);
     tokio::pin!(timer);
@@ -218,7 +237,7 @@ async fn run(w: Arc<Watcher>, ctx: Weak<ListenerCtx>, mut signals: watch::Receiv
                     return; // The registry is gone: the process is exiting.
                 }
                 let Some(ctx) = ctx.upgrade() else { return };
-                on_signals(&w, &ctx);
+                on_signals(w, &ctx);
             }
             guard = w.epoll.readable() => {
                 let mut guard = match guard {
@@ -231,13 +250,13 @@ async fn run(w: Arc<Watcher>, ctx: Weak<ListenerCtx>, mut signals: watch::Receiv
                 let Some(ctx) = ctx.upgrade() else { return };
                 // Cleared only after a wait that found nothing: events that arrive meanwhile
                 // are in that wait's answer or make tokio's epoll report the set again.
-                drain_ready(&w, &ctx);
+                drain_ready(w, &ctx);
                 guard.clear_ready();
             }
             _ = w.rearm.notified() => {}
             _ = &mut timer => {
                 let Some(ctx) = ctx.upgrade() else { return };
-                on_timer(&w, &ctx);
+                on_timer(w, &ctx);
             }
         }
     }
