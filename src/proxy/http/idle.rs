@@ -30,6 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
@@ -194,6 +195,67 @@ impl Watcher {
     /// tokio: the set would otherwise keep reporting it).
     fn unwatch(&self, e: &Entry) {
         let _ = epoll::delete(self.epoll.get_ref(), &e.stream);
+    }
+}
+
+/// How handing a released connection to the idle watcher went.
+pub(super) enum ToWatcher {
+    /// The watcher has it.
+    Watched,
+    /// The socket could not be moved (logged and closed).
+    Closed,
+    /// It waits in its task after all: a signal is pending, or there is no watcher.
+    Back(ConnHandle, TcpStream, OwnedSemaphorePermit),
+}
+
+/// The listener's idle watcher, started by the first release.
+fn watcher(ctx: &Arc<ListenerCtx>) -> Option<&Arc<Watcher>> {
+    ctx.idle_watcher
+        .get_or_init(|| match Watcher::start(ctx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(listener = %ctx.name, error = %e, "no idle watcher: idle connections keep a task");
+                None
+            }
+        })
+        .as_ref()
+}
+
+/// Hands a released connection (nothing read ahead) to the listener's idle watcher.
+pub(super) fn to_watcher(
+    ctx: &Arc<ListenerCtx>,
+    conn: ConnHandle,
+    stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+    idle_since: Instant,
+) -> ToWatcher {
+    let Some(w) = watcher(ctx).filter(|_| !conn.signalled()) else {
+        return ToWatcher::Back(conn, stream, permit);
+    };
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(conn = conn.stats().id, error = %e, "cannot take idle connection from tokio");
+            close_log(ctx, &conn, "error");
+            return ToWatcher::Closed;
+        }
+    };
+    let idle = Idle {
+        stream,
+        conn,
+        permit,
+        idle_since,
+    };
+    match w.watch(ctx, idle) {
+        Ok(()) => ToWatcher::Watched,
+        Err(idle) => match TcpStream::from_std(idle.stream) {
+            Ok(s) => ToWatcher::Back(idle.conn, s, idle.permit),
+            Err(e) => {
+                tracing::debug!(conn = idle.conn.stats().id, error = %e, "cannot give idle connection back to tokio");
+                close_log(ctx, &idle.conn, "error");
+                ToWatcher::Closed
+            }
+        },
     }
 }
 

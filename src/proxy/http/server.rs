@@ -20,7 +20,7 @@
 
 use super::errors::RAW_408;
 use super::forward::Tunnel;
-use super::idle::{Idle, Watcher};
+use super::idle;
 use super::io::PrefixedIo;
 use super::service::{Svc, SvcCtx};
 use crate::proxy::tcp::{close_log, relay::Relay, run_tunnel};
@@ -330,10 +330,9 @@ pub async fn serve(
                 }
                 // The usual case: nothing read ahead. The connection waits in the listener's
                 // idle watcher, and this task ends.
-                match to_watcher(&ctx, idle.conn, idle.stream, permit, idle_since) {
-                    ToWatcher::Watched => return,
-                    ToWatcher::Closed => return,
-                    ToWatcher::Back(c, s, p) => {
+                match idle::to_watcher(&ctx, idle.conn, idle.stream, permit, idle_since) {
+                    idle::ToWatcher::Watched | idle::ToWatcher::Closed => return,
+                    idle::ToWatcher::Back(c, s, p) => {
                         conn = c;
                         stream = s;
                         permit = p;
@@ -341,66 +340,6 @@ pub async fn serve(
                 }
             }
         }
-    }
-}
-
-/// How handing a released connection to the idle watcher went.
-enum ToWatcher {
-    /// The watcher has it.
-    Watched,
-    /// The socket could not be moved (logged and closed).
-    Closed,
-    /// It waits in its task after all: a signal is pending, or there is no watcher.
-    Back(ConnHandle, TcpStream, OwnedSemaphorePermit),
-}
-
-/// The listener's idle watcher, started by the first release.
-fn watcher(ctx: &Arc<ListenerCtx>) -> Option<&Arc<Watcher>> {
-    ctx.idle_watcher
-        .get_or_init(|| match Watcher::start(ctx) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(listener = %ctx.name, error = %e, "no idle watcher: idle connections keep a task");
-                None
-            }
-        })
-        .as_ref()
-}
-
-fn to_watcher(
-    ctx: &Arc<ListenerCtx>,
-    conn: ConnHandle,
-    stream: TcpStream,
-    permit: OwnedSemaphorePermit,
-    idle_since: Instant,
-) -> ToWatcher {
-    let Some(w) = watcher(ctx).filter(|_| !conn.signalled()) else {
-        return ToWatcher::Back(conn, stream, permit);
-    };
-    let stream = match stream.into_std() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(conn = conn.stats().id, error = %e, "cannot take idle connection from tokio");
-            close_log(ctx, &conn, "error");
-            return ToWatcher::Closed;
-        }
-    };
-    let idle = Idle {
-        stream,
-        conn,
-        permit,
-        idle_since,
-    };
-    match w.watch(ctx, idle) {
-        Ok(()) => ToWatcher::Watched,
-        Err(idle) => match TcpStream::from_std(idle.stream) {
-            Ok(s) => ToWatcher::Back(idle.conn, s, idle.permit),
-            Err(e) => {
-                tracing::debug!(conn = idle.conn.stats().id, error = %e, "cannot give idle connection back to tokio");
-                close_log(ctx, &idle.conn, "error");
-                ToWatcher::Closed
-            }
-        },
     }
 }
 
