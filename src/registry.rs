@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 /// Identifies a connection within one process generation.
 pub type ConnId = u64;
@@ -209,6 +209,10 @@ impl ConnStats {
     pub fn set_server(&self, s: Option<SocketAddr>) {
         *lock(&self.server) = s;
     }
+    /// The signal bits set so far ([`SIG_PARK`], [`SIG_DRAIN`], [`SIG_KILL`]).
+    pub fn signals(&self) -> u8 {
+        self.signals.load(Ordering::Acquire)
+    }
     /// Sets signal bits and wakes the connection's waiters. Callers hold the registry lock.
     fn signal(&self, bits: u8) {
         self.signals.fetch_or(bits, Ordering::Release);
@@ -304,6 +308,9 @@ pub struct Registry {
     parked_tx: mpsc::UnboundedSender<Parked>,
     /// Woken each time the last connection goes.
     emptied: Notify,
+    /// Bumped after connections' signal bits were set (park, drain, kill): wakes whoever
+    /// watches connections that have no task of their own (the HTTP idle watcher).
+    signal_gen: watch::Sender<u64>,
 }
 
 /// Receives the connections that stopped for a handover.
@@ -319,8 +326,20 @@ impl Registry {
             draining: AtomicBool::new(false),
             parked_tx,
             emptied: Notify::new(),
+            signal_gen: watch::Sender::new(0),
         };
         (Arc::new(r), rx)
+    }
+
+    /// Changes each time park, drain or kill signals were sent to connections. A holder of
+    /// connections without a task looks at their bits ([`ConnHandle::signalled`]) when it
+    /// changes, instead of one waiter per connection.
+    pub fn signal_changes(&self) -> watch::Receiver<u64> {
+        self.signal_gen.subscribe()
+    }
+
+    fn signals_sent(&self) {
+        self.signal_gen.send_modify(|g| *g = g.wrapping_add(1));
     }
 
     /// Registers a new connection.
@@ -394,14 +413,16 @@ impl Registry {
         filter: impl Fn(&ConnStats) -> bool,
     ) -> std::collections::HashSet<ConnId> {
         let conns = lock(&self.conns);
-        conns
+        let ids = conns
             .values()
             .filter(|c| filter(c))
             .map(|c| {
                 c.signal(SIG_PARK);
                 c.id
             })
-            .collect()
+            .collect();
+        self.signals_sent();
+        ids
     }
 
     /// Asks every live connection to stop at its next safe point and park. Connections
@@ -411,6 +432,7 @@ impl Registry {
         for c in conns.values() {
             c.signal(SIG_PARK);
         }
+        self.signals_sent();
     }
 
     /// Asks every connection, now and later, to finish its current work and close (stop).
@@ -420,6 +442,7 @@ impl Registry {
         for c in conns.values() {
             c.signal(SIG_DRAIN);
         }
+        self.signals_sent();
     }
 
     /// Asks every live connection to close now.
@@ -428,5 +451,6 @@ impl Registry {
         for c in conns.values() {
             c.signal(SIG_KILL);
         }
+        self.signals_sent();
     }
 }

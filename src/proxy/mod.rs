@@ -33,6 +33,9 @@ pub struct ListenerCtx {
     pub limit: Arc<Semaphore>,
     /// Idle upstream HTTP connections of this listener (HTTP listeners only).
     pub http_pool: Arc<http::pool::Pool>,
+    /// The idle watcher of released keep-alive connections (HTTP listeners), started by the
+    /// first release; `None` inside if it could not be created.
+    pub idle_watcher: std::sync::OnceLock<Option<Arc<http::idle::Watcher>>>,
 }
 
 impl ListenerCtx {
@@ -47,6 +50,7 @@ impl ListenerCtx {
             name: cfg.name.as_str().into(),
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             http_pool: Arc::default(),
+            idle_watcher: std::sync::OnceLock::new(),
             lm: metrics.listener(&cfg.name),
             cfg,
             upstreams,

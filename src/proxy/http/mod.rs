@@ -3,7 +3,8 @@
 //! tunnels on the L4 relay. Built for the live upgrade: an idle HTTP/1.1 connection stops with
 //! its socket and read-ahead bytes as [`IdleHttpState`], and [`resume`] serves it again.
 //!
-//! Files: `server` (connection loops, handover hooks), `service` (one request), `forward`
+//! Files: `server` (connection loops, handover hooks), `idle` (released keep-alive connections
+//! waiting with no task), `service` (one request), `forward`
 //! (upstream attempts and retries), `pool` (upstream connections), `route`, `headers`, `body`
 //! (streaming wrappers), `errors` (status codes), `io` (socket with a read-ahead prefix).
 
@@ -11,6 +12,7 @@ mod body;
 mod errors;
 mod forward;
 mod headers;
+pub mod idle;
 mod io;
 pub mod pool;
 mod route;

@@ -20,6 +20,7 @@
 
 use super::errors::RAW_408;
 use super::forward::Tunnel;
+use super::idle;
 use super::io::PrefixedIo;
 use super::service::{Svc, SvcCtx};
 use crate::proxy::tcp::{close_log, relay::Relay, run_tunnel};
@@ -207,7 +208,7 @@ pub async fn serve(
     mut conn: ConnHandle,
     mut stream: TcpStream,
     mut buf: BytesMut,
-    _permit: OwnedSemaphorePermit,
+    mut permit: OwnedSemaphorePermit,
 ) {
     let stats = conn.stats().clone();
     stats.set_state(ConnState::Idle);
@@ -319,10 +320,24 @@ pub async fn serve(
         match Box::pin(serve_h1(ctx.clone(), conn, io, svc, shared)).await {
             None => return,
             Some(idle) => {
-                conn = idle.conn;
-                stream = idle.stream;
-                buf = BytesMut::from(&idle.read_ahead[..]);
                 idle_since = idle.idle_since;
+                buf = BytesMut::from(&idle.read_ahead[..]);
+                if !buf.is_empty() {
+                    // Part of a head (rare): wait here, under the header deadline.
+                    conn = idle.conn;
+                    stream = idle.stream;
+                    continue;
+                }
+                // The usual case: nothing read ahead. The connection waits in the listener's
+                // idle watcher, and this task ends.
+                match idle::to_watcher(&ctx, idle.conn, idle.stream, permit, idle_since) {
+                    idle::ToWatcher::Watched | idle::ToWatcher::Closed => return,
+                    idle::ToWatcher::Back(c, s, p) => {
+                        conn = c;
+                        stream = s;
+                        permit = p;
+                    }
+                }
             }
         }
     }
@@ -353,23 +368,32 @@ struct Released {
     idle_since: Instant,
 }
 
+/// Hands an idle connection over as [`Parked::IdleHttp`].
 fn park(ctx: &ListenerCtx, conn: ConnHandle, stream: TcpStream, read_ahead: Bytes) {
-    let meta = conn.stats().meta();
     match stream.into_std() {
-        Ok(client) => {
-            tracing::debug!(conn = conn.stats().id, client = %meta.client, read_ahead = read_ahead.len(), "parking idle http connection");
-            ctx.lm.parked();
-            conn.park(Parked::IdleHttp(IdleHttpState {
-                meta,
-                client,
-                read_ahead: read_ahead.to_vec(),
-            }));
-        }
+        Ok(client) => park_std(ctx, conn, client, read_ahead),
         Err(e) => {
-            tracing::warn!(client = %meta.client, error = %e, "cannot park http connection; closing it");
+            tracing::warn!(client = %conn.stats().client, error = %e, "cannot park http connection; closing it");
             close_log(ctx, &conn, "park failed");
         }
     }
+}
+
+/// [`park`] for a socket already out of tokio (the idle watcher's).
+pub(super) fn park_std(
+    ctx: &ListenerCtx,
+    conn: ConnHandle,
+    client: std::net::TcpStream,
+    read_ahead: Bytes,
+) {
+    let meta = conn.stats().meta();
+    tracing::debug!(conn = conn.stats().id, client = %meta.client, read_ahead = read_ahead.len(), "parking idle http connection");
+    ctx.lm.parked();
+    conn.park(Parked::IdleHttp(IdleHttpState {
+        meta,
+        client,
+        read_ahead: read_ahead.to_vec(),
+    }));
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,294 @@
+//! Keep-alive connections released from hyper wait in the listener's idle watcher (no task of
+//! their own): they serve their next request, close at `keepalive_timeout`, are noticed when
+//! the client closes, and move to a successor on a live upgrade.
+#![allow(clippy::unwrap_used)]
+mod common;
+mod http_support;
+use baton::config::Config;
+use baton::metrics::Metrics;
+use baton::proxy::{self, ListenerCtx};
+use baton::registry::{Parked, ParkedRx, Registry};
+use common::{alive, upgrade_async, wait_until, Baton, WAIT};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+struct Setup {
+    ctx: Arc<ListenerCtx>,
+    registry: Arc<Registry>,
+    parked: ParkedRx,
+    addr: std::net::SocketAddr,
+}
+
+/// An in-process `web` listener with `http` settings `http_extra` (indented for `http:`).
+async fn setup(http_extra: &str) -> Setup {
+    let (app, _) = http_support::backend("app").await;
+    let listener_extra = if http_extra.is_empty() {
+        String::new()
+    } else {
+        format!("    http:\n{http_extra}")
+    };
+    let yaml = http_support::config(&listener_extra, &http_support::upstream("app", &[app], ""));
+    let cfg = Config::parse(std::path::Path::new("/tmp/config.yaml"), &yaml).unwrap();
+    let (registry, parked) = Registry::new();
+    let ctx = ListenerCtx::new(
+        cfg.listeners["web"].clone(),
+        baton::upstream::build(&cfg),
+        registry.clone(),
+        Arc::new(Metrics::default()),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(proxy::serve(l, ctx.clone(), CancellationToken::new()));
+    Setup {
+        ctx,
+        registry,
+        parked,
+        addr,
+    }
+}
+
+/// How many connections the listener's idle watcher holds (0 before its first release).
+fn watched(ctx: &ListenerCtx) -> usize {
+    ctx.idle_watcher
+        .get()
+        .and_then(|w| w.as_ref())
+        .map_or(0, |w| w.len())
+}
+
+/// Reads one response (status line, headers, Content-Length body); returns (status, body).
+async fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String)> {
+    let mut line = String::new();
+    if r.read_line(&mut line).await? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        if r.read_line(&mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Sends `GET path` with `host` on `r`; returns the status and body.
+async fn get(r: &mut BufReader<TcpStream>, host: &str, path: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    r.get_mut().write_all(req.as_bytes()).await.unwrap();
+    tokio::time::timeout(WAIT, read_response(r))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn connect(addr: std::net::SocketAddr) -> BufReader<TcpStream> {
+    BufReader::new(TcpStream::connect(addr).await.unwrap())
+}
+
+/// Whether the peer closed `r` (EOF or reset), waiting up to WAIT.
+async fn closed_by_peer(r: &mut BufReader<TcpStream>) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(WAIT, r.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// Released connections wait in the watcher and serve their next request from there, any
+/// number of times; the watcher gives each back when its request arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_connections_wait_in_the_watcher_and_serve_again() {
+    let st = setup("").await;
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let mut r = connect(st.addr).await;
+        assert_eq!(get(&mut r, "a", "/").await.0, 200);
+        conns.push(r);
+    }
+    assert!(
+        wait_until(WAIT, || watched(&st.ctx) == 20).await,
+        "released connections are not in the watcher: {}",
+        watched(&st.ctx)
+    );
+    assert_eq!(st.registry.len(), 20, "watched connections stay registered");
+    for round in 0..2 {
+        for r in conns.iter_mut() {
+            let (status, body) = get(r, &format!("round{round}.test"), "/headers").await;
+            assert_eq!(status, 200);
+            assert!(body.contains(&format!("host: round{round}.test")), "{body}");
+        }
+        // All of them back in the watcher after their request.
+        assert!(wait_until(WAIT, || watched(&st.ctx) == 20).await);
+    }
+}
+
+/// A watched connection closes at `keepalive_timeout`, and its registry entry goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watched_connection_closes_at_keepalive_timeout() {
+    let st = setup("      keepalive_timeout: 1500ms\n").await;
+    let mut r = connect(st.addr).await;
+    assert_eq!(get(&mut r, "a", "/").await.0, 200);
+    assert!(wait_until(WAIT, || watched(&st.ctx) == 1).await);
+    assert!(
+        closed_by_peer(&mut r).await,
+        "not closed at keep-alive timeout"
+    );
+    assert!(wait_until(WAIT, || st.registry.is_empty()).await);
+    assert_eq!(watched(&st.ctx), 0);
+}
+
+/// A client closing a watched connection is noticed at once (not at the keep-alive timeout,
+/// 75 s by default): the entry leaves the watcher and the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_closing_a_watched_connection_is_noticed() {
+    let st = setup("").await;
+    let mut keep = connect(st.addr).await;
+    assert_eq!(get(&mut keep, "a", "/").await.0, 200);
+    let mut gone = connect(st.addr).await;
+    assert_eq!(get(&mut gone, "a", "/").await.0, 200);
+    assert!(wait_until(WAIT, || watched(&st.ctx) == 2).await);
+    drop(gone);
+    assert!(
+        wait_until(WAIT, || st.registry.len() == 1 && watched(&st.ctx) == 1).await,
+        "closed connection still registered: {} registered, {} watched",
+        st.registry.len(),
+        watched(&st.ctx)
+    );
+    // The other one is untouched.
+    assert_eq!(get(&mut keep, "a", "/").await.0, 200);
+}
+
+/// Park (handover) takes every watched connection out as an idle HTTP connection; resumed,
+/// each serves on the same client socket. Drain closes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watched_connections_park_and_drain() {
+    let mut st = setup("").await;
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let mut r = connect(st.addr).await;
+        assert_eq!(get(&mut r, "a", "/").await.0, 200);
+        conns.push(r);
+    }
+    assert!(wait_until(WAIT, || watched(&st.ctx) == 10).await);
+    st.registry.park_all();
+    let mut parked = Vec::new();
+    for _ in 0..10 {
+        let p = tokio::time::timeout(WAIT, st.parked.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let Parked::IdleHttp(h) = p else {
+            panic!("expected an idle http connection")
+        };
+        assert!(h.read_ahead.is_empty());
+        parked.push(h);
+    }
+    assert!(wait_until(WAIT, || st.registry.is_empty()).await);
+    assert_eq!(watched(&st.ctx), 0);
+    for h in parked {
+        proxy::resume(st.ctx.clone(), Parked::IdleHttp(h)).await;
+    }
+    for r in conns.iter_mut() {
+        let (status, body) = get(r, "resumed.test", "/headers").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("host: resumed.test"), "{body}");
+    }
+    // Released again into the watcher, then the process stops: drained, closed.
+    assert!(wait_until(WAIT, || watched(&st.ctx) == 10).await);
+    st.registry.drain_all();
+    for r in conns.iter_mut() {
+        assert!(
+            closed_by_peer(r).await,
+            "watched connection not closed by drain"
+        );
+    }
+    assert!(wait_until(WAIT, || st.registry.is_empty()).await);
+}
+
+fn http_config(backend: std::net::SocketAddr, http: &str) -> String {
+    format!(
+        "runtime:\n  drain_timeout: 10s\nlisteners:\n  web:\n    listen: 127.0.0.1:0\n    protocol: http\n    upstream: app\n{http}upstreams:\n  app:\n    servers: [\"{backend}\"]\n"
+    )
+}
+
+/// The real binary: many released connections are handed over by an upgrade and served by the
+/// successor on the same sockets; a client closing one while it waits is logged as closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_connections_move_with_an_upgrade() {
+    const N: usize = 200;
+    let (be, _) = http_support::backend("a").await;
+    let b = Baton::start(&http_config(be, ""));
+    let mut conns = Vec::new();
+    for _ in 0..N {
+        let mut r = connect(b.addr("web")).await;
+        assert_eq!(get(&mut r, "a", "/").await.0, 200);
+        conns.push(r);
+    }
+    assert!(
+        wait_until(WAIT, || b
+            .log
+            .count("idle http connection released from hyper")
+            >= N)
+        .await
+    );
+    // A client closes while its connection waits in the watcher.
+    drop(conns.pop());
+    assert!(
+        b.log
+            .wait_for(&["connection closed", "reason=\"client closed\""], WAIT)
+            .is_some(),
+        "client close not logged"
+    );
+    let old = b.serving_pid();
+    let (ok, out) = upgrade_async(&b.config).await;
+    assert!(ok && out.contains(&format!("{} idle http", N - 1)), "{out}");
+    assert!(wait_until(WAIT, || !alive(old)).await);
+    for r in conns.iter_mut() {
+        let (status, body) = get(r, "after.test", "/headers").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("host: after.test"), "{body}");
+    }
+}
+
+/// The real binary: a released connection left idle closes at `keepalive_timeout`, logged as
+/// an idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_connection_closes_at_keepalive_timeout_as_logged() {
+    let (be, _) = http_support::backend("a").await;
+    let b = Baton::start(&http_config(
+        be,
+        "    http:\n      keepalive_timeout: 1500ms\n",
+    ));
+    let mut r = connect(b.addr("web")).await;
+    assert_eq!(get(&mut r, "a", "/").await.0, 200);
+    assert!(b
+        .log
+        .wait_for(&["idle http connection released from hyper"], WAIT)
+        .is_some());
+    assert!(
+        closed_by_peer(&mut r).await,
+        "not closed at keep-alive timeout"
+    );
+    assert!(b
+        .log
+        .wait_for(&["connection closed", "reason=\"idle timeout\""], WAIT)
+        .is_some());
+}
