@@ -20,8 +20,8 @@ const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 // mimalloc returns freed pages to the OS (MADV_DONTNEED) only once they have stayed free for
 // its purge delay, and it checks that only inside later allocator calls. After a burst (9,500
 // connections served, then idle and released from hyper) the process goes quiet and the freed
-// pages stayed resident: 9.1 KiB per idle HTTP connection instead of 3.8 (docs/BENCHMARKS.md,
-// "Idle HTTP memory, third pass"). A purge delay of 0 fixes that too, but then a busy process
+// pages stayed resident: 9.1 KiB per idle HTTP connection instead of 3.8
+// (docs/benchmarks-history.md, "Idle HTTP memory, third pass"). A purge delay of 0 fixes that too, but then a busy process
 // gives pages back and faults them in again all the time (0.4 `madvise` per request with a new
 // connection per request); a slow tick keeps the delay and still purges once traffic stops.
 #[allow(unsafe_code)]
@@ -194,7 +194,7 @@ fn main() -> ExitCode {
 
 /// The runtime: with one worker thread a `current_thread` runtime, which skips the
 /// multi-thread scheduler's cross-thread machinery (work stealing, remote queues, an extra
-/// thread handing tasks over); measured in docs/BENCHMARKS.md ("After the perf pass").
+/// thread handing tasks over); measured in docs/benchmarks-history.md ("After the perf pass").
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if threads == 1 {
         return tokio::runtime::Builder::new_current_thread()

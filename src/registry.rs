@@ -7,8 +7,8 @@
 //! what it holds (sockets, pending bytes, metadata) as a plain [`Parked`] value to the
 //! channel returned by [`Registry::new`]. The data path never sees signals or the channel.
 
-use serde::{Deserialize, Serialize};
 use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
