@@ -9,8 +9,9 @@ use baton::metrics::Metrics;
 use baton::proxy::{self, ListenerCtx};
 use baton::registry::{Parked, ParkedRx, Registry};
 use common::{alive, upgrade_async, wait_until, Baton, WAIT};
+use http_support::read_response;
 use std::sync::Arc;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -55,38 +56,6 @@ fn watched(ctx: &ListenerCtx) -> usize {
         .get()
         .and_then(|w| w.as_ref())
         .map_or(0, |w| w.len())
-}
-
-/// Reads one response (status line, headers, Content-Length body); returns (status, body).
-async fn read_response(r: &mut BufReader<TcpStream>) -> std::io::Result<(u16, String)> {
-    let mut line = String::new();
-    if r.read_line(&mut line).await? == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    let status = line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let mut len = 0usize;
-    loop {
-        line.clear();
-        if r.read_line(&mut line).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().unwrap_or(0);
-            }
-        }
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Sends `GET path` with `host` on `r`; returns the status and body.

@@ -263,3 +263,38 @@ pub fn upstream(name: &str, servers: &[SocketAddr], extra: &str) -> String {
     let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
     format!("  {name}:\n    servers: [{}]\n{extra}", list.join(", "))
 }
+
+/// Reads one HTTP/1.1 response (status line, headers, Content-Length body); returns
+/// (status, body).
+pub async fn read_response(
+    r: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+) -> std::io::Result<(u16, String)> {
+    let mut line = String::new();
+    if tokio::io::AsyncBufReadExt::read_line(r, &mut line).await? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        if tokio::io::AsyncBufReadExt::read_line(r, &mut line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0u8; len];
+    tokio::io::AsyncReadExt::read_exact(r, &mut body).await?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
