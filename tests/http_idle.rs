@@ -4,51 +4,12 @@
 #![allow(clippy::unwrap_used)]
 mod common;
 mod http_support;
-use baton::config::Config;
-use baton::metrics::Metrics;
 use baton::proxy::{self, ListenerCtx};
-use baton::registry::{Parked, ParkedRx, Registry};
+use baton::registry::Parked;
 use common::{alive, upgrade_async, wait_until, Baton, WAIT};
-use http_support::read_response;
-use std::sync::Arc;
+use http_support::{read_response, setup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
-
-struct Setup {
-    ctx: Arc<ListenerCtx>,
-    registry: Arc<Registry>,
-    parked: ParkedRx,
-    addr: std::net::SocketAddr,
-}
-
-/// An in-process `web` listener with `http` settings `http_extra` (indented for `http:`).
-async fn setup(http_extra: &str) -> Setup {
-    let (app, _) = http_support::backend("app").await;
-    let listener_extra = if http_extra.is_empty() {
-        String::new()
-    } else {
-        format!("    http:\n{http_extra}")
-    };
-    let yaml = http_support::config(&listener_extra, &http_support::upstream("app", &[app], ""));
-    let cfg = Config::parse(std::path::Path::new("/tmp/config.yaml"), &yaml).unwrap();
-    let (registry, parked) = Registry::new();
-    let ctx = ListenerCtx::new(
-        cfg.listeners["web"].clone(),
-        baton::upstream::build(&cfg),
-        registry.clone(),
-        Arc::new(Metrics::default()),
-    );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(proxy::serve(l, ctx.clone(), CancellationToken::new()));
-    Setup {
-        ctx,
-        registry,
-        parked,
-        addr,
-    }
-}
 
 /// How many connections the listener's idle watcher holds (0 before its first release).
 fn watched(ctx: &ListenerCtx) -> usize {

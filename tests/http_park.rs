@@ -3,44 +3,11 @@
 //! bytes, `proxy::resume` serves it again, and the client never notices.
 #![allow(clippy::unwrap_used)]
 mod http_support;
-use baton::config::Config;
-use baton::metrics::Metrics;
-use baton::proxy::{self, ListenerCtx};
-use baton::registry::{ConnKind, Parked, ParkedRx, Registry};
+use baton::proxy;
+use baton::registry::{ConnKind, Parked};
 use http_support::*;
-use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
-
-struct Setup {
-    ctx: Arc<ListenerCtx>,
-    registry: Arc<Registry>,
-    parked: ParkedRx,
-    addr: std::net::SocketAddr,
-}
-
-async fn setup() -> Setup {
-    let (app, _) = backend("app").await;
-    let yaml = config("", &upstream("app", &[app], ""));
-    let cfg = Config::parse(std::path::Path::new("/tmp/config.yaml"), &yaml).unwrap();
-    let (registry, parked) = Registry::new();
-    let ctx = ListenerCtx::new(
-        cfg.listeners["web"].clone(),
-        baton::upstream::build(&cfg),
-        registry.clone(),
-        Arc::new(Metrics::default()),
-    );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(proxy::serve(l, ctx.clone(), CancellationToken::new()));
-    Setup {
-        ctx,
-        registry,
-        parked,
-        addr,
-    }
-}
 
 /// Reads one response with a Content-Length body; returns head and body.
 async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
@@ -75,7 +42,7 @@ async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connection_parks_with_read_ahead_and_resumes() {
-    let mut st = setup().await;
+    let mut st = setup("").await;
     let mut c = TcpStream::connect(st.addr).await.unwrap();
     c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -119,7 +86,7 @@ async fn idle_connection_parks_with_read_ahead_and_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_connection_finishes_its_response_then_parks() {
-    let mut st = setup().await;
+    let mut st = setup("").await;
     let mut c = TcpStream::connect(st.addr).await.unwrap();
     let size = 8 * 1024 * 1024;
     c.write_all(format!("GET /download/{size} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
@@ -162,7 +129,7 @@ async fn busy_connection_finishes_its_response_then_parks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_closes_an_idle_connection() {
-    let st = setup().await;
+    let st = setup("").await;
     let mut c = TcpStream::connect(st.addr).await.unwrap();
     c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -185,7 +152,7 @@ async fn drain_closes_an_idle_connection() {
 /// and still parks with its read-ahead bytes for a handover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn released_idle_connection_serves_and_parks() {
-    let mut st = setup().await;
+    let mut st = setup("").await;
     let mut c = TcpStream::connect(st.addr).await.unwrap();
     for _ in 0..2 {
         c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -298,3 +298,45 @@ pub async fn read_response(
     tokio::io::AsyncReadExt::read_exact(r, &mut body).await?;
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// An in-process listener: the proxy's accept loop running in the test's own runtime, so a
+/// test can drive the registry as the lifecycle does.
+pub struct Setup {
+    pub ctx: Arc<baton::proxy::ListenerCtx>,
+    pub registry: Arc<baton::registry::Registry>,
+    pub parked: baton::registry::ParkedRx,
+    pub addr: std::net::SocketAddr,
+}
+
+/// An in-process `web` listener with `http` settings `http_extra` (indented for `http:`).
+pub async fn setup(http_extra: &str) -> Setup {
+    let (app, _) = backend("app").await;
+    let listener_extra = if http_extra.is_empty() {
+        String::new()
+    } else {
+        format!("    http:\n{http_extra}")
+    };
+    let yaml = config(&listener_extra, &upstream("app", &[app], ""));
+    let cfg =
+        baton::config::Config::parse(std::path::Path::new("/tmp/config.yaml"), &yaml).unwrap();
+    let (registry, parked) = baton::registry::Registry::new();
+    let ctx = baton::proxy::ListenerCtx::new(
+        cfg.listeners["web"].clone(),
+        baton::upstream::build(&cfg),
+        registry.clone(),
+        Arc::new(baton::metrics::Metrics::default()),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(baton::proxy::serve(
+        l,
+        ctx.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    Setup {
+        ctx,
+        registry,
+        parked,
+        addr,
+    }
+}
