@@ -2,7 +2,7 @@
 //! detection, or by a predecessor before a handover) before reading the socket, counts bytes in
 //! the registry, and tells the connection loop when a new request head starts arriving.
 
-use super::server::ConnShared;
+use super::shared::ConnShared;
 use crate::registry::ConnStats;
 use bytes::Bytes;
 use std::io;

@@ -3,8 +3,9 @@
 //! tunnels on the L4 relay. Built for the live upgrade: an idle HTTP/1.1 connection stops with
 //! its socket and read-ahead bytes as [`IdleHttpState`], and [`resume`] serves it again.
 //!
-//! Files: `server` (connection loops, handover hooks), `idle` (released keep-alive connections
-//! waiting with no task), `service` (one request), `forward`
+//! Files: `server` (connection loops, handover hooks), `shared` (state a connection's loop,
+//! service and io share), `idle` (released keep-alive connections waiting with no task),
+//! `service` (one request), `forward`
 //! (upstream attempts and retries), `pool` (upstream connections), `route`, `headers`, `body`
 //! (streaming wrappers), `errors` (status codes), `io` (socket with a read-ahead prefix).
 
@@ -18,6 +19,7 @@ pub mod pool;
 mod route;
 mod server;
 mod service;
+mod shared;
 
 use super::ListenerCtx;
 use crate::registry::{now_ms, ConnKind, IdleHttpState};

@@ -23,183 +23,24 @@ use super::forward::Tunnel;
 use super::idle;
 use super::io::PrefixedIo;
 use super::service::{Svc, SvcCtx};
+use super::shared::{lock, ConnShared, Due, IDLE_RELEASE};
 use crate::proxy::tcp::{close_log, relay::Relay, run_tunnel};
 use crate::proxy::ListenerCtx;
 use crate::registry::{
-    ConnHandle, ConnKind, ConnState, ConnStats, IdleHttpState, Parked, PendingHalf, SIG_DRAIN,
-    SIG_KILL, SIG_PARK,
+    ConnHandle, ConnKind, ConnState, IdleHttpState, Parked, PendingHalf, SIG_DRAIN, SIG_KILL,
+    SIG_PARK,
 };
 use bytes::{Bytes, BytesMut};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// The HTTP/2 client connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-#[derive(Debug)]
-struct Timing {
-    /// When the connection last became idle (no request in flight).
-    idle_since: Instant,
-    /// When the first byte of the next request head arrived, if one did.
-    head_started: Option<Instant>,
-    /// When the connection loop's timer fires; `None` while it is not armed.
-    armed: Option<Instant>,
-}
-
-/// How long an idle keep-alive connection keeps its hyper state (two 8 KiB buffers and the
-/// connection struct) before it is taken back and waits for its next request with no buffer.
-const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// State of one client connection shared by its loop, its service and its io.
-#[derive(Debug)]
-pub struct ConnShared {
-    /// The registry entry's live facts.
-    pub stats: Arc<ConnStats>,
-    in_flight: AtomicUsize,
-    /// Requests started so far.
-    started: AtomicU64,
-    /// Content-Length header lines seen in the raw bytes (see `io`).
-    pub cl_lines: AtomicU64,
-    /// `cl_lines` as of the start of the latest request.
-    pub cl_accounted: AtomicU64,
-    timing: Mutex<Timing>,
-    /// The header read timeout, to tell whether a starting head needs an earlier timer.
-    header_read_timeout: std::time::Duration,
-    /// The loop waits to park: wake it when the connection becomes idle.
-    wake_on_idle: AtomicBool,
-    /// Woken when the loop must look again: idle while waiting to park, or a head started
-    /// before the armed timer would fire.
-    changed: Notify,
-    /// The upstream side of an accepted upgrade, picked up by the loop after the 101.
-    upgrade: Mutex<Option<Tunnel>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Counts a request as in flight until dropped (when its response body ends).
-#[derive(Debug)]
-pub struct InFlight(Arc<ConnShared>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            {
-                let mut t = lock(&self.0.timing);
-                t.idle_since = Instant::now();
-                t.head_started = None;
-            }
-            self.0.stats.set_state(ConnState::Idle);
-            // The loop's timer is left as it is (it fires, finds the deadline moved, re-arms):
-            // no timer work and no wake-up per request.
-            if self.0.wake_on_idle.load(Ordering::Acquire) {
-                self.0.changed.notify_one();
-            }
-        }
-    }
-}
-
-impl ConnShared {
-    fn new(
-        stats: Arc<ConnStats>,
-        idle_since: Instant,
-        head_started: Option<Instant>,
-        header_read_timeout: std::time::Duration,
-    ) -> Arc<ConnShared> {
-        Arc::new(ConnShared {
-            stats,
-            in_flight: AtomicUsize::new(0),
-            started: AtomicU64::new(0),
-            cl_lines: AtomicU64::new(0),
-            cl_accounted: AtomicU64::new(0),
-            timing: Mutex::new(Timing {
-                idle_since,
-                head_started,
-                armed: None,
-            }),
-            header_read_timeout,
-            wake_on_idle: AtomicBool::new(false),
-            changed: Notify::new(),
-            upgrade: Mutex::new(None),
-        })
-    }
-
-    /// A request started.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.started.fetch_add(1, Ordering::Relaxed);
-        lock(&self.timing).head_started = None;
-        self.stats.set_state(ConnState::Active);
-        InFlight(self.clone())
-    }
-
-    /// Bytes arrived from the client.
-    pub fn on_read(&self) {
-        if self.in_flight.load(Ordering::Acquire) == 0 {
-            let mut t = lock(&self.timing);
-            if t.head_started.is_none() {
-                let now = Instant::now();
-                t.head_started = Some(now);
-                let due = now + self.header_read_timeout;
-                // Wake the loop only if its timer would fire too late for the header timeout.
-                if t.armed.is_none_or(|a| a > due) {
-                    drop(t);
-                    self.changed.notify_one();
-                }
-            }
-        }
-    }
-
-    /// Stores the upstream side of an accepted upgrade.
-    pub fn set_upgrade(&self, t: Tunnel) {
-        *lock(&self.upgrade) = Some(t);
-    }
-
-    fn idle(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) == 0
-    }
-
-    /// When the idle connection next needs attention, and why.
-    fn deadline(&self, ctx: &ListenerCtx) -> Option<(Instant, Due)> {
-        if !self.idle() {
-            return None;
-        }
-        let t = lock(&self.timing);
-        Some(match t.head_started {
-            Some(h) => (h + ctx.cfg.http.header_read_timeout, Due::Header),
-            None => {
-                let keepalive = t.idle_since + ctx.cfg.http.keepalive_timeout;
-                let release = t.idle_since + IDLE_RELEASE;
-                if release < keepalive {
-                    (release, Due::Release)
-                } else {
-                    (keepalive, Due::KeepAlive)
-                }
-            }
-        })
-    }
-
-    fn set_armed(&self, at: Option<Instant>) {
-        lock(&self.timing).armed = at;
-    }
-}
-
-/// What an idle connection's deadline stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Due {
-    /// The request head did not arrive within `header_read_timeout`: 408.
-    Header,
-    /// Idle past `keepalive_timeout`: close.
-    KeepAlive,
-    /// Idle for [`IDLE_RELEASE`]: take the socket back from hyper.
-    Release,
-}
 
 /// Serves a client connection whose first bytes (`buf`) may already have been read; the
 /// permit (the listener's connection limit) is held until it closes or parks.

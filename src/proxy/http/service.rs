@@ -6,7 +6,7 @@ use super::body::{empty, Release, ReplayBody, ResBody, Tracked};
 use super::errors::ProxyError;
 use super::forward::{self, Head, Target};
 use super::headers::TraceId;
-use super::server::{ConnShared, InFlight};
+use super::shared::{ConnShared, InFlight};
 use super::{headers, route};
 use crate::proxy::ListenerCtx;
 use http::{header, request, HeaderValue, Method, Request, Response, StatusCode, Uri};
