@@ -69,12 +69,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
                     .clone()
                     .any(|t| t.eq_ignore_ascii_case(k.as_str().as_bytes())))
     };
-    if !upgrade && !headers.keys().any(doomed_here) {
-        return;
+    // Count first: the usual message has none, or only `Connection` (an upstream's
+    // `Connection: keep-alive`), which is removed without collecting names.
+    let (mut found, mut only_connection) = (0usize, true);
+    for k in headers.keys().filter(|k| doomed_here(k)) {
+        found += 1;
+        only_connection &= *k == header::CONNECTION;
     }
-    let doomed: Vec<HeaderName> = headers.keys().filter(|k| doomed_here(k)).cloned().collect();
-    for n in doomed {
-        headers.remove(n);
+    if found > 0 && only_connection {
+        headers.remove(header::CONNECTION);
+    } else if found > 0 {
+        let doomed: Vec<HeaderName> = headers.keys().filter(|k| doomed_here(k)).cloned().collect();
+        for n in doomed {
+            headers.remove(n);
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
