@@ -10,7 +10,6 @@ use common::*;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 
 fn config(backend: std::net::SocketAddr) -> String {
     format!(
@@ -32,7 +31,7 @@ fn start_activated(yaml: &str, fd: &std::net::TcpListener, name: &str, pid_expr:
         "if [ {n} != 3 ]; then exec 3<&{n} {n}<&-; fi; \
          LISTEN_PID={pid_expr} LISTEN_FDS=1 LISTEN_FDNAMES={name} exec \"$0\" run -c \"$1\""
     );
-    let mut child = Command::new("/bin/bash")
+    let child = Command::new("/bin/bash")
         .arg("-c")
         .arg(script)
         .arg(bin())
@@ -44,19 +43,7 @@ fn start_activated(yaml: &str, fd: &std::net::TcpListener, name: &str, pid_expr:
         .unwrap();
     // Only the child should hold it now.
     rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC).unwrap();
-    let log = Arc::new(LogLines::default());
-    pump(child.stderr.take().unwrap(), log.clone(), "baton");
-    let b = Baton {
-        child,
-        dir,
-        config,
-        log,
-    };
-    assert!(
-        b.log.wait_for(&["phase", "to=Ready"], WAIT).is_some(),
-        "baton did not become ready"
-    );
-    b
+    Baton::adopt(child, dir, config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,10 +4,25 @@
 #![allow(clippy::unwrap_used)]
 mod http_support;
 use baton::proxy;
-use baton::registry::{ConnKind, Parked};
+use baton::registry::{ConnKind, IdleHttpState, Parked};
 use http_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Resumes a connection parked with at most `GET /headers HTTP/1.1\r\nHo` read ahead, sends
+/// the rest of that head, and returns the body of the 200 that must come back.
+async fn resume_half_sent(st: &Setup, h: IdleHttpState, c: &mut TcpStream) -> String {
+    let read_ahead = String::from_utf8_lossy(&h.read_ahead).into_owned();
+    assert!(
+        read_ahead.is_empty() || "GET /headers HTTP/1.1\r\nHo".starts_with(&read_ahead),
+        "{read_ahead:?}"
+    );
+    proxy::resume(st.ctx.clone(), Parked::IdleHttp(h)).await;
+    c.write_all(b"st: resumed.test\r\n\r\n").await.unwrap();
+    let (head, body) = read_response(c).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    String::from_utf8_lossy(&body).into_owned()
+}
 
 /// Reads one response with a Content-Length body; returns head and body.
 async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
@@ -68,16 +83,7 @@ async fn idle_connection_parks_with_read_ahead_and_resumes() {
     tokio::time::timeout(WAIT, st.registry.wait_empty())
         .await
         .unwrap();
-    let read_ahead = String::from_utf8_lossy(&h.read_ahead).into_owned();
-    assert!(
-        read_ahead.is_empty() || "GET /headers HTTP/1.1\r\nHo".starts_with(&read_ahead),
-        "{read_ahead:?}"
-    );
-    proxy::resume(st.ctx.clone(), Parked::IdleHttp(h)).await;
-    c.write_all(b"st: resumed.test\r\n\r\n").await.unwrap();
-    let (head, body) = read_response(&mut c).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    let body = String::from_utf8_lossy(&body);
+    let body = resume_half_sent(&st, h, &mut c).await;
     assert!(
         body.contains("uri: /headers\n") && body.contains("host: resumed.test\n"),
         "{body}"
@@ -174,15 +180,6 @@ async fn released_idle_connection_serves_and_parks() {
     let Parked::IdleHttp(h) = parked else {
         panic!("expected an idle http connection")
     };
-    let read_ahead = String::from_utf8_lossy(&h.read_ahead).into_owned();
-    assert!(
-        read_ahead.is_empty() || "GET /headers HTTP/1.1\r\nHo".starts_with(&read_ahead),
-        "{read_ahead:?}"
-    );
-    proxy::resume(st.ctx.clone(), Parked::IdleHttp(h)).await;
-    c.write_all(b"st: resumed.test\r\n\r\n").await.unwrap();
-    let (head, body) = read_response(&mut c).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    let body = String::from_utf8_lossy(&body);
+    let body = resume_half_sent(&st, h, &mut c).await;
     assert!(body.contains("host: resumed.test\n"), "{body}");
 }

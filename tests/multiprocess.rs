@@ -72,6 +72,14 @@ async fn wait_status(
     }
 }
 
+/// Waits until both workers serve; returns that status.
+async fn two_serving(b: &Baton) -> serde_json::Value {
+    wait_status(b, "two workers serving", |s| {
+        (0..2).all(|i| s["workers"][i]["state"] == "serving")
+    })
+    .await
+}
+
 /// Stops the supervisor gracefully and checks it exits 0 with its workers.
 fn stop(mut b: Baton, workers: &[i32]) {
     b.signal(Signal::TERM);
@@ -125,10 +133,7 @@ async fn kill_9_of_one_worker_leaves_the_other_workers_clients_untouched() {
     // worker's socket (kept by the supervisor) queues new connections for its replacement.
     let b = Baton::start(&config(be, "  accept: reuseport\n"));
     let addr = b.addr("t");
-    let s0 = wait_status(&b, "two workers serving", |s| {
-        (0..2).all(|i| s["workers"][i]["state"] == "serving")
-    })
-    .await;
+    let s0 = two_serving(&b).await;
     let victim = worker_pid(&s0, 0).unwrap();
     let survivor = worker_pid(&s0, 1).unwrap();
 
@@ -228,10 +233,7 @@ async fn a_stopped_worker_is_replaced_after_missed_heartbeats() {
     let be = echo_backend("").await;
     let b = Baton::start(&config(be, ""));
     let addr = b.addr("t");
-    let s0 = wait_status(&b, "two workers serving", |s| {
-        (0..2).all(|i| s["workers"][i]["state"] == "serving")
-    })
-    .await;
+    let s0 = two_serving(&b).await;
     let frozen = worker_pid(&s0, 1).unwrap();
     signal(frozen, Signal::STOP);
     assert!(
@@ -277,10 +279,7 @@ async fn upgrade_with_two_workers_keeps_every_tunnel_and_the_supervisor_pid() {
     let b = Baton::start(&config(be, ""));
     let addr = b.addr("t");
     let supervisor = b.pid();
-    let s0 = wait_status(&b, "two workers serving", |s| {
-        (0..2).all(|i| s["workers"][i]["state"] == "serving")
-    })
-    .await;
+    let s0 = two_serving(&b).await;
     let old: Vec<i32> = (0..2).map(|i| worker_pid(&s0, i).unwrap()).collect();
     let stop_long = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..30)
@@ -454,23 +453,14 @@ async fn a_worker_over_its_memory_limit_is_killed_and_restarted() {
 
 /// Starts `exe run -c config` (a copy of baton elsewhere than `bin()`).
 fn start_copy(exe: &std::path::Path, dir: tempfile::TempDir, config: std::path::PathBuf) -> Baton {
-    let mut child = std::process::Command::new(exe)
+    let child = std::process::Command::new(exe)
         .args(["run", "-c"])
         .arg(&config)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let log = Arc::new(LogLines::default());
-    pump(child.stderr.take().unwrap(), log.clone(), "baton");
-    let b = Baton {
-        child,
-        dir,
-        config,
-        log,
-    };
-    assert!(b.log.wait_for(&["phase", "to=Ready"], WAIT).is_some());
-    b
+    Baton::adopt(child, dir, config)
 }
 
 /// Replaces `exe` (as `mv` of a new build would) with a script that appends "PID ARGS" to
@@ -568,10 +558,7 @@ async fn a_new_binary_that_fails_its_check_is_not_executed() {
     std::fs::write(&config, config_text(be)).unwrap();
     let b = start_copy(&exe, dir, config);
     let supervisor = b.pid();
-    wait_status(&b, "two workers serving", |s| {
-        (0..2).all(|i| s["workers"][i]["state"] == "serving")
-    })
-    .await;
+    two_serving(&b).await;
     // Workers start fine from it, but `check` fails.
     let marker = b.dir().join("ran");
     replace_with_wrapper(

@@ -189,6 +189,12 @@ async fn half_sent_request_is_completed_by_the_successor() {
     let b = Baton::start(&http_config(be));
     let mut r = connect(&b).await;
     get_ok(&mut r).await;
+    half_head_across_an_upgrade(&b, &mut r, "half").await;
+}
+
+/// Sends half a request head on `r`, upgrades (the one idle HTTP connection moves), sends the
+/// rest with `X-Test: tag`: the successor must answer it on the same socket.
+async fn half_head_across_an_upgrade(b: &Baton, r: &mut BufReader<TcpStream>, tag: &str) {
     r.get_mut()
         .write_all(b"GET /headers HTTP/1.1\r\nHo")
         .await
@@ -198,12 +204,12 @@ async fn half_sent_request_is_completed_by_the_successor() {
     assert!(ok && out.contains("1 idle http"), "{out}");
     assert!(wait_until(WAIT, || !alive(old)).await);
     r.get_mut()
-        .write_all(b"st: t\r\nX-Test: half\r\n\r\n")
+        .write_all(format!("st: t\r\nX-Test: {tag}\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    let (status, body) = read_response(&mut r).await.unwrap();
+    let (status, body) = read_response(r).await.unwrap();
     assert_eq!(status, 200);
-    assert!(body.contains("x-test: half"), "{body}");
+    assert!(body.contains(&format!("x-test: {tag}")), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,19 +316,5 @@ async fn half_sent_request_after_a_release_is_completed_by_the_successor() {
         .is_some());
     // Part of the next head arrives on the released connection (a fresh hyper connection
     // takes it), then the upgrade: the successor must complete it on the same socket.
-    r.get_mut()
-        .write_all(b"GET /headers HTTP/1.1\r\nHo")
-        .await
-        .unwrap();
-    let old = b.serving_pid();
-    let (ok, out) = upgrade_async(&b.config).await;
-    assert!(ok && out.contains("1 idle http"), "{out}");
-    assert!(wait_until(WAIT, || !alive(old)).await);
-    r.get_mut()
-        .write_all(b"st: t\r\nX-Test: after-release\r\n\r\n")
-        .await
-        .unwrap();
-    let (status, body) = read_response(&mut r).await.unwrap();
-    assert_eq!(status, 200);
-    assert!(body.contains("x-test: after-release"), "{body}");
+    half_head_across_an_upgrade(&b, &mut r, "after-release").await;
 }

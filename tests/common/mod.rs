@@ -99,7 +99,7 @@ impl Baton {
     /// Like [`Baton::start_in`], with extra environment variables for this process only
     /// (its successors inherit them).
     pub fn start_with_env(dir: tempfile::TempDir, config: PathBuf, env: &[(&str, &str)]) -> Baton {
-        let mut child = Command::new(bin())
+        let child = Command::new(bin())
             .args(["run", "-c"])
             .arg(&config)
             .envs(env.iter().copied())
@@ -108,6 +108,12 @@ impl Baton {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn baton");
+        Baton::adopt(child, dir, config)
+    }
+
+    /// Takes a `baton run` child started some other way (stderr piped): collects its log
+    /// lines and waits until it is ready.
+    pub fn adopt(mut child: Child, dir: tempfile::TempDir, config: PathBuf) -> Baton {
         let log = Arc::new(LogLines::default());
         pump(child.stderr.take().unwrap(), log.clone(), "baton");
         let b = Baton {
