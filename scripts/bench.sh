@@ -56,12 +56,7 @@ esac
 [[ "$ROUNDS" =~ ^[0-9]+$ && "$ROUNDS" -ge 1 ]] || die "BENCH_ROUNDS must be a whole number ≥ 1"
 [[ $(nproc) -ge 2 ]] || log "warning: fewer than 2 CPUs: the proxy and the load generator share one"
 
-ensure_tools
-[[ "${BENCH_NO_BUILD:-0}" == 1 ]] || build_baton
-raise_nofile
-make_workdir
-trap stop_all EXIT
-trap 'exit 130' INT TERM
+bench_start
 require_free_ports "$P_BACKEND" "$P_BATON_TCP" "$P_BATON_HTTP" "$P_HAPROXY_TCP" "$P_HAPROXY_HTTP" \
     "$P_NGINX_TCP" "$P_NGINX_HTTP"
 

@@ -27,12 +27,7 @@ BASE="${BENCH_PORT_BASE:-18400}"
 P_BACKEND=$BASE P_TCP=$((BASE + 1)) P_HTTP=$((BASE + 2))
 LCPU="${BENCH_LOAD_CPU:-1}"
 
-ensure_tools
-[[ "${BENCH_NO_BUILD:-0}" == 1 ]] || build_baton
-raise_nofile
-make_workdir
-trap stop_all EXIT
-trap 'exit 130' INT TERM
+bench_start
 require_free_ports "$P_BACKEND" "$P_TCP" "$P_HTTP"
 
 start_backend "$P_BACKEND" "$LCPU"

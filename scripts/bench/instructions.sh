@@ -22,12 +22,7 @@ command -v valgrind >/dev/null || {
     apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >&2 || die "valgrind missing"
 }
-ensure_tools
-[[ "${BENCH_NO_BUILD:-0}" == 1 ]] || build_baton
-raise_nofile
-make_workdir
-trap stop_all EXIT
-trap 'exit 130' INT TERM
+bench_start
 require_free_ports "$P_BACKEND" $((BASE + 1)) $((BASE + 2))
 start_backend "$P_BACKEND" 1
 

@@ -44,6 +44,18 @@ build_baton() {
 # Raises the open-file limit to the hard limit (10,000 client connections need it).
 raise_nofile() { ulimit -n "$(ulimit -Hn)" 2>/dev/null || true; }
 
+# bench_start: what every benchmark script does first: tools present, baton built (unless
+# BENCH_NO_BUILD=1), open-file limit raised, a work folder, and every started process stopped
+# on exit or interrupt.
+bench_start() {
+    ensure_tools
+    [[ "${BENCH_NO_BUILD:-0}" == 1 ]] || build_baton
+    raise_nofile
+    make_workdir
+    trap stop_all EXIT
+    trap 'exit 130' INT TERM
+}
+
 make_workdir() {
     WORK="$(mktemp -d /tmp/baton-bench.XXXXXX)"
     mkdir -p "$WORK/tmp"

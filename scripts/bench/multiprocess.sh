@@ -18,10 +18,7 @@ KILLS=${BENCH_KILLS:-5}
 BASE=${BENCH_PORT_BASE:-18500}
 MODES="single shared reuseport"
 
-trap stop_all EXIT
-raise_nofile
-[[ "${BENCH_NO_BUILD:-0}" == 1 ]] || build_baton
-make_workdir
+bench_start
 for p in $(seq "$BASE" $((BASE + 6))); do port_free "$p" || die "port $p is in use"; done
 start_backend "$BASE" 0,1
 
