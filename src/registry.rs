@@ -261,10 +261,6 @@ impl ConnHandle {
     pub async fn park_requested(&self) {
         self.requested(SIG_PARK).await;
     }
-    /// Whether a park was asked for.
-    pub fn is_park_requested(&self) -> bool {
-        self.stats.signals.load(Ordering::Acquire) & SIG_PARK != 0
-    }
     /// Whether park, drain or kill may have been asked for: one atomic load. A loop that
     /// polled the `*_requested` futures once (to register its waker) needs to poll them
     /// again only once this is true.
