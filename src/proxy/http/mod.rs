@@ -12,6 +12,7 @@
 mod body;
 mod errors;
 mod forward;
+mod h2;
 mod headers;
 pub mod idle;
 mod io;

@@ -31,7 +31,7 @@ use crate::registry::{
     SIG_PARK,
 };
 use bytes::{Bytes, BytesMut};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWriteExt};
@@ -154,7 +154,7 @@ pub async fn serve(
         if h2 {
             stats.set_kind(ConnKind::Http2);
             // Boxed: an h2 connection is large, and only h2 clients should pay for it.
-            return Box::pin(serve_h2(ctx, conn, io, svc)).await;
+            return Box::pin(super::h2::serve_h2(ctx, conn, io, svc)).await;
         }
         // Boxed: the hyper connection lives on the heap only while it serves, so the task of
         // an idle (released) connection stays small.
@@ -487,37 +487,4 @@ async fn start_tunnel(
         stats,
     );
     run_tunnel(ctx, conn, relay, Some(tunnel.guard)).await
-}
-
-async fn serve_h2(ctx: Arc<ListenerCtx>, conn: ConnHandle, io: PrefixedIo, svc: Svc) {
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_header_list_size(ctx.cfg.http.max_header_bytes.min(u32::MAX as usize) as u32);
-    let hconn = builder.serve_connection(TokioIo::new(io), svc);
-    let mut hconn = std::pin::pin!(hconn);
-    let mut stopping = false;
-    let result = loop {
-        tokio::select! {
-            r = hconn.as_mut() => break r,
-            _ = conn.park_requested(), if !stopping => {
-                stopping = true;
-                hconn.as_mut().graceful_shutdown();
-            }
-            _ = conn.drain_requested(), if !stopping => {
-                stopping = true;
-                hconn.as_mut().graceful_shutdown();
-            }
-            _ = conn.kill_requested() => return close_log(&ctx, &conn, "closed at drain deadline"),
-        }
-    };
-    let reason = match result {
-        Ok(()) if stopping => "drained (goaway)",
-        Ok(()) => "closed",
-        Err(e) => {
-            tracing::debug!(conn = conn.stats().id, error = %e, side = "client", "h2 connection error");
-            "error"
-        }
-    };
-    close_log(&ctx, &conn, reason);
 }
