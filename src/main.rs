@@ -68,6 +68,7 @@ const EXAMPLES: &str = "Examples:
   baton run -c config.yaml          serve with config.yaml (foreground)
   baton check -c config.yaml        validate config.yaml: exit 0, or 2 listing every error
   baton status -c config.yaml       show the running process (--json for scripts)
+  baton status --socket PATH        the same, by control socket (no config file needed)
   baton upgrade -c config.yaml      hand everything over to the binary on disk, print a summary
   baton reload -c config.yaml       the same with a re-read config.yaml
   baton stop -c config.yaml         stop gracefully (--fast: close connections now)
@@ -107,27 +108,24 @@ enum Command {
     },
     /// Show the running process: pid, generation, listeners, upstreams, connections, upgrades.
     Status {
-        /// Configuration file (names the control socket).
-        #[arg(short, long, default_value = "config.yaml")]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Stop the running process gracefully.
     Stop {
-        /// Configuration file (names the control socket).
-        #[arg(short, long, default_value = "config.yaml")]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// Close connections now instead of draining them.
         #[arg(long)]
         fast: bool,
     },
     /// Start the upgraded binary and hand it every listener and live connection.
     Upgrade {
-        /// Configuration file (names the control socket).
-        #[arg(short, long, default_value = "config.yaml")]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
         /// Binary to start instead of the one the process was started from.
         #[arg(long)]
         binary: Option<PathBuf>,
@@ -147,10 +145,20 @@ enum Command {
     },
     /// Re-read the configuration: an upgrade to the same binary with the new config.
     Reload {
-        /// Configuration file (names the control socket).
-        #[arg(short, long, default_value = "config.yaml")]
-        config: PathBuf,
+        #[command(flatten)]
+        target: Target,
     },
+}
+
+/// Which running baton a control command talks to.
+#[derive(clap::Args)]
+struct Target {
+    /// Configuration file (names the control socket).
+    #[arg(short, long, default_value = "config.yaml")]
+    config: PathBuf,
+    /// The control socket itself (no config file needed).
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -182,13 +190,13 @@ fn main() -> ExitCode {
             index,
             generation,
         } => run(config, generation, Some(index), None),
-        Command::Status { config, json } => ctl(&config, Ctl::Status, json),
-        Command::Stop { config, fast } => ctl(&config, Ctl::Stop { fast }, false),
-        Command::Upgrade { config, binary } => {
+        Command::Status { target, json } => ctl(&target, Ctl::Status, json),
+        Command::Stop { target, fast } => ctl(&target, Ctl::Stop { fast }, false),
+        Command::Upgrade { target, binary } => {
             let binary = binary.map(|b| std::path::absolute(&b).unwrap_or(b));
-            ctl(&config, Ctl::Upgrade { binary }, false)
+            ctl(&target, Ctl::Upgrade { binary }, false)
         }
-        Command::Reload { config } => ctl(&config, Ctl::Reload, false),
+        Command::Reload { target } => ctl(&target, Ctl::Reload, false),
     }
 }
 
@@ -225,13 +233,65 @@ fn run(config: PathBuf, generation: u64, worker: Option<usize>, resume: Option<i
             return ExitCode::from(2);
         }
     };
+    // A first start (not a successor, worker or re-executed supervisor) whose control socket
+    // answers would only fail to bind, or with SO_REUSEPORT share the ports and take the
+    // socket over: say what is going on instead.
+    let first_start = worker.is_none()
+        && resume.is_none()
+        && std::env::var_os(baton::handover::HANDOVER_FD_ENV).is_none();
+    if first_start {
+        if let Some(pid) = running_pid(&cfg.runtime.control_socket) {
+            eprintln!(
+                "baton: already running as pid {pid} (its control socket {} answers); \
+                 `baton upgrade` or `baton reload` replaces it, `baton stop` stops it",
+                cfg.runtime.control_socket.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     match serve(cfg, config, generation, worker, resume) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("baton: {e:#}");
+            eprintln!("baton: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The pid of the baton answering on `socket`, if one does within a few seconds.
+fn running_pid(socket: &std::path::Path) -> Option<u64> {
+    if !socket.exists() {
+        return None;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let reply = rt.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            control::request(socket, &Ctl::Status),
+        )
+        .await
+    });
+    match reply {
+        Ok(Ok(r)) if r.ok => r.data["pid"].as_u64(),
+        _ => None,
+    }
+}
+
+/// `e` and its causes, each cause left out when the text before already says it (a
+/// `thiserror` message that embeds its source would otherwise print the OS error twice).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
 }
 
 fn serve(
@@ -283,17 +343,25 @@ async fn timer_floor() {
     }
 }
 
-fn ctl(config: &std::path::Path, command: Ctl, json: bool) -> ExitCode {
-    // Only the control socket's path is needed; a config with other errors still names it.
-    let socket = match Config::load(config) {
-        Ok(c) => c.runtime.control_socket,
-        Err(e) => match Config::control_socket_of(config) {
-            Some(s) => s,
-            None => {
-                eprintln!("{e}");
-                return ExitCode::from(2);
-            }
-        },
+/// The control socket `target` names: `--socket`, or the one of the config file (a config
+/// with other errors still names it). `Err` is the config's error.
+fn socket_of(target: &Target) -> Result<PathBuf, String> {
+    if let Some(s) = &target.socket {
+        return Ok(s.clone());
+    }
+    match Config::load(&target.config) {
+        Ok(c) => Ok(c.runtime.control_socket),
+        Err(e) => Config::control_socket_of(&target.config).ok_or_else(|| e.to_string()),
+    }
+}
+
+fn ctl(target: &Target, command: Ctl, json: bool) -> ExitCode {
+    let socket = match socket_of(target) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -154,5 +154,26 @@ async fn run_fails_clearly_when_the_address_is_taken() {
         err.contains(&format!("listener t: cannot bind {addr}")),
         "{err}"
     );
+    // The OS error once, not once per level of the error chain.
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
     assert!(!dir.path().join("baton.pid").exists());
+}
+
+#[tokio::test]
+async fn a_second_run_on_the_same_config_says_which_pid_is_running() {
+    let be = echo_backend("").await;
+    // SO_REUSEPORT: the second process could bind the same port; only the control socket
+    // tells it that baton already runs there.
+    let b = Baton::start(&format!(
+        "listeners:\n  t: {{listen: 127.0.0.1:0, upstream: u, reuse_port: true}}\nupstreams:\n  u:\n    servers: [\"{be}\"]\n"
+    ));
+    let (code, _, err) = baton(&["run", "-c", b.config.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("already running as pid {}", b.pid())),
+        "{err}"
+    );
+    // The first one still owns its control socket and answers.
+    let (ok, out) = cli(&b.config, "status", &[]);
+    assert!(ok && out.contains(&format!("pid {}", b.pid())), "{out}");
 }

@@ -122,4 +122,133 @@ async fn upgrade_history_survives_upgrades() {
     assert!(ups
         .iter()
         .all(|u| u["ok"] == true && u["summary"].as_str().unwrap().starts_with("upgrade ok")));
+    // In text, each entry with its time.
+    let (ok, out) = cli(&b.config, "status", &[]);
+    assert!(ok, "{out}");
+    let history: Vec<&str> = out
+        .lines()
+        .skip_while(|l| *l != "upgrades (oldest first):")
+        .skip(1)
+        .collect();
+    assert_eq!(history.len(), 3, "{out}");
+    for l in history {
+        // "  2026-12-01T08:09:03.561Z upgrade ok: pid ..."
+        let (at, summary) = l.trim_start().split_once(' ').unwrap();
+        assert!(
+            at.len() == 24 && at.ends_with('Z') && at.contains('T'),
+            "{l}"
+        );
+        assert!(summary.starts_with("upgrade ok: pid "), "{l}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_text_shows_routes_and_connections_and_works_by_socket() {
+    let be = echo_backend("S").await;
+    let b = Baton::start(&format!(
+        "listeners:\n  t:\n    listen: 127.0.0.1:0\n    upstream: u\n\
+         \x20 web:\n    listen: 127.0.0.1:0\n    protocol: http\n    upstream: u\n\
+         \x20   routes:\n      - {{ host: api.example.com, path_prefix: /v1, upstream: u }}\n\
+         \x20     - {{ path_prefix: /b, upstream: u }}\n\
+         upstreams:\n  u:\n    servers: [\"{be}\"]\n"
+    ));
+    let (_s, _) = greeting(b.addr("t"), 1).await;
+    // --socket: from another folder, with no config file at hand.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["status", "--socket"])
+        .arg(b.dir().join("baton.sock"))
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(
+        !text.contains(['{', '}']),
+        "JSON in the text status:\n{text}"
+    );
+    assert!(
+        text.starts_with(&format!(
+            "baton {}: pid {}, generation 1, ready, up ",
+            env!("CARGO_PKG_VERSION"),
+            b.pid()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n  route host api.example.com, path /v1 -> u\n  route path /b -> u\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("\nupstream u: {be} up, weight 1, 1 active\n")),
+        "{text}"
+    );
+    assert!(text.contains("\nconnections: 1 (tcp 1)\n"), "{text}");
+    // --socket and -c together are a usage error.
+    let (ok, out) = cli(&b.config, "status", &["--socket", "x.sock"]);
+    assert!(!ok && out.contains("cannot be used with"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_counts_each_connection_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let be = echo_backend("S").await;
+    let (app, _) = http_backend().await;
+    let mut b = Baton::start(&format!(
+        "runtime:\n  drain_timeout: 1s\nlisteners:\n  t:\n    listen: 127.0.0.1:0\n    upstream: u\n\
+         \x20 web:\n    listen: 127.0.0.1:0\n    protocol: http\n    upstream: app\n\
+         upstreams:\n  u:\n    servers: [\"{be}\"]\n  app:\n    servers: [\"{app}\"]\n"
+    ));
+    // A tunnel that stays open until the deadline, and an idle keep-alive connection that
+    // finishes as soon as the drain starts.
+    let (tunnel, _) = greeting(b.addr("t"), 1).await;
+    let mut idle = tokio::net::TcpStream::connect(b.addr("web")).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let (ok, out) = tokio::task::spawn_blocking({
+        let c = b.config.clone();
+        move || cli(&c, "stop", &[])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("1 connections finished, 1 closed at the deadline"),
+        "{out}"
+    );
+    assert_eq!(b.wait_exit(WAIT), Some(0));
+    drop(tunnel);
+}
+
+/// A minimal HTTP/1.1 backend: answers every request with 200 and keeps the connection.
+async fn http_backend() -> (std::net::SocketAddr, ()) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0
+                        || s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, ())
 }

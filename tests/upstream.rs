@@ -39,9 +39,21 @@ fn lines_about(b: &Baton, msg: &str, addr: SocketAddr) -> Vec<(usize, String)> {
         .collect()
 }
 
-/// The wall-clock timestamp (seconds) that starts every text log line.
+/// The wall-clock time (seconds since the epoch) of the RFC 3339 timestamp
+/// (`2026-12-01T08:09:03.561Z`) that starts every text log line.
 fn ts(line: &str) -> f64 {
-    line.split(' ').next().unwrap().parse().unwrap()
+    let t = line.split(' ').next().unwrap();
+    let n = |r: std::ops::Range<usize>| t[r].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from 1970-01-01 to y-m-d (Howard Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19);
+    secs as f64 + n(20..23) as f64 / 1000.0
 }
 
 /// A backend that can stop listening and listen again on the same port.

@@ -100,6 +100,8 @@ pub struct Log {
     pub format: Option<S<String>>,
     pub level: Option<S<String>>,
     pub file: Option<String>,
+    pub access_file: Option<String>,
+    pub access_format: Option<S<String>>,
 }
 
 /// One entry of `listeners:`.

@@ -104,6 +104,20 @@ pub struct Log {
     pub level: String,
     /// Log file; stderr when absent.
     pub file: Option<PathBuf>,
+    /// HTTP access log file; access lines go to the main log when absent.
+    pub access_file: Option<PathBuf>,
+    /// The access file's format.
+    pub access_format: AccessFormat,
+}
+
+/// The access log's line format (`log.access_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessFormat {
+    /// Like nginx's `combined`: `ip - - [time] "METHOD path" status bytes "-" "-"`, then the
+    /// other fields as `key=value`.
+    Combined,
+    /// One JSON object per request.
+    Json,
 }
 
 /// What a listener speaks.

@@ -164,13 +164,28 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         errs.addr(&a.listen, "admin.listen")
             .map(|listen| Admin { listen })
     });
+    let format = errs.choice(
+        &raw.log.format,
+        "log.format",
+        &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        LogFormat::Text,
+    );
     let log = Log {
-        format: errs.choice(
-            &raw.log.format,
-            "log.format",
-            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
-            LogFormat::Text,
+        format,
+        // The access file follows the main log's format unless told otherwise.
+        access_format: errs.choice(
+            &raw.log.access_format,
+            "log.access_format",
+            &[
+                ("combined", AccessFormat::Combined),
+                ("json", AccessFormat::Json),
+            ],
+            match format {
+                LogFormat::Text => AccessFormat::Combined,
+                LogFormat::Json => AccessFormat::Json,
+            },
         ),
+        access_file: raw.log.access_file.as_deref().map(|f| resolve(&dir, f)),
         level: raw
             .log
             .level

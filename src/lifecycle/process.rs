@@ -256,7 +256,7 @@ impl Process {
                     .and_then(|s| rustix::net::getsockname(&s.fd).ok())
                     .and_then(|a| std::net::SocketAddr::try_from(a).ok())
                     .unwrap_or(l.listen);
-                (n, json!({ "addr": addr.to_string(), "protocol": l.protocol, "upstream": l.upstream }))
+                (n, crate::admin::status::listener_json(l, addr))
             })
             .collect();
         let upstreams: BTreeMap<&String, serde_json::Value> = self
@@ -279,12 +279,15 @@ impl Process {
         })
     }
 
-    /// Finishes open connections (up to the drain timeout, or none with `fast`), then closes the rest.
+    /// Finishes open connections (up to the drain timeout, or none with `fast`), then closes the
+    /// rest. Returns how many finished on their own and how many were closed at the deadline;
+    /// each connection is in exactly one of the two.
     pub async fn drain_and_stop(&mut self, fast: bool) -> (usize, usize) {
         self.set_phase(Phase::Draining);
         self.close_listeners().await;
-        self.registry.drain_all();
+        // Counted before the drain signal: an idle connection closes at once on it.
         let live = self.registry.len();
+        self.registry.drain_all();
         let drain = if fast {
             std::time::Duration::ZERO
         } else {
@@ -307,7 +310,7 @@ impl Process {
         } else {
             tracing::info!(connections = live, "drained");
         }
-        (live, closed)
+        (live.saturating_sub(closed), closed)
     }
 }
 
@@ -433,11 +436,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
             Trigger::Stop { why, fast, reply } => {
                 tracing::info!(trigger = why, fast, "stopping gracefully");
                 crate::admin::notify::stopping(); // systemd (issue 6)
-                let (live, closed) = p.drain_and_stop(fast).await;
+                let (finished, closed) = p.drain_and_stop(fast).await;
                 if let Some(r) = reply {
                     let _ = r.send(Reply::ok(
-                        format!("stopped pid {}: {live} connections drained, {closed} closed at the deadline", std::process::id()),
-                        json!({ "drained": live, "closed": closed }),
+                        format!("stopped pid {}: {finished} connections finished, {closed} closed at the deadline", std::process::id()),
+                        json!({ "finished": finished, "closed": closed }),
                     ));
                 }
                 break;

@@ -58,7 +58,7 @@ impl Supervisor {
                     .first()
                     .and_then(|set| set.iter().find(|x| &x.name == n))
                     .map_or(l.listen, |x| x.addr);
-                (n.clone(), json!({ "addr": addr.to_string(), "protocol": l.protocol, "upstream": l.upstream }))
+                (n.clone(), crate::admin::status::listener_json(l, addr))
             })
             .collect();
         json!({
@@ -88,13 +88,13 @@ pub fn render(v: &serde_json::Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "baton {} supervisor pid {} (generation {}) workers' generation {} phase {} up {}s accept {}",
+        "baton {} supervisor pid {} (generation {}) workers' generation {} phase {} up {} accept {}",
         v["version"].as_str().unwrap_or("?"),
         v["pid"],
         v["supervisor_generation"],
         v["generation"],
         v["phase"].as_str().unwrap_or("?"),
-        v["uptime_s"],
+        crate::admin::status::duration_text(v["uptime_s"].as_u64().unwrap_or(0)),
         v["accept"].as_str().unwrap_or("?"),
     );
     crate::admin::render_listeners(&mut out, v);
@@ -121,8 +121,6 @@ pub fn render(v: &serde_json::Value) -> String {
         );
     }
     let _ = writeln!(out, "total: {}", line(&v["totals"]));
-    for u in v["upgrades"].as_array().into_iter().flatten() {
-        let _ = writeln!(out, "upgrade: {}", u["summary"].as_str().unwrap_or("?"));
-    }
+    crate::admin::status::render_history(&mut out, v);
     out
 }

@@ -198,17 +198,28 @@ pub fn close_log(ctx: &ListenerCtx, conn: &ConnHandle, reason: &str) {
         .bytes_out
         .fetch_add(bytes_out, Ordering::Relaxed);
     ctx.lm.closed();
-    let duration = Duration::from_millis(now_ms().saturating_sub(s.started_ms));
-    tracing::info!(
-        conn = s.id,
-        listener = %s.listener,
-        client = %s.client,
-        server = %s.server().map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
-        kind = ?s.kind(),
-        bytes_in,
-        bytes_out,
-        duration_ms = duration.as_millis() as u64,
-        reason,
-        "connection closed"
-    );
+    let duration = Duration::from_millis(now_ms().saturating_sub(s.started_ms)).as_millis() as u64;
+    let server = s.server().map(|a| a.to_string());
+    // An HTTP connection's requests each have an access line already: its close is a detail.
+    // A tunnel's close line is its only record.
+    macro_rules! closed {
+        ($level:ident) => {
+            tracing::$level!(
+                conn = s.id,
+                listener = %s.listener,
+                client = %s.client,
+                server = server.as_deref().unwrap_or(""),
+                kind = ?s.kind(),
+                bytes_in,
+                bytes_out,
+                duration_ms = duration,
+                reason,
+                "connection closed"
+            )
+        };
+    }
+    match s.kind() {
+        ConnKind::Http | ConnKind::Http2 => closed!(debug),
+        ConnKind::Tcp | ConnKind::Tunnel => closed!(info),
+    }
 }
