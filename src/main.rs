@@ -67,6 +67,7 @@ fn start_purge_tick() {
 const EXAMPLES: &str = "Examples:
   baton run -c config.yaml          serve with config.yaml (foreground)
   baton check -c config.yaml        validate config.yaml: exit 0, or 2 listing every error
+  baton check --dump -c config.yaml print the effective config, defaults filled in
   baton status -c config.yaml       show the running process (--json for scripts)
   baton status --socket PATH        the same, by control socket (no config file needed)
   baton upgrade -c config.yaml      hand everything over to the binary on disk, print a summary
@@ -105,6 +106,9 @@ enum Command {
         /// Configuration file.
         #[arg(short, long, default_value = "config.yaml")]
         config: PathBuf,
+        /// Print the effective configuration (defaults filled in, variables substituted).
+        #[arg(long)]
+        dump: bool,
     },
     /// Show the running process: pid, generation, listeners, upstreams, connections, upgrades.
     Status {
@@ -165,7 +169,11 @@ fn main() -> ExitCode {
     mi::no_huge_pages();
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config, dump } => match Config::load(&config) {
+            Ok(cfg) if dump => {
+                print!("{}", cfg.dump());
+                ExitCode::SUCCESS
+            }
             Ok(cfg) => {
                 println!(
                     "{}: ok ({} listeners, {} upstreams)",

@@ -124,3 +124,52 @@ fn errors_name_the_file_as_given() {
         "{stderr}"
     );
 }
+
+/// `check --dump` prints every default, substitutes environment variables, and its output is
+/// itself a config that dumps to the same text.
+#[test]
+fn dump_prints_the_effective_config_and_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("c.yaml");
+    std::fs::write(
+        &src,
+        "listeners:\n  web:\n    listen: ${BATON_TEST_ADDR}\n    protocol: http\n    upstream: app\nupstreams:\n  app:\n    servers:\n      - ${BATON_TEST_SERVER:-127.0.0.1:9001}\nlog:\n  file: \"${NOT_SUBSTITUTED}.log\"\n",
+    )
+    .unwrap();
+    let dump = |path: &Path| {
+        let out = Command::new(common::bin())
+            .args(["check", "--dump", "-c"])
+            .arg(path)
+            .env("BATON_TEST_ADDR", "127.0.0.1:18111")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = dump(&src);
+    for want in [
+        "listen: 127.0.0.1:18111",
+        "addr: 127.0.0.1:9001",
+        // A quoted value is taken literally.
+        "${NOT_SUBSTITUTED}.log",
+        "header_read_timeout: 10s",
+        "connect_timeout: 2s",
+        "eject_after: 3",
+        &format!(
+            "control_socket: {}",
+            dir.path().join("baton.sock").display()
+        ),
+    ] {
+        assert!(first.contains(want), "dump lacks {want:?}:\n{first}");
+    }
+    let copy = dir.path().join("dumped.yaml");
+    std::fs::write(&copy, &first).unwrap();
+    let second = dump(&copy);
+    let body = |s: &str| s.lines().skip(1).collect::<Vec<_>>().join("\n");
+    assert_eq!(body(&first), body(&second));
+}

@@ -252,3 +252,37 @@ async fn http_backend() -> (std::net::SocketAddr, ()) {
     });
     (addr, ())
 }
+
+/// A reload's summary says what changed, in the CLI's line, the old process's log and the
+/// status history of the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_summary_lists_what_changed() {
+    let be = echo_backend("S").await;
+    let be2 = echo_backend("T").await;
+    let b = Baton::start(&tcp_config(be));
+    let new = format!(
+        "listeners:\n  t:\n    listen: 127.0.0.1:0\n    upstream: u\n  t2:\n    listen: 127.0.0.1:0\n    upstream: u\nupstreams:\n  u:\n    servers: [\"{be2}\"]\n"
+    );
+    std::fs::write(&b.config, new).unwrap();
+    let (ok, out) = cli(&b.config, "reload", &[]);
+    assert!(ok, "{out}");
+    let want =
+        format!("listeners added t2 (127.0.0.1:0); servers added u {be2}; servers removed u {be}");
+    assert!(out.contains(&want), "CLI line lacks {want:?}: {out}");
+    assert!(
+        b.log.wait_for(&["upgrade complete", &want], WAIT).is_some(),
+        "log lacks the changes"
+    );
+    let (ok, out) = cli(&b.config, "status", &["--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let last = v["upgrades"].as_array().unwrap().last().unwrap().clone();
+    assert!(
+        last["summary"].as_str().unwrap().contains(&want),
+        "status history lacks the changes: {last}"
+    );
+    // Nothing changed: said so.
+    let (ok, out) = cli(&b.config, "reload", &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("config unchanged"), "{out}");
+}

@@ -1,6 +1,7 @@
 //! The raw shape of `config.yaml`, exactly as serde reads it.
 //!
-//! Every struct rejects unknown keys. Values that validation may still refuse (addresses,
+//! Unknown keys are skipped here and reported, every one with its position, by
+//! `config::unknown` (serde's `deny_unknown_fields` would stop at the first). Values that validation may still refuse (addresses,
 //! durations, names of other sections) keep their source position through [`Spanned`], so an
 //! error can point at the line and column the operator has to fix.
 
@@ -13,7 +14,6 @@ pub type S<T> = Spanned<T>;
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct File {
     #[serde(default)]
     pub runtime: Runtime,
@@ -28,13 +28,12 @@ pub struct File {
 
 /// `runtime:` — process-wide settings.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Runtime {
     pub pid_file: Option<String>,
     pub control_socket: Option<String>,
     pub drain_timeout: Option<S<String>>,
     pub upgrade_timeout: Option<S<String>>,
-    pub worker_threads: Option<usize>,
+    pub worker_threads: Option<S<usize>>,
     /// Binary started on upgrade; default: the path this process was started from.
     pub binary: Option<String>,
     /// Worker processes: a number or `auto`.
@@ -47,7 +46,6 @@ pub struct Runtime {
 
 /// `runtime.worker_limits:`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct WorkerLimits {
     pub memory: Option<S<NumOrText>>,
     pub cpu: Option<S<f64>>,
@@ -88,14 +86,12 @@ impl<'de> Deserialize<'de> for NumOrText {
 
 /// `admin:` — the HTTP admin endpoint.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Admin {
     pub listen: S<String>,
 }
 
 /// `log:` — format and level.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Log {
     pub format: Option<S<String>>,
     pub level: Option<S<String>>,
@@ -106,7 +102,6 @@ pub struct Log {
 
 /// One entry of `listeners:`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Listener {
     pub listen: S<String>,
     pub protocol: Option<S<String>>,
@@ -122,7 +117,6 @@ pub struct Listener {
 
 /// One entry of `listeners.X.routes`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Route {
     pub host: Option<S<String>>,
     pub path_prefix: Option<S<String>>,
@@ -131,19 +125,19 @@ pub struct Route {
 
 /// `listeners.X.http:`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ListenerHttp {
     pub header_read_timeout: Option<S<String>>,
     pub request_timeout: Option<S<String>>,
     pub keepalive_timeout: Option<S<String>>,
-    pub max_header_bytes: Option<usize>,
-    pub max_body_bytes: Option<u64>,
+    /// A size: a number of bytes or `64KiB`.
+    pub max_header_bytes: Option<S<NumOrText>>,
+    /// A size; `0` = unlimited.
+    pub max_body_bytes: Option<S<NumOrText>>,
     pub preserve_host: Option<bool>,
 }
 
 /// One entry of `upstreams:`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Upstream {
     pub servers: S<Vec<S<ServerEntry>>>,
     pub balance: Option<S<String>>,
@@ -193,7 +187,6 @@ impl<'de> Deserialize<'de> for ServerEntry {
 
 /// The long form of a server.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ServerLong {
     pub addr: String,
     pub weight: Option<u32>,
@@ -201,7 +194,6 @@ pub struct ServerLong {
 
 /// `upstreams.X.health_check:`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     pub kind: Option<S<String>>,
     pub path: Option<String>,
@@ -213,7 +205,6 @@ pub struct HealthCheck {
 
 /// `upstreams.X.http:`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct UpstreamHttp {
     pub pool_idle_per_server: Option<usize>,
     pub response_timeout: Option<S<String>>,

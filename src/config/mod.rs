@@ -1,9 +1,12 @@
 //! Configuration: the YAML model (`file`), its validation (`validate`), and the typed,
 //! validated [`Config`] every other module reads. Plain data: depends on nothing else in baton.
 
+mod diff;
+mod dump;
 mod file;
 mod runtime;
 mod server_addr;
+mod unknown;
 mod validate;
 mod yaml_error;
 
@@ -14,10 +17,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use diff::{diff, ConfigDiff};
+pub use dump::format_duration;
 pub use validate::parse_duration;
 
 /// A validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file it was read from (as given, for error messages and reloads).
     pub source: PathBuf,
@@ -34,7 +39,7 @@ pub struct Config {
 }
 
 /// `runtime:` settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Runtime {
     /// Where the pid of the serving process is written; absolute.
     pub pid_file: PathBuf,
@@ -80,7 +85,7 @@ pub struct WorkerLimits {
 }
 
 /// `admin:` settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Admin {
     /// Address of the HTTP admin endpoint.
     pub listen: SocketAddr,
@@ -96,7 +101,7 @@ pub enum LogFormat {
 }
 
 /// `log:` settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Log {
     /// Text or JSON.
     pub format: LogFormat,
@@ -140,7 +145,7 @@ impl fmt::Display for Protocol {
 }
 
 /// One listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     /// Its name (the key under `listeners:`).
     pub name: String,
@@ -165,7 +170,7 @@ pub struct Listener {
 }
 
 /// One HTTP route.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     /// Exact host, or `*.suffix`; `None` matches any host.
     pub host: Option<String>,
@@ -176,7 +181,7 @@ pub struct Route {
 }
 
 /// HTTP settings of a listener.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerHttp {
     /// Time allowed to receive a request's headers (slowloris guard).
     pub header_read_timeout: Duration,
@@ -270,7 +275,7 @@ pub enum CheckKind {
 }
 
 /// Active health checks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthCheck {
     /// What a check does.
     pub kind: CheckKind,
@@ -294,7 +299,7 @@ pub enum UpstreamProtocol {
 }
 
 /// HTTP settings of an upstream.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamHttp {
     /// Idle pooled connections kept per server.
     pub pool_idle_per_server: usize,
@@ -315,7 +320,7 @@ impl Default for UpstreamHttp {
 }
 
 /// One upstream pool.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     /// Its name (the key under `upstreams:`).
     pub name: String,

@@ -13,12 +13,13 @@ pub(super) fn runtime(errs: &mut Errors, r: &file::Runtime, dir: &Path) -> Runti
             "runtime.drain_timeout",
             Duration::from_secs(30),
         ),
-        upgrade_timeout: errs.duration(
+        upgrade_timeout: errs.nonzero_duration(
             &r.upgrade_timeout,
             "runtime.upgrade_timeout",
             Duration::from_secs(10),
+            "every upgrade would be rolled back before its successor is ready",
         ),
-        worker_threads: r.worker_threads.unwrap_or(0),
+        worker_threads: worker_threads(errs, &r.worker_threads),
         binary: r.binary.as_deref().map(|b| resolve(dir, b)),
         workers: workers(errs, &r.workers),
         accept: errs.choice(
@@ -35,6 +36,41 @@ pub(super) fn runtime(errs: &mut Errors, r: &file::Runtime, dir: &Path) -> Runti
             .as_ref()
             .map(|l| worker_limits(errs, l))
             .unwrap_or_default(),
+    }
+}
+
+/// Most tokio worker threads: each is started at once with its own stack, and past one per
+/// core a proxy gains nothing (100,000 threads took minutes to start and never served).
+pub(super) const MAX_WORKER_THREADS: usize = 256;
+
+/// Smallest per-worker memory limit: a worker needs a few MiB to start, and below this it
+/// would be killed by the OOM killer and restarted in a loop.
+pub(super) const MIN_WORKER_MEMORY: u64 = 16 << 20;
+
+/// Smallest per-worker open-file limit: listeners, the control channel, logs and a few
+/// connections need this many.
+pub(super) const MIN_WORKER_NOFILE: u64 = 64;
+
+/// Smallest per-worker process/thread limit: tokio's threads and the runtime's blocking pool.
+pub(super) const MIN_WORKER_PIDS: u64 = 8;
+
+/// `runtime.worker_threads`: 0 (one per core) up to [`MAX_WORKER_THREADS`].
+fn worker_threads(errs: &mut Errors, w: &Option<S<usize>>) -> usize {
+    match w {
+        None => 0,
+        Some(n) if n.value > MAX_WORKER_THREADS => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            errs.at(
+                n,
+                "runtime.worker_threads",
+                format!(
+                    "at most {MAX_WORKER_THREADS}: every thread starts at once with its own stack, \
+                     and more threads than cores ({cores} here) serve no faster (0 = one per core)"
+                ),
+            );
+            0
+        }
+        Some(n) => n.value,
     }
 }
 
@@ -58,11 +94,19 @@ fn workers(errs: &mut Errors, w: &Option<S<file::NumOrText>>) -> usize {
 }
 
 fn worker_limits(errs: &mut Errors, l: &file::WorkerLimits) -> WorkerLimits {
-    let memory = l.memory.as_ref().and_then(|m| match &m.value {
-        file::NumOrText::Num(n) => Some(*n),
-        file::NumOrText::Text(t) => parse_size(t)
-            .map_err(|e| errs.at(m, "runtime.worker_limits.memory", e))
-            .ok(),
+    let memory = l.memory.as_ref().and_then(|m| {
+        let path = "runtime.worker_limits.memory";
+        let n = errs.size(m, path)?;
+        if n < MIN_WORKER_MEMORY {
+            errs.at(
+                m,
+                path,
+                "must be at least 16MiB: a worker needs a few MiB to start, and below this it \
+                 would be killed and restarted in a loop",
+            );
+            return None;
+        }
+        Some(n)
     });
     let cpu = l.cpu.as_ref().and_then(|c| {
         if c.value.is_finite() && c.value > 0.0 && c.value <= 4096.0 {
@@ -76,10 +120,10 @@ fn worker_limits(errs: &mut Errors, l: &file::WorkerLimits) -> WorkerLimits {
             None
         }
     });
-    let positive = |errs: &mut Errors, v: &Option<S<u64>>, path: &str| {
+    let floor = |errs: &mut Errors, v: &Option<S<u64>>, path: &str, min: u64, why: &str| {
         v.as_ref().and_then(|n| {
-            if n.value == 0 {
-                errs.at(n, path, "must be at least 1");
+            if n.value < min {
+                errs.at(n, path, format!("must be at least {min}: {why}"));
                 None
             } else {
                 Some(n.value)
@@ -89,35 +133,77 @@ fn worker_limits(errs: &mut Errors, l: &file::WorkerLimits) -> WorkerLimits {
     WorkerLimits {
         memory,
         cpu,
-        pids: positive(errs, &l.pids, "runtime.worker_limits.pids"),
-        nofile: positive(errs, &l.nofile, "runtime.worker_limits.nofile"),
+        pids: floor(
+            errs,
+            &l.pids,
+            "runtime.worker_limits.pids",
+            MIN_WORKER_PIDS,
+            "a worker's runtime threads need them",
+        ),
+        nofile: floor(
+            errs,
+            &l.nofile,
+            "runtime.worker_limits.nofile",
+            MIN_WORKER_NOFILE,
+            "listeners, logs and the supervisor's channel need them before any connection",
+        ),
     }
 }
 
-/// Parses a size such as `512MiB`, `1GiB`, `64M` (binary units) or `1000000` (bytes).
+/// Parses a size such as `512MiB`, `1.5GiB`, `64M` (binary units), `1MB` (decimal units) or
+/// `1000000` (bytes).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
+    let n: f64 = num
         .parse()
-        .map_err(|_| format!("invalid size {s:?} (expected e.g. 512MiB)"))?;
+        .ok()
+        .filter(|n: &f64| n.is_finite())
+        .ok_or_else(|| format!("invalid size {s:?} (expected e.g. 512MiB or 1.5GiB)"))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "K" | "KiB" | "k" => 1 << 10,
         "M" | "MiB" => 1 << 20,
         "G" | "GiB" => 1 << 30,
-        "KB" => 1000,
+        "T" | "TiB" => 1 << 40,
+        "KB" | "kB" => 1000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
         other => {
             return Err(format!(
-                "unknown size unit {other:?} in {s:?} (use B, KiB, MiB or GiB)"
+                "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB or TiB, or KB, MB, GB)"
             ))
         }
     };
-    match n.checked_mul(mult) {
-        Some(0) | None => Err(format!("size {s:?} is out of range")),
-        Some(v) => Ok(v),
+    let v = n * mult as f64;
+    if v < 1.0 || v >= u64::MAX as f64 {
+        return Err(format!("size {s:?} is out of range"));
+    }
+    if v.fract() != 0.0 {
+        return Err(format!("size {s:?} is not a whole number of bytes"));
+    }
+    Ok(v as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1MB"), Ok(1_000_000));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1.5").is_err());
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("GiB").is_err());
+        assert!(parse_size("1e400GiB").is_err());
     }
 }

@@ -3,7 +3,7 @@
 //! `file:line:column: key.path: what is wrong`.
 
 use super::file::{self, S};
-use super::runtime::runtime;
+use super::runtime::{parse_size, runtime};
 use super::server_addr::{parse_server_addr, MIN_RESOLVE};
 use super::yaml_error::read_yaml;
 use super::*;
@@ -46,6 +46,23 @@ impl Errors<'_> {
         }
     }
 
+    /// A duration that must be above zero: at zero `run` would spin, panic (a zero interval),
+    /// or fail every attempt (a zero timeout). `why` says what zero would do.
+    pub(super) fn nonzero_duration(
+        &mut self,
+        v: &Option<S<String>>,
+        path: &str,
+        default: Duration,
+        why: &str,
+    ) -> Duration {
+        let d = self.duration(v, path, default);
+        if let (Some(s), true) = (v, d.is_zero()) {
+            self.at(s, path, format!("must be above 0 ({why})"));
+            return default;
+        }
+        d
+    }
+
     /// A duration where `0` means "no limit".
     pub(super) fn opt_duration(
         &mut self,
@@ -59,6 +76,26 @@ impl Errors<'_> {
                 let d = self.duration(v, path, Duration::ZERO);
                 (!d.is_zero()).then_some(d)
             }
+        }
+    }
+
+    /// A size (`65536`, `64KiB`, `1.5GiB`); `None` after reporting an error.
+    pub(super) fn size(&mut self, v: &S<super::file::NumOrText>, path: &str) -> Option<u64> {
+        match &v.value {
+            super::file::NumOrText::Num(n) => Some(*n),
+            super::file::NumOrText::Text(t) => parse_size(t).map_err(|e| self.at(v, path, e)).ok(),
+        }
+    }
+
+    /// A size where `0` is allowed (it means "no limit").
+    pub(super) fn size_or_zero(
+        &mut self,
+        v: &S<super::file::NumOrText>,
+        path: &str,
+    ) -> Option<u64> {
+        match &v.value {
+            super::file::NumOrText::Text(t) if t.trim() == "0" => Some(0),
+            _ => self.size(v, path),
         }
     }
 
@@ -124,6 +161,38 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// The levels a log filter may name.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Smallest `max_header_bytes`: below it, ordinary browser requests are refused.
+const MIN_HEADER_BYTES: u64 = 1024;
+
+/// Checks a `log.level` filter: `info`, or `warn,baton=debug` (comma-separated, each a level or
+/// `target=level`). tracing's own parser takes a bare word such as `inof` as a target name at
+/// level trace, which turns every other line off, errors included; here it is refused.
+pub(super) fn check_log_filter(s: &str) -> Result<(), String> {
+    let level_ok = |l: &str| LEVELS.contains(&l.trim().to_ascii_lowercase().as_str());
+    let expect = "expected a level (trace, debug, info, warn, error, off) or target=level, comma-separated, like warn,baton=debug";
+    if s.trim().is_empty() {
+        return Err(format!("empty filter: {expect}"));
+    }
+    for d in s.split(',') {
+        let d = d.trim();
+        let ok = match d.rsplit_once('=') {
+            // A span filter (`target[span{field=x}]=level`) is passed on as tracing reads it.
+            _ if d.contains('[') => true,
+            Some((target, level)) => !target.trim().is_empty() && level_ok(level),
+            None => level_ok(d),
+        };
+        if !ok {
+            return Err(format!("bad filter directive {d:?}: {expect}"));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| ())
+        .map_err(|e| format!("bad filter {s:?}: {e}"))
+}
+
 /// Parses `ip:port`; hostnames are refused (listeners and the admin endpoint bind, and binding
 /// a name would make the address depend on DNS at start).
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -142,10 +211,13 @@ pub(super) fn resolve(base: &Path, p: &str) -> PathBuf {
 
 /// Parses and validates a whole configuration text.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let raw = read_yaml(path, text)?;
+    let (raw, unknown) = read_yaml(path, text)?;
     let mut errs = Errors {
         file: path,
-        list: Vec::new(),
+        list: unknown
+            .into_iter()
+            .map(|(l, c, m)| (l, c, format!("{}:{m}", path.display())))
+            .collect(),
     };
     let dir = path
         .parent()
@@ -195,8 +267,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         file: raw.log.file.as_deref().map(|f| resolve(&dir, f)),
     };
     if let Some(l) = &raw.log.level {
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&l.value) {
-            errs.at(l, "log.level", format!("bad level {:?}: {e}", l.value));
+        if let Err(e) = check_log_filter(&l.value) {
+            errs.at(l, "log.level", e);
         }
     }
 
@@ -327,12 +399,18 @@ fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>) -> Upstream {
         let fall = count(&h.fall, "fall", 3);
         HealthCheck {
             kind,
-            interval: errs.duration(
+            interval: errs.nonzero_duration(
                 &h.interval,
                 &format!("{hp}.interval"),
                 Duration::from_secs(2),
+                "servers would be checked without pause",
             ),
-            timeout: errs.duration(&h.timeout, &format!("{hp}.timeout"), Duration::from_secs(1)),
+            timeout: errs.nonzero_duration(
+                &h.timeout,
+                &format!("{hp}.timeout"),
+                Duration::from_secs(1),
+                "every check would time out and mark its server down",
+            ),
             rise,
             fall,
         }
@@ -371,19 +449,21 @@ fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>) -> Upstream {
             ],
             Balance::RoundRobin,
         ),
-        connect_timeout: errs.duration(
+        connect_timeout: errs.nonzero_duration(
             &raw.connect_timeout,
             &format!("{p}.connect_timeout"),
             Duration::from_secs(2),
+            "every connect would time out",
         ),
         resolve,
         retries: raw.retries.unwrap_or(2),
         health_check,
         eject_after: raw.eject_after.unwrap_or(3),
-        eject_for: errs.duration(
+        eject_for: errs.nonzero_duration(
             &raw.eject_for,
             &format!("{p}.eject_for"),
             Duration::from_secs(10),
+            "an ejection would end at once; set eject_after: 0 to turn ejection off",
         ),
         http: http.unwrap_or_default(),
     }
@@ -473,10 +553,11 @@ fn listener(
             let d = ListenerHttp::default();
             let hp = format!("{p}.http");
             ListenerHttp {
-                header_read_timeout: errs.duration(
+                header_read_timeout: errs.nonzero_duration(
                     &h.header_read_timeout,
                     &format!("{hp}.header_read_timeout"),
                     d.header_read_timeout,
+                    "every request would time out before its head arrived",
                 ),
                 request_timeout: errs.opt_duration(
                     &h.request_timeout,
@@ -488,8 +569,28 @@ fn listener(
                     &format!("{hp}.keepalive_timeout"),
                     d.keepalive_timeout,
                 ),
-                max_header_bytes: h.max_header_bytes.unwrap_or(d.max_header_bytes),
-                max_body_bytes: h.max_body_bytes.filter(|b| *b > 0),
+                max_header_bytes: h
+                    .max_header_bytes
+                    .as_ref()
+                    .and_then(|m| {
+                        let path = format!("{hp}.max_header_bytes");
+                        let n = errs.size(m, &path)?;
+                        if n < MIN_HEADER_BYTES {
+                            errs.at(
+                                m,
+                                &path,
+                                format!("must be at least {MIN_HEADER_BYTES} (1KiB): a smaller limit refuses ordinary requests"),
+                            );
+                            return None;
+                        }
+                        usize::try_from(n).ok()
+                    })
+                    .unwrap_or(d.max_header_bytes),
+                max_body_bytes: h
+                    .max_body_bytes
+                    .as_ref()
+                    .and_then(|m| errs.size_or_zero(m, &format!("{hp}.max_body_bytes")))
+                    .filter(|b| *b > 0),
                 preserve_host: h.preserve_host.unwrap_or(d.preserve_host),
             }
         }
@@ -532,5 +633,21 @@ mod tests {
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn log_filters() {
+        for ok in [
+            "info",
+            "WARN",
+            "warn,baton=debug",
+            "baton::access=off",
+            "off",
+        ] {
+            assert_eq!(check_log_filter(ok), Ok(()), "{ok}");
+        }
+        for bad in ["inof", "", "baton=loud", "=info", "info,"] {
+            assert!(check_log_filter(bad).is_err(), "{bad}");
+        }
     }
 }

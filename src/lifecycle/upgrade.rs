@@ -42,6 +42,8 @@ pub struct UpgradeReport {
     pub closed_at_deadline: usize,
     /// From trigger to the end of the old process's work.
     pub millis: u64,
+    /// What changed in the configuration (`config::diff`), if the file could be read.
+    pub changes: Option<String>,
 }
 
 impl UpgradeReport {
@@ -52,7 +54,7 @@ impl UpgradeReport {
              {} finished in the old process, {} closed at the drain deadline, {} ms",
             self.old_pid, self.new_pid, self.listeners, self.tunnels, self.idle_http,
             self.finished_in_old, self.closed_at_deadline, self.millis
-        )
+        ) + &self.changes.as_ref().map(|c| format!("; {c}")).unwrap_or_default()
     }
 }
 
@@ -413,6 +415,10 @@ async fn hand_over(
         finished_in_old,
         closed_at_deadline,
         millis: started.elapsed().as_millis() as u64,
+        // The successor read the same file: what changed goes in the summary.
+        changes: Config::load(&p.opts.config_path)
+            .ok()
+            .map(|new| crate::config::diff(&p.cfg, &new).to_string()),
     };
     p.history.push(UpgradeRecord {
         at_ms: crate::registry::now_ms(),
