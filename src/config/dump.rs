@@ -139,6 +139,16 @@ fn log(l: &Log) -> Y {
     if let Some(f) = &l.file {
         m.push(("file", path(f)));
     }
+    if let Some(f) = &l.access_file {
+        m.push(("access_file", path(f)));
+    }
+    m.push((
+        "access_format",
+        text(match l.access_format {
+            AccessFormat::Combined => "combined",
+            AccessFormat::Json => "json",
+        }),
+    ));
     Y::Map(m)
 }
 
@@ -313,7 +323,7 @@ mod tests {
         let text = "
 runtime: {drain_timeout: 90s, workers: 2, worker_limits: {memory: 1.5GiB, cpu: 1.5}}
 admin: {listen: 127.0.0.1:9901}
-log: {level: warn, format: json}
+log: {level: warn, format: json, access_file: a.log, access_format: combined}
 listeners:
   web:
     listen: 127.0.0.1:8080
