@@ -122,6 +122,20 @@ pub struct IdleHttpState {
     pub read_ahead: Vec<u8>,
 }
 
+/// An HTTP/1.1 client connection stopped in any phase: its sockets and the engine's state
+/// (phase, buffers, framing, request metadata), which the successor resumes from.
+#[derive(Debug)]
+pub struct HttpState {
+    /// Metadata and counters.
+    pub meta: ConnMeta,
+    /// The client socket.
+    pub client: std::net::TcpStream,
+    /// The upstream socket of the request in flight, if one is attached.
+    pub upstream: Option<std::net::TcpStream>,
+    /// Everything else, as plain data.
+    pub state: crate::proxy::http::h1::state::State,
+}
+
 /// What a connection holds when stopped for a handover.
 #[derive(Debug)]
 pub enum Parked {
@@ -129,6 +143,8 @@ pub enum Parked {
     Tunnel(TunnelState),
     /// An idle HTTP/1.1 keep-alive connection.
     IdleHttp(IdleHttpState),
+    /// An HTTP/1.1 connection in any phase (boxed: it is larger than the others).
+    Http(Box<HttpState>),
 }
 
 impl Parked {
@@ -137,6 +153,7 @@ impl Parked {
         match self {
             Parked::Tunnel(t) => &t.meta,
             Parked::IdleHttp(h) => &h.meta,
+            Parked::Http(h) => &h.meta,
         }
     }
 }

@@ -4,20 +4,28 @@
 #![allow(clippy::unwrap_used)]
 mod http_support;
 use baton::proxy;
-use baton::registry::{ConnKind, IdleHttpState, Parked};
+use baton::registry::{ConnKind, Parked};
 use http_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Resumes a connection parked with at most `GET /headers HTTP/1.1\r\nHo` read ahead, sends
 /// the rest of that head, and returns the body of the 200 that must come back.
-async fn resume_half_sent(st: &Setup, h: IdleHttpState, c: &mut TcpStream) -> String {
-    let read_ahead = String::from_utf8_lossy(&h.read_ahead).into_owned();
+async fn resume_half_sent(st: &Setup, parked: Parked, c: &mut TcpStream) -> String {
+    let read_ahead = match &parked {
+        Parked::IdleHttp(h) => String::from_utf8_lossy(&h.read_ahead).into_owned(),
+        Parked::Http(h) => {
+            assert_eq!(h.state.phase, baton::proxy::http::h1::state::Phase::Head);
+            assert!(h.upstream.is_none());
+            String::from_utf8_lossy(&h.state.cbuf).into_owned()
+        }
+        Parked::Tunnel(_) => panic!("expected an http connection"),
+    };
     assert!(
         read_ahead.is_empty() || "GET /headers HTTP/1.1\r\nHo".starts_with(&read_ahead),
         "{read_ahead:?}"
     );
-    proxy::resume(st.ctx.clone(), Parked::IdleHttp(h)).await;
+    proxy::resume(st.ctx.clone(), parked).await;
     c.write_all(b"st: resumed.test\r\n\r\n").await.unwrap();
     let (head, body) = read_response(c).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -75,23 +83,23 @@ async fn idle_connection_parks_with_read_ahead_and_resumes() {
         .await
         .unwrap()
         .unwrap();
-    let Parked::IdleHttp(h) = parked else {
-        panic!("expected an idle http connection")
-    };
-    assert_eq!(h.meta.kind, ConnKind::Http);
+    assert_eq!(parked.meta().kind, ConnKind::Http);
     // The handle deregisters right after sending the parked value.
     tokio::time::timeout(WAIT, st.registry.wait_empty())
         .await
         .unwrap();
-    let body = resume_half_sent(&st, h, &mut c).await;
+    let body = resume_half_sent(&st, parked, &mut c).await;
     assert!(
         body.contains("uri: /headers\n") && body.contains("host: resumed.test\n"),
         "{body}"
     );
 }
 
+/// A connection in the middle of a response parks as it is (client and upstream sockets, both
+/// buffers, the framing) and the resumed connection finishes that same response byte for byte,
+/// then serves the next request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn busy_connection_finishes_its_response_then_parks() {
+async fn busy_connection_parks_mid_response_and_resumes_it() {
     let mut st = setup("").await;
     let mut c = TcpStream::connect(st.addr).await.unwrap();
     let size = 8 * 1024 * 1024;
@@ -101,7 +109,23 @@ async fn busy_connection_finishes_its_response_then_parks() {
     let mut first = [0u8; 1];
     c.read_exact(&mut first).await.unwrap();
     st.registry.park_all();
-    // Still serving: the rest of the response arrives, without `connection: close`.
+    let parked = tokio::time::timeout(WAIT, st.parked.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Parked::Http(h) = &parked else {
+        panic!("expected an http connection in flight")
+    };
+    assert_eq!(
+        h.state.phase,
+        baton::proxy::http::h1::state::Phase::Exchange
+    );
+    assert!(h.upstream.is_some(), "the upstream socket moves with it");
+    tokio::time::timeout(WAIT, st.registry.wait_empty())
+        .await
+        .unwrap();
+    proxy::resume(st.ctx.clone(), parked).await;
+    // The rest of the same response arrives, without `connection: close`.
     let mut buf = vec![0u8; 65536];
     let mut full = first.to_vec();
     loop {
@@ -109,6 +133,7 @@ async fn busy_connection_finishes_its_response_then_parks() {
             if full.len() >= end + 4 + size {
                 let head = String::from_utf8_lossy(&full[..end]).to_ascii_lowercase();
                 assert!(!head.contains("connection: close"), "{head}");
+                assert_eq!(full.len(), end + 4 + size, "nothing more than the body");
                 break;
             }
         }
@@ -119,12 +144,6 @@ async fn busy_connection_finishes_its_response_then_parks() {
         assert!(n > 0);
         full.extend_from_slice(&buf[..n]);
     }
-    let parked = tokio::time::timeout(WAIT, st.parked.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(matches!(parked, Parked::IdleHttp(_)));
-    proxy::resume(st.ctx.clone(), parked).await;
     c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
@@ -177,9 +196,6 @@ async fn released_idle_connection_serves_and_parks() {
         .await
         .unwrap()
         .unwrap();
-    let Parked::IdleHttp(h) = parked else {
-        panic!("expected an idle http connection")
-    };
-    let body = resume_half_sent(&st, h, &mut c).await;
+    let body = resume_half_sent(&st, parked, &mut c).await;
     assert!(body.contains("host: resumed.test\n"), "{body}");
 }

@@ -134,6 +134,9 @@ pub struct ListenerHttp {
     /// A size; `0` = unlimited.
     pub max_body_bytes: Option<S<NumOrText>>,
     pub preserve_host: Option<bool>,
+    pub max_uri_bytes: Option<usize>,
+    pub body_timeout: Option<S<String>>,
+    pub upgrade_protocols: Option<Vec<String>>,
 }
 
 /// One entry of `upstreams:`.

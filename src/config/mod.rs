@@ -195,6 +195,12 @@ pub struct ListenerHttp {
     pub max_body_bytes: Option<u64>,
     /// Forward the client's Host header (otherwise the server's address).
     pub preserve_host: bool,
+    /// Longest request line accepted (414 above).
+    pub max_uri_bytes: usize,
+    /// Longest pause between two reads of a request body (408 after it); `None` = none.
+    pub body_timeout: Option<Duration>,
+    /// `Upgrade` protocols that may start a tunnel (lower case).
+    pub upgrade_protocols: Vec<String>,
 }
 
 impl Default for ListenerHttp {
@@ -206,6 +212,9 @@ impl Default for ListenerHttp {
             max_header_bytes: 65536,
             max_body_bytes: None,
             preserve_host: true,
+            max_uri_bytes: 8192,
+            body_timeout: Some(Duration::from_secs(60)),
+            upgrade_protocols: vec!["websocket".to_string()],
         }
     }
 }

@@ -592,6 +592,17 @@ fn listener(
                     .and_then(|m| errs.size_or_zero(m, &format!("{hp}.max_body_bytes")))
                     .filter(|b| *b > 0),
                 preserve_host: h.preserve_host.unwrap_or(d.preserve_host),
+                max_uri_bytes: h.max_uri_bytes.unwrap_or(d.max_uri_bytes).max(64),
+                body_timeout: errs.opt_duration(
+                    &h.body_timeout,
+                    &format!("{hp}.body_timeout"),
+                    d.body_timeout,
+                ),
+                upgrade_protocols: h
+                    .upgrade_protocols
+                    .as_ref()
+                    .map(|v| v.iter().map(|p| p.to_ascii_lowercase()).collect())
+                    .unwrap_or(d.upgrade_protocols),
             }
         }
     };

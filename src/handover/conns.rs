@@ -11,7 +11,8 @@ use super::channel::{Channel, Received};
 use super::handshake::unexpected;
 use super::message::{ConnEntry, HalfEntry, Message, MAX_BULK, MAX_FDS};
 use super::HandoverError;
-use crate::registry::{IdleHttpState, Parked, PendingHalf, TunnelState};
+use crate::proxy::http::h1::state::State;
+use crate::registry::{HttpState, IdleHttpState, Parked, PendingHalf, TunnelState};
 use rustix::net::{sockopt, AddressFamily, SocketType};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -43,6 +44,7 @@ fn fd_count(p: &Parked) -> usize {
     match p {
         Parked::Tunnel(_) => 2,
         Parked::IdleHttp(_) => 1,
+        Parked::Http(h) => 1 + usize::from(h.upstream.is_some()),
     }
 }
 
@@ -50,6 +52,7 @@ fn bulk_len(p: &Parked) -> u64 {
     match p {
         Parked::Tunnel(t) => (t.to_upstream.bytes.len() + t.to_client.bytes.len()) as u64,
         Parked::IdleHttp(h) => h.read_ahead.len() as u64,
+        Parked::Http(h) => h.state.buffers().iter().map(|b| b.len() as u64).sum(),
     }
 }
 
@@ -84,6 +87,15 @@ pub async fn send_conns(
                 Parked::IdleHttp(h) => {
                     fds.push(h.client.as_fd());
                     bulk.extend_from_slice(&h.read_ahead);
+                }
+                Parked::Http(h) => {
+                    fds.push(h.client.as_fd());
+                    if let Some(u) = &h.upstream {
+                        fds.push(u.as_fd());
+                    }
+                    for b in h.state.buffers() {
+                        bulk.extend_from_slice(b);
+                    }
                 }
             }
         }
@@ -135,6 +147,29 @@ pub fn recv_conns(received: Received) -> Result<Vec<Parked>, HandoverError> {
                 client: take_stream(&mut fds)?,
                 read_ahead: bulk.take(read_ahead)?.to_vec(),
             }),
+            ConnEntry::Http { meta, state } => {
+                let client = take_stream(&mut fds)?;
+                let upstream = if state.has_upstream {
+                    Some(take_stream(&mut fds)?)
+                } else {
+                    None
+                };
+                let len = state
+                    .lens
+                    .iter()
+                    .try_fold(0u64, |a, l| a.checked_add(*l))
+                    .ok_or(HandoverError::Truncated { what: "bulk" })?;
+                let bytes = bulk.take(len)?;
+                let state = State::from_wire(*state, bytes).ok_or(HandoverError::BadHeader(
+                    "http connection state does not match its buffers",
+                ))?;
+                Parked::Http(Box::new(HttpState {
+                    meta,
+                    client,
+                    upstream,
+                    state,
+                }))
+            }
         };
         out.push(parked);
     }

@@ -79,6 +79,14 @@ pub enum ConnEntry {
         /// Number of read-ahead bytes in the bulk section.
         read_ahead: u64,
     },
+    /// An HTTP/1.1 connection in any phase: the client fd (and the upstream fd when
+    /// `state.has_upstream`), then its four buffers in the bulk section.
+    Http {
+        /// Metadata and counters.
+        meta: ConnMeta,
+        /// The engine's state without its buffers (boxed: larger than the other entries).
+        state: Box<crate::proxy::http::h1::state::Wire>,
+    },
 }
 
 impl ConnEntry {
@@ -99,6 +107,10 @@ impl ConnEntry {
                 meta: h.meta.clone(),
                 read_ahead: h.read_ahead.len() as u64,
             },
+            Parked::Http(h) => ConnEntry::Http {
+                meta: h.meta.clone(),
+                state: Box::new(h.state.to_wire(h.upstream.is_some())),
+            },
         }
     }
 
@@ -107,6 +119,7 @@ impl ConnEntry {
         match self {
             ConnEntry::Tunnel { .. } => 2,
             ConnEntry::IdleHttp { .. } => 1,
+            ConnEntry::Http { state, .. } => 1 + usize::from(state.has_upstream),
         }
     }
 
@@ -119,13 +132,18 @@ impl ConnEntry {
                 ..
             } => to_upstream.pending.checked_add(to_client.pending),
             ConnEntry::IdleHttp { read_ahead, .. } => Some(*read_ahead),
+            ConnEntry::Http { state, .. } => {
+                state.lens.iter().try_fold(0u64, |a, l| a.checked_add(*l))
+            }
         }
     }
 
     /// The connection's metadata.
     pub fn meta(&self) -> &ConnMeta {
         match self {
-            ConnEntry::Tunnel { meta, .. } | ConnEntry::IdleHttp { meta, .. } => meta,
+            ConnEntry::Tunnel { meta, .. }
+            | ConnEntry::IdleHttp { meta, .. }
+            | ConnEntry::Http { meta, .. } => meta,
         }
     }
 }

@@ -202,10 +202,8 @@ async fn collect_prompt(p: &mut Process, asked: &HashSet<u64>, limit: Duration) 
             .snapshot()
             .into_iter()
             .filter(|c| asked.contains(&c.id))
-            .any(|c| {
-                matches!(c.kind(), ConnKind::Tcp | ConnKind::Tunnel)
-                    || c.state() == crate::registry::ConnState::Idle
-            });
+            // Every connection but HTTP/2 parks wherever it is; h2 ones finish here.
+            .any(|c| c.kind() != ConnKind::Http2);
         if !waiting {
             // Take what is already queued, then stop.
             while let Ok(c) = p.parked_rx.try_recv() {
@@ -225,7 +223,7 @@ fn count_kinds(conns: &[Parked], tunnels: &mut usize, idle: &mut usize) {
     for c in conns {
         match c {
             Parked::Tunnel(_) => *tunnels += 1,
-            Parked::IdleHttp(_) => *idle += 1,
+            Parked::IdleHttp(_) | Parked::Http(_) => *idle += 1,
         }
     }
 }

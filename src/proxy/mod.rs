@@ -31,8 +31,10 @@ pub struct ListenerCtx {
     pub lm: crate::metrics::ListenerHandle,
     /// Caps live connections at `max_connections`; accepting waits for a permit.
     pub limit: Arc<Semaphore>,
-    /// Idle upstream HTTP connections of this listener (HTTP listeners only).
+    /// Idle upstream HTTP connections of this listener for h2c clients (hyper).
     pub http_pool: Arc<http::pool::Pool>,
+    /// Idle upstream HTTP/1.1 connections of this listener's engine (raw sockets).
+    pub h1_pool: Arc<http::h1::pool::RawPool>,
     /// The idle watcher of released keep-alive connections (HTTP listeners), started by the
     /// first release; `None` inside if it could not be created.
     pub idle_watcher: std::sync::OnceLock<Option<Arc<http::idle::Watcher>>>,
@@ -50,6 +52,7 @@ impl ListenerCtx {
             name: cfg.name.as_str().into(),
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             http_pool: Arc::default(),
+            h1_pool: Arc::default(),
             idle_watcher: std::sync::OnceLock::new(),
             lm: metrics.listener(&cfg.name),
             cfg,
@@ -57,6 +60,19 @@ impl ListenerCtx {
             registry,
             metrics,
         })
+    }
+}
+
+impl ListenerCtx {
+    /// Whether HTTP/1.1 clients of this listener are served by hyper rather than baton's
+    /// engine: only while a route can reach an h2c upstream (the engine speaks HTTP/1.1 to
+    /// upstreams).
+    pub fn http1_on_hyper(&self) -> bool {
+        let reach = std::iter::once(self.cfg.upstream.as_str())
+            .chain(self.cfg.routes.iter().map(|r| r.upstream.as_str()));
+        reach
+            .filter_map(|u| self.upstreams.get(u))
+            .any(|u| u.config().http.protocol == config::UpstreamProtocol::H2c)
     }
 }
 
@@ -146,6 +162,9 @@ pub async fn resume(ctx: Arc<ListenerCtx>, parked: Parked) {
         }
         Parked::IdleHttp(h) => {
             tokio::spawn(http::resume(ctx, h, permit));
+        }
+        Parked::Http(h) => {
+            tokio::spawn(http::resume_http(ctx, h, permit));
         }
     }
 }

@@ -166,6 +166,19 @@ pub fn parse_traceparent(v: &str) -> Option<&str> {
     ok.then_some(trace)
 }
 
+/// A new `traceparent` value (random trace and span ids, sampled) and its trace id.
+pub fn new_traceparent() -> (TraceId, [u8; 55]) {
+    let (trace, span): (u128, u64) = rand::random();
+    let (trace, span) = (trace.max(1), span.max(1));
+    let mut value = [0u8; 55];
+    value[..3].copy_from_slice(b"00-");
+    put_hex(&mut value[3..35], trace);
+    value[35] = b'-';
+    put_hex(&mut value[36..52], u128::from(span));
+    value[52..].copy_from_slice(b"-01");
+    (TraceId::from_hex(&value[3..35]), value)
+}
+
 /// Keeps a valid incoming `traceparent`, or sets a new one (random trace and span ids, sampled);
 /// returns the trace id for the access log.
 pub fn trace_context(headers: &mut HeaderMap) -> TraceId {
@@ -177,17 +190,7 @@ pub fn trace_context(headers: &mut HeaderMap) -> TraceId {
     {
         return TraceId::from_hex(id.as_bytes());
     }
-    // One draw from the thread's generator for both ids.
-    let (trace, span): (u128, u64) = rand::random();
-    let (trace, span) = (trace.max(1), span.max(1));
-    // "00-" trace (32 hex) "-" span (16 hex) "-01", written on the stack: one allocation.
-    let mut value = [0u8; 55];
-    value[..3].copy_from_slice(b"00-");
-    put_hex(&mut value[3..35], trace);
-    value[35] = b'-';
-    put_hex(&mut value[36..52], u128::from(span));
-    value[52..].copy_from_slice(b"-01");
-    let id = TraceId::from_hex(&value[3..35]);
+    let (id, value) = new_traceparent();
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&value)) {
         headers.insert(tp, v);
     }
@@ -199,7 +202,8 @@ pub fn trace_context(headers: &mut HeaderMap) -> TraceId {
 pub struct TraceId([u8; 32]);
 
 impl TraceId {
-    fn from_hex(hex: &[u8]) -> TraceId {
+    /// A trace id from (up to) 32 hex digits.
+    pub fn from_hex(hex: &[u8]) -> TraceId {
         let mut id = [b'0'; 32];
         let n = hex.len().min(32);
         id[..n].copy_from_slice(&hex[..n]);

@@ -12,10 +12,14 @@
 mod body;
 mod errors;
 mod forward;
+mod framing;
+pub mod h1;
 mod h2;
+mod head;
 mod headers;
 pub mod idle;
 mod io;
+mod path;
 pub mod pool;
 mod route;
 mod server;
@@ -23,7 +27,7 @@ mod service;
 mod shared;
 
 use super::ListenerCtx;
-use crate::registry::{now_ms, ConnKind, IdleHttpState};
+use crate::registry::{now_ms, ConnKind, HttpState, IdleHttpState};
 use bytes::BytesMut;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -81,4 +85,58 @@ pub fn resume(
     let _ = stream.set_nodelay(true);
     let read_ahead = BytesMut::from(&h.read_ahead[..]);
     Either::Right(server::serve(ctx, conn, stream, read_ahead, permit))
+}
+
+/// Resumes an HTTP/1.1 connection parked in any phase, from exactly where it stopped.
+pub fn resume_http(
+    ctx: Arc<ListenerCtx>,
+    h: Box<HttpState>,
+    permit: OwnedSemaphorePermit,
+) -> impl Future<Output = ()> + Send + 'static {
+    let h = *h;
+    let conn = ctx.registry.register(
+        ctx.name.clone(),
+        h.meta.client,
+        ConnKind::Http,
+        h.meta.started_ms,
+    );
+    let stats = conn.stats();
+    stats.bytes_in.store(h.meta.bytes_in, Ordering::Relaxed);
+    stats.bytes_out.store(h.meta.bytes_out, Ordering::Relaxed);
+    stats.set_server(h.meta.server);
+    let to_tokio = |s: std::net::TcpStream| {
+        s.set_nonblocking(true)?;
+        let s = TcpStream::from_std(s)?;
+        let _ = s.set_nodelay(true);
+        Ok::<_, std::io::Error>(s)
+    };
+    let client = match to_tokio(h.client) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(client = %h.meta.client, error = %e, "cannot resume http connection");
+            return Either::Left(std::future::ready(()));
+        }
+    };
+    let mut st = h.state;
+    let up = match (h.upstream.map(to_tokio), h.meta.server) {
+        (Some(Ok(s)), Some(addr)) => Some(h1::Upstream {
+            stream: s,
+            addr,
+            guard: None,
+        }),
+        (None, _) => None,
+        _ => {
+            // The upstream socket cannot be used here: start the attempt again if it may be.
+            if st.phase == h1::state::Phase::Exchange {
+                st.phase = h1::state::Phase::Connect;
+            }
+            None
+        }
+    };
+    let c = h1::Conn { client, up, st };
+    Either::Right(async move {
+        if let h1::End::Idle(conn, stream) = Box::pin(h1::run(ctx.clone(), conn, c)).await {
+            server::serve(ctx, conn, stream, BytesMut::new(), permit).await;
+        }
+    })
 }

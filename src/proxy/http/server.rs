@@ -20,6 +20,7 @@
 
 use super::errors::RAW_408;
 use super::forward::Tunnel;
+use super::h1;
 use super::idle;
 use super::io::PrefixedIo;
 use super::service::{Svc, SvcCtx};
@@ -54,6 +55,8 @@ pub async fn serve(
     let stats = conn.stats().clone();
     stats.set_state(ConnState::Idle);
     let mut idle_since = Instant::now();
+    // Set once the idle watcher would not take the connection: wait here from then on.
+    let mut released = false;
     loop {
         let mut head_started = (!buf.is_empty()).then_some(idle_since);
         // Read until the bytes tell HTTP/1.1 (anything not a prefix of the h2 preface) from
@@ -64,7 +67,14 @@ pub async fn serve(
             // Pinned once per wait and polled by hand: `select!` over `readable()`, a new
             // `sleep_until` and the signal future would keep a readiness waiter node and
             // its own bookkeeping in every idle connection's task as well.
-            let sleep = tokio::time::sleep_until(idle_since + ctx.cfg.http.keepalive_timeout);
+            let keepalive_due = idle_since + ctx.cfg.http.keepalive_timeout;
+            let release_due = idle_since + IDLE_RELEASE;
+            let first_due = if released || head_started.is_some() || ctx.http1_on_hyper() {
+                keepalive_due
+            } else {
+                keepalive_due.min(release_due)
+            };
+            let sleep = tokio::time::sleep_until(first_due);
             let signal = conn.requested(SIG_PARK | SIG_DRAIN | SIG_KILL);
             tokio::pin!(sleep, signal);
             loop {
@@ -106,6 +116,11 @@ pub async fn serve(
                     }
                     IdleEvent::Signal(bits) if bits & SIG_PARK != 0 => break Waited::Park,
                     IdleEvent::Signal(_) => break Waited::Close("drained"),
+                    IdleEvent::Timeout
+                        if head_started.is_none() && Instant::now() < keepalive_due =>
+                    {
+                        break Waited::Release
+                    }
                     IdleEvent::Timeout => break Waited::Close("idle timeout"),
                     IdleEvent::Readable(Err(_)) => break Waited::Close("client closed"),
                     IdleEvent::Readable(Ok(())) => {
@@ -137,7 +152,42 @@ pub async fn serve(
             Waited::Request { h2 } => h2,
             Waited::Park => return park(&ctx, conn, stream, buf.freeze()),
             Waited::Close(reason) => return close_log(&ctx, &conn, reason),
+            Waited::Release => {
+                tracing::debug!(conn = stats.id, "idle http connection released");
+                match idle::to_watcher(&ctx, conn, stream, permit, idle_since) {
+                    idle::ToWatcher::Watched | idle::ToWatcher::Closed => return,
+                    idle::ToWatcher::Back(c, s, p) => {
+                        conn = c;
+                        stream = s;
+                        permit = p;
+                        released = true;
+                        continue;
+                    }
+                }
+            }
         };
+        if !h2 && !ctx.http1_on_hyper() {
+            // baton's own engine; boxed, so an idle connection's task stays small.
+            let c = h1::Conn {
+                client: stream,
+                up: None,
+                st: h1::state::State {
+                    cbuf: std::mem::take(&mut buf),
+                    head_started_ms: Some(crate::registry::now_ms()),
+                    ..Default::default()
+                },
+            };
+            match Box::pin(h1::run(ctx.clone(), conn, c)).await {
+                h1::End::Gone => return,
+                h1::End::Idle(c, s) => {
+                    conn = c;
+                    stream = s;
+                    idle_since = Instant::now();
+                    released = false;
+                    continue;
+                }
+            }
+        }
         let shared = ConnShared::new(
             stats.clone(),
             idle_since,
@@ -197,6 +247,8 @@ enum Waited {
     Request { h2: bool },
     /// Asked to park (handover).
     Park,
+    /// Idle for a while with nothing read: wait in the idle watcher instead.
+    Release,
     /// Closed, for this reason.
     Close(&'static str),
 }

@@ -1,0 +1,712 @@
+//! Request and response heads: parsed with `httparse`, checked against RFC 9110/9112, and
+//! rewritten in one pass into the bytes the next hop receives (hop-by-hop headers removed,
+//! `X-Forwarded-*`, `Via` and `traceparent` added). Bodies keep the framing they came with, so
+//! `Content-Length` and `Transfer-Encoding: chunked` pass through; only the rare client that
+//! cannot take chunked gets a decoded, close-delimited body (see [`ClientBody`]).
+
+use super::framing::{Chunked, Framing};
+use super::headers::{parse_traceparent, TraceId};
+use super::path;
+use std::net::IpAddr;
+
+/// Most header lines accepted in one head.
+const MAX_HEADERS: usize = 128;
+
+/// A request or response that cannot be accepted, with the status it earns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {reason}")]
+pub struct HeadError {
+    /// Status code for the client (4xx/5xx) or, for responses, 502.
+    pub status: u16,
+    /// Why, for the log.
+    pub reason: &'static str,
+}
+
+const fn bad(reason: &'static str) -> HeadError {
+    HeadError {
+        status: 400,
+        reason,
+    }
+}
+
+/// What the request parser needs to know about its listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ReqOpts<'a> {
+    /// The client's address, for `X-Forwarded-For`.
+    pub client_ip: IpAddr,
+    /// Largest head accepted (431 above).
+    pub max_header_bytes: usize,
+    /// Longest request line accepted (414 above).
+    pub max_uri_bytes: usize,
+    /// `Upgrade` protocols that may start a tunnel (lower case).
+    pub upgrades: &'a [String],
+    /// Largest body accepted by `Content-Length` (413 above).
+    pub max_body_bytes: Option<u64>,
+}
+
+/// A parsed and rewritten request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The method as sent.
+    pub method: String,
+    /// The normalized path and query (or the CONNECT authority, or `*`).
+    pub target: String,
+    /// The host to route by and to send on: the absolute-form authority, else `Host`.
+    pub host: Option<String>,
+    /// The client spoke HTTP/1.0.
+    pub http10: bool,
+    /// The client wants the connection kept open after this exchange.
+    pub keep_alive: bool,
+    /// An allowed `Upgrade` was asked for.
+    pub upgrade: bool,
+    /// The request body's framing.
+    pub framing: Framing,
+    /// Bytes of the head in the client's buffer.
+    pub head_len: usize,
+    /// The rewritten request line (`METHOD target HTTP/1.1\r\n`).
+    pub line: Vec<u8>,
+    /// The rewritten header lines after `Host`, ending with the empty line.
+    pub rest: Vec<u8>,
+    /// The trace id (kept from a valid `traceparent`, or new).
+    pub trace: TraceId,
+}
+
+impl Request {
+    /// Whether this is a CONNECT request.
+    pub fn is_connect(&self) -> bool {
+        self.method == "CONNECT"
+    }
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    let s = v
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(v.len());
+    let e = v
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(s, |e| e + 1);
+    &v[s..e]
+}
+
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty())
+}
+
+/// Whether `name` is hop-by-hop by itself (never forwarded as received).
+fn hop_by_hop(name: &str) -> bool {
+    let n = name.as_bytes();
+    n.eq_ignore_ascii_case(b"connection")
+        || n.eq_ignore_ascii_case(b"keep-alive")
+        || n.eq_ignore_ascii_case(b"te")
+        || n.eq_ignore_ascii_case(b"upgrade")
+        || (n.len() >= 6 && n[..6].eq_ignore_ascii_case(b"proxy-"))
+}
+
+/// Validates a `Host` value or an absolute-form authority: `host[:port]`, no userinfo.
+pub fn valid_authority(v: &[u8]) -> bool {
+    if v.is_empty() || v.contains(&b'@') {
+        return false;
+    }
+    let (host, port) = if v[0] == b'[' {
+        let Some(end) = v.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let inner = &v[1..end];
+        if inner.is_empty()
+            || !inner
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        match &v[end + 1..] {
+            [] => (&v[..=end], None),
+            [b':', p @ ..] => (&v[..=end], Some(p)),
+            _ => return false,
+        }
+    } else {
+        match v.iter().rposition(|&b| b == b':') {
+            Some(i) => (&v[..i], Some(&v[i + 1..])),
+            None => (v, None),
+        }
+    };
+    if host.is_empty() {
+        return false;
+    }
+    if host[0] != b'['
+        && !host.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        })
+    {
+        return false;
+    }
+    match port {
+        None => true,
+        Some(p) => {
+            !p.is_empty()
+                && p.len() <= 5
+                && p.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(p)
+                    .ok()
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .is_some_and(|n| n <= 65535)
+        }
+    }
+}
+
+/// Parses one request head at the front of `buf`: `Ok(None)` when it is not complete yet.
+pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, HeadError> {
+    // The request line alone past the URI limit earns 414, the head past its limit 431.
+    let line_end = buf.iter().position(|&b| b == b'\n');
+    if line_end.map_or(buf.len(), |e| e) > o.max_uri_bytes {
+        return Err(HeadError {
+            status: 414,
+            reason: "request line too long",
+        });
+    }
+    let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut hdrs);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > o.max_header_bytes {
+                return Err(HeadError {
+                    status: 431,
+                    reason: "request head too large",
+                });
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError {
+                status: 431,
+                reason: "too many header fields",
+            })
+        }
+        Err(_) => return Err(bad("malformed request head")),
+    };
+    if head_len > o.max_header_bytes {
+        return Err(HeadError {
+            status: 431,
+            reason: "request head too large",
+        });
+    }
+    let method = req.method.unwrap_or("GET");
+    let raw_target = req.path.unwrap_or("/").as_bytes();
+    let http10 = req.version == Some(0);
+    let headers = &*req.headers;
+
+    // One pass to learn what the head says about itself.
+    let mut host: Option<&[u8]> = None;
+    let mut hosts = 0;
+    let mut length: Option<u64> = None;
+    let mut te: Vec<&[u8]> = Vec::new();
+    let mut conn_tokens: Vec<&[u8]> = Vec::new();
+    let mut upgrade_value: Option<&[u8]> = None;
+    let mut traceparent_ok: Option<TraceId> = None;
+    for h in headers {
+        let n = h.name.as_bytes();
+        if n.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+            host = Some(trim(h.value));
+        } else if n.eq_ignore_ascii_case(b"content-length") {
+            for v in h.value.split(|&b| b == b',') {
+                let v = trim(v);
+                if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+                    return Err(bad("invalid content-length"));
+                }
+                let n: u64 = std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or(bad("invalid content-length"))?;
+                // Identical duplicates are one length (RFC 9110 §8.6); differing ones are refused.
+                if length.is_some_and(|l| l != n) {
+                    return Err(bad("conflicting content-length"));
+                }
+                length = Some(n);
+            }
+        } else if n.eq_ignore_ascii_case(b"transfer-encoding") {
+            te.extend(h.value.split(|&b| b == b',').map(trim));
+        } else if n.eq_ignore_ascii_case(b"connection") {
+            conn_tokens.extend(tokens(h.value));
+        } else if n.eq_ignore_ascii_case(b"upgrade") {
+            upgrade_value = Some(trim(h.value));
+        } else if n.eq_ignore_ascii_case(b"traceparent") && traceparent_ok.is_none() {
+            traceparent_ok = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(parse_traceparent)
+                .map(|id| TraceId::from_hex(id.as_bytes()));
+        }
+    }
+    if hosts > 1 {
+        return Err(bad("more than one host header"));
+    }
+    if hosts == 0 && !http10 {
+        return Err(bad("missing host header"));
+    }
+    if let Some(h) = host {
+        if !valid_authority(h) {
+            return Err(bad("invalid host header"));
+        }
+    }
+
+    // The request target's form decides the routing host and what the upstream receives.
+    let is_connect = method == "CONNECT";
+    let (target, authority): (Vec<u8>, Option<&[u8]>) = if is_connect {
+        if !valid_authority(raw_target) || raw_target.iter().rposition(|&b| b == b':').is_none() {
+            return Err(bad("CONNECT needs host:port"));
+        }
+        (raw_target.to_vec(), Some(raw_target))
+    } else if raw_target == b"*" {
+        if method != "OPTIONS" {
+            return Err(bad("* target outside OPTIONS"));
+        }
+        (b"*".to_vec(), None)
+    } else if raw_target.first() == Some(&b'/') {
+        (
+            path::normalize(raw_target).map_err(|_| bad("invalid path"))?,
+            None,
+        )
+    } else {
+        let lower = raw_target
+            .get(..7)
+            .map(|s| s.to_ascii_lowercase())
+            .unwrap_or_default();
+        if lower != b"http://" {
+            return Err(bad("unsupported request target"));
+        }
+        let rest = &raw_target[7..];
+        let end = rest
+            .iter()
+            .position(|&b| b == b'/' || b == b'?')
+            .unwrap_or(rest.len());
+        let auth = &rest[..end];
+        if !valid_authority(auth) {
+            return Err(bad("invalid authority"));
+        }
+        let mut p = rest[end..].to_vec();
+        if p.first() != Some(&b'/') {
+            p.insert(0, b'/');
+        }
+        (
+            path::normalize(&p).map_err(|_| bad("invalid path"))?,
+            Some(auth),
+        )
+    };
+    if target.contains(&b'#') {
+        return Err(bad("fragment in request target"));
+    }
+    let route_host = authority.or(host);
+
+    // Body framing (RFC 9112 §6.3): Transfer-Encoding wins over nothing, never coexists with
+    // Content-Length, and must end in chunked.
+    let framing = if !te.is_empty() {
+        if length.is_some() {
+            return Err(bad("content-length with transfer-encoding"));
+        }
+        if http10 {
+            return Err(bad("transfer-encoding in HTTP/1.0"));
+        }
+        let last = te.last().copied().unwrap_or_default();
+        if !last.eq_ignore_ascii_case(b"chunked") {
+            return Err(HeadError {
+                status: 501,
+                reason: "transfer-encoding does not end in chunked",
+            });
+        }
+        if te[..te.len() - 1]
+            .iter()
+            .any(|c| c.is_empty() || c.eq_ignore_ascii_case(b"chunked"))
+        {
+            return Err(bad("invalid transfer-encoding"));
+        }
+        Framing::Chunked(Chunked::default())
+    } else {
+        match length {
+            Some(0) | None => Framing::Done,
+            Some(n) => {
+                if o.max_body_bytes.is_some_and(|max| n > max) {
+                    return Err(HeadError {
+                        status: 413,
+                        reason: "request body too large",
+                    });
+                }
+                Framing::Length(n)
+            }
+        }
+    };
+
+    let has = |t: &[u8]| conn_tokens.iter().any(|c| c.eq_ignore_ascii_case(t));
+    let keep_alive = if http10 {
+        has(b"keep-alive")
+    } else {
+        !has(b"close")
+    };
+    let upgrade = !http10
+        && !is_connect
+        && has(b"upgrade")
+        && upgrade_value.is_some_and(|v| {
+            let mut any = false;
+            let all = tokens(v).all(|t| {
+                any = true;
+                let name = t.split(|&b| b == b'/').next().unwrap_or_default();
+                o.upgrades
+                    .iter()
+                    .any(|u| u.as_bytes().eq_ignore_ascii_case(name))
+            });
+            any && all
+        });
+
+    // The rewritten head: request line, then (at send time) Host, then the rest.
+    let mut line = Vec::with_capacity(method.len() + target.len() + 12);
+    line.extend_from_slice(method.as_bytes());
+    line.push(b' ');
+    line.extend_from_slice(&target);
+    line.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut rest = Vec::with_capacity(head_len + 160);
+    let mut xff: Vec<u8> = Vec::new();
+    let listed = |n: &[u8]| conn_tokens.iter().any(|c| c.eq_ignore_ascii_case(n));
+    for h in headers {
+        let n = h.name.as_bytes();
+        if n.eq_ignore_ascii_case(b"host")
+            || n.eq_ignore_ascii_case(b"content-length")
+            || n.eq_ignore_ascii_case(b"x-forwarded-proto")
+            || n.eq_ignore_ascii_case(b"x-forwarded-host")
+            || hop_by_hop(h.name)
+            || listed(n)
+            || (n.eq_ignore_ascii_case(b"traceparent") && traceparent_ok.is_none())
+        {
+            continue;
+        }
+        if n.eq_ignore_ascii_case(b"x-forwarded-for") {
+            let v = trim(h.value);
+            if !v.is_empty() {
+                xff.extend_from_slice(v);
+                xff.extend_from_slice(b", ");
+            }
+            continue;
+        }
+        rest.extend_from_slice(n);
+        rest.extend_from_slice(b": ");
+        rest.extend_from_slice(h.value);
+        rest.extend_from_slice(b"\r\n");
+    }
+    if let Some(n) = length.filter(|_| te.is_empty()) {
+        rest.extend_from_slice(b"content-length: ");
+        rest.extend_from_slice(n.to_string().as_bytes());
+        rest.extend_from_slice(b"\r\n");
+    }
+    rest.extend_from_slice(b"x-forwarded-for: ");
+    rest.extend_from_slice(&xff);
+    rest.extend_from_slice(o.client_ip.to_string().as_bytes());
+    rest.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if let Some(h) = route_host {
+        rest.extend_from_slice(b"x-forwarded-host: ");
+        rest.extend_from_slice(h);
+        rest.extend_from_slice(b"\r\n");
+    }
+    rest.extend_from_slice(b"via: 1.1 baton\r\n");
+    let trace = match traceparent_ok {
+        Some(t) => t,
+        None => {
+            let (t, value) = super::headers::new_traceparent();
+            rest.extend_from_slice(b"traceparent: ");
+            rest.extend_from_slice(&value);
+            rest.extend_from_slice(b"\r\n");
+            t
+        }
+    };
+    if upgrade {
+        if let Some(v) = upgrade_value {
+            rest.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
+            rest.extend_from_slice(v);
+            rest.extend_from_slice(b"\r\n");
+        }
+    }
+    rest.extend_from_slice(b"\r\n");
+    Ok(Some(Request {
+        method: method.to_string(),
+        target: String::from_utf8_lossy(&target).into_owned(),
+        host: route_host.map(|h| String::from_utf8_lossy(h).into_owned()),
+        http10,
+        keep_alive,
+        upgrade,
+        framing,
+        head_len,
+        line,
+        rest,
+        trace,
+    }))
+}
+
+/// How a response body reaches the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientBody {
+    /// Byte for byte, as the upstream framed it.
+    Pass,
+    /// Chunked from the upstream, decoded for an HTTP/1.0 client; the connection closes after.
+    Decode,
+    /// Close-delimited from the upstream, chunk-encoded so a 1.1 client keeps its connection.
+    Encode,
+}
+
+/// What the response parser needs to know about the request.
+#[derive(Debug, Clone, Copy)]
+pub struct RespOpts {
+    /// The request was HEAD (no body, whatever the headers say).
+    pub head_request: bool,
+    /// The client spoke HTTP/1.0.
+    pub client_http10: bool,
+    /// The client connection stays open after this exchange (if the response allows).
+    pub keep_alive: bool,
+    /// The request asked for an upgrade.
+    pub upgrade: bool,
+}
+
+/// A parsed and rewritten response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Bytes of the head in the upstream's buffer.
+    pub head_len: usize,
+    /// The body's framing from the upstream.
+    pub framing: Framing,
+    /// How the body goes to the client.
+    pub body: ClientBody,
+    /// The client connection closes after this response.
+    pub close_client: bool,
+    /// The upstream connection can be reused after this response.
+    pub reusable: bool,
+    /// The rewritten head for the client.
+    pub out: Vec<u8>,
+}
+
+impl Response {
+    /// An interim (1xx other than 101) response: no body, another head follows.
+    pub fn interim(&self) -> bool {
+        (100..200).contains(&self.status) && self.status != 101
+    }
+}
+
+fn bad_gateway(reason: &'static str) -> HeadError {
+    HeadError {
+        status: 502,
+        reason,
+    }
+}
+
+/// Parses one response head at the front of `buf`: `Ok(None)` when it is not complete yet.
+pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Response>, HeadError> {
+    let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut hdrs);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > max => {
+            return Err(bad_gateway("response head too large"))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(bad_gateway("malformed response head")),
+    };
+    let status = resp.code.unwrap_or(502);
+    let up_http10 = resp.version == Some(0);
+    let reason = resp.reason.unwrap_or("");
+    let headers = &*resp.headers;
+    let mut length: Option<u64> = None;
+    let mut te: Vec<&[u8]> = Vec::new();
+    let mut conn_tokens: Vec<&[u8]> = Vec::new();
+    for h in headers {
+        let n = h.name.as_bytes();
+        if n.eq_ignore_ascii_case(b"content-length") {
+            for v in h.value.split(|&b| b == b',') {
+                let v = trim(v);
+                let parsed = (!v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
+                    .then(|| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+                    .flatten();
+                match parsed {
+                    Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
+                    _ => return Err(bad_gateway("invalid content-length from upstream")),
+                }
+            }
+        } else if n.eq_ignore_ascii_case(b"transfer-encoding") {
+            te.extend(h.value.split(|&b| b == b',').map(trim));
+        } else if n.eq_ignore_ascii_case(b"connection") {
+            conn_tokens.extend(tokens(h.value));
+        }
+    }
+    let has = |t: &[u8]| conn_tokens.iter().any(|c| c.eq_ignore_ascii_case(t));
+    let switching = status == 101;
+    if switching && !o.upgrade {
+        return Err(bad_gateway("101 to a request that asked no upgrade"));
+    }
+    let interim = (100..200).contains(&status) && !switching;
+    let bodyless = o.head_request || interim || switching || status == 204 || status == 304;
+    let chunked = te
+        .last()
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+    let framing = if bodyless {
+        Framing::Done
+    } else if !te.is_empty() {
+        // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3); one not ending in
+        // chunked is read until close.
+        if chunked {
+            Framing::Chunked(Chunked::default())
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        match length {
+            Some(0) => Framing::Done,
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    };
+    let up_keep = if up_http10 {
+        has(b"keep-alive")
+    } else {
+        !has(b"close")
+    };
+    let reusable = up_keep && !matches!(framing, Framing::UntilClose) && !switching;
+    let body = match framing {
+        Framing::Chunked(_) if o.client_http10 => ClientBody::Decode,
+        Framing::UntilClose if !o.client_http10 => ClientBody::Encode,
+        _ => ClientBody::Pass,
+    };
+    // A 1.0 client can keep its connection only with a length it can read.
+    let close_client = !interim
+        && !switching
+        && (!o.keep_alive
+            || (o.client_http10 && !matches!(framing, Framing::Length(_) | Framing::Done))
+            || (matches!(framing, Framing::UntilClose) && o.client_http10));
+
+    let mut out = Vec::with_capacity(head_len + 64);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let listed = |n: &[u8]| conn_tokens.iter().any(|c| c.eq_ignore_ascii_case(n));
+    for h in headers {
+        let n = h.name.as_bytes();
+        let framing_header = n.eq_ignore_ascii_case(b"content-length")
+            || n.eq_ignore_ascii_case(b"transfer-encoding");
+        let keep_upgrade = switching && n.eq_ignore_ascii_case(b"upgrade");
+        if ((hop_by_hop(h.name) || listed(n)) && !keep_upgrade) || framing_header {
+            continue;
+        }
+        out.extend_from_slice(n);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    // Framing headers, as the client will see the body.
+    match (framing, body) {
+        (_, ClientBody::Encode) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        (Framing::Chunked(_), ClientBody::Pass) => {
+            for (i, c) in te.iter().enumerate() {
+                out.extend_from_slice(if i == 0 {
+                    b"transfer-encoding: "
+                } else {
+                    b", "
+                });
+                out.extend_from_slice(c);
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+        (Framing::Length(n), _) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        (Framing::Done, _) if !interim && status != 204 && !switching => {
+            // HEAD and 304 keep the length the upstream announced; others say 0.
+            let n = if o.head_request || status == 304 {
+                length
+            } else {
+                Some(0)
+            };
+            if let Some(n) = n {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(n.to_string().as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        _ => {}
+    }
+    if switching {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    } else if close_client && !interim {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if o.client_http10 && !interim {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"via: 1.1 baton\r\n\r\n");
+    Ok(Some(Response {
+        status,
+        head_len,
+        framing,
+        body,
+        close_client,
+        reusable,
+        out,
+    }))
+}
+
+/// A complete response baton writes itself (errors): a short text body, and `connection:
+/// close` when the client connection ends after it.
+pub fn error_response(status: u16, close: bool) -> Vec<u8> {
+    error_response_text(status, None, close)
+}
+
+/// [`error_response`] with its own body text.
+pub fn error_response_text(status: u16, text: Option<&str>, close: bool) -> Vec<u8> {
+    let (reason, default_text) = match status {
+        400 => ("Bad Request", "bad request\n"),
+        404 => ("Not Found", "no route\n"),
+        405 => ("Method Not Allowed", "method not allowed\n"),
+        408 => ("Request Timeout", "request timeout\n"),
+        413 => ("Payload Too Large", "request body too large\n"),
+        414 => ("URI Too Long", "request line too long\n"),
+        431 => (
+            "Request Header Fields Too Large",
+            "request header fields too large\n",
+        ),
+        501 => ("Not Implemented", "not implemented\n"),
+        503 => ("Service Unavailable", "no server available\n"),
+        504 => ("Gateway Timeout", "upstream timeout\n"),
+        500 => ("Internal Server Error", "internal error\n"),
+        _ => ("Bad Gateway", "bad gateway\n"),
+    };
+    let text = text.unwrap_or(default_text);
+    let mut out = Vec::with_capacity(160);
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}\r\n{text}",
+            text.len(),
+            if close { "connection: close\r\n" } else { "" }
+        )
+        .as_bytes(),
+    );
+    out
+}
