@@ -13,7 +13,8 @@
 //! - [`supervisor`]: multi-process mode: owns listeners, runs, watches and upgrades N workers.
 //! - [`admin`]: the control socket for the CLI.
 //! - [`metrics`]: process counters that carry over across an upgrade.
-//! - [`logging`]: tracing setup with `pid` and `generation` on every line.
+//! - [`logging`]: tracing setup with `pid` and `generation` on every line, the access log.
+//! - [`test_hooks`]: failure injection for the integration tests (cargo feature `test-hooks`).
 
 pub mod admin;
 pub mod config;
@@ -25,4 +26,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod registry;
 pub mod supervisor;
+pub mod test_hooks;
 pub mod upstream;

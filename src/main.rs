@@ -310,6 +310,7 @@ fn serve(
     resume: Option<i32>,
 ) -> anyhow::Result<()> {
     baton::logging::init_as(&cfg.log, generation, worker).context("cannot open the log file")?;
+    baton::test_hooks::announce();
     start_purge_tick();
     let opts = RunOptions {
         config_path,

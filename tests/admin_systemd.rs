@@ -1,5 +1,6 @@
 //! systemd integration against the real binary: socket activation (LISTEN_FDS) and the
-//! sd_notify messages a unit of `Type=notify` relies on, received on a test-made NOTIFY_SOCKET.
+//! sd_notify messages a unit of `Type=notify` relies on, received on a test-made NOTIFY_SOCKET;
+//! the pid file and control socket in `$RUNTIME_DIRECTORY`; and the shipped units verified.
 //!
 //! How the listening socket reaches baton as fd 3 without `unsafe` `pre_exec`: the test clears
 //! close-on-exec on its socket and starts `/bin/bash` (dash takes only one-digit fds), which moves it to fd 3 (`exec 3<&N`) and
@@ -157,4 +158,115 @@ fn config_yaml(backend: std::net::SocketAddr) -> String {
          listeners:\n  t:\n    listen: 127.0.0.1:0\n    upstream: u\n\
          upstreams:\n  u:\n    servers: [\"{backend}\"]\n"
     )
+}
+
+/// Kills the process named by a pid file when dropped (a successor is not our child).
+struct KillByPidFile(std::path::PathBuf);
+
+impl Drop for KillByPidFile {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(&self.0).ok();
+        if let Some(pid) = pid.and_then(|p| p.trim().parse().ok()) {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_directory_holds_the_pid_file_and_control_socket_across_upgrades() {
+    let be = echo_backend("E").await;
+    let dir = tempfile::tempdir().unwrap();
+    // What `RuntimeDirectory=baton` gives the unit: a writable folder named in the environment,
+    // while the config's own folder may be read-only.
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, config_yaml(be)).unwrap();
+    let _guard = KillByPidFile(run.join("baton.pid"));
+    let b = Baton::start_with_env(dir, config, &[("RUNTIME_DIRECTORY", run.to_str().unwrap())]);
+    assert_eq!(
+        std::fs::read_to_string(run.join("baton.pid"))
+            .unwrap()
+            .trim(),
+        b.pid().to_string()
+    );
+    assert!(run.join("baton.sock").exists());
+    assert!(!b.dir().join("baton.pid").exists() && !b.dir().join("baton.sock").exists());
+    // ExecReload runs with the unit's environment: `-c` finds the socket in the same place.
+    let out = Command::new(bin())
+        .args(["reload", "-c"])
+        .arg(&b.config)
+        .env("RUNTIME_DIRECTORY", &run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The successor inherited the variable: it rewrote the pid file and took the socket there.
+    let new_pid = std::fs::read_to_string(run.join("baton.pid")).unwrap();
+    assert_ne!(new_pid.trim(), b.pid().to_string());
+    // An operator's shell has no $RUNTIME_DIRECTORY: --socket names the socket.
+    let out = Command::new(bin())
+        .args(["stop", "--socket"])
+        .arg(run.join("baton.sock"))
+        .env_remove("RUNTIME_DIRECTORY")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("stopped pid {}", new_pid.trim())),
+        "{text}"
+    );
+}
+
+/// `systemd-analyze verify` on the shipped units, with ExecStart pointing at the binary under
+/// test (verify checks that it is executable). Any warning counts as a failure: verify exits 0
+/// on unknown keys or bad values and only prints them.
+#[test]
+fn shipped_units_pass_systemd_analyze_verify() {
+    let found = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!(
+            "SKIP shipped_units_pass_systemd_analyze_verify: systemd-analyze not installed \
+             (apt-get install systemd)"
+        );
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
+    let dir = tempfile::tempdir().unwrap();
+    for unit in ["baton.service", "baton.socket"] {
+        let text = std::fs::read_to_string(root.join(unit)).unwrap();
+        std::fs::write(
+            dir.path().join(unit),
+            text.replace("/usr/local/bin/baton", bin()),
+        )
+        .unwrap();
+    }
+    let service = std::fs::read_to_string(root.join("baton.service")).unwrap();
+    for want in ["RuntimeDirectory=baton", "Type=notify", "NotifyAccess=all"] {
+        assert!(service.lines().any(|l| l == want), "unit lacks {want}");
+    }
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("baton.socket"))
+        .arg(dir.path().join("baton.service"))
+        .output()
+        .unwrap();
+    let text = printed(&out);
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{text}"
+    );
+    assert!(
+        text.trim().is_empty(),
+        "systemd-analyze verify warned:\n{text}"
+    );
 }

@@ -41,9 +41,10 @@ pub struct Config {
 /// `runtime:` settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Runtime {
-    /// Where the pid of the serving process is written; absolute.
+    /// Where the pid of the serving process is written; absolute. Default `baton.pid` in
+    /// systemd's `$RUNTIME_DIRECTORY` when set, else beside the config.
     pub pid_file: PathBuf,
-    /// The CLI's Unix socket; absolute.
+    /// The CLI's Unix socket; absolute. Default `baton.sock`, in the same folder as the pid file's.
     pub control_socket: PathBuf,
     /// How long a stopping or replaced process lets open connections finish.
     pub drain_timeout: Duration,
@@ -381,16 +382,15 @@ impl Config {
         }
         let text = std::fs::read_to_string(path).ok()?;
         let l: Lenient = serde_saphyr::from_str(&text).ok()?;
-        let name = l
-            .runtime
-            .and_then(|r| r.control_socket)
-            .unwrap_or_else(|| "baton.sock".into());
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-        Some(dir.join(name))
+        Some(match l.runtime.and_then(|r| r.control_socket) {
+            Some(name) => dir.join(name),
+            None => runtime::default_runtime_dir(&dir).join("baton.sock"),
+        })
     }
 
     /// Validates `text` as if read from `path`.

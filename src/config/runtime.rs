@@ -4,10 +4,26 @@ use super::file::{self, S};
 use super::validate::{resolve, Errors};
 use super::*;
 
+/// The folder of the pid file and control socket when the config names neither: systemd's
+/// `RuntimeDirectory=` (`$RUNTIME_DIRECTORY`, the first if it lists several), which a
+/// successor inherits, else the config's own folder. Relative paths the config gives stay
+/// relative to the config's folder.
+pub(super) fn default_runtime_dir(config_dir: &Path) -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|v| std::env::split_paths(&v).next())
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| config_dir.to_path_buf())
+}
+
 pub(super) fn runtime(errs: &mut Errors, r: &file::Runtime, dir: &Path) -> Runtime {
+    let run_dir = default_runtime_dir(dir);
+    let path = |given: &Option<String>, default: &str| match given {
+        Some(p) => resolve(dir, p),
+        None => run_dir.join(default),
+    };
     Runtime {
-        pid_file: resolve(dir, r.pid_file.as_deref().unwrap_or("baton.pid")),
-        control_socket: resolve(dir, r.control_socket.as_deref().unwrap_or("baton.sock")),
+        pid_file: path(&r.pid_file, "baton.pid"),
+        control_socket: path(&r.control_socket, "baton.sock"),
         drain_timeout: errs.duration(
             &r.drain_timeout,
             "runtime.drain_timeout",

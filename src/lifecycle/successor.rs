@@ -173,19 +173,12 @@ async fn resume_all(ctxs: &BTreeMap<String, Arc<ListenerCtx>>, conns: Vec<Parked
     }
 }
 
-/// Failure injection for the upgrade tests, read from `BATON_TEST_FAULT` in a successor:
-/// `slow_ready` delays Ready by 2 s; `kill_after_first_batch` SIGKILLs this process on
-/// receiving its first connection batch, before acknowledging it.
-fn test_fault(name: &str) -> bool {
-    std::env::var("BATON_TEST_FAULT").is_ok_and(|v| v == name)
-}
-
 async fn receive(
     mut t: TakeOver,
     ctxs: BTreeMap<String, Arc<ListenerCtx>>,
     events: &mpsc::Sender<TakeOverEvent>,
 ) -> TakeOverDone {
-    if test_fault("slow_ready") {
+    if crate::test_hooks::fault("slow_ready") {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
     t.ch.send(
@@ -214,7 +207,7 @@ async fn receive(
         };
         match received.msg {
             Message::Conns { seq, .. } => {
-                if test_fault("kill_after_first_batch") {
+                if crate::test_hooks::fault("kill_after_first_batch") {
                     tracing::warn!("test fault: killing myself mid-handover");
                     let _ = rustix::process::kill_process(
                         rustix::process::getpid(),

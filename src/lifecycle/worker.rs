@@ -123,7 +123,7 @@ async fn report(
     loop {
         let msg = tokio::select! {
             Some(()) = live.recv() => {
-                test_fault_grow_memory(index);
+                crate::test_hooks::grow_memory(index);
                 Message::Ready { adopted: Vec::new() }
             }
             _ = tick.tick() => Message::Heartbeat { counters: metrics.snapshot() },
@@ -196,21 +196,4 @@ pub(super) async fn hand_over(p: &mut Process, triggers: &mut Triggers, mut ch: 
             false
         }
     }
-}
-
-/// Failure injection for the memory-limit test: with `BATON_TEST_FAULT=grow_memory:INDEX`,
-/// worker INDEX allocates and touches 8 MiB every 20 ms once it serves, without end.
-fn test_fault_grow_memory(index: usize) {
-    let hit = std::env::var("BATON_TEST_FAULT").is_ok_and(|v| v == format!("grow_memory:{index}"));
-    if !hit {
-        return;
-    }
-    tracing::warn!("test fault: growing memory without bound");
-    std::thread::spawn(|| {
-        let mut hoard: Vec<Vec<u8>> = Vec::new();
-        loop {
-            hoard.push(vec![1u8; 8 << 20]);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
 }

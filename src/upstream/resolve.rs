@@ -11,9 +11,9 @@
 //! retried until it resolves) and then left alone.
 //!
 //! Names go to the system resolver (tokio's `lookup_host`: getaddrinfo, so /etc/hosts and DNS
-//! as nsswitch.conf says) unless `BATON_HOSTS_FILE` names an /etc/hosts-style file, which is
-//! then the only source, read again at every lookup: a testing and debugging aid that lets a
-//! test move a name between addresses without a DNS server.
+//! as nsswitch.conf says) unless, in a build with the test hooks ([`crate::test_hooks`]),
+//! `BATON_HOSTS_FILE` names an /etc/hosts-style file, which is then the only source, read again
+//! at every lookup: it lets a test move a name between addresses without a DNS server.
 
 use super::{ServerSpec, Upstream, Upstreams};
 use crate::config::ServerAddr;
@@ -24,7 +24,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// The environment variable that points name resolution at a hosts file.
+/// The environment variable that points name resolution at a hosts file (test hooks only).
+#[cfg(feature = "test-hooks")]
 pub const HOSTS_FILE_ENV: &str = "BATON_HOSTS_FILE";
 
 /// How long [`start`] waits for the first answers before letting the process go on.
@@ -72,13 +73,14 @@ pub enum ResolveError {
 }
 
 impl Resolver {
-    /// The system resolver, or the hosts file named by `BATON_HOSTS_FILE` when it is set and
-    /// not empty.
+    /// The system resolver, or (test hooks only) the hosts file named by `BATON_HOSTS_FILE`
+    /// when it is set and not empty.
     pub fn from_env() -> Resolver {
-        match std::env::var_os(HOSTS_FILE_ENV) {
-            Some(p) if !p.is_empty() => Resolver::HostsFile(PathBuf::from(p)),
-            _ => Resolver::System,
+        #[cfg(feature = "test-hooks")]
+        if let Some(p) = std::env::var_os(HOSTS_FILE_ENV).filter(|p| !p.is_empty()) {
+            return Resolver::HostsFile(PathBuf::from(p));
         }
+        Resolver::System
     }
 
     /// The addresses of `host` with `port`, sorted and without duplicates; never empty.
@@ -141,7 +143,7 @@ pub async fn start(upstreams: &Upstreams, shutdown: CancellationToken) {
             continue;
         }
         if let Resolver::HostsFile(path) = &resolver {
-            tracing::info!(upstream = %up.name(), hosts_file = %path.display(), env = HOSTS_FILE_ENV, "resolving server names from a hosts file only");
+            tracing::info!(upstream = %up.name(), hosts_file = %path.display(), "resolving server names from a hosts file only");
         }
         first.push(spawn(up, resolver.clone(), shutdown.clone()));
     }

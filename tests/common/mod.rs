@@ -278,13 +278,18 @@ pub fn cli(config: &Path, cmd: &str, extra: &[&str]) -> (bool, String) {
         .args(extra)
         .output()
         .unwrap();
-    let text = format!(
+    let text = printed(&out);
+    eprintln!("[{cmd}] {}", text.trim());
+    (out.status.success(), text)
+}
+
+/// Everything a finished command printed: its stdout, then its stderr.
+pub fn printed(out: &std::process::Output) -> String {
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("[{cmd}] {}", text.trim());
-    (out.status.success(), text)
+    )
 }
 
 /// `baton upgrade` from async code.

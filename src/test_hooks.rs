@@ -1,0 +1,57 @@
+//! Test hooks: failure injection that the integration tests drive through the environment of
+//! the real binary. Compiled only with the `test-hooks` cargo feature, which `cargo test`
+//! turns on (a dev-dependency of baton on itself) and a default or release build leaves off:
+//! there every hook is a constant `false` and the variables are never read.
+//!
+//! - `BATON_TEST_FAULT=slow_ready`: a successor delays its `Ready` by 2 s.
+//! - `BATON_TEST_FAULT=kill_after_first_batch`: a successor SIGKILLs itself on receiving its
+//!   first connection batch, before acknowledging it.
+//! - `BATON_TEST_FAULT=grow_memory:INDEX`: worker INDEX allocates and touches 8 MiB every
+//!   20 ms once it serves, without end.
+//! - `BATON_HOSTS_FILE` (read in [`crate::upstream::resolve`]): names resolve from that file only.
+
+/// Whether this binary was built with the test hooks.
+pub const ENABLED: bool = cfg!(feature = "test-hooks");
+
+/// Whether `BATON_TEST_FAULT` asks for fault `name`.
+#[cfg(feature = "test-hooks")]
+pub fn fault(name: &str) -> bool {
+    std::env::var("BATON_TEST_FAULT").is_ok_and(|v| v == name)
+}
+
+/// Without the `test-hooks` feature no fault is ever asked for.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn fault(_name: &str) -> bool {
+    false
+}
+
+/// With `BATON_TEST_FAULT=grow_memory:INDEX`, worker INDEX starts a thread that allocates and
+/// touches 8 MiB every 20 ms, without end (for the memory-limit test).
+#[cfg(feature = "test-hooks")]
+pub fn grow_memory(index: usize) {
+    if !fault(&format!("grow_memory:{index}")) {
+        return;
+    }
+    tracing::warn!("test fault: growing memory without bound");
+    std::thread::spawn(|| {
+        let mut hoard: Vec<Vec<u8>> = Vec::new();
+        loop {
+            hoard.push(vec![1u8; 8 << 20]);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    });
+}
+
+/// Without the `test-hooks` feature, nothing.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn grow_memory(_index: usize) {}
+
+/// Says at start that the hooks are compiled in, so such a build is never mistaken for a
+/// production one.
+pub fn announce() {
+    if ENABLED {
+        tracing::warn!("built with test hooks (cargo feature test-hooks): not for production");
+    }
+}
