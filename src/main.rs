@@ -70,7 +70,8 @@ const EXAMPLES: &str = "Examples:
   baton check --dump -c config.yaml print the effective config, defaults filled in
   baton status -c config.yaml       show the running process (--json for scripts)
   baton status --socket PATH        the same, by control socket (no config file needed)
-  baton upgrade -c config.yaml      hand everything over to the binary on disk, print a summary
+  baton upgrade -c config.yaml      hand everything over to the binary on disk; returns once it serves
+  baton upgrade --wait -c ...       the same, returning once the old process has finished
   baton reload -c config.yaml       the same with a re-read config.yaml
   baton stop -c config.yaml         stop gracefully (--fast: close connections now)
   kill -USR2 $(cat baton.pid)       upgrade by signal; SIGHUP reloads, SIGTERM stops";
@@ -133,6 +134,9 @@ enum Command {
         /// Binary to start instead of the one the process was started from.
         #[arg(long)]
         binary: Option<PathBuf>,
+        /// Return once the old process has finished (drained), not once the new one serves.
+        #[arg(long)]
+        wait: bool,
     },
     /// Multi-process mode: one worker, started by the supervisor (not for direct use).
     #[command(hide = true)]
@@ -151,6 +155,9 @@ enum Command {
     Reload {
         #[command(flatten)]
         target: Target,
+        /// Return once the old process has finished (drained), not once the new one serves.
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -175,6 +182,12 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Ok(cfg) => {
+                if cfg.listeners.is_empty() {
+                    eprintln!(
+                        "{}: warning: no listeners: this config serves nothing, and reload and upgrade refuse it",
+                        config.display()
+                    );
+                }
                 println!(
                     "{}: ok ({} listeners, {} upstreams)",
                     config.display(),
@@ -200,11 +213,15 @@ fn main() -> ExitCode {
         } => run(config, generation, Some(index), None),
         Command::Status { target, json } => ctl(&target, Ctl::Status, json),
         Command::Stop { target, fast } => ctl(&target, Ctl::Stop { fast }, false),
-        Command::Upgrade { target, binary } => {
+        Command::Upgrade {
+            target,
+            binary,
+            wait,
+        } => {
             let binary = binary.map(|b| std::path::absolute(&b).unwrap_or(b));
-            ctl(&target, Ctl::Upgrade { binary }, false)
+            ctl(&target, Ctl::Upgrade { binary, wait }, false)
         }
-        Command::Reload { target } => ctl(&target, Ctl::Reload, false),
+        Command::Reload { target, wait } => ctl(&target, Ctl::Reload { wait }, false),
     }
 }
 

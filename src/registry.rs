@@ -235,6 +235,14 @@ impl ConnStats {
         self.signals.fetch_or(bits, Ordering::Release);
         self.wake.notify_waiters();
     }
+    /// Whether, asked to park, this connection parks at once (so a handover waits for it
+    /// before the commit): tunnels and HTTP/1.1 connections park wherever they are. An
+    /// HTTP/2 one never parks (its state lives in hyper: it gets GOAWAY and finishes here),
+    /// so waiting for it would only hold every listener paused until the deadline.
+    pub fn parks_promptly(&self) -> bool {
+        self.kind() != ConnKind::Http2
+    }
+
     /// A snapshot of the metadata, with current counters.
     pub fn meta(&self) -> ConnMeta {
         ConnMeta {

@@ -182,7 +182,7 @@ async fn rollback_when_successor_never_ready() {
     let (mut s, _) = greeting(b.addr("t"), 1).await;
     let (ok, out) = b.cli_upgrade(&["--binary", hang.to_str().unwrap()]);
     assert!(!ok);
-    assert!(out.contains("not ready within upgrade_timeout"), "{out}");
+    assert!(out.contains("no answer within upgrade_timeout"), "{out}");
     s.write_all(b"z").await.unwrap();
     let mut one = [0u8; 1];
     s.read_exact(&mut one).await.unwrap();

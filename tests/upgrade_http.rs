@@ -237,21 +237,14 @@ async fn h2c_connection_gets_goaway_and_finishes_in_the_old_process() {
     use http_body_util::BodyExt;
     let (be, _) = http_support::backend("a").await;
     let b = Baton::start(&http_config(be));
-    let s = TcpStream::connect(b.addr("web")).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(s),
-    )
-    .await
-    .unwrap();
-    let conn_task = tokio::spawn(conn);
+    let (mut send, conn_task) = http_support::h2c(b.addr("web")).await;
     let req = hyper::Request::builder()
         .uri("http://t/slow/1500")
         .body(http_support::text(""))
         .unwrap();
     let pending = send.send_request(req);
     let old = b.serving_pid();
-    let up = tokio::spawn(upgrade_async(b.config.clone().leak()));
+    let up = tokio::spawn(upgrade_wait_async(b.config.clone().leak()));
     // The stream in flight completes in the old process...
     let resp = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);

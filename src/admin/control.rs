@@ -24,14 +24,22 @@ pub enum Command {
         #[serde(default)]
         fast: bool,
     },
-    /// Start a successor binary and hand everything over.
+    /// Start a successor binary and hand everything over. The reply comes once the
+    /// successor has committed and serves, or with `wait` once the old process is done.
     Upgrade {
         /// Binary to start instead of the configured one.
         #[serde(default)]
         binary: Option<PathBuf>,
+        /// Reply only once the old process has finished draining.
+        #[serde(default)]
+        wait: bool,
     },
     /// Re-read the configuration: an upgrade with the same binary.
-    Reload,
+    Reload {
+        /// Reply only once the old process has finished draining.
+        #[serde(default)]
+        wait: bool,
+    },
 }
 
 /// The reply to a command: success with a JSON body, or an error message.

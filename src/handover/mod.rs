@@ -31,6 +31,7 @@ pub mod conns;
 mod error;
 pub mod handshake;
 pub mod message;
+pub mod session;
 pub mod spawn;
 
 pub use channel::{Channel, Received};

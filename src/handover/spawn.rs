@@ -33,7 +33,9 @@ pub struct Spawned {
 }
 
 /// Spawns `binary args...` with the child's end of a new socketpair inherited and named in
-/// `BATON_HANDOVER_FD`; stdin is null, stdout and stderr are inherited. Needs a tokio
+/// `BATON_HANDOVER_FD`; stdin is null, stdout and stderr are inherited. The child leads a
+/// process group of its own, so a successor that is a wrapper script can be ended with every
+/// process it started ([`kill_group`]): none of them keeps the channel open. Needs a tokio
 /// runtime. Call it from one task at a time: while the child's end is not close-on-exec,
 /// any other child spawned concurrently by this process would inherit it too.
 pub fn spawn_successor<I, S>(binary: &Path, args: I) -> Result<Spawned, HandoverError>
@@ -59,6 +61,7 @@ where
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
+        .process_group(0)
         .spawn()
         .map_err(spawn_err)?;
     // The child has its copy; ours must go so that the child's exit reads as EOF.
@@ -67,6 +70,19 @@ where
         Channel::from_std(std::os::unix::net::UnixStream::from(ours)).map_err(spawn_err)?;
     tracing::info!(pid = child.id(), binary = %binary.display(), "successor spawned");
     Ok(Spawned { child, channel })
+}
+
+/// Sends SIGKILL to the process group led by `pid` (a child started by [`spawn_successor`]):
+/// the successor and anything it started, such as the real binary behind a wrapper script.
+pub fn kill_group(pid: u32) {
+    let Some(pgid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    // ESRCH (all gone already) is the expected case after a clean exit.
+    let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
 }
 
 /// In a successor: the channel inherited from the predecessor, or `None` for a first

@@ -63,6 +63,13 @@ pub(super) struct Process {
     pub control_inode: Option<(u64, u64)>,
     /// Control-socket handlers, waited for at exit so their replies get written.
     pub control_tasks: tokio_util::task::TaskTracker,
+    /// Where control-socket requests go (the main loop's [`Triggers`]); kept to serve the
+    /// socket again after taking over from a successor that died.
+    pub control_tx: tokio::sync::mpsc::Sender<control::ControlRequest>,
+    /// Stops the control-socket server this process runs, if any.
+    pub control_stop: Option<CancellationToken>,
+    /// Whether the admin HTTP server was started (once per process).
+    pub admin_started: bool,
 }
 
 impl Process {
@@ -186,21 +193,19 @@ impl Process {
     }
 
     /// Takes the control socket and writes the pid file: this process is now the one serving.
-    pub fn go_live(
-        &mut self,
-        control_tx: &mut Option<tokio::sync::mpsc::Sender<control::ControlRequest>>,
-    ) -> Result<(), LifecycleError> {
+    pub fn go_live(&mut self) -> Result<(), LifecycleError> {
         // A worker's supervisor owns the control socket and the pid file.
         if self.opts.worker.is_some() {
             return Ok(());
         }
-        if let Some(tx) = control_tx.take() {
+        if !self.admin_started {
+            self.admin_started = true;
             // Admin HTTP (issue 6): a successor waits for the predecessor to release the address.
             if let Some(admin) = &self.cfg.admin {
                 let ctx = crate::admin::http::AdminCtx::new(
                     &self.cfg,
                     self.metrics.clone(),
-                    tx.clone(),
+                    self.control_tx.clone(),
                     self.upstreams.clone(),
                 );
                 crate::admin::http::start(
@@ -215,21 +220,50 @@ impl Process {
                     source,
                 })?;
             }
-            let path = self.cfg.runtime.control_socket.clone();
-            let ctl = control::bind(&path)
-                .map_err(io_err(format!("control socket {}", path.display())))?;
-            self.control_inode = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
-            tokio::spawn(control::serve(
-                ctl,
-                tx,
-                self.shutdown.child_token(),
-                self.control_tasks.clone(),
-            ));
         }
+        self.serve_control()?;
         write_pid_file(&self.cfg.runtime.pid_file).map_err(io_err(format!(
             "pid file {}",
             self.cfg.runtime.pid_file.display()
         )))
+    }
+
+    /// Binds the control socket (replacing whatever is at its path) and serves it, ending
+    /// the server this process ran before, if any.
+    fn serve_control(&mut self) -> Result<(), LifecycleError> {
+        if let Some(stop) = self.control_stop.take() {
+            stop.cancel();
+        }
+        let path = self.cfg.runtime.control_socket.clone();
+        let ctl =
+            control::bind(&path).map_err(io_err(format!("control socket {}", path.display())))?;
+        self.control_inode = std::fs::metadata(&path).ok().map(|m| (m.dev(), m.ino()));
+        let stop = self.shutdown.child_token();
+        tokio::spawn(control::serve(
+            ctl,
+            self.control_tx.clone(),
+            stop.clone(),
+            self.control_tasks.clone(),
+        ));
+        self.control_stop = Some(stop);
+        Ok(())
+    }
+
+    /// After the successor died past the commit: the control socket and the pid file are
+    /// this process's again.
+    pub fn take_back_control(&mut self) -> Result<(), LifecycleError> {
+        self.go_live()
+    }
+
+    /// Adds an upgrade record to the history status shows (and passes on).
+    pub fn record(&mut self, ok: bool, summary: &str) {
+        self.history.push(UpgradeRecord {
+            at_ms: crate::registry::now_ms(),
+            ok,
+            summary: summary.to_string(),
+        });
+        let keep = self.history.len().saturating_sub(HISTORY_LEN);
+        self.history.drain(..keep);
     }
 
     /// Status for `baton status` and the admin API.
@@ -315,31 +349,14 @@ impl Process {
 }
 
 /// Runs baton until it is stopped or replaced; returns once every connection is finished,
-/// closed or handed over.
+/// closed or handed over. A successor that cannot take over returns an error (exit non-zero).
 pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
     super::raise_nofile();
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(16);
     let mut triggers = Triggers::new(control_rx)?;
     crate::logging::reopen_on_sigusr1().map_err(io_err("SIGUSR1 handler"))?;
     let inherited = crate::handover::inherited_channel();
-    let (registry, parked_rx) = Registry::new();
-    let upstreams = upstream::build(&cfg);
-    let mut p = Process {
-        registry,
-        parked_rx,
-        metrics: Arc::new(Metrics::new(&cfg, opts.generation)),
-        upstreams,
-        slots: BTreeMap::new(),
-        shutdown: CancellationToken::new(),
-        phase: Phase::Starting,
-        started: Instant::now(),
-        started_ms: crate::registry::now_ms(),
-        history: Vec::new(),
-        control_tasks: tokio_util::task::TaskTracker::new(),
-        control_inode: None,
-        opts,
-        cfg,
-    };
+    let mut p = Process::new(cfg, opts, control_tx);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), generation = p.opts.generation,
         config = %p.opts.config_path.display(), "starting");
     for u in p.upstreams.values() {
@@ -350,173 +367,221 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
     // Multi-process mode: the inherited channel is the supervisor's; take over through the one
     // it sends.
     let (inherited, mut worker_link) = super::worker::setup(&p, inherited).await?;
-    let takeover = match inherited {
-        Some(ch) => Some(super::successor::take_over(&mut p, ch).await?),
-        None => {
-            // Socket activation (issue 6): adopt sockets systemd passed under a listener's name.
-            let mut activated = crate::admin::notify::systemd_listeners();
-            for l in p.cfg.listeners.clone().values() {
-                let s = match activated.remove(&l.name) {
-                    Some(fd) => crate::listener::adopt(fd),
-                    None => crate::listener::bind(l),
-                }
-                .map_err(|source| LifecycleError::Bind {
-                    name: l.name.clone(),
-                    addr: l.listen,
-                    source,
-                })?;
-                p.start_listener(&l.name.clone(), s)?;
-            }
-            None
-        }
-    };
-    let mut control_tx = Some(control_tx);
-    let mut takeover = match takeover {
-        Some(t) => {
+    let mut takeover = match inherited {
+        Some(ch) => {
+            let t = super::successor::take_over(&mut p, ch).await?;
             p.set_phase(Phase::TakingOver);
             Some(t.finish(&mut p))
         }
         None => {
-            p.go_live(&mut control_tx)?;
+            p.bind_listeners()?;
+            p.go_live()?;
             p.set_phase(Phase::Ready);
             None
         }
     };
+    let result = p
+        .serve(&mut triggers, &mut takeover, &mut worker_link)
+        .await;
+    p.exit().await;
+    result
+}
 
-    // An upgrade asked for while this successor still takes over waits until it is done.
-    let mut deferred: Option<Trigger> = None;
-    loop {
-        let trigger = tokio::select! {
-            t = async { deferred.take().expect("checked by the guard") }, if deferred.is_some() && p.phase == Phase::Ready => t,
-            t = triggers.next() => t,
-            Some(parked) = p.parked_rx.recv() => {
-                // A connection parked for an upgrade that was abandoned: serve it here again.
-                p.resume_parked(parked).await;
-                continue;
+impl Process {
+    fn new(
+        cfg: Config,
+        opts: RunOptions,
+        control_tx: tokio::sync::mpsc::Sender<control::ControlRequest>,
+    ) -> Process {
+        let (registry, parked_rx) = Registry::new();
+        Process {
+            registry,
+            parked_rx,
+            metrics: Arc::new(Metrics::new(&cfg, opts.generation)),
+            upstreams: upstream::build(&cfg),
+            slots: BTreeMap::new(),
+            shutdown: CancellationToken::new(),
+            phase: Phase::Starting,
+            started: Instant::now(),
+            started_ms: crate::registry::now_ms(),
+            history: Vec::new(),
+            control_tasks: tokio_util::task::TaskTracker::new(),
+            control_inode: None,
+            control_tx,
+            control_stop: None,
+            admin_started: false,
+            opts,
+            cfg,
+        }
+    }
+
+    /// A first generation's listeners: adopted from systemd socket activation under their
+    /// name (issue 6), or bound.
+    fn bind_listeners(&mut self) -> Result<(), LifecycleError> {
+        let mut activated = crate::admin::notify::systemd_listeners();
+        for l in self.cfg.listeners.clone().values() {
+            let s = match activated.remove(&l.name) {
+                Some(fd) => crate::listener::adopt(fd),
+                None => crate::listener::bind(l),
             }
-            ev = async { match takeover.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {
-                match ev {
-                    Some(TakeOverEvent::Committed(live)) => {
-                        p.resume_listeners();
-                        super::worker::live(&worker_link);
-                        if let Err(e) = p.go_live(&mut control_tx) {
-                            tracing::error!(error = %e, "cannot take the control socket or pid file");
+            .map_err(|source| LifecycleError::Bind {
+                name: l.name.clone(),
+                addr: l.listen,
+                source,
+            })?;
+            self.start_listener(&l.name.clone(), s)?;
+        }
+        Ok(())
+    }
+
+    /// The main loop: triggers, connections parked for an abandoned upgrade, the take-over
+    /// from a predecessor, and (a worker) the supervisor's requests. Returns when this process
+    /// is done: stopped, or replaced.
+    async fn serve(
+        &mut self,
+        triggers: &mut Triggers,
+        takeover: &mut Option<tokio::sync::mpsc::Receiver<TakeOverEvent>>,
+        worker_link: &mut Option<super::worker::WorkerLink>,
+    ) -> Result<(), LifecycleError> {
+        // An upgrade asked for while this successor still takes over waits until it is done.
+        let mut deferred: Option<Trigger> = None;
+        loop {
+            let trigger = tokio::select! {
+                t = async { deferred.take().expect("checked by the guard") }, if deferred.is_some() && self.phase == Phase::Ready => t,
+                t = triggers.next() => t,
+                Some(parked) = self.parked_rx.recv() => {
+                    // A connection parked for an upgrade that was abandoned: serve it here again.
+                    self.resume_parked(parked).await;
+                    continue;
+                }
+                ev = async { match takeover.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {
+                    match ev {
+                        Some(TakeOverEvent::Committed(live)) => {
+                            self.resume_listeners();
+                            super::worker::live(worker_link);
+                            if let Err(e) = self.go_live() {
+                                tracing::error!(error = %e, "cannot take the control socket or pid file");
+                            }
+                            crate::admin::notify::took_over(); // systemd: MAINPID=, READY=1 (issue 6)
+                            let _ = live.send(());
                         }
-                        crate::admin::notify::took_over(); // systemd: MAINPID=, READY=1 (issue 6)
-                        let _ = live.send(());
+                        Some(TakeOverEvent::Done(done)) => {
+                            *takeover = None;
+                            super::successor::taken_over(self, done);
+                        }
+                        Some(TakeOverEvent::Failed(why)) => {
+                            tracing::error!(reason = %why, "take-over failed; exiting");
+                            self.close_listeners().await;
+                            return Err(LifecycleError::TakeOver(why));
+                        }
+                        None => *takeover = None,
                     }
-                    Some(TakeOverEvent::Done(done)) => {
-                        takeover = None;
-                        super::successor::taken_over(&mut p, done);
-                    }
-                    None => takeover = None,
+                    continue;
                 }
-                continue;
-            }
-            ev = super::worker::next(&mut worker_link) => {
-                match ev {
-                    super::worker::WorkerEvent::HandOverTo(ch) => {
-                        if super::worker::hand_over(&mut p, &mut triggers, ch).await {
-                            break;
+                ev = super::worker::next(worker_link) => {
+                    match ev {
+                        super::worker::WorkerEvent::HandOverTo(ch) => {
+                            if super::worker::hand_over(self, triggers, ch).await {
+                                return Ok(());
+                            }
+                        }
+                        super::worker::WorkerEvent::SupervisorGone => {
+                            tracing::warn!("supervisor gone; stopping gracefully");
+                            self.drain_and_stop(false).await;
+                            return Ok(());
                         }
                     }
-                    super::worker::WorkerEvent::SupervisorGone => {
-                        tracing::warn!("supervisor gone; stopping gracefully");
-                        p.drain_and_stop(false).await;
-                        break;
-                    }
+                    continue;
                 }
-                continue;
-            }
-        };
-        match trigger {
-            Trigger::Status(reply) => {
-                let _ = reply.send(Reply::ok("status", p.status()));
-            }
-            Trigger::Stop { why, fast, reply } => {
-                tracing::info!(trigger = why, fast, "stopping gracefully");
-                crate::admin::notify::stopping(); // systemd (issue 6)
-                let (finished, closed) = p.drain_and_stop(fast).await;
-                if let Some(r) = reply {
-                    let _ = r.send(Reply::ok(
-                        format!("stopped pid {}: {finished} connections finished, {closed} closed at the deadline", std::process::id()),
-                        json!({ "finished": finished, "closed": closed }),
-                    ));
+            };
+            match trigger {
+                Trigger::Status(reply) => {
+                    let _ = reply.send(Reply::ok("status", self.status()));
                 }
-                break;
-            }
-            Trigger::Upgrade {
-                why,
-                reload,
-                binary,
-                reply,
-            } => {
-                if p.opts.worker.is_some() {
-                    let msg = "upgrade refused: this is a worker; upgrade its supervisor";
-                    tracing::warn!(trigger = why, "{msg}");
+                Trigger::Stop { why, fast, reply } => {
+                    tracing::info!(trigger = why, fast, "stopping gracefully");
+                    crate::admin::notify::stopping(); // systemd (issue 6)
+                    let (finished, closed) = self.drain_and_stop(fast).await;
                     if let Some(r) = reply {
-                        let _ = r.send(Reply::err(msg));
+                        let _ = r.send(Reply::ok(
+                            format!("stopped pid {}: {finished} connections finished, {closed} closed at the deadline", std::process::id()),
+                            json!({ "finished": finished, "closed": closed }),
+                        ));
                     }
-                    continue;
+                    return Ok(());
                 }
-                if p.phase == Phase::TakingOver && deferred.is_none() {
-                    tracing::info!(
-                        trigger = why,
-                        "upgrade queued until the predecessor is gone"
-                    );
-                    deferred = Some(Trigger::Upgrade {
-                        why,
-                        reload,
-                        binary,
-                        reply,
-                    });
-                    continue;
-                }
-                if p.phase != Phase::Ready {
-                    let msg = format!("upgrade refused: process is {:?}, not ready", p.phase);
-                    tracing::warn!(trigger = why, "{msg}");
-                    if let Some(r) = reply {
-                        let _ = r.send(Reply::err(msg));
-                    }
-                    continue;
-                }
-                tracing::info!(trigger = why, reload, "upgrade requested");
-                match super::upgrade::upgrade(&mut p, &mut triggers, reload, binary).await {
-                    Ok(report) => {
-                        if let Some(r) = reply {
-                            let _ = r.send(Reply::ok(report.summary(), json!(report)));
-                        }
-                        break;
-                    }
-                    Err(e) => {
-                        let msg = format!(
-                            "upgrade failed, old process {} still serving: {e}",
-                            std::process::id()
+                Trigger::Upgrade {
+                    why,
+                    reload,
+                    binary,
+                    wait,
+                    reply,
+                } => {
+                    if self.phase == Phase::TakingOver
+                        && deferred.is_none()
+                        && self.opts.worker.is_none()
+                    {
+                        tracing::info!(
+                            trigger = why,
+                            "upgrade queued until the predecessor is gone"
                         );
-                        tracing::error!(trigger = why, "{msg}");
-                        p.history.push(UpgradeRecord {
-                            at_ms: crate::registry::now_ms(),
-                            ok: false,
-                            summary: msg.clone(),
+                        deferred = Some(Trigger::Upgrade {
+                            why,
+                            reload,
+                            binary,
+                            wait,
+                            reply,
                         });
+                        continue;
+                    }
+                    if let Err(msg) = self.may_upgrade() {
+                        tracing::warn!(trigger = why, "{msg}");
                         if let Some(r) = reply {
                             let _ = r.send(Reply::err(msg));
+                        }
+                        continue;
+                    }
+                    tracing::info!(trigger = why, reload, "upgrade requested");
+                    let asker = super::upgrade::Asker::new(reply, wait);
+                    match super::upgrade::upgrade(self, triggers, reload, binary, asker).await {
+                        super::upgrade::Ended::Replaced(_) => return Ok(()),
+                        super::upgrade::Ended::Failed(msg) => {
+                            tracing::error!(trigger = why, "{msg}")
                         }
                     }
                 }
             }
         }
     }
-    p.shutdown.cancel();
-    p.control_tasks.close();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), p.control_tasks.wait()).await;
-    p.set_phase(Phase::Stopped);
-    remove_pid_file(&p.cfg.runtime.pid_file);
-    let ctl = &p.cfg.runtime.control_socket;
-    if p.control_inode.is_some()
-        && std::fs::metadata(ctl).ok().map(|m| (m.dev(), m.ino())) == p.control_inode
-    {
-        let _ = std::fs::remove_file(ctl);
+
+    /// Whether an upgrade may start now; the refusal says why.
+    fn may_upgrade(&self) -> Result<(), String> {
+        if self.opts.worker.is_some() {
+            return Err("upgrade refused: this is a worker; upgrade its supervisor".into());
+        }
+        if self.phase != Phase::Ready {
+            return Err(format!(
+                "upgrade refused: process is {:?}, not ready",
+                self.phase
+            ));
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// The end of the process: stops health checks and the control socket (letting pending
+    /// replies be written), removes the pid file and the control socket if still ours.
+    async fn exit(&mut self) {
+        self.shutdown.cancel();
+        self.control_tasks.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.control_tasks.wait())
+            .await;
+        self.set_phase(Phase::Stopped);
+        remove_pid_file(&self.cfg.runtime.pid_file);
+        let ctl = &self.cfg.runtime.control_socket;
+        if self.control_inode.is_some()
+            && std::fs::metadata(ctl).ok().map(|m| (m.dev(), m.ino())) == self.control_inode
+        {
+            let _ = std::fs::remove_file(ctl);
+        }
+    }
 }

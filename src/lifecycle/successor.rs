@@ -1,10 +1,13 @@
-//! The successor's side of a handover: say hello, adopt the predecessor's listeners (bind
-//! only the new ones), report ready, then receive the live connections. Connections received
-//! before the predecessor's `Commit` are held untouched, so if the upgrade is rolled back the
-//! predecessor resumes them with no byte read or written here.
+//! The successor's side of a handover, over the [`Successor`] session: say hello, adopt the
+//! predecessor's listeners (bind only the new ones), report ready, then receive the live
+//! connections. Connections received before the predecessor's `Commit` are held untouched,
+//! so if the upgrade is rolled back the predecessor resumes them with no byte read or written
+//! here. Every step before the commit has a deadline (`upgrade_timeout`): a predecessor that
+//! goes silent makes this process exit non-zero, never hang with its listeners unserved.
 
 use super::process::{Process, UpgradeRecord};
 use super::{LifecycleError, Phase};
+use crate::handover::session::{Cause, Deadline, Incoming, SessionError, Stage, Successor};
 use crate::handover::{self, Channel, HandoverError, Message};
 use crate::metrics::Counters;
 use crate::proxy::{self, ListenerCtx};
@@ -15,9 +18,12 @@ use tokio::sync::mpsc;
 
 /// A successor that has its listeners and still has to receive the connections.
 pub(super) struct TakeOver {
-    ch: Channel,
+    s: Successor,
     adopted: Vec<String>,
-    predecessor: u32,
+    /// Each step before the commit.
+    step: Deadline,
+    /// After the commit, how long to wait for the predecessor's `Done` (it drains first).
+    done_within: Deadline,
 }
 
 /// What the end of a take-over reports: the predecessor's counters, or why it ended early.
@@ -29,8 +35,10 @@ pub(super) enum TakeOverEvent {
     /// The predecessor committed: start accepting, take the control socket and pid file,
     /// then answer on the sender (the predecessor waits for that before it reports success).
     Committed(tokio::sync::oneshot::Sender<()>),
-    /// The predecessor is done (or the take-over ended early).
+    /// The predecessor is done (or, after the commit, the take-over ended early).
     Done(TakeOverDone),
+    /// Before the commit, the take-over failed: this process never served and exits non-zero.
+    Failed(String),
 }
 
 fn refused(what: &str, e: impl std::fmt::Display) -> LifecycleError {
@@ -49,34 +57,16 @@ pub(super) async fn take_over(
     p: &mut Process,
     ch: Result<Channel, HandoverError>,
 ) -> Result<TakeOver, LifecycleError> {
-    let mut ch = ch.map_err(|e| refused("handover channel", e))?;
-    ch.send(&handover::hello(), &[], &[])
+    let ch = ch.map_err(|e| refused("handover channel", e))?;
+    let deadline = Deadline::new(p.cfg.runtime.upgrade_timeout, "upgrade_timeout");
+    let mut s = Successor::hello(ch, deadline)
         .await
-        .map_err(|e| refused("send hello", e))?;
-    let predecessor = match ch
-        .recv()
-        .await
-        .map_err(|e| refused("receive hello", e))?
-        .msg
-    {
-        Message::Hello {
-            protocol_version,
-            pid,
-            ..
-        } if protocol_version == handover::PROTOCOL_VERSION => pid,
-        Message::Hello {
-            protocol_version, ..
-        } => {
-            return Err(refused(
-                "predecessor",
-                format!("speaks protocol {protocol_version}"),
-            ));
-        }
-        other => return Err(refused("expected hello", format!("got {}", other.name()))),
-    };
-    let received = handover::recv_listeners(&mut ch)
-        .await
-        .map_err(|e| refused("receive listeners", e))?;
+        .map_err(|e| refused("predecessor", e))?;
+    if let Err(reason) = super::upgrade::check_config(&p.cfg) {
+        s.refuse(&reason).await;
+        return Err(LifecycleError::TakeOver(reason));
+    }
+    let received = s.listeners().await.map_err(|e| refused("predecessor", e))?;
     let mut inherited: BTreeMap<String, (std::net::SocketAddr, std::os::fd::OwnedFd)> = received
         .into_iter()
         .map(|(e, fd)| (e.name, (e.addr, fd)))
@@ -103,31 +93,27 @@ pub(super) async fn take_over(
             })
         };
         // Accepting starts only at the predecessor's commit: until then a rollback loses nothing.
-        match sock.and_then(|s| p.start_listener_paused(&l.name, s)) {
-            Ok(()) => {}
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
+        if let Err(e) = sock.and_then(|s| p.start_listener_paused(&l.name, s)) {
+            result = Err(e);
+            break;
         }
     }
     if let Err(e) = result {
-        let _ = ch
-            .send(
-                &Message::Refused {
-                    reason: e.to_string(),
-                },
-                &[],
-                &[],
-            )
-            .await;
+        s.refuse(&e.to_string()).await;
         return Err(e);
     }
-    tracing::info!(predecessor, adopted = ?adopted, "listeners taken over");
+    tracing::info!(predecessor = s.predecessor.pid, adopted = ?adopted, "listeners taken over");
+    // The predecessor drains for up to drain_timeout before its Done; its steps around that
+    // have upgrade_timeout each.
+    let done_within = Deadline::new(
+        p.cfg.runtime.drain_timeout + p.cfg.runtime.upgrade_timeout * 2,
+        "drain_timeout",
+    );
     Ok(TakeOver {
-        ch,
+        s,
         adopted,
-        predecessor,
+        step: deadline,
+        done_within,
     })
 }
 
@@ -141,17 +127,14 @@ impl TakeOver {
             .collect();
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
-            let done = receive(self, ctxs, &tx).await;
-            let _ = tx.send(TakeOverEvent::Done(done)).await;
+            let ev = match receive(self, ctxs, &tx).await {
+                Ended::Done(done) => TakeOverEvent::Done(done),
+                Ended::Failed(why) => TakeOverEvent::Failed(why),
+            };
+            let _ = tx.send(ev).await;
         });
         rx
     }
-}
-
-/// Tells the predecessor why this successor gives up; returns the reason.
-async fn abort(ch: &mut Channel, reason: String) -> String {
-    let _ = handover::send_abort(ch, &reason).await;
-    reason
 }
 
 /// Asks the main loop to start accepting and take the control socket and pid file; waits
@@ -173,40 +156,41 @@ async fn resume_all(ctxs: &BTreeMap<String, Arc<ListenerCtx>>, conns: Vec<Parked
     }
 }
 
+/// How the receiving ended.
+enum Ended {
+    Done(TakeOverDone),
+    Failed(String),
+}
+
 async fn receive(
-    mut t: TakeOver,
+    t: TakeOver,
     ctxs: BTreeMap<String, Arc<ListenerCtx>>,
     events: &mpsc::Sender<TakeOverEvent>,
-) -> TakeOverDone {
+) -> Ended {
+    let TakeOver {
+        mut s,
+        adopted,
+        step,
+        done_within,
+    } = t;
     if crate::test_hooks::fault("slow_ready") {
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
-    t.ch.send(
-        &Message::Ready {
-            adopted: t.adopted.clone(),
-        },
-        &[],
-        &[],
-    )
-    .await
-    .map_err(|e| format!("send ready: {e}"))?;
+    if let Err(e) = s.ready(adopted).await {
+        return Ended::Failed(format!("predecessor: {e}"));
+    }
     let mut held: Vec<Parked> = Vec::new();
     let mut committed = false;
     let mut total = 0usize;
+    let predecessor = s.predecessor.pid;
     loop {
-        let received = match t.ch.recv().await {
-            Ok(r) => r,
-            Err(e) => {
-                // The predecessor is gone: whatever it gave us is ours to serve.
-                if !committed {
-                    go_live(events).await;
-                }
-                resume_all(&ctxs, std::mem::take(&mut held)).await;
-                return Err(format!("predecessor channel ended: {e}"));
-            }
+        let next = if committed {
+            s.next(Stage::Done, done_within).await
+        } else {
+            s.next(Stage::Commit, step).await
         };
-        match received.msg {
-            Message::Conns { seq, .. } => {
+        match next {
+            Ok(Incoming::Batch { seq, conns }) => {
                 if crate::test_hooks::fault("kill_after_first_batch") {
                     tracing::warn!("test fault: killing myself mid-handover");
                     let _ = rustix::process::kill_process(
@@ -214,14 +198,6 @@ async fn receive(
                         rustix::process::Signal::KILL,
                     );
                 }
-                let conns = match handover::recv_conns(received) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        return Err(
-                            abort(&mut t.ch, format!("bad connection batch {seq}: {e}")).await
-                        );
-                    }
-                };
                 let count = conns.len();
                 total += count;
                 if committed {
@@ -229,51 +205,57 @@ async fn receive(
                 } else {
                     held.extend(conns);
                 }
-                t.ch.send(
-                    &Message::Ack {
-                        seq,
-                        count: count as u32,
-                    },
-                    &[],
-                    &[],
-                )
-                .await
-                .map_err(|e| format!("send ack: {e}"))?;
+                if let Err(e) = s.ack(seq, count).await {
+                    return lost(e, committed, &ctxs, held, events).await;
+                }
             }
-            Message::Commit => {
+            Ok(Incoming::Commit) => {
                 committed = true;
                 go_live(events).await;
-                // Seq 0 is never a batch: it acknowledges the commit.
-                t.ch.send(&Message::Ack { seq: 0, count: 0 }, &[], &[])
-                    .await
-                    .map_err(|e| format!("send commit ack: {e}"))?;
+                if let Err(e) = s.ack_commit().await {
+                    tracing::warn!(error = %e, "cannot acknowledge the commit");
+                }
                 tracing::info!(
                     connections = held.len(),
                     "handover committed; serving received connections"
                 );
                 resume_all(&ctxs, std::mem::take(&mut held)).await;
             }
-            Message::Done { counters, history } => {
+            Ok(Incoming::Done { counters, history }) => {
                 if !committed {
                     go_live(events).await;
                 }
                 resume_all(&ctxs, std::mem::take(&mut held)).await;
-                return Ok((t.predecessor, counters, total, history));
+                return Ended::Done(Ok((predecessor, counters, total, history)));
             }
-            Message::Abort { reason } => {
-                // The predecessor keeps everything; drop our copies without touching them.
-                drop(held);
-                return Err(format!("predecessor aborted: {reason}"));
-            }
-            other => {
-                return Err(abort(
-                    &mut t.ch,
-                    format!("unexpected {} from predecessor", other.name()),
-                )
-                .await);
-            }
+            Err(e) => return lost(e, committed, &ctxs, held, events).await,
         }
     }
+}
+
+/// The session with the predecessor ended early. A predecessor that is gone leaves what it
+/// gave us to serve here (it cannot serve it any more). Before the commit, any other end
+/// (aborted, silent, garbled) means the predecessor keeps everything: our copies are dropped
+/// untouched and this process exits non-zero. After the commit this process serves anyway.
+async fn lost(
+    e: SessionError,
+    committed: bool,
+    ctxs: &BTreeMap<String, Arc<ListenerCtx>>,
+    held: Vec<Parked>,
+    events: &mpsc::Sender<TakeOverEvent>,
+) -> Ended {
+    if let Cause::PeerExited(_) = e.cause {
+        if !committed {
+            go_live(events).await;
+        }
+        resume_all(ctxs, held).await;
+        return Ended::Done(Err(format!("predecessor gone: {e}")));
+    }
+    if committed {
+        return Ended::Done(Err(format!("predecessor: {e}")));
+    }
+    drop(held);
+    Ended::Failed(format!("predecessor: {e}"))
 }
 
 /// Records the end of the take-over.

@@ -26,6 +26,8 @@ pub enum Trigger {
         reload: bool,
         /// Binary to start instead of the default.
         binary: Option<std::path::PathBuf>,
+        /// Reply once the old process is done, not at the commit.
+        wait: bool,
         /// Reply channel of a CLI request.
         reply: Option<tokio::sync::oneshot::Sender<crate::admin::control::Reply>>,
     },
@@ -61,8 +63,8 @@ impl Triggers {
             tokio::select! {
                 _ = self.term.recv() => return Trigger::Stop { why: "SIGTERM", fast: false, reply: None },
                 _ = self.int.recv() => return Trigger::Stop { why: "SIGINT", fast: false, reply: None },
-                _ = self.usr2.recv() => return Trigger::Upgrade { why: "SIGUSR2", reload: false, binary: None, reply: None },
-                _ = self.hup.recv() => return Trigger::Upgrade { why: "SIGHUP", reload: true, binary: None, reply: None },
+                _ = self.usr2.recv() => return Trigger::Upgrade { why: "SIGUSR2", reload: false, binary: None, wait: false, reply: None },
+                _ = self.hup.recv() => return Trigger::Upgrade { why: "SIGHUP", reload: true, binary: None, wait: false, reply: None },
                 Some(req) = self.control.recv() => {
                     let reply = Some(req.reply);
                     return match req.command {
@@ -71,8 +73,8 @@ impl Triggers {
                             None => continue,
                         },
                         Command::Stop { fast } => Trigger::Stop { why: "baton stop", fast, reply },
-                        Command::Upgrade { binary } => Trigger::Upgrade { why: "baton upgrade", reload: false, binary, reply },
-                        Command::Reload => Trigger::Upgrade { why: "baton reload", reload: true, binary: None, reply },
+                        Command::Upgrade { binary, wait } => Trigger::Upgrade { why: "baton upgrade", reload: false, binary, wait, reply },
+                        Command::Reload { wait } => Trigger::Upgrade { why: "baton reload", reload: true, binary: None, wait, reply },
                     };
                 }
             }

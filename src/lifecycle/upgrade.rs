@@ -1,27 +1,36 @@
-//! The predecessor's side of an upgrade: spawn the successor, hand it the listeners, then the
-//! live connections, and either commit (and drain what is left) or roll everything back.
+//! The predecessor's side of an upgrade: spawn the successor, run the [`Predecessor`] session
+//! (listeners, then the live connections), and either commit (and drain what is left) or roll
+//! everything back. The protocol steps are the session's; the decisions are here: what to
+//! park and how long to wait for it, the deadlines, rollback, and taking over again.
 //!
-//! The rollback point is the `Commit` message. Before it, the successor holds received
-//! connections without touching them and does not accept, so the old process can take
-//! every connection back with no byte lost. After it, the successor serves everything and the
-//! old process only finishes in-flight HTTP requests, handing each connection over once idle.
+//! The rollback point is the commit. Before it, the successor holds received connections
+//! without touching them and does not accept, so the old process can take every connection
+//! back with no byte lost. After it, the successor serves everything and the old process only
+//! finishes in-flight requests, handing each connection over once idle; if the successor dies
+//! then, the old process still holds every listener and takes over again.
 
 use super::process::{Process, UpgradeRecord};
 use super::triggers::{Trigger, Triggers};
 use super::Phase;
 use crate::admin::control::Reply;
 use crate::config::Config;
-use crate::handover::{self, Channel, Message};
+use crate::handover::session::{Deadline, Offer, Peer, Predecessor, SessionError};
+use crate::handover::{self, Channel};
 use crate::metrics::Metrics;
-use crate::registry::{ConnKind, Parked};
+use crate::registry::Parked;
 use serde::Serialize;
+use serde_json::json;
 use std::collections::HashSet;
 use std::future::Future;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio::process::Child;
 use tokio::time::timeout;
+
+/// The longest the listeners stay paused waiting for connections to park before the commit.
+/// Tunnels and idle HTTP/1.1 connections park within milliseconds; one that has not by then
+/// is handed over after the commit, like a connection finishing a request.
+pub const PARK_WINDOW: Duration = Duration::from_secs(1);
 
 /// What an upgrade did, for the CLI's summary line and status.
 #[derive(Debug, Clone, Serialize)]
@@ -36,12 +45,19 @@ pub struct UpgradeReport {
     pub tunnels: usize,
     /// Idle HTTP keep-alive connections handed over (including those that finished a request first).
     pub idle_http: usize,
+    /// At the commit: connections still finishing in the old process (they move once idle,
+    /// or finish there).
+    pub still_finishing: usize,
     /// Connections that finished their work in the old process and closed there.
     pub finished_in_old: usize,
     /// Connections closed at the drain deadline.
     pub closed_at_deadline: usize,
-    /// From trigger to the end of the old process's work.
+    /// How long no process accepted: from pausing here to the successor's commit.
+    pub accept_paused_ms: u64,
+    /// From trigger to the commit, or (once drained) to the end of the old process's work.
     pub millis: u64,
+    /// Whether the old process has finished (false in the reply sent at the commit).
+    pub drained: bool,
     /// What changed in the configuration (`config::diff`), if the file could be read.
     pub changes: Option<String>,
 }
@@ -49,12 +65,71 @@ pub struct UpgradeReport {
 impl UpgradeReport {
     /// One line for a person.
     pub fn summary(&self) -> String {
+        self.counts()
+            + &self
+                .changes
+                .as_ref()
+                .map(|c| format!("; {c}"))
+                .unwrap_or_default()
+    }
+
+    fn counts(&self) -> String {
+        if !self.drained {
+            return format!(
+                "upgrade ok: pid {} -> {} committed and serving: {} listeners passed, {} tunnels and {} idle http connections handed over, \
+                 {} connections still finishing in the old process, accepting paused {} ms, {} ms",
+                self.old_pid, self.new_pid, self.listeners, self.tunnels, self.idle_http,
+                self.still_finishing, self.accept_paused_ms, self.millis
+            );
+        }
         format!(
             "upgrade ok: pid {} -> {}: {} listeners passed, {} tunnels and {} idle http connections handed over, \
-             {} finished in the old process, {} closed at the drain deadline, {} ms",
+             {} finished in the old process, {} closed at the drain deadline, accepting paused {} ms, {} ms",
             self.old_pid, self.new_pid, self.listeners, self.tunnels, self.idle_http,
-            self.finished_in_old, self.closed_at_deadline, self.millis
-        ) + &self.changes.as_ref().map(|c| format!("; {c}")).unwrap_or_default()
+            self.finished_in_old, self.closed_at_deadline, self.accept_paused_ms, self.millis
+        )
+    }
+}
+
+/// How an upgrade ended.
+#[derive(Debug)]
+pub(super) enum Ended {
+    /// The successor serves; this process is done and exits.
+    Replaced(UpgradeReport),
+    /// This process serves everything (the upgrade failed, or the successor died after the
+    /// commit and this process took over again); the message says why.
+    Failed(String),
+}
+
+type ReplyTx = tokio::sync::oneshot::Sender<Reply>;
+
+/// Who asked, and when they want their answer: at the commit, or (`wait`) at the end.
+pub(super) struct Asker {
+    reply: Option<ReplyTx>,
+    wait: bool,
+}
+
+impl Asker {
+    /// The reply channel of a CLI request (none for a signal).
+    pub(super) fn new(reply: Option<ReplyTx>, wait: bool) -> Asker {
+        Asker { reply, wait }
+    }
+
+    fn committed(&mut self, report: &UpgradeReport) {
+        if !self.wait {
+            if let Some(r) = self.reply.take() {
+                let _ = r.send(Reply::ok(report.summary(), json!(report)));
+            }
+        }
+    }
+
+    fn finish(self, ended: &Ended) {
+        if let Some(r) = self.reply {
+            let _ = r.send(match ended {
+                Ended::Replaced(report) => Reply::ok(report.summary(), json!(report)),
+                Ended::Failed(msg) => Reply::err(msg.clone()),
+            });
+        }
     }
 }
 
@@ -89,110 +164,27 @@ async fn guarded<F: Future>(
     }
 }
 
-/// The successor's process when this process spawned it; `None` when the successor is a peer
-/// the supervisor connected us to (multi-process mode), whose death shows as channel EOF.
-type Succ = Option<Child>;
-
-/// Waits for the spawned successor to exit; never returns for a peer.
-async fn wait_child(child: &mut Succ) -> std::io::Result<std::process::ExitStatus> {
-    match child {
-        Some(c) => c.wait().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Receives one message, failing if the successor exits or the deadline passes.
-async fn expect(
-    ch: &mut Channel,
-    child: &mut Succ,
-    deadline: Instant,
-) -> Result<handover::Received, String> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    tokio::select! {
-        r = ch.recv() => match r {
-            Ok(m) => Ok(m),
-            Err(e) => {
-                // The channel usually breaks because the successor died: say how, if it did.
-                match timeout(Duration::from_millis(500), wait_child(child)).await {
-                    Ok(Ok(st)) => Err(format!("successor exited ({st}) : {e}")),
-                    _ => Err(format!("handover channel: {e}")),
-                }
-            }
-        },
-        st = wait_child(child) => Err(match st {
-            Ok(st) => format!("successor exited ({st})"),
-            Err(e) => format!("successor lost: {e}"),
-        }),
-        _ = tokio::time::sleep(left) => Err("successor not ready within upgrade_timeout".to_string()),
-    }
-}
-
 /// Everything before the rollback point: handshake, listeners, readiness.
-async fn prepare(p: &Process, ch: &mut Channel, child: &mut Succ) -> Result<Vec<String>, String> {
-    let deadline = Instant::now() + p.cfg.runtime.upgrade_timeout;
-    match expect(ch, child, deadline).await?.msg {
-        Message::Hello {
-            protocol_version, ..
-        } if protocol_version == handover::PROTOCOL_VERSION => {}
-        Message::Hello {
-            protocol_version,
-            version,
-            ..
-        } => {
-            return Err(format!(
-                "successor {version} speaks handover protocol {protocol_version}, this process {}",
-                handover::PROTOCOL_VERSION
-            ))
-        }
-        Message::Refused { reason } => return Err(format!("successor refused to start: {reason}")),
-        other => return Err(format!("expected hello, got {}", other.name())),
-    }
-    ch.send(&handover::hello(), &[], &[])
-        .await
-        .map_err(|e| format!("send hello: {e}"))?;
-    let mut entries = Vec::new();
-    for (name, slot) in &p.slots {
-        let addr = rustix::net::getsockname(&slot.fd)
-            .ok()
-            .and_then(|a| std::net::SocketAddr::try_from(a).ok())
-            .unwrap_or(slot.ctx.cfg.listen);
-        entries.push((name.as_str(), addr, slot.ctx.cfg.protocol, slot.fd.as_fd()));
-    }
-    handover::send_listeners(ch, &entries)
-        .await
-        .map_err(|e| format!("send listeners: {e}"))?;
-    match expect(ch, child, deadline).await?.msg {
-        Message::Ready { adopted } => Ok(adopted),
-        Message::Refused { reason } => Err(format!("successor refused to start: {reason}")),
-        other => Err(format!("expected ready, got {}", other.name())),
-    }
+async fn prepare(p: &Process, s: &mut Predecessor) -> Result<Vec<String>, SessionError> {
+    s.hello().await?;
+    let offers: Vec<Offer<'_>> = p
+        .slots
+        .iter()
+        .map(|(name, slot)| {
+            let addr = rustix::net::getsockname(&slot.fd)
+                .ok()
+                .and_then(|a| std::net::SocketAddr::try_from(a).ok())
+                .unwrap_or(slot.ctx.cfg.listen);
+            (name.as_str(), addr, slot.ctx.cfg.protocol, slot.fd.as_fd())
+        })
+        .collect();
+    s.offer_listeners(&offers).await?;
+    s.await_ready().await
 }
 
-/// Sends one batch of parked connections and waits for its acknowledgement.
-async fn send_batch(
-    ch: &mut Channel,
-    child: &mut Succ,
-    seq: u64,
-    batch: &[Parked],
-    wait: Duration,
-) -> Result<(), String> {
-    handover::send_conns(ch, seq, batch)
-        .await
-        .map_err(|e| format!("send connections: {e}"))?;
-    match expect(ch, child, Instant::now() + wait).await?.msg {
-        Message::Ack { seq: s, count } if s == seq && count as usize == batch.len() => Ok(()),
-        Message::Ack { seq: s, count } => Err(format!(
-            "ack for batch {s} ({count}) does not match batch {seq} ({})",
-            batch.len()
-        )),
-        Message::Abort { reason } => Err(format!("successor aborted: {reason}")),
-        other => Err(format!("expected ack, got {}", other.name())),
-    }
-}
-
-/// Collects the connections that park promptly (tunnels, idle HTTP). Ends when every
-/// connection asked to park has done so, or only busy HTTP connections (which finish their
-/// request here first) remain, bounded by `limit`.
+/// Collects the connections that park promptly (see
+/// [`crate::registry::ConnStats::parks_promptly`]) among those asked. Ends when none of them
+/// is left to wait for, bounded by `limit`.
 async fn collect_prompt(p: &mut Process, asked: &HashSet<u64>, limit: Duration) -> Vec<Parked> {
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + limit;
@@ -201,9 +193,7 @@ async fn collect_prompt(p: &mut Process, asked: &HashSet<u64>, limit: Duration) 
             .registry
             .snapshot()
             .into_iter()
-            .filter(|c| asked.contains(&c.id))
-            // Every connection but HTTP/2 parks wherever it is; h2 ones finish here.
-            .any(|c| c.kind() != ConnKind::Http2);
+            .any(|c| asked.contains(&c.id) && c.parks_promptly());
         if !waiting {
             // Take what is already queued, then stop.
             while let Ok(c) = p.parked_rx.try_recv() {
@@ -214,7 +204,10 @@ async fn collect_prompt(p: &mut Process, asked: &HashSet<u64>, limit: Duration) 
         tokio::select! {
             Some(c) = p.parked_rx.recv() => got.push(c),
             _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-            _ = tokio::time::sleep_until(deadline) => return got,
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(limit = ?limit, "some connections did not park in time; they move after the commit");
+                return got;
+            }
         }
     }
 }
@@ -228,49 +221,66 @@ fn count_kinds(conns: &[Parked], tunnels: &mut usize, idle: &mut usize) {
     }
 }
 
-/// Upgrades to a successor. On success the caller exits; on failure everything is serving
-/// here again and the error says why.
+/// The step deadline of a handover, from the config.
+fn deadline(p: &Process) -> Deadline {
+    Deadline::new(p.cfg.runtime.upgrade_timeout, "upgrade_timeout")
+}
+
+/// Checks a configuration a successor would load: it must load, and name a listener.
+pub(super) fn check_config(cfg: &Config) -> Result<(), String> {
+    if cfg.listeners.is_empty() {
+        return Err(
+            "the config has no listeners: refusing it, it would close every listener".into(),
+        );
+    }
+    Ok(())
+}
+
+/// Upgrades to a successor. On [`Ended::Replaced`] the caller exits; otherwise everything is
+/// serving here again and the message says why. `asker` gets its reply at the commit (or at
+/// the end, if it waits).
 pub(super) async fn upgrade(
     p: &mut Process,
     triggers: &mut Triggers,
     reload: bool,
     binary: Option<PathBuf>,
-) -> Result<UpgradeReport, String> {
-    let started = Instant::now();
-    if reload {
-        Config::load(&p.opts.config_path)
-            .map_err(|e| format!("config refused, nothing changed:\n{e}"))?;
-    }
-    let binary = binary
-        .or_else(|| p.cfg.runtime.binary.clone())
-        .unwrap_or_else(|| p.opts.binary.clone());
-    let status = p.status();
-    p.set_phase(Phase::HandingOver);
-    let args: Vec<std::ffi::OsString> = vec![
-        "run".into(),
-        "-c".into(),
-        p.opts.config_path.clone().into_os_string(),
-        "--generation".into(),
-        (p.opts.generation + 1).to_string().into(),
-    ];
-    let spawned = match handover::spawn_successor(&binary, &args) {
-        Ok(s) => s,
-        Err(e) => {
-            p.set_phase(Phase::Ready);
-            Metrics::inc(&p.metrics.upgrades_failed);
-            return Err(format!("cannot start {}: {e}", binary.display()));
+    mut asker: Asker,
+) -> Ended {
+    let ended = async {
+        let started = Instant::now();
+        if reload {
+            let cfg = Config::load(&p.opts.config_path)
+                .map_err(|e| format!("config refused, nothing changed:\n{e}"))?;
+            check_config(&cfg).map_err(|e| format!("config refused, nothing changed: {e}"))?;
         }
-    };
-    tracing::info!(successor = spawned.child.id(), binary = %binary.display(), "successor started");
-    hand_over(
-        p,
-        triggers,
-        Some(spawned.child),
-        spawned.channel,
-        started,
-        status,
-    )
+        let binary = binary
+            .or_else(|| p.cfg.runtime.binary.clone())
+            .unwrap_or_else(|| p.opts.binary.clone());
+        let status = p.status();
+        p.set_phase(Phase::HandingOver);
+        let args: Vec<std::ffi::OsString> = vec![
+            "run".into(),
+            "-c".into(),
+            p.opts.config_path.clone().into_os_string(),
+            "--generation".into(),
+            (p.opts.generation + 1).to_string().into(),
+        ];
+        let spawned = match handover::spawn_successor(&binary, &args) {
+            Ok(s) => s,
+            Err(e) => {
+                p.set_phase(Phase::Ready);
+                Metrics::inc(&p.metrics.upgrades_failed);
+                return Err(format!("cannot start {}: {e}", binary.display()));
+            }
+        };
+        tracing::info!(successor = spawned.child.id(), binary = %binary.display(), "successor started");
+        let session = Predecessor::new(spawned.channel, Peer::Child(spawned.child), deadline(p));
+        Ok(hand_over(p, triggers, session, started, status, &mut asker).await)
+    }
     .await
+    .unwrap_or_else(Ended::Failed);
+    asker.finish(&ended);
+    ended
 }
 
 /// Hands everything over to a successor the supervisor connected us to through `ch`
@@ -279,76 +289,79 @@ pub(super) async fn upgrade_to_peer(
     p: &mut Process,
     triggers: &mut Triggers,
     ch: Channel,
-) -> Result<UpgradeReport, String> {
+) -> Ended {
     let status = p.status();
     p.set_phase(Phase::HandingOver);
-    hand_over(p, triggers, None, ch, Instant::now(), status).await
+    let session = Predecessor::new(ch, Peer::Remote, deadline(p));
+    let mut asker = Asker::new(None, false);
+    hand_over(p, triggers, session, Instant::now(), status, &mut asker).await
 }
 
 /// The upgrade from the handshake on, with the successor started.
 async fn hand_over(
     p: &mut Process,
     triggers: &mut Triggers,
-    mut child: Succ,
-    mut ch: Channel,
+    mut s: Predecessor,
     started: Instant,
     status: serde_json::Value,
-) -> Result<UpgradeReport, String> {
-    let new_pid = child.as_ref().and_then(Child::id).unwrap_or(0);
+    asker: &mut Asker,
+) -> Ended {
+    let new_pid = s.peer_pid();
 
     // Phase 1: handshake and listeners, then stop accepting here.
-    let adopted = match guarded(triggers, &status, prepare(p, &mut ch, &mut child)).await {
+    let adopted = match guarded(triggers, &status, prepare(p, &mut s)).await {
         Ok(a) => a,
-        Err(e) => return Err(rollback(p, child, &mut ch, Vec::new(), e).await),
+        Err(e) => return rollback(p, s, Vec::new(), e).await,
     };
     tracing::info!(successor = new_pid, adopted = ?adopted, "successor ready; handing over connections");
     p.pause_listeners().await;
+    let paused = Instant::now();
 
     // Phase 2: park and send every connection that can move now; the successor holds them.
     let adopted: HashSet<String> = adopted.into_iter().collect();
     let asked = p.registry.park_where(|c| adopted.contains(&*c.listener));
-    let wait = p.cfg.runtime.upgrade_timeout;
-    let prompt = collect_prompt(p, &asked, wait).await;
+    let window = p.cfg.runtime.upgrade_timeout.min(PARK_WINDOW);
+    let prompt = collect_prompt(p, &asked, window).await;
     let (mut tunnels, mut idle_http) = (0, 0);
     count_kinds(&prompt, &mut tunnels, &mut idle_http);
-    let mut seq = 0u64;
-    let mut sent_ok = Ok(());
-    // Each split batch fits one message (≤253 fds), so each gets exactly one Ack.
-    for batch in handover::split_batches(&prompt) {
-        seq += 1;
-        sent_ok = guarded(
-            triggers,
-            &status,
-            send_batch(&mut ch, &mut child, seq, batch, wait),
-        )
-        .await;
-        if sent_ok.is_err() {
-            break;
-        }
+    if let Err(e) = guarded(triggers, &status, s.send_batch(&prompt)).await {
+        return rollback(p, s, prompt, e).await;
     }
-    if let Err(e) = sent_ok {
-        return Err(rollback(p, child, &mut ch, prompt, e).await);
-    }
-    if let Err(e) = ch.send(&Message::Commit, &[], &[]).await {
-        return Err(rollback(p, child, &mut ch, prompt, format!("send commit: {e}")).await);
-    }
-    // Past the rollback point. The successor answers once it accepts and owns the pid file.
-    match expect(&mut ch, &mut child, Instant::now() + wait)
-        .await
-        .map(|r| r.msg)
-    {
-        Ok(Message::Ack { seq: 0, .. }) => {}
-        Ok(other) => tracing::warn!(got = other.name(), "unexpected answer to commit"),
-        Err(e) => tracing::warn!(error = %e, "no answer to commit"),
+    if let Err(e) = guarded(triggers, &status, s.commit()).await {
+        // Without the acknowledgement the successor may or may not serve: it is killed
+        // with its process group, so only this process does.
+        return rollback(p, s, prompt, e).await;
     }
     // Committed: the successor serves them now; our copies close here.
     drop(prompt);
+    let accept_paused_ms = paused.elapsed().as_millis() as u64;
+    let still_finishing = p.registry.len();
     tracing::info!(
         successor = new_pid,
         tunnels,
         idle_http,
+        still_finishing,
+        accept_paused_ms,
         "handover committed"
     );
+    let mut report = UpgradeReport {
+        old_pid: std::process::id(),
+        new_pid,
+        listeners: p.slots.len(),
+        tunnels,
+        idle_http,
+        still_finishing,
+        finished_in_old: 0,
+        closed_at_deadline: 0,
+        accept_paused_ms,
+        millis: started.elapsed().as_millis() as u64,
+        drained: false,
+        // The successor read the same file: what changed goes in the summary.
+        changes: Config::load(&p.opts.config_path)
+            .ok()
+            .map(|new| crate::config::diff(&p.cfg, &new).to_string()),
+    };
+    asker.committed(&report);
 
     // Phase 3: finish in-flight requests, handing each connection over once idle.
     p.set_phase(Phase::Draining);
@@ -376,20 +389,23 @@ async fn hand_over(
                 let _ = timeout(Duration::from_secs(1), p.registry.wait_empty()).await;
                 last = true;
             }
+            why = s.exited() => return take_over_again(p, s, new_pid, why).await,
         }
         while let Ok(more) = p.parked_rx.try_recv() {
             batch.push(more);
         }
-        for part in handover::split_batches(&batch) {
-            seq += 1;
-            match send_batch(&mut ch, &mut child, seq, part, wait).await {
-                Ok(()) => {
-                    late_handed += part.len();
-                    count_kinds(part, &mut tunnels, &mut idle_http);
+        match s.send_batch(&batch).await {
+            Ok(()) => {
+                late_handed += batch.len();
+                count_kinds(&batch, &mut tunnels, &mut idle_http);
+            }
+            Err(e) => {
+                // Still ours: served here again once this process takes over.
+                tracing::error!(error = %e, connections = batch.len(), "late handover failed");
+                for c in batch {
+                    p.resume_parked(c).await;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, connections = part.len(), "late handover failed; closing them")
-                }
+                return take_over_again(p, s, new_pid, e.to_string()).await;
             }
         }
         if last {
@@ -403,21 +419,12 @@ async fn hand_over(
         finished_in_old as u64,
         closed_at_deadline as u64,
     );
-    let listeners = p.slots.len();
-    let report = UpgradeReport {
-        old_pid: std::process::id(),
-        new_pid,
-        listeners,
-        tunnels,
-        idle_http,
-        finished_in_old,
-        closed_at_deadline,
-        millis: started.elapsed().as_millis() as u64,
-        // The successor read the same file: what changed goes in the summary.
-        changes: Config::load(&p.opts.config_path)
-            .ok()
-            .map(|new| crate::config::diff(&p.cfg, &new).to_string()),
-    };
+    report.tunnels = tunnels;
+    report.idle_http = idle_http;
+    report.finished_in_old = finished_in_old;
+    report.closed_at_deadline = closed_at_deadline;
+    report.millis = started.elapsed().as_millis() as u64;
+    report.drained = true;
     p.history.push(UpgradeRecord {
         at_ms: crate::registry::now_ms(),
         ok: true,
@@ -429,42 +436,20 @@ async fn hand_over(
         .iter()
         .filter_map(|r| serde_json::to_value(r).ok())
         .collect();
-    if let Err(e) = ch
-        .send(&Message::Done { counters, history }, &[], &[])
-        .await
-    {
+    if let Err(e) = s.done(counters, history).await {
         tracing::warn!(error = %e, "cannot send done to the successor");
     }
     p.close_listeners().await;
     tracing::info!(summary = %report.summary(), "upgrade complete; exiting");
-    Ok(report)
+    Ended::Replaced(report)
 }
 
-/// Takes everything back: kills the successor, resumes accepting and serving every parked
-/// connection here. Returns the reason, for the caller to report.
-async fn rollback(
-    p: &mut Process,
-    child: Succ,
-    ch: &mut Channel,
-    held: Vec<Parked>,
-    why: String,
-) -> String {
+/// Takes everything back: tells the successor why and kills it with its process group,
+/// resumes accepting and serving every parked connection here.
+async fn rollback(p: &mut Process, s: Predecessor, held: Vec<Parked>, why: SessionError) -> Ended {
+    let why = why.to_string();
     tracing::error!(reason = %why, "upgrade failed; rolling back");
-    let _ = timeout(
-        Duration::from_millis(200),
-        ch.send(
-            &Message::Abort {
-                reason: why.clone(),
-            },
-            &[],
-            &[],
-        ),
-    )
-    .await;
-    if let Some(mut child) = child {
-        let _ = child.start_kill();
-        let _ = timeout(Duration::from_secs(5), child.wait()).await;
-    }
+    s.abort(&why).await;
     p.resume_listeners();
     let n = held.len();
     for c in held {
@@ -473,5 +458,32 @@ async fn rollback(
     Metrics::inc(&p.metrics.upgrades_failed);
     p.set_phase(Phase::Ready);
     tracing::info!(resumed = n, "rollback complete; serving everything here");
-    why
+    let msg = format!(
+        "upgrade failed, old process {} still serving: {why}",
+        std::process::id()
+    );
+    p.record(false, &msg);
+    Ended::Failed(msg)
+}
+
+/// The successor died after the commit: this process still holds every listener, so it
+/// accepts again, takes the control socket and pid file back, and serves what it still has
+/// (connections finishing a request park and are resumed here). What the successor held is
+/// lost with it.
+async fn take_over_again(p: &mut Process, s: Predecessor, new_pid: u32, why: String) -> Ended {
+    tracing::error!(successor = new_pid, reason = %why,
+        "SUCCESSOR DIED AFTER THE COMMIT: this process takes over again");
+    s.kill().await;
+    p.resume_listeners();
+    if let Err(e) = p.take_back_control() {
+        tracing::error!(error = %e, "cannot take the control socket or pid file back");
+    }
+    Metrics::inc(&p.metrics.upgrades_failed);
+    p.set_phase(Phase::Ready);
+    let msg = format!(
+        "upgrade failed after the commit: successor pid {new_pid} died ({why}); old process {} took over again and serves",
+        std::process::id()
+    );
+    p.record(false, &msg);
+    Ended::Failed(msg)
 }

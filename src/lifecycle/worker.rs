@@ -6,7 +6,7 @@
 //! worker's replacement. The worker sends `Ready` once it accepts, and `Heartbeat` with its
 //! counters every second. If the supervisor's channel ends, the worker stops gracefully.
 
-use super::process::{Process, UpgradeRecord};
+use super::process::Process;
 use super::triggers::Triggers;
 use super::{LifecycleError, Phase};
 use crate::config::WorkerLimits;
@@ -181,18 +181,12 @@ pub(super) async fn hand_over(p: &mut Process, triggers: &mut Triggers, mut ch: 
     }
     tracing::info!("handing over to the replacement worker");
     match super::upgrade::upgrade_to_peer(p, triggers, ch).await {
-        Ok(report) => {
+        super::upgrade::Ended::Replaced(report) => {
             tracing::info!(summary = %report.summary(), "worker replaced; exiting");
             true
         }
-        Err(e) => {
-            let msg = format!("hand-over failed, this worker keeps serving: {e}");
-            tracing::error!("{msg}");
-            p.history.push(UpgradeRecord {
-                at_ms: crate::registry::now_ms(),
-                ok: false,
-                summary: msg,
-            });
+        super::upgrade::Ended::Failed(e) => {
+            tracing::error!("hand-over failed, this worker keeps serving: {e}");
             false
         }
     }

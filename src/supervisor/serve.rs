@@ -88,6 +88,7 @@ pub(super) async fn serve(
                 reload,
                 binary,
                 reply,
+                ..
             } => {
                 tracing::info!(
                     trigger = why,

@@ -4,6 +4,7 @@
 //! single-process handover with no connection to move).
 
 use crate::config::Protocol;
+use crate::handover::session::{Deadline, Peer, Predecessor, SessionError};
 use crate::handover::{self, Channel, Message};
 use crate::lifecycle::worker::split_channel;
 use crate::metrics::Counters;
@@ -211,32 +212,26 @@ async fn listen(
     }
 }
 
-/// Plays the predecessor for a fresh worker over `ch`: its listeners, then an empty handover.
+/// Plays the predecessor for a fresh worker over `ch`: its listeners, then an empty handover,
+/// through the same [`Predecessor`] session a process uses for its successor.
 pub async fn introduce(
-    mut ch: Channel,
+    ch: Channel,
     listeners: Vec<(String, SocketAddr, Protocol, OwnedFd)>,
     limit: Duration,
 ) -> Result<(), String> {
+    let mut s = Predecessor::new(ch, Peer::Remote, Deadline::new(limit, "upgrade_timeout"));
     let steps = async {
-        handover::predecessor_hello(&mut ch).await?;
-        let entries: Vec<_> = listeners
+        s.hello().await?;
+        let offers: Vec<_> = listeners
             .iter()
             .map(|(n, a, p, fd)| (n.as_str(), *a, *p, fd.as_fd()))
             .collect();
-        handover::send_listeners(&mut ch, &entries).await?;
-        handover::recv_ready(&mut ch).await?;
-        ch.send(&Message::Commit, &[], &[]).await?;
-        match ch.recv().await?.msg {
-            Message::Ack { seq: 0, .. } => {}
-            other => return Err(handover::unexpected(other, "ack of commit")),
-        }
-        handover::send_done(&mut ch, Counters::default()).await
+        s.offer_listeners(&offers).await?;
+        s.await_ready().await?;
+        s.commit().await?;
+        s.done(Counters::default(), Vec::new()).await
     };
-    match tokio::time::timeout(limit, steps).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("not ready within {limit:?}")),
-    }
+    steps.await.map_err(|e: SessionError| e.to_string())
 }
 
 /// After the supervisor's re-exec: takes over worker `pid` (still this process's child) with

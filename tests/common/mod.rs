@@ -300,6 +300,14 @@ pub async fn upgrade_async(config: &Path) -> (bool, String) {
         .unwrap()
 }
 
+/// `baton upgrade --wait` from async code: returns once the old process has finished.
+pub async fn upgrade_wait_async(config: &Path) -> (bool, String) {
+    let config = config.to_path_buf();
+    tokio::task::spawn_blocking(move || cli(&config, "upgrade", &["--wait"]))
+        .await
+        .unwrap()
+}
+
 /// Whether a process exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -209,6 +209,24 @@ pub async fn read_to_close(s: &mut TcpStream) -> String {
 }
 
 /// An HTTP/1.1 client connection (hyper) to `addr`.
+/// An h2c (prior knowledge) client connection to `addr`, and the task driving it (it ends
+/// `Ok` when the server closes with GOAWAY).
+pub async fn h2c(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<TBody>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(s),
+    )
+    .await
+    .unwrap();
+    (send, tokio::spawn(conn))
+}
+
 pub async fn h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<TBody> {
     let s = TcpStream::connect(addr).await.unwrap();
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
