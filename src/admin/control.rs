@@ -7,9 +7,11 @@ use serde::{Deserialize, Serialize};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// A command sent by the CLI.
@@ -95,6 +97,16 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(l)
 }
 
+/// Longest request line; a longer one is refused (a real request is well under 1 KiB).
+pub const MAX_REQUEST_LINE: u64 = 64 * 1024;
+
+/// How long a client has to send its request line once connected (the CLI sends it at once).
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most control connections served at once; accepting waits while this many are open, so
+/// clients that connect and send nothing cannot take every file descriptor.
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// Serves the control socket until `stop`; each accepted command becomes a [`ControlRequest`].
 /// Handlers run on `tracker`, so the process can wait for replies to be written before it exits.
 pub async fn serve(
@@ -104,12 +116,29 @@ pub async fn serve(
     tracker: tokio_util::task::TaskTracker,
 ) {
     let my_uid = rustix::process::getuid().as_raw();
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = crate::listener::AcceptBackoff::new("control");
     loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => a,
         };
-        let Ok((stream, _)) = accepted else { continue };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if !backoff.failed(&e, &stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
         match stream.peer_cred() {
             Ok(c) if c.uid() == my_uid || c.uid() == 0 => {}
             Ok(c) => {
@@ -121,7 +150,10 @@ pub async fn serve(
                     "refused: uid {} may not control this baton (only uid {my_uid} or root)",
                     c.uid()
                 ));
-                tracker.spawn(write_reply(stream, reply));
+                tracker.spawn(async move {
+                    write_reply(stream, reply).await;
+                    drop(permit);
+                });
                 continue;
             }
             Err(e) => {
@@ -129,36 +161,58 @@ pub async fn serve(
                 continue;
             }
         }
-        tracker.spawn(handle(stream, tx.clone()));
+        let tx = tx.clone();
+        tracker.spawn(async move {
+            handle(stream, tx).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Reads one request line: at most [`MAX_REQUEST_LINE`] bytes within [`READ_TIMEOUT`].
+async fn read_request(r: tokio::net::unix::OwnedReadHalf) -> Result<Command, String> {
+    let mut line = String::new();
+    let mut reader = BufReader::new(r.take(MAX_REQUEST_LINE));
+    match tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await {
+        Err(_) => Err(format!(
+            "no request line within {}s",
+            READ_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) => Err(format!("cannot read request: {e}")),
+        Ok(Ok(n)) if n as u64 >= MAX_REQUEST_LINE && !line.ends_with('\n') => Err(format!(
+            "request line longer than {} KiB",
+            MAX_REQUEST_LINE / 1024
+        )),
+        Ok(Ok(_)) => {
+            serde_json::from_str::<Command>(line.trim()).map_err(|e| format!("bad request: {e}"))
+        }
     }
 }
 
 async fn handle(stream: UnixStream, tx: mpsc::Sender<ControlRequest>) {
     let (r, mut w) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = BufReader::new(r.take(64 * 1024));
-    let reply = match reader.read_line(&mut line).await {
-        Err(e) => Reply::err(format!("cannot read request: {e}")),
-        Ok(_) => match serde_json::from_str::<Command>(line.trim()) {
-            Err(e) => Reply::err(format!("bad request: {e}")),
-            Ok(command) => {
-                let (reply_tx, reply_rx) = oneshot::channel();
-                if tx
-                    .send(ControlRequest {
-                        command,
-                        reply: reply_tx,
-                    })
+    let reply = match read_request(r).await {
+        Err(why) => {
+            tracing::debug!(reason = %why, "control socket: request refused");
+            Reply::err(why)
+        }
+        Ok(command) => {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            if tx
+                .send(ControlRequest {
+                    command,
+                    reply: reply_tx,
+                })
+                .await
+                .is_err()
+            {
+                Reply::err("baton is shutting down")
+            } else {
+                reply_rx
                     .await
-                    .is_err()
-                {
-                    Reply::err("baton is shutting down")
-                } else {
-                    reply_rx
-                        .await
-                        .unwrap_or_else(|_| Reply::err("baton stopped before answering"))
-                }
+                    .unwrap_or_else(|_| Reply::err("baton stopped before answering"))
             }
-        },
+        }
     };
     let mut out = serde_json::to_string(&reply)
         .unwrap_or_else(|_| "{\"ok\":false,\"message\":\"encoding error\"}".into());

@@ -179,43 +179,74 @@ fn bind_once(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
+/// Most admin connections served at once; accepting pauses while this many are open (like a
+/// proxy listener's `max_connections`), so idle clients cannot starve the proxy of fds.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Time a client has to send a request head. hyper starts it whenever a connection waits for
+/// a head, so it is also how long an idle (keep-alive) admin connection is kept.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest an admin connection lives, whatever it does (a client that never reads its
+/// response holds a connection no longer than this).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Serves the admin endpoint on `listener` until `stop`.
 pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, stop: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listener = "admin", addr = %addr, protocol = "http", "listening");
     }
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = crate::listener::AcceptBackoff::new("admin");
     loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
             a = listener.accept() => a,
         };
-        let (stream, _) = match accepted {
-            Ok(a) => a,
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::debug!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                if !backoff.failed(&e, &stop).await {
+                    break;
+                }
                 continue;
             }
         };
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(Duration::from_secs(10))
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "admin connection error") },
-                _ = stop.cancelled() => {}
-            }
-        });
+        tokio::spawn(serve_connection(stream, ctx.clone(), stop.clone(), permit));
     }
     tracing::debug!("admin endpoint closed");
+}
+
+/// Serves one admin connection, holding its slot of [`MAX_CONNECTIONS`] until it closes.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    ctx: Arc<AdminCtx>,
+    stop: CancellationToken,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .header_read_timeout(HEADER_TIMEOUT)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "admin connection error") },
+        _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
+            tracing::debug!("admin connection closed: lifetime over");
+        }
+        _ = stop.cancelled() => {}
+    }
 }
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

@@ -7,9 +7,7 @@ use crate::config;
 use crate::metrics::Metrics;
 use crate::registry::{Parked, Registry};
 use crate::upstream::Upstreams;
-use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -76,16 +74,7 @@ impl ListenerCtx {
     }
 }
 
-/// Whether an I/O error means "out of file descriptors or memory": back off, don't spin.
-pub fn is_resource_exhaustion(e: &io::Error) -> bool {
-    use rustix::io::Errno;
-    let Some(code) = e.raw_os_error() else {
-        return false;
-    };
-    [Errno::MFILE, Errno::NFILE, Errno::NOMEM, Errno::NOBUFS]
-        .iter()
-        .any(|x| x.raw_os_error() == code)
-}
+pub use crate::listener::is_resource_exhaustion;
 
 /// Accepts connections until `stop` is cancelled, then returns the listener (still open, so
 /// it can be handed over or resumed).
@@ -94,7 +83,7 @@ pub async fn serve(
     ctx: Arc<ListenerCtx>,
     stop: CancellationToken,
 ) -> TcpListener {
-    let mut last_warn: Option<tokio::time::Instant> = None;
+    let mut backoff = crate::listener::AcceptBackoff::new(&*ctx.name);
     loop {
         // Waiting for a permit pauses accepting at max_connections without spinning.
         let permit = tokio::select! {
@@ -116,18 +105,11 @@ pub async fn serve(
                 ctx.lm.accepted();
                 spawn_connection(ctx.clone(), stream, peer, permit);
             }
-            Err(e) if is_resource_exhaustion(&e) => {
-                let now = tokio::time::Instant::now();
-                if last_warn.is_none_or(|t| now - t >= Duration::from_secs(1)) {
-                    tracing::warn!(listener = %ctx.name, error = %e, "accept failed: out of resources, backing off");
-                    last_warn = Some(now);
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return listener,
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            Err(e) => {
+                if !backoff.failed(&e, &stop).await {
+                    return listener;
                 }
             }
-            Err(e) => tracing::debug!(listener = %ctx.name, error = %e, "accept failed"),
         }
     }
 }

@@ -75,6 +75,10 @@ pub enum CheckError {
     /// Connecting, writing or reading failed.
     #[error("{0}")]
     Io(String),
+    /// This process is out of file descriptors or memory: says nothing about the server, so
+    /// the check is not counted.
+    #[error("out of local resources: {0}")]
+    Local(String),
     /// The server answered something that is not an HTTP/1.x status line.
     #[error("malformed status line")]
     Malformed,
@@ -90,9 +94,13 @@ pub async fn check(
     timeout: Duration,
 ) -> Result<(), CheckError> {
     let probe = async {
-        let mut s = TcpStream::connect(addr)
-            .await
-            .map_err(|e| CheckError::Io(format!("connect: {e}")))?;
+        let mut s = TcpStream::connect(addr).await.map_err(|e| {
+            if crate::listener::is_resource_exhaustion(&e) {
+                CheckError::Local(e.to_string())
+            } else {
+                CheckError::Io(format!("connect: {e}"))
+            }
+        })?;
         match kind {
             CheckKind::Tcp => Ok(()),
             CheckKind::Http { path } => http_probe(&mut s, addr, path).await,
@@ -251,6 +259,10 @@ impl CheckTask {
             };
             let Some(up) = self.up.upgrade() else { return };
             if let Err(e) = &result {
+                if matches!(e, CheckError::Local(_)) {
+                    tracing::debug!(upstream = %up.name(), server = %addr, reason = %e, "health check not counted");
+                    continue;
+                }
                 tracing::debug!(upstream = %up.name(), server = %addr, reason = %e, "health check failed");
             }
             let ok = result.is_ok();

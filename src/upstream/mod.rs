@@ -451,6 +451,20 @@ impl Upstream {
         }
     }
 
+    /// Records a connect to `addr` that failed with `e`. An error that says this process is
+    /// out of file descriptors or memory (EMFILE, ENFILE, ENOMEM, ENOBUFS) is not the server's
+    /// fault: it is not counted against it (no failure, no ejection, no metric) and `false` is
+    /// returned; any other error counts as [`Upstream::report`]`(addr, false)` and gives `true`.
+    /// The one call for every connect path (L4 here, HTTP in the proxy).
+    pub fn report_connect_error(&self, addr: SocketAddr, e: &std::io::Error) -> bool {
+        if crate::listener::is_resource_exhaustion(e) {
+            tracing::debug!(upstream = %self.cfg.name, server = %addr, error = %e, "connect failed for lack of local resources; not held against the server");
+            return false;
+        }
+        self.report(addr, false);
+        true
+    }
+
     /// Connects to a server chosen for `client`, trying up to `retries` others on failure.
     pub async fn connect(&self, client: IpAddr) -> Result<(TcpStream, ServerGuard), ConnectError> {
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -473,7 +487,7 @@ impl Upstream {
                 }
                 // Out of fds or memory here: not the server's fault, and no other server
                 // would do better. Fail without counting it against the server.
-                Ok(Err(e)) if crate::proxy::is_resource_exhaustion(&e) => {
+                Ok(Err(e)) if crate::listener::is_resource_exhaustion(&e) => {
                     return Err(ConnectError::Local(e.to_string()));
                 }
                 Ok(Err(e)) => e.to_string(),

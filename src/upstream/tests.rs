@@ -471,3 +471,25 @@ async fn health_checks_follow_the_set() {
     shutdown.cancel();
     drop(live);
 }
+
+#[test]
+fn local_resource_errors_are_not_held_against_a_server() {
+    let u = pool(
+        config::Balance::RoundRobin,
+        &[(1, 1)],
+        1,
+        Duration::from_secs(60),
+    );
+    for errno in [rustix::io::Errno::MFILE, rustix::io::Errno::NFILE] {
+        let e = std::io::Error::from_raw_os_error(errno.raw_os_error());
+        assert!(!u.report_connect_error(a(1), &e));
+    }
+    assert_eq!(u.status()[0].failures, 0);
+    assert!(!u.status()[0].ejected);
+    let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    assert!(u.report_connect_error(a(1), &refused));
+    assert!(
+        u.status()[0].ejected,
+        "eject_after 1: one real failure ejects"
+    );
+}
