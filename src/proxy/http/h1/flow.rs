@@ -22,6 +22,9 @@ const READ: usize = 16 * 1024;
 /// What stopped the flow.
 #[derive(Debug)]
 pub enum Flow {
+    /// The response has been read whole and the request sent whole: the upstream connection
+    /// is free (to the pool, if reusable) while the rest goes to the client.
+    UpstreamDone,
     /// The response ended and is written; the request body ended too.
     Complete,
     /// The response ended and is written, but the request body did not (the upstream answered
@@ -80,7 +83,7 @@ fn poll_write(s: &mut TcpStream, b: &[u8], cx: &mut Context<'_>) -> Poll<io::Res
 pub fn poll_flow(
     st: &mut State,
     client: &mut TcpStream,
-    up: &mut TcpStream,
+    mut up: Option<&mut TcpStream>,
     o: &FlowOpts,
     stats: &crate::registry::ConnStats,
     now_ms: u64,
@@ -93,7 +96,7 @@ pub fn poll_flow(
         let mut progressed = false;
 
         // Client → upstream: the head first, then body bytes as they are.
-        if !ex.body_discard {
+        if let Some(up) = up.as_deref_mut().filter(|_| !ex.body_discard) {
             if !st.to_up.is_empty() {
                 match poll_write(up, &st.to_up, cx) {
                     Poll::Ready(Ok(n)) => {
@@ -266,7 +269,7 @@ pub fn poll_flow(
 
         // Read the upstream while a response is still to come (and the buffer has room).
         let want = ex.resp.as_ref().is_none_or(|r| !r.framing.is_done());
-        if want && st.ubuf.len() < CAP {
+        if let Some(up) = up.as_deref_mut().filter(|_| want && st.ubuf.len() < CAP) {
             match poll_fill(up, &mut st.ubuf, cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => match ex.resp.as_mut() {
                     None if !ex.resp_seen => {
@@ -295,6 +298,18 @@ pub fn poll_flow(
             }
         }
 
+        // The upstream's part is over once the response is read and the request sent.
+        if let Some(r) = &mut ex.resp {
+            let sent = ex.body.is_done() && st.cl_ready == 0 && st.to_up.is_empty();
+            if up.is_some() && r.framing.is_done() && sent {
+                if st.ubuf.len() > st.up_ready {
+                    // Bytes after the response: the upstream is confused; never reuse it.
+                    r.reusable = false;
+                    st.ubuf.truncate(st.up_ready);
+                }
+                return Poll::Ready(Flow::UpstreamDone);
+            }
+        }
         // Done when the response is complete and written.
         if let Some(r) = &ex.resp {
             if r.framing.is_done() && st.to_cl.is_empty() && st.up_ready == 0 {
