@@ -710,3 +710,7 @@ pub fn error_response_text(status: u16, text: Option<&str>, close: bool) -> Vec<
     );
     out
 }
+
+#[cfg(test)]
+#[path = "head_tests.rs"]
+mod tests;

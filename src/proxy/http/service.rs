@@ -129,12 +129,13 @@ async fn serve_request(s: Arc<SvcCtx>, req: Request<Incoming>) -> Response<ResBo
     let in_flight = s.shared.begin();
     let (mut parts, body) = req.into_parts();
     let trace_id = headers::trace_context(&mut parts.headers);
-    let raw_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    // The URI's authority (h2c `:authority`, HTTP/1 absolute-form) is the host; `Host` only
+    // stands in without one (RFC 9113 §8.3.1, RFC 9112 §3.2.2). `proxy` refuses a mismatch.
+    let raw_host = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| parts.headers.get(header::HOST).cloned());
     let mut log = ReqLog {
         conn: s.shared.stats.id,
         listener: s.ctx.name.clone(),
@@ -227,6 +228,25 @@ fn check_framing(s: &SvcCtx, parts: &request::Parts) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// h2c: `:authority` must carry no userinfo, and a `Host` header, if any, must name the same
+/// authority: otherwise routing and the upstream could disagree on the host.
+fn check_authority(parts: &request::Parts) -> Result<(), ProxyError> {
+    let Some(a) = parts.uri.authority() else {
+        return Ok(());
+    };
+    if a.as_str().contains('@') {
+        return Err(ProxyError::BadRequest("userinfo in :authority"));
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let differs = hosts.any(|h| !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()));
+    if differs {
+        return Err(ProxyError::BadRequest(
+            "host header differs from :authority",
+        ));
+    }
+    Ok(())
+}
+
 async fn proxy(
     s: &SvcCtx,
     mut parts: request::Parts,
@@ -240,6 +260,9 @@ async fn proxy(
 ) -> Result<(Response<ResBody>, Release), ProxyError> {
     let cfg = &s.ctx.cfg;
     check_framing(s, &parts)?;
+    if s.h2 {
+        check_authority(&parts)?;
+    }
     if let Some(limit) = cfg.http.max_body_bytes {
         if content_length(&parts.headers).is_some_and(|n| n > limit) {
             return Err(ProxyError::BodyTooLarge(limit));

@@ -1,0 +1,367 @@
+//! Property tests of the request parser and the chunked decoder: random bytes and random
+//! mutations of valid requests never panic, never leave a head waiting past its limit, and a
+//! head that parses agrees with the `http` crate's view of its method, target, authority and
+//! headers; the rewritten head parses again to the same request (normalization is a fixed
+//! point).
+
+use super::*;
+use proptest::prelude::*;
+use std::net::Ipv4Addr;
+
+const MAX_HEAD: usize = 2048;
+const UPGRADES: &[&str] = &["websocket"];
+
+fn parse(buf: &[u8]) -> Result<Option<Request>, HeadError> {
+    let upgrades: Vec<String> = UPGRADES.iter().map(|s| s.to_string()).collect();
+    parse_request(
+        buf,
+        &ReqOpts {
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            max_header_bytes: MAX_HEAD,
+            max_uri_bytes: 1024,
+            upgrades: &upgrades,
+            max_body_bytes: None,
+        },
+    )
+}
+
+/// The headers of a complete head, through httparse and then the `http` crate's types
+/// (which must accept every name and value baton accepted).
+fn header_map(head: &[u8]) -> http::HeaderMap {
+    let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut hdrs);
+    assert!(
+        matches!(req.parse(head), Ok(httparse::Status::Complete(_))),
+        "not a complete head: {:?}",
+        String::from_utf8_lossy(head)
+    );
+    let mut map = http::HeaderMap::new();
+    for h in req.headers.iter() {
+        let name = http::HeaderName::from_bytes(h.name.as_bytes())
+            .unwrap_or_else(|e| panic!("http refuses name {:?}: {e}", h.name));
+        let value = http::HeaderValue::from_bytes(h.value)
+            .unwrap_or_else(|e| panic!("http refuses value {:?}: {e}", h.value));
+        map.append(name, value);
+    }
+    map
+}
+
+/// Headers the rewrite drops or replaces by design.
+fn rewritten_by_baton(name: &str, listed: &[String]) -> bool {
+    matches!(
+        name,
+        "host"
+            | "content-length"
+            | "x-forwarded-for"
+            | "x-forwarded-proto"
+            | "x-forwarded-host"
+            | "traceparent"
+    ) || hop_by_hop(name)
+        || listed.iter().any(|l| l == name)
+}
+
+/// Every check a parsed head must pass.
+fn agrees(input: &[u8], req: &Request) {
+    // Method: a valid token for `http`, kept as sent.
+    let m = http::Method::from_bytes(req.method.as_bytes()).expect("http refuses the method");
+    assert_eq!(m.as_str(), req.method);
+    // Target: `*` only with OPTIONS; otherwise a path-and-query `http` accepts, already
+    // normalized, and with no fragment.
+    if req.target == "*" {
+        assert_eq!(req.method, "OPTIONS");
+    } else if !req.is_connect() {
+        let pq = http::uri::PathAndQuery::try_from(req.target.as_str())
+            .unwrap_or_else(|e| panic!("http refuses target {:?}: {e}", req.target));
+        assert_eq!(pq.as_str(), req.target);
+        assert!(pq.path().starts_with('/'));
+        assert_eq!(
+            path::normalize(req.target.as_bytes()).ok().as_deref(),
+            Some(req.target.as_bytes()),
+            "target not a fixed point of normalization"
+        );
+    }
+    // Authority: `http` parses it the same way (host and port), and there is no userinfo.
+    if let Some(h) = &req.host {
+        let a = http::uri::Authority::try_from(h.as_str())
+            .unwrap_or_else(|e| panic!("http refuses authority {h:?}: {e}"));
+        assert!(!h.contains('@'));
+        let (host, port) = if h.starts_with('[') {
+            match h.rfind("]:") {
+                Some(i) => (&h[..=i], Some(&h[i + 2..])),
+                None => (h.as_str(), None),
+            }
+        } else {
+            match h.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (h.as_str(), None),
+            }
+        };
+        assert_eq!(a.host(), host, "host of {h:?}");
+        assert_eq!(
+            a.port_u16(),
+            port.map(|p| p.parse::<u16>().expect("port in range"))
+        );
+    }
+    // The rewritten head, as the upstream gets it, parses again to the same request.
+    let mut out = req.line.clone();
+    out.extend_from_slice(b"host: ");
+    out.extend_from_slice(req.host.as_deref().unwrap_or("127.0.0.1:1").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&req.rest);
+    let again = parse(&out)
+        .unwrap_or_else(|e| {
+            panic!(
+                "rewritten head refused ({e}): {:?}",
+                String::from_utf8_lossy(&out)
+            )
+        })
+        .expect("rewritten head incomplete");
+    assert_eq!(again.method, req.method);
+    assert_eq!(again.target, req.target);
+    if req.host.is_some() {
+        assert_eq!(again.host, req.host);
+    }
+    assert_eq!(again.framing, req.framing);
+    assert_eq!(again.upgrade, req.upgrade);
+    // Headers: every end-to-end header reaches the upstream with its values, in order.
+    let before = header_map(&input[..req.head_len]);
+    let after = header_map(&out);
+    let listed: Vec<String> = before
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|t| String::from_utf8_lossy(trim(t)).to_ascii_lowercase())
+        .collect();
+    for name in before.keys() {
+        if rewritten_by_baton(name.as_str(), &listed) {
+            continue;
+        }
+        let want: Vec<_> = before.get_all(name).iter().collect();
+        let got: Vec<_> = after.get_all(name).iter().collect();
+        assert!(
+            got.starts_with(&want),
+            "{name}: sent {want:?}, forwarded {got:?}"
+        );
+    }
+}
+
+fn check(input: &[u8]) {
+    match parse(input) {
+        Ok(Some(req)) => {
+            assert!(req.head_len <= input.len());
+            agrees(input, &req);
+        }
+        // A head still incomplete is within its limit: nothing waits on an endless head.
+        Ok(None) => assert!(
+            input.len() <= MAX_HEAD,
+            "{} bytes still partial",
+            input.len()
+        ),
+        Err(e) => assert!(matches!(e.status, 400 | 413 | 414 | 431 | 501), "{e}"),
+    }
+}
+
+fn valid_request() -> impl Strategy<Value = Vec<u8>> {
+    let method = prop_oneof![
+        Just("GET"),
+        Just("POST"),
+        Just("PUT"),
+        Just("HEAD"),
+        Just("OPTIONS"),
+        Just("DELETE"),
+        Just("PATCH"),
+    ];
+    let segment = "([a-zA-Z0-9._~-]|%[0-9a-fA-F]{2}|\\.\\.?){0,6}";
+    let path = prop::collection::vec(segment, 0..5).prop_map(|s| format!("/{}", s.join("/")));
+    let query = prop::option::of("[a-z0-9=&/.%]{0,12}");
+    let host = "[a-z]{1,8}\\.test(:[0-9]{1,4})?";
+    let target = prop_oneof![
+        4 => (path.clone(), query.clone()).prop_map(|(p, q)| match q {
+            Some(q) => format!("{p}?{q}"),
+            None => p,
+        }),
+        1 => (host, path).prop_map(|(h, p)| format!("http://{h}{p}")),
+        1 => Just("*".to_string()),
+    ];
+    let header = (
+        prop_oneof![
+            12 => "[A-Za-z][A-Za-z0-9-]{0,10}",
+            1 => Just("Connection".to_string()),
+            1 => Just("Upgrade".to_string()),
+            1 => Just("Via".to_string()),
+            1 => Just("X-Forwarded-For".to_string()),
+            1 => Just("Transfer-Encoding".to_string()),
+            1 => Just("Content-Length".to_string()),
+            1 => Just("Host".to_string()),
+            1 => Just("TE".to_string()),
+            1 => Just("Traceparent".to_string()),
+        ],
+        "[ -~]{0,16}",
+    );
+    let headers = prop::collection::vec(header, 0..6);
+    let framing = prop_oneof![Just(0u8), Just(1u8), Just(2u8)];
+    (
+        method,
+        target,
+        "[a-z]{1,8}\\.test(:[0-9]{1,4})?",
+        headers,
+        framing,
+        prop::bool::weighted(0.1),
+    )
+        .prop_map(|(m, t, host, headers, framing, http10)| {
+            let mut s = format!(
+                "{m} {t} HTTP/1.{}\r\nHost: {host}\r\n",
+                if http10 { 0 } else { 1 }
+            );
+            for (n, v) in headers {
+                s.push_str(&format!("{n}: {v}\r\n"));
+            }
+            match framing {
+                1 => s.push_str("Content-Length: 5\r\n\r\nhello"),
+                2 => s.push_str("Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+                _ => s.push_str("\r\n"),
+            }
+            s.into_bytes()
+        })
+}
+
+/// A byte that makes parsers think: separators, controls, and any byte at all.
+fn nasty_byte() -> impl Strategy<Value = u8> {
+    prop_oneof![
+        3 => any::<u8>(),
+        1 => prop::sample::select(b"\r\n :,;%/.?#@[]\t\0\x7f\x80\xff".to_vec()),
+    ]
+}
+
+/// Replace, insert, delete, or truncate at a position.
+fn mutate(mut v: Vec<u8>, edits: &[(u8, usize, u8)]) -> Vec<u8> {
+    for &(kind, pos, b) in edits {
+        if v.is_empty() {
+            break;
+        }
+        let i = pos % v.len();
+        match kind % 4 {
+            0 => v[i] = b,
+            1 => v.insert(i, b),
+            2 => {
+                v.remove(i);
+            }
+            _ => v.truncate(i),
+        }
+    }
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(nasty_byte(), 0..3000)) {
+        check(&bytes);
+    }
+
+    #[test]
+    fn valid_requests_agree_with_http(req in valid_request()) {
+        check(&req);
+    }
+
+    #[test]
+    fn mutated_requests_never_panic_and_agree(
+        req in valid_request(),
+        edits in prop::collection::vec((any::<u8>(), any::<usize>(), nasty_byte()), 1..5),
+    ) {
+        check(&mutate(req, &edits));
+    }
+
+    /// A chunked body fed in random pieces decodes the same as in one piece: same end,
+    /// same data, same error.
+    #[test]
+    fn chunked_decoding_does_not_depend_on_splits(
+        body in prop::collection::vec(nasty_byte(), 0..400),
+        cuts in prop::collection::vec(1usize..40, 0..20),
+    ) {
+        let whole = decode(&body, &[]);
+        let pieces = decode(&body, &cuts);
+        prop_assert_eq!(whole, pieces);
+    }
+
+    /// Valid chunked encodings of random data decode back to it at any split.
+    #[test]
+    fn chunked_round_trip(
+        chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..50), 0..6),
+        trailers in prop::collection::vec("[A-Za-z]{1,8}: [ -~]{0,10}", 0..3),
+        cuts in prop::collection::vec(1usize..20, 0..20),
+    ) {
+        let mut wire = Vec::new();
+        for c in &chunks {
+            wire.extend_from_slice(format!("{:X};e=1\r\n", c.len()).as_bytes());
+            wire.extend_from_slice(c);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"0\r\n");
+        for t in &trailers {
+            wire.extend_from_slice(t.as_bytes());
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"\r\n");
+        let end = wire.len();
+        wire.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        let (used, data) = decode(&wire, &cuts).expect("valid encoding refused");
+        prop_assert_eq!(used, Some(end));
+        prop_assert_eq!(data, chunks.concat());
+    }
+}
+
+/// The generator is not vacuous: most valid requests parse, so `agrees` really runs, and
+/// mutations reach both outcomes.
+#[test]
+fn generated_requests_mostly_parse() {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let (mut parsed, mut refused) = (0, 0);
+    let strategy = (
+        valid_request(),
+        prop::collection::vec((any::<u8>(), any::<usize>(), nasty_byte()), 1..5),
+    );
+    for _ in 0..400 {
+        let (req, edits) = strategy.new_tree(&mut runner).expect("a value").current();
+        if matches!(parse(&req), Ok(Some(_))) {
+            parsed += 1;
+        }
+        if parse(&mutate(req, &edits)).is_err() {
+            refused += 1;
+        }
+    }
+    assert!(parsed > 200, "only {parsed} of 400 valid requests parsed");
+    assert!(
+        refused > 40,
+        "only {refused} of 400 mutated requests refused"
+    );
+}
+
+/// Decodes `body` as chunked in pieces of the sizes in `cuts` (then the rest): where the body
+/// ended (if it did) and its data, or the error.
+fn decode(
+    body: &[u8],
+    cuts: &[usize],
+) -> Result<(Option<usize>, Vec<u8>), super::super::framing::FramingError> {
+    let mut f = Framing::Chunked(Chunked::default());
+    let mut data = bytes::BytesMut::new();
+    let mut pos = 0;
+    let mut sizes = cuts.iter().copied();
+    while pos < body.len() {
+        let end = sizes
+            .next()
+            .map_or(body.len(), |n| (pos + n).min(body.len()));
+        let mut piece = &body[pos..end];
+        while !piece.is_empty() {
+            let a = f.advance(piece, Some(&mut data))?;
+            pos += a.used;
+            if a.done {
+                return Ok((Some(pos), data.to_vec()));
+            }
+            piece = &piece[a.used..];
+        }
+    }
+    Ok((None, data.to_vec()))
+}

@@ -1,0 +1,288 @@
+//! RFC 9110 / 9112 conformance of the HTTP/1.1 engine, response side, end to end: responses
+//! of every framing from a scripted raw backend (see `capture::scripted`), 1xx, trailers,
+//! HTTP/1.0 upstreams and upgrades, as a raw client sees them.
+#![allow(clippy::unwrap_used)]
+mod capture;
+mod common;
+use capture::*;
+use common::Baton;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_framing() {
+    let (app, cap) = backend(scripted).await;
+    let b = Baton::start(&conf("", &[("app", app)]));
+    let addr = b.addr("web");
+    // The pool reuses a healthy connection (so "not reused" below means something).
+    let mut c = Client::connect(addr).await;
+    for _ in 0..2 {
+        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert_eq!(c.response(false).await.unwrap().status, 200);
+    }
+    let got = cap.reqs();
+    assert_eq!(
+        (got[0].conn, got[1].conn),
+        (0, 0),
+        "pooled connection not reused"
+    );
+
+    // CL with TE from the upstream: chunked wins and CL is removed.
+    c.send(b"GET /cl-te HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.headers("content-length"),
+        Vec::<&str>::new(),
+        "{:?}",
+        r.head
+    );
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(dechunk(&r.body), b"hello");
+    c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(c.response(false).await.unwrap().status, 200, "client kept");
+
+    // Invalid framing in the head: 502, and the upstream connection is dropped.
+    for path in ["/bad-cl", "/two-cl"] {
+        cap.clear();
+        let closed = cap.closed();
+        let r = send_one(
+            addr,
+            format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 502, "{path}: {:?}", r.head);
+        let bad_conn = cap.one().conn;
+        assert!(
+            common::wait_until(WAIT, || cap.closed() > closed).await,
+            "{path}: upstream connection kept open"
+        );
+        cap.clear();
+        send_one(addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert_ne!(cap.one().conn, bad_conn, "{path}: broken connection reused");
+    }
+    // Invalid chunked framing in the body: the response cannot complete, and the upstream
+    // connection is dropped.
+    cap.clear();
+    let closed = cap.closed();
+    let mut c = Client::connect(addr).await;
+    c.send(b"GET /bad-chunk HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    match c.response(false).await {
+        None => {}
+        Some(r) => assert!(
+            r.status == 502 || r.status == 0,
+            "a broken body must not look complete: {:?} {:?}",
+            r.head,
+            r.body_text()
+        ),
+    }
+    c.until_closed().await;
+    let bad_conn = cap.one().conn;
+    assert!(common::wait_until(WAIT, || cap.closed() > closed).await);
+    cap.clear();
+    send_one(addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_ne!(cap.one().conn, bad_conn, "broken chunked connection reused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodyless_responses() {
+    let (app, cap) = backend(scripted).await;
+    let b = Baton::start(&conf("", &[("app", app)]));
+    let addr = b.addr("web");
+    let mut c = Client::connect(addr).await;
+    // (request, is HEAD, status, content-length the client sees)
+    for (req, head, status, cl) in [
+        (
+            &b"HEAD /head HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            true,
+            200,
+            Some("5"),
+        ),
+        (b"GET /204 HTTP/1.1\r\nHost: a\r\n\r\n", false, 204, None),
+        (
+            b"GET /204-body HTTP/1.1\r\nHost: a\r\n\r\n",
+            false,
+            204,
+            None,
+        ),
+        (
+            b"GET /304 HTTP/1.1\r\nHost: a\r\n\r\n",
+            false,
+            304,
+            Some("5"),
+        ),
+    ] {
+        c.send(req).await;
+        let r = c.response(head).await.unwrap();
+        assert_eq!(r.status, status, "{}", show(req));
+        assert_eq!(
+            r.header("content-length"),
+            cl,
+            "{}: {:?}",
+            show(req),
+            r.head
+        );
+        assert_eq!(r.header("transfer-encoding"), None, "{}", show(req));
+        // Nothing of a body follows: the next response comes next.
+        c.send(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        let n = c.response(false).await.unwrap();
+        assert_eq!(
+            (n.status, n.body_text().as_str()),
+            (200, "ok"),
+            "after {}",
+            show(req)
+        );
+    }
+    // 1xx: the interim response passes, then the final one.
+    c.send(b"GET /103 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!(r.status, 103);
+    assert_eq!(r.header("link"), Some("</s.css>; rel=preload"));
+    let r = c.response(false).await.unwrap();
+    assert_eq!((r.status, r.body_text().as_str()), (200, "ok"));
+    assert!(cap.reqs().len() >= 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_pass_both_ways() {
+    let (app, cap) = backend(scripted).await;
+    let b = Baton::start(&conf("", &[("app", app)]));
+    let addr = b.addr("web");
+    let mut c = Client::connect(addr).await;
+    c.send(b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n5\r\nhello\r\n0\r\nX-Sum: 42\r\n\r\n").await;
+    assert_eq!(c.response(false).await.unwrap().status, 200);
+    let got = cap.one();
+    assert_eq!(got.header("trailer"), Some("X-Sum"));
+    assert_eq!(show(&got.body), "5\r\nhello\r\n0\r\nX-Sum: 42\r\n\r\n");
+    c.send(b"GET /trailers HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!(r.header("trailer"), Some("X-Sum"), "{:?}", r.head);
+    assert_eq!(r.body_text(), "5\r\nhello\r\n0\r\nX-Sum: 42\r\n\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_upstream_keeps_the_client_on_http11() {
+    let (app, cap) = backend(scripted).await;
+    let b = Baton::start(&conf("", &[("app", app)]));
+    let mut c = Client::connect(b.addr("web")).await;
+    for _ in 0..2 {
+        c.send(b"GET /http10-keep HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await;
+        let r = c.response(false).await.unwrap();
+        assert!(r.head[0].starts_with("HTTP/1.1 200"), "{:?}", r.head);
+        assert_eq!(r.header("content-length"), Some("2"));
+        assert_eq!(r.header("connection"), None, "{:?}", r.head);
+        assert_eq!(r.body_text(), "ok");
+    }
+    // The 1.0 upstream's keep-alive connection is reused too.
+    let got = cap.reqs();
+    assert_eq!((got[0].conn, got[1].conn), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "engine bug: h1/flow.rs reads the upstream's EOF before it has framed the body bytes already buffered (same poll as the head): a response followed at once by close is cut (Length → 'response cut short', UntilClose → body dropped)"]
+async fn upstream_that_closes_after_its_response_keeps_the_client() {
+    let (app, _cap) = backend(scripted).await;
+    let b = Baton::start(&conf("", &[("app", app)]));
+    let mut c = Client::connect(b.addr("web")).await;
+    // HTTP/1.0, close-delimited: the 1.1 client gets it chunked and keeps its connection.
+    c.send(b"GET /http10-close HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await;
+    let r = c.response(false).await.unwrap();
+    assert!(r.head[0].starts_with("HTTP/1.1 200"), "{:?}", r.head);
+    assert_eq!(
+        r.header("transfer-encoding"),
+        Some("chunked"),
+        "{:?}",
+        r.head
+    );
+    assert_eq!(r.header("connection"), None, "{:?}", r.head);
+    assert_eq!(dechunk(&r.body), b"old server", "{:?}", r.body_text());
+    // HTTP/1.0 (and 1.1 with Connection: close) with a length, then close.
+    for path in ["/http10-cl", "/close-cl"] {
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await;
+        let r = c.response(false).await.unwrap();
+        assert!(
+            r.head[0].starts_with("HTTP/1.1 200"),
+            "{path}: {:?}",
+            r.head
+        );
+        assert_eq!(r.header("content-length"), Some("2"), "{path}");
+        assert_eq!(r.header("connection"), None, "{path}: {:?}", r.head);
+        assert_eq!(r.body_text(), "ok", "{path}");
+    }
+    c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(
+        c.response(false).await.unwrap().status,
+        200,
+        "client connection kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_passes_through() {
+    let (app, cap) = backend(scripted).await;
+    let b = Baton::start(&conf("", &[("app", app)]));
+    let mut c = Client::connect(b.addr("web")).await;
+    // The body is sent only after the upstream's 100 reached the client.
+    c.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!(r.status, 100, "{:?}", r.head);
+    c.send(b"hello").await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!((r.status, r.body_text().as_str()), (200, "ok"));
+    let got = cap.one();
+    assert_eq!(got.header("expect"), Some("100-continue"));
+    assert_eq!(got.body, b"hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_only_for_allowed_tokens_and_only_on_101() {
+    let (app, cap) = backend(scripted).await;
+    let b = Baton::start(&conf("", &[("app", app)]));
+    let addr = b.addr("web");
+    // websocket is allowed: Connection/Upgrade reach the upstream, and after its 101 the
+    // connection is a raw tunnel (the next bytes arrive untouched: no Via added).
+    let mut c = Client::connect(addr).await;
+    c.send(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!(r.status, 101);
+    assert_eq!(r.header("upgrade"), Some("websocket"));
+    let got = cap.one();
+    assert_eq!(got.header("connection"), Some("upgrade"));
+    assert_eq!(got.header("upgrade"), Some("websocket"));
+    cap.clear();
+    c.send(b"GET /tunneled HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("via"), None, "tunnel bytes were parsed as HTTP");
+    assert_eq!(
+        cap.one().head,
+        lines(&["GET /tunneled HTTP/1.1", "Host: t"])
+    );
+
+    // A token that is not allowed: no Upgrade reaches the upstream; plain HTTP goes on.
+    cap.clear();
+    let mut c = Client::connect(addr).await;
+    c.send(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+        .await;
+    assert_eq!(c.response(false).await.unwrap().status, 200);
+    let got = cap.one();
+    assert_eq!(
+        (got.header("upgrade"), got.header("connection")),
+        (None, None)
+    );
+    // An allowed upgrade answered 200: the connection stays HTTP.
+    cap.clear();
+    c.send(b"GET /no-101 HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await;
+    assert_eq!(c.response(false).await.unwrap().status, 200);
+    c.send(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!(r.header("via"), Some("1.1 baton"), "{:?}", r.head);
+    assert_eq!(cap.reqs()[1].header("via"), Some("1.1 baton"));
+    // A 101 to a request that asked no upgrade is a broken upstream.
+    let r = send_one(addr, b"GET /unasked-101 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(r.status, 502);
+}
