@@ -15,10 +15,12 @@
 //! - [`metrics`]: process counters that carry over across an upgrade.
 //! - [`logging`]: tracing setup with `pid` and `generation` on every line, the access log.
 //! - [`test_hooks`]: failure injection for the integration tests (cargo feature `test-hooks`).
+//! - [`isolation`]: privilege drop, capabilities, worker namespaces, CPU pinning.
 
 pub mod admin;
 pub mod config;
 pub mod handover;
+pub mod isolation;
 pub mod lifecycle;
 pub mod listener;
 pub mod logging;

@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 use baton::admin::control::{self, Command as Ctl};
 use baton::config::Config;
+use baton::isolation;
 use baton::lifecycle::{self, RunOptions};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -228,15 +229,22 @@ fn main() -> ExitCode {
 /// The runtime: with one worker thread a `current_thread` runtime, which skips the
 /// multi-thread scheduler's cross-thread machinery (work stealing, remote queues, an extra
 /// thread handing tasks over); measured in docs/benchmarks-history.md ("After the perf pass").
-fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if threads == 1 {
-        return tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build();
-    }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if threads > 0 {
-        rt.worker_threads(threads);
+/// `pin` runs on each runtime thread as it starts (CPU pinning, `runtime.cpu_affinity`).
+fn runtime(
+    threads: usize,
+    pin: Option<impl Fn() + Send + Sync + 'static>,
+) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        if threads > 0 {
+            rt.worker_threads(threads);
+        }
+        rt
+    };
+    if let Some(pin) = pin {
+        rt.on_thread_start(pin);
     }
     rt.enable_all().build()
 }
@@ -328,6 +336,15 @@ fn serve(
 ) -> anyhow::Result<()> {
     baton::logging::init_as(&cfg.log, generation, worker).context("cannot open the log file")?;
     baton::test_hooks::announce();
+    // Credentials are per thread: isolation goes first, before any other thread starts.
+    let role = match worker {
+        Some(i) => isolation::Role::Worker(i),
+        None if resume.is_some() || cfg.runtime.workers > 1 => isolation::Role::Supervisor,
+        None => isolation::Role::Single {
+            successor: std::env::var_os(baton::handover::HANDOVER_FD_ENV).is_some(),
+        },
+    };
+    let prepared = isolation::prepare(&cfg, role).context("cannot isolate this process")?;
     start_purge_tick();
     let opts = RunOptions {
         config_path,
@@ -337,18 +354,23 @@ fn serve(
     };
     // With workers, `baton run` is their supervisor: one thread is plenty for it.
     if let Some(fd) = resume {
-        let rt = runtime(1).context("cannot start the runtime")?;
+        let rt = runtime(1, None::<fn()>).context("cannot start the runtime")?;
         rt.block_on(baton::supervisor::resume(cfg, opts, fd))?;
         return Ok(());
     }
     if worker.is_none() && cfg.runtime.workers > 1 {
-        let rt = runtime(1).context("cannot start the runtime")?;
+        let rt = runtime(1, None::<fn()>).context("cannot start the runtime")?;
         rt.block_on(baton::supervisor::run(cfg, opts))?;
         return Ok(());
     }
-    let rt = runtime(cfg.runtime.worker_threads).context("cannot start the runtime")?;
+    let pin = match worker {
+        // A worker is pinned as a whole by its supervisor.
+        Some(_) => None,
+        None => isolation::affinity::thread_pinner(cfg.runtime.isolation.cpu_affinity.clone()),
+    };
+    let rt = runtime(cfg.runtime.worker_threads, pin).context("cannot start the runtime")?;
     rt.spawn(timer_floor());
-    rt.block_on(lifecycle::run(cfg, opts))?;
+    rt.block_on(lifecycle::run_prebound(cfg, opts, prepared.prebound))?;
     Ok(())
 }
 

@@ -119,10 +119,48 @@ fn runtime(r: &Runtime) -> Y {
     if let Some(v) = l.nofile {
         limits.push(("nofile", Y::Num(v)));
     }
+    if let Some(v) = &l.cpuset {
+        limits.push(("cpuset", text(v)));
+    }
+    if let Some(v) = l.io_weight {
+        limits.push(("io_weight", Y::Num(v)));
+    }
     if !limits.is_empty() {
         m.push(("worker_limits", Y::Map(limits)));
     }
+    isolation(&r.isolation, &mut m);
     Y::Map(m)
+}
+
+/// The isolation keys (issue 14), users and groups by the name found on this host.
+fn isolation(i: &super::Isolation, m: &mut Vec<(&'static str, Y)>) {
+    if let Some(u) = &i.user {
+        m.push(("user", text(&u.name)));
+    }
+    if let Some(g) = &i.group {
+        m.push(("group", text(&g.name)));
+    }
+    if !i.capabilities.is_empty() {
+        m.push((
+            "capabilities",
+            Y::Seq(i.capabilities.iter().map(text).collect()),
+        ));
+    }
+    if i.worker_isolation {
+        m.push(("worker_isolation", Y::Bool(true)));
+    }
+    match &i.cpu_affinity {
+        super::CpuAffinity::None => {}
+        super::CpuAffinity::Auto => m.push(("cpu_affinity", text("auto"))),
+        super::CpuAffinity::Lists(l) => m.push((
+            "cpu_affinity",
+            Y::Seq(
+                l.iter()
+                    .map(|cpus| Y::Seq(cpus.iter().map(|c| Y::Num(*c as u64)).collect()))
+                    .collect(),
+            ),
+        )),
+    }
 }
 
 fn log(l: &Log) -> Y {

@@ -42,6 +42,16 @@ pub struct Runtime {
     pub accept: Option<S<String>>,
     /// Per-worker resource limits.
     pub worker_limits: Option<WorkerLimits>,
+    /// Isolation (issue 14, `super::isolation`): drop to this user after binding.
+    pub user: Option<S<String>>,
+    /// And this group.
+    pub group: Option<S<String>>,
+    /// Capabilities kept after the drop.
+    pub capabilities: Option<Vec<S<String>>>,
+    /// PID, mount and IPC namespaces per worker.
+    pub worker_isolation: Option<bool>,
+    /// `auto` or a list of CPU lists.
+    pub cpu_affinity: Option<S<super::isolation::RawCpuAffinity>>,
 }
 
 /// `runtime.worker_limits:`.
@@ -51,6 +61,8 @@ pub struct WorkerLimits {
     pub cpu: Option<S<f64>>,
     pub pids: Option<S<u64>>,
     pub nofile: Option<S<u64>>,
+    pub cpuset: Option<S<String>>,
+    pub io_weight: Option<S<u64>>,
 }
 
 /// A scalar that may be written as a number (`2`) or a word (`auto`, `512MiB`).

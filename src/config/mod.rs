@@ -4,6 +4,7 @@
 mod diff;
 mod dump;
 mod file;
+mod isolation;
 mod runtime;
 mod server_addr;
 mod unknown;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 pub use diff::{diff, ConfigDiff};
 pub use dump::format_duration;
+pub use isolation::{parse_cpu_list, Account, CpuAffinity, Isolation, CAPABILITY_NAMES};
 pub use validate::parse_duration;
 
 /// A validated configuration.
@@ -60,6 +62,8 @@ pub struct Runtime {
     pub accept: AcceptMode,
     /// Resource limits applied to each worker (multi-process mode only).
     pub worker_limits: WorkerLimits,
+    /// User, capabilities, namespaces and CPU pinning ([`crate::isolation`]).
+    pub isolation: Isolation,
 }
 
 /// How the workers of a supervisor accept connections.
@@ -83,6 +87,10 @@ pub struct WorkerLimits {
     pub pids: Option<u64>,
     /// Open files (RLIMIT_NOFILE).
     pub nofile: Option<u64>,
+    /// CPUs the workers may run on, a cpuset list such as `0-3` (cgroup cpuset).
+    pub cpuset: Option<String>,
+    /// I/O weight, 1 to 10000 (cgroup `io.weight`, or v1 `blkio.weight` scaled).
+    pub io_weight: Option<u64>,
 }
 
 /// `admin:` settings.

@@ -52,6 +52,7 @@ pub(super) fn runtime(errs: &mut Errors, r: &file::Runtime, dir: &Path) -> Runti
             .as_ref()
             .map(|l| worker_limits(errs, l))
             .unwrap_or_default(),
+        isolation: super::isolation::isolation(errs, r),
     }
 }
 
@@ -163,6 +164,8 @@ fn worker_limits(errs: &mut Errors, l: &file::WorkerLimits) -> WorkerLimits {
             MIN_WORKER_NOFILE,
             "listeners, logs and the supervisor's channel need them before any connection",
         ),
+        cpuset: super::isolation::cpuset(errs, &l.cpuset),
+        io_weight: super::isolation::io_weight(errs, &l.io_weight),
     }
 }
 

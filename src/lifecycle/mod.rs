@@ -9,7 +9,7 @@ mod upgrade;
 // Multi-process mode: the worker's side of its link to the supervisor.
 pub mod worker;
 
-pub use process::run;
+pub use process::{run, run_prebound};
 pub use successor::refuse;
 pub use triggers::{Trigger, Triggers};
 pub use upgrade::UpgradeReport;

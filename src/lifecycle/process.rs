@@ -310,6 +310,7 @@ impl Process {
             "connections": { "total": conns.len(), "by_kind": by_kind },
             "counters": self.metrics.snapshot(),
             "upgrades": self.history,
+            "isolation": crate::isolation::report::in_force(None).ok(),
         })
     }
 
@@ -351,6 +352,16 @@ impl Process {
 /// Runs baton until it is stopped or replaced; returns once every connection is finished,
 /// closed or handed over. A successor that cannot take over returns an error (exit non-zero).
 pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
+    run_prebound(cfg, opts, BTreeMap::new()).await
+}
+
+/// [`run`] with listeners already bound by name (before a privilege drop,
+/// [`crate::isolation::prepare`]); a first generation serves those instead of binding.
+pub async fn run_prebound(
+    cfg: Config,
+    opts: RunOptions,
+    prebound: BTreeMap<String, std::net::TcpListener>,
+) -> Result<(), LifecycleError> {
     super::raise_nofile();
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(16);
     let mut triggers = Triggers::new(control_rx)?;
@@ -374,7 +385,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), LifecycleError> {
             Some(t.finish(&mut p))
         }
         None => {
-            p.bind_listeners()?;
+            p.bind_listeners(prebound)?;
             p.go_live()?;
             p.set_phase(Phase::Ready);
             None
@@ -415,14 +426,18 @@ impl Process {
         }
     }
 
-    /// A first generation's listeners: adopted from systemd socket activation under their
-    /// name (issue 6), or bound.
-    fn bind_listeners(&mut self) -> Result<(), LifecycleError> {
+    /// A first generation's listeners: bound before a privilege drop (`prebound`, issue 14),
+    /// adopted from systemd socket activation under their name (issue 6), or bound.
+    fn bind_listeners(
+        &mut self,
+        mut prebound: BTreeMap<String, std::net::TcpListener>,
+    ) -> Result<(), LifecycleError> {
         let mut activated = crate::admin::notify::systemd_listeners();
         for l in self.cfg.listeners.clone().values() {
-            let s = match activated.remove(&l.name) {
-                Some(fd) => crate::listener::adopt(fd),
-                None => crate::listener::bind(l),
+            let s = match (prebound.remove(&l.name), activated.remove(&l.name)) {
+                (Some(s), _) => Ok(s),
+                (None, Some(fd)) => crate::listener::adopt(fd),
+                (None, None) => crate::listener::bind(l),
             }
             .map_err(|source| LifecycleError::Bind {
                 name: l.name.clone(),

@@ -129,7 +129,8 @@ pub fn init_as(cfg: &Log, generation: u64, worker: Option<usize>) -> Result<(), 
     let mut filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let pid = std::process::id();
+    // A worker in its own PID namespace is pid 1 to itself; log the pid operators see.
+    let pid = crate::isolation::report::outer_pid();
     let mut files = Vec::new();
     let main_writer = match &cfg.file {
         Some(path) => {

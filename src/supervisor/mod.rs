@@ -108,6 +108,8 @@ struct Supervisor {
     control_tx: mpsc::Sender<crate::admin::control::ControlRequest>,
     /// The control socket, kept across the re-exec.
     control: Option<serve::ControlServer>,
+    /// Whether the one warning about isolation the host refused was logged.
+    isolation_warned: bool,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
@@ -207,6 +209,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), SupervisorError> {
         history: Vec::new(),
         control_tx,
         control: None,
+        isolation_warned: false,
     };
     for i in 0..s.slots.len() {
         if let Err(e) = s.start_worker(i).await {
@@ -291,18 +294,25 @@ impl Supervisor {
 
     /// Spawns a worker process for slot `index` (binary and generation of the slot).
     fn spawn_for(
-        &self,
+        &mut self,
         index: usize,
         binary: &std::path::Path,
         generation: u64,
     ) -> Result<Worker, String> {
+        let plan = crate::isolation::worker_plan(&self.cfg, index);
         let mut w = worker::spawn(
             binary,
             &self.opts.config_path,
             index,
             generation,
+            &plan,
             &self.events_tx,
         )?;
+        if !w.placement.refused.is_empty() && !self.isolation_warned {
+            self.isolation_warned = true;
+            tracing::warn!(refused = ?w.placement.refused,
+                "the host refused part of the workers' isolation; they run with what is possible (baton status shows what is in force)");
+        }
         if let Some(cg) = &self.cgroups {
             match cg.place(index, w.pid) {
                 Ok(c) => w.cgroup = Some(c),

@@ -218,6 +218,7 @@ impl Supervisor {
             live_ms: w.live_since.map(ms),
             counters: w.counters.clone(),
             cgroup: w.cgroup.as_ref().map(|c| c.dirs()).unwrap_or_default(),
+            placement: w.placement.clone(),
         };
         State {
             format: STATE_FORMAT,

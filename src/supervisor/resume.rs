@@ -70,6 +70,9 @@ pub(super) struct WorkerState {
     pub live_ms: Option<u64>,
     pub counters: Counters,
     pub cgroup: Vec<(String, PathBuf)>,
+    /// Its CPUs and namespaces (absent in the state of an older image).
+    #[serde(default)]
+    pub placement: crate::isolation::namespaces::Placement,
 }
 
 fn ago(ms: u64) -> Instant {
@@ -113,6 +116,7 @@ fn adopt_worker(
     a.spawned = ago(w.uptime_ms);
     a.live_since = w.live_ms.map(ago);
     a.counters = w.counters;
+    a.placement = w.placement;
     if !w.cgroup.is_empty() {
         a.cgroup = Some(limits::WorkerCgroup::from_dirs(w.cgroup));
     }
@@ -203,6 +207,7 @@ pub async fn resume(cfg: Config, opts: RunOptions, state_fd: RawFd) -> Result<()
         history: st.history,
         control_tx,
         control: None,
+        isolation_warned: false,
     };
     s.start_control(control_fd).map_err(bad)?;
     tracing::info!(

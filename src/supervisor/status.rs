@@ -20,6 +20,7 @@ impl Supervisor {
                 "last_heartbeat_ms": w.last_heartbeat.elapsed().as_millis() as u64,
                 "heartbeats": w.heartbeats,
                 "counters": w.counters,
+                "isolation": crate::isolation::worker_status(w.pid, &w.placement),
             })
         };
         for s in &self.slots {
@@ -73,6 +74,7 @@ impl Supervisor {
             "uptime_s": self.started.elapsed().as_secs(),
             "accept": self.cfg.runtime.accept,
             "limits": self.cfg.runtime.worker_limits,
+            "isolation": crate::isolation::report::in_force(None).ok(),
             "cgroups": self.cgroups.as_ref().map(|c| c.version),
             "listeners": listeners,
             "workers": workers,
@@ -119,6 +121,13 @@ pub fn render(v: &serde_json::Value) -> String {
             if w["crash_loop"].as_bool() == Some(true) { " CRASH LOOP" } else { "" },
             line(&w["counters"]),
         );
+        if w["isolation"].is_object() {
+            let _ = writeln!(
+                out,
+                "  isolation: {}",
+                crate::isolation::render_line(&w["isolation"])
+            );
+        }
     }
     let _ = writeln!(out, "total: {}", line(&v["totals"]));
     crate::admin::status::render_history(&mut out, v);

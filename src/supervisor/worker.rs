@@ -65,6 +65,8 @@ pub struct Worker {
     pub heartbeats: u64,
     /// The task forwarding its messages, and how to stop it at a frame boundary.
     pub listening: Option<Listening>,
+    /// Its CPUs and namespaces as set up at its spawn ([`crate::isolation`]).
+    pub placement: crate::isolation::namespaces::Placement,
 }
 
 /// The task that reads a worker's channel, stoppable between frames so the channel can be
@@ -113,6 +115,7 @@ impl Worker {
             cgroup: None,
             heartbeats: 0,
             listening: Some(Listening::start(rx, pid, events.clone())),
+            placement: Default::default(),
         }
     }
 
@@ -139,12 +142,14 @@ pub fn pair() -> Result<(OwnedFd, OwnedFd), String> {
     Ok((OwnedFd::from(a), OwnedFd::from(b)))
 }
 
-/// Spawns `binary worker -c CONFIG --index i --generation g` and starts its watchers.
+/// Spawns `binary worker -c CONFIG --index i --generation g`, placed as `plan` says (CPUs,
+/// namespaces: [`crate::isolation::namespaces`]), and starts its watchers.
 pub fn spawn(
     binary: &Path,
     config: &Path,
     index: usize,
     generation: u64,
+    plan: &crate::isolation::namespaces::Plan,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<Worker, String> {
     let args: Vec<std::ffi::OsString> = vec![
@@ -156,8 +161,12 @@ pub fn spawn(
         "--generation".into(),
         generation.to_string().into(),
     ];
-    let spawned = handover::spawn_successor(binary, &args)
-        .map_err(|e| format!("cannot start worker {index}: {e}"))?;
+    let runtime = tokio::runtime::Handle::current();
+    let (spawned, placement) = crate::isolation::namespaces::spawn_placed(plan, || {
+        let _in_runtime = runtime.enter();
+        handover::spawn_successor(binary, &args)
+    });
+    let spawned = spawned.map_err(|e| format!("cannot start worker {index}: {e}"))?;
     let mut child = spawned.child;
     let pid = child.id().unwrap_or(0);
     let (rx, tx) = split_channel(spawned.channel)
@@ -168,7 +177,9 @@ pub fn spawn(
             let _ = ev.send(Event::Exited(pid, st));
         }
     });
-    Ok(Worker::new(index, pid, generation, rx, tx, events))
+    let mut w = Worker::new(index, pid, generation, rx, tx, events);
+    w.placement = placement;
+    Ok(w)
 }
 
 /// Forwards what a worker says to the supervisor's loop, until its channel ends (`None`) or
