@@ -20,8 +20,10 @@
 #   BENCH_RAW=FILE       also keep the raw per-run lines in FILE
 #   BENCH_NO_BUILD=1     use target/release/baton as it is
 #   BENCH_KEEP=1         keep the temporary folder (configs, logs)
-#   memory mode: MEM_IDLE_HTTP=9500 MEM_IDLE_TCP=4000 MEM_ACTIVE=1000 (connection counts; HAProxy
-#   cannot start with maxconn ≥ 9,890 under a 20,000 fd limit, and an L4 proxy needs 2 fds a tunnel)
+#   memory mode: MEM_IDLE_HTTP=9500 MEM_IDLE_TCP=4000 MEM_ACTIVE=1000 MEM_STALLED=200 (connection
+#   counts; HAProxy cannot start with maxconn ≥ 9,890 under a 20,000 fd limit, and an L4 proxy
+#   needs 2 fds a tunnel); MEM_PROXIES="baton haproxy nginx";
+#   MEM_KINDS="idle-http idle-tcp active-tcp stalled-http"
 #
 # Quick smoke run: BENCH_SECONDS=2 BENCH_ROUNDS=1 scripts/bench.sh
 set -uo pipefail
@@ -156,6 +158,7 @@ mem_measure() {
     idle-http) n=${MEM_IDLE_HTTP:-9500} ;;
     idle-tcp) n=${MEM_IDLE_TCP:-4000} ;;
     active-tcp) n=${MEM_ACTIVE:-1000} ;;
+    stalled-http) n=${MEM_STALLED:-200} ;;
     esac
     maxconn=$((n + 100))
     case "$proxy" in
@@ -170,6 +173,7 @@ mem_measure() {
     idle-http) args=(--idle "127.0.0.1:$hport" "$n") ;;
     idle-tcp) args=(--idle "127.0.0.1:$tport" "$n") ;;
     active-tcp) args=(--active "127.0.0.1:$tport" "$n" --interval-ms 200) ;;
+    stalled-http) args=(--stalled "127.0.0.1:$hport" "$n" --stalled-path /big) ;;
     esac
     sleep 1
     idle=$(rss_kib "$pid")
@@ -185,12 +189,29 @@ mem_measure() {
     done
     [[ -s "$ready" ]] || { cat "$WORK/conns.out" >&2; die "$proxy $kind: clients not established in 90 s"; }
     sleep 3 # let the active ones run a while, and the proxy settle
+    if [[ "$kind" == stalled-http ]]; then
+        # The proxy reads each download until its buffers are full, then stops: wait (bounded,
+        # 20 s) until its RSS stops growing (less than 64 KiB in 2 s).
+        local prev cur
+        prev=$(rss_kib "$pid")
+        for ((i = 0; i < 10; i++)); do
+            sleep 2
+            cur=$(rss_kib "$pid")
+            ((cur - prev < 64)) && break
+            prev=$cur
+        done
+        # Client connections the proxy still holds, and what waits in its send queues to them.
+        ss -Htn state established "sport = :$hport" |
+            awk '{n++; q += $2} END {printf "%d open, send queues %.0f KiB each\n", n, n ? q / n / 1024 : 0}' \
+                >"$WORK/stalled.ss"
+    fi
     loaded=$(rss_kib "$pid")
     kill -USR1 "$cpid" 2>/dev/null
     wait "$cpid" 2>/dev/null
     out=$(tail -1 "$WORK/conns.out")
     local errs
     errs=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["errors"] if not d["errors"] else "%d (%s)" % (d["errors"], d["error_samples"][0]))' "$out" 2>/dev/null || echo "? ($out)")
+    [[ "$kind" == stalled-http ]] && errs="$errs; $(cat "$WORK/stalled.ss")"
     stop_pid "$pid"
     rm -f "$WORK/baton.pid"
     awk -v p="$proxy" -v k="$kind" -v n="$n" -v i="$idle" -v l="$loaded" -v e="$errs" 'BEGIN {
@@ -205,7 +226,7 @@ memory() {
     local p k
     : >"$WORK/mem_rows"
     for p in ${MEM_PROXIES:-baton haproxy nginx}; do
-        for k in ${MEM_KINDS:-idle-http idle-tcp active-tcp}; do
+        for k in ${MEM_KINDS:-idle-http idle-tcp active-tcp stalled-http}; do
             log "memory: $p $k"
             mem_measure "$p" "$k"
         done
@@ -217,7 +238,8 @@ memory() {
     echo "idle-http = HTTP keep-alive connections idle after one request each (9,500, not 10,000: HAProxy"
     echo "refuses to start with maxconn ≥ 9,890 under this machine's 20,000 fd limit); idle-tcp = L4 tunnels"
     echo "idle after one request (each costs an L4 proxy two fds, so fewer fit the 20,000 fd limit);"
-    echo "active-tcp = L4 tunnels each sending a request every 200 ms. Per connection = (loaded − idle) / N."
+    echo "active-tcp = L4 tunnels each sending a request every 200 ms; stalled-http = HTTP clients that each"
+    echo "request a 256 MiB download and never read it (receive buffer 16 KiB). Per connection = (loaded − idle) / N."
     echo "Client errors: connections that failed or were closed while held."
     echo "Load average before: $load_before, after: $(load_avg)."
     echo

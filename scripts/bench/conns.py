@@ -3,12 +3,18 @@
 scripts/upgrade-under-load.sh.
 
   conns.py [--idle HOST:PORT N] [--active HOST:PORT N] [--interval-ms MS]
+           [--stalled HOST:PORT N] [--stalled-path PATH] [--rcvbuf BYTES]
            [--ready-file PATH] [--max-seconds S] [--no-verify]
 
 --idle: N HTTP/1.1 keep-alive connections, each sends one GET, reads the response, then stays
         idle (through an L4 proxy that is also a tunnel with both ends connected).
 --active: N connections that each send a GET every --interval-ms and check every response;
         the round-trip times show the pause an upgrade causes to a live tunnel.
+--stalled: N connections that each send one GET for --stalled-path (a large download) and
+        then never read: what a client that stops reading costs the proxy. Their receive
+        buffer is set to --rcvbuf before connecting (so the kernel holds little of the
+        response); "ready" as soon as every request is sent. At the end each must still be
+        open and its first bytes must be a 200 status line (the response was under way).
 
 When every connection is established (and answered once) it writes "ready" to --ready-file.
 It runs until SIGUSR1/SIGTERM or --max-seconds, then (unless --no-verify) sends one more GET on
@@ -30,12 +36,16 @@ import time
 REQ = b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: baton-bench\r\n\r\n"
 
 
+def request(path):
+    return f"GET {path} HTTP/1.1\r\nHost: bench\r\nUser-Agent: baton-bench\r\n\r\n".encode()
+
+
 class Conn:
     __slots__ = ("sock", "kind", "buf", "sent_at", "state", "max_rtt", "answered")
 
     def __init__(self, sock, kind):
         self.sock = sock
-        self.kind = kind          # "idle" or "active"
+        self.kind = kind          # "idle", "active" or "stalled"
         self.buf = b""
         self.sent_at = 0.0
         self.state = "connecting"  # connecting, waiting, idle, sleeping, dead
@@ -84,6 +94,7 @@ class Client:
         self.in_flight_connects = 0
         self.verifying = False
         self.verified_ok = 0
+        self.stalled_ok = 0
 
     def fail(self, c, why):
         self.errors += 1
@@ -104,6 +115,8 @@ class Client:
 
     def start_connect(self, kind, addr):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if kind == "stalled" and self.args.rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.args.rcvbuf)
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.connect_ex(addr)
@@ -122,6 +135,42 @@ class Client:
         c.state = "waiting"
         self.sel.modify(c.sock, selectors.EVENT_READ, c)
 
+    def send_stalled(self, c):
+        try:
+            c.sock.send(request(self.args.stalled_path))
+        except OSError as e:
+            self.fail(c, f"send: {e}")
+            return
+        c.state = "stalled"
+        c.answered = 1  # counts as established for "ready"; never read until the end
+        self.sel.unregister(c.sock)
+
+    def check_stalled(self):
+        """Each stalled connection is still open and its response began with a 200 line."""
+        ok = 0
+        for c in self.conns:
+            if c.kind != "stalled" or c.state != "stalled":
+                continue
+            try:
+                c.sock.setblocking(True)
+                c.sock.settimeout(5)
+                head = b""
+                while len(head) < 12:
+                    d = c.sock.recv(12 - len(head))
+                    if not d:
+                        break
+                    head += d
+            except OSError as e:
+                self.fail(c, f"stalled: recv: {e}")
+                continue
+            if head.startswith(b"HTTP/1.1 200"):
+                ok += 1
+                c.sock.close()
+                c.state = "dead"
+            else:
+                self.fail(c, f"stalled: response began with {head!r}")
+        return ok
+
     def on_event(self, c, mask):
         if c.state == "connecting":
             self.in_flight_connects -= 1
@@ -135,7 +184,10 @@ class Client:
                 self.sel.unregister(c.sock)
                 c.sock.close()
                 return
-            self.send(c)
+            if c.kind == "stalled":
+                self.send_stalled(c)
+            else:
+                self.send(c)
             return
         try:
             data = c.sock.recv(65536)
@@ -192,7 +244,7 @@ class Client:
 
     def run(self):
         a = self.args
-        for spec, kind in ((a.idle, "idle"), (a.active, "active")):
+        for spec, kind in ((a.idle, "idle"), (a.active, "active"), (a.stalled, "stalled")):
             if spec:
                 host, port = spec[0].rsplit(":", 1)
                 self.pending_connects += [(kind, (host, int(port)))] * int(spec[1])
@@ -226,6 +278,7 @@ class Client:
             for c in idle:
                 if c.state == "waiting":
                     self.fail(c, "no answer to the verification request")
+        self.stalled_ok = self.check_stalled()
         return ready, total
 
     def summary(self, ready, total):
@@ -244,6 +297,8 @@ class Client:
             "idle_verified_ok": self.verified_ok,
             "active": len(active),
             "active_requests": len(self.rtts),
+            "stalled": sum(1 for c in self.conns if c.kind == "stalled"),
+            "stalled_ok": self.stalled_ok,
             "errors": self.errors,
             "non2xx": self.non2xx,
             "error_samples": self.error_samples,
@@ -260,6 +315,9 @@ def main():
     p.add_argument("--idle", nargs=2, metavar=("HOST:PORT", "N"))
     p.add_argument("--active", nargs=2, metavar=("HOST:PORT", "N"))
     p.add_argument("--interval-ms", type=float, default=100)
+    p.add_argument("--stalled", nargs=2, metavar=("HOST:PORT", "N"))
+    p.add_argument("--stalled-path", default="/big")
+    p.add_argument("--rcvbuf", type=int, default=16384, help="SO_RCVBUF of stalled connections")
     p.add_argument("--batch", type=int, default=256, help="connects in flight at once")
     p.add_argument("--ready-file")
     p.add_argument("--max-seconds", type=float, default=120)

@@ -145,11 +145,14 @@ wait_http() {
 }
 
 # --- the backend: nginx answering 200 "ok\n" with keep-alive, pinned with the load generator ---
+# It also serves /big, a 256 MiB download (a sparse file: no disk space, zeros from the page
+# cache), for the stalled-reader memory figure.
 
 # start_backend PORT CPU
 start_backend() {
     local port=$1 cpu=$2 d="$WORK/backend"
     mkdir -p "$d/logs"
+    truncate -s 256M "$WORK/big.bin" || die "cannot create $WORK/big.bin"
     cat >"$d/nginx.conf" <<EOF
 user root;
 daemon off;
@@ -171,6 +174,7 @@ http {
     server {
         listen 127.0.0.1:$port backlog=4096;
         location / { default_type text/plain; return 200 "ok\n"; }
+        location = /big { default_type application/octet-stream; alias $WORK/big.bin; }
     }
 }
 EOF
@@ -316,6 +320,9 @@ http {
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            # A slow client's response is buffered in memory only (its default would spool up
+            # to 1 GiB per request to temp files): no effect on the small benchmark responses.
+            proxy_max_temp_file_size 0;
         }
     }
 }
