@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# baton against HAProxy and nginx, side by side on this machine (issue 5).
+# baton against HAProxy and nginx, side by side on this machine (docs/BENCHMARKS.md).
 #
 #   scripts/bench.sh            throughput: interleaved wrk rounds, Markdown tables on stdout
 #   scripts/bench.sh memory     RSS idle, with many idle client connections, with active tunnels

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Live upgrades under load (issue 4's benchmark), printed as Markdown on stdout.
+# Live upgrades under load (the benchmark in docs/BENCHMARKS.md), printed as Markdown on stdout.
 #
 # 1. wrk through baton HTTP for UPGRADE_SECONDS (30) with `baton upgrade` every
 #    UPGRADE_EVERY (3) seconds, once with keep-alive and once with `Connection: close`:

@@ -3,9 +3,10 @@
 //! It is the one thing the data path ([`crate::proxy`]) and the upgrade ([`crate::handover`],
 //! [`crate::lifecycle`]) share. Each connection task registers itself and holds a
 //! [`ConnHandle`]; dropping the handle removes the entry. To hand connections over, the
-//! lifecycle calls [`Registry::park_all`]: every task stops at its next safe point and sends
-//! what it holds (sockets, pending bytes, metadata) as a plain [`Parked`] value to the
-//! channel returned by [`Registry::new`]. The data path never sees signals or the channel.
+//! lifecycle calls [`Registry::park_where`] for the listeners the successor adopted: each of
+//! those tasks stops at its next safe point and sends what it holds (sockets, pending bytes,
+//! metadata) as a plain [`Parked`] value to the channel returned by [`Registry::new`]. The data
+//! path never sees signals or the channel.
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -449,7 +450,8 @@ impl Registry {
     }
 
     /// Asks every live connection to stop at its next safe point and park. Connections
-    /// registered afterwards are not affected.
+    /// registered afterwards are not affected. For in-process tests that drive the data path
+    /// directly; an upgrade parks only the adopted listeners' connections ([`Self::park_where`]).
     pub fn park_all(&self) {
         let conns = lock(&self.conns);
         for c in conns.values() {

@@ -177,3 +177,22 @@ async fn a_second_run_on_the_same_config_says_which_pid_is_running() {
     let (ok, out) = cli(&b.config, "status", &[]);
     assert!(ok && out.contains(&format!("pid {}", b.pid())), "{out}");
 }
+
+#[test]
+fn a_log_file_that_cannot_be_opened_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.yaml");
+    let log = dir.path().join("missing").join("baton.log");
+    std::fs::write(
+        &cfg,
+        format!("log:\n  file: {}\nlisteners:\n  t: {{listen: 127.0.0.1:0, upstream: u}}\nupstreams:\n  u:\n    servers: [127.0.0.1:1]\n", log.display()),
+    )
+    .unwrap();
+    let (code, _, err) = baton(&["run", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot open the log file: {}: ", log.display())),
+        "{err}"
+    );
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+}

@@ -249,3 +249,20 @@ async fn access_file_in_json() {
     assert_eq!(v["server"], app.to_string());
     assert_eq!(b.log.count("baton::access"), 0, "not in the main log too");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_in_the_supervisor_too_and_never_ends_it() {
+    let echo = echo_backend("E").await;
+    let b = Baton::start(&format!(
+        "runtime:\n  workers: 2\nlisteners:\n  t:\n    listen: 127.0.0.1:0\n    upstream: u\n\
+         upstreams:\n  u:\n    servers: [\"{echo}\"]\n"
+    ));
+    b.signal(rustix::process::Signal::USR1);
+    let line = b
+        .log
+        .wait_for(&["log file reopened", &format!("pid={} ", b.pid())], WAIT);
+    assert!(line.is_some(), "the supervisor did not reopen its log");
+    assert!(common::alive(b.pid()), "SIGUSR1 ended the supervisor");
+    let (ok, out) = cli(&b.config, "status", &[]);
+    assert!(ok, "{out}");
+}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-process mode (issue 7): throughput of N=2 workers (accept: shared, reuseport) against
+# Multi-process mode (docs/multiprocess.md): throughput of N=2 workers (accept: shared, reuseport) against
 # one process with 2 threads, L4 and HTTP, keep-alive, with wrk on 127.0.0.1; then the time from
 # a worker's kill -9 to its replacement serving. Nothing is pinned (two workers need both CPUs;
 # wrk and the nginx backend share them). Reuses scripts/bench/lib.sh; everything started is

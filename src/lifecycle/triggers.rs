@@ -46,7 +46,10 @@ pub struct Triggers {
 
 impl Triggers {
     /// Registers the signal handlers; `control` receives the control socket's commands.
+    /// SIGUSR1 reopens the log files ([`crate::logging::reopen_on_sigusr1`]), in a single
+    /// process, a worker and the supervisor alike, so it never ends a process.
     pub fn new(control: mpsc::Receiver<ControlRequest>) -> Result<Triggers, LifecycleError> {
+        crate::logging::reopen_on_sigusr1().map_err(io_err("SIGUSR1 handler"))?;
         let s = |k| signal(k).map_err(io_err("signal handler"));
         Ok(Triggers {
             term: s(SignalKind::terminate())?,

@@ -36,10 +36,13 @@ struct ReopenableFile {
 }
 
 impl ReopenableFile {
+    /// Opens `path` for appending; the error names the path.
     fn open(path: &Path) -> std::io::Result<ReopenableFile> {
+        let file = open_append(path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         Ok(ReopenableFile {
             path: path.to_path_buf(),
-            file: Arc::new(Mutex::new(open_append(path)?)),
+            file: Arc::new(Mutex::new(file)),
         })
     }
 
@@ -102,10 +105,19 @@ pub fn reopen() -> std::io::Result<()> {
 }
 
 /// Reopens the log files on every `SIGUSR1` until the runtime ends. Registers the handler
-/// now (call it at start, inside the runtime), so a signal is never fatal.
+/// now (call it at start, inside the runtime), so a signal is never fatal. Calling it again
+/// in the same process does nothing: one reopen per signal.
 pub fn reopen_on_sigusr1() -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::signal::unix::{signal, SignalKind};
+    static WATCHING: AtomicBool = AtomicBool::new(false);
+    if WATCHING.load(Ordering::Acquire) {
+        return Ok(());
+    }
     let mut usr1 = signal(SignalKind::user_defined1())?;
+    if WATCHING.swap(true, Ordering::AcqRel) {
+        return Ok(());
+    }
     tokio::spawn(async move {
         while usr1.recv().await.is_some() {
             match reopen() {
