@@ -222,6 +222,12 @@ async fn request_framing_refusals() {
             ("CL differing lines", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello", 400),
             ("CL empty list member", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5,\r\n\r\nhello", 400),
             ("CL past u64", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
+            ("space before colon", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\nhello", 400),
+            ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n 2\r\n\r\n", 400),
+            ("obs-fold in TE", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", 400),
+            ("NUL in a value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\0b\r\n\r\n", 400),
+            ("HTTP/1.2", b"GET / HTTP/1.2\r\nHost: a\r\n\r\n", 400),
+            ("HTTP/2.0 in a request line", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400),
         ],
     )
     .await;
@@ -607,4 +613,76 @@ async fn h2c_authority_is_the_host() {
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_never_hangs_a_connection() {
+    use rand::{Rng, SeedableRng};
+    let (app, _cap) = backend(ok).await;
+    let listener = "    http:\n      header_read_timeout: 1s\n      keepalive_timeout: 1s\n      body_timeout: 1s\n";
+    let b = Baton::start(&conf(listener, &[("app", app)]));
+    let addr = b.addr("web");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9112);
+    let valid =
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let mut inputs: Vec<Vec<u8>> = Vec::new();
+    for i in 0..40 {
+        if i % 2 == 0 {
+            let n = rng.random_range(1..3000);
+            inputs.push((0..n).map(|_| rng.random::<u8>()).collect());
+        } else {
+            // A valid request with a few bytes replaced, inserted or cut.
+            let mut v = valid.to_vec();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..v.len());
+                match rng.random_range(0..3) {
+                    0 => v[at] = rng.random(),
+                    1 => v.insert(at, rng.random()),
+                    _ => v.truncate(at.max(1)),
+                }
+            }
+            inputs.push(v);
+        }
+    }
+    // Each connection ends (answered, refused or timed out) within the bound `until_closed`
+    // enforces, and the process keeps serving.
+    let tasks: Vec<_> = inputs
+        .into_iter()
+        .map(|input| {
+            tokio::spawn(async move {
+                let mut c = Client::connect(addr).await;
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut c.s, &input).await;
+                c.until_closed().await;
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let r = send_one(addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let (app, cap) = backend(scripted).await;
+    let b = Baton::start(&conf("", &[("app", app)]));
+    let mut c = Client::connect(b.addr("web")).await;
+    let segment = [
+        &b"GET /echo/1 HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+        b"POST /echo/2 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST /echo/3 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+        b"GET /echo/4 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /echo/never HTTP/1.1\r\nHost: a\r\n\r\n",
+    ]
+    .concat();
+    c.send(&segment).await;
+    for n in 1..=4 {
+        let r = c.response(false).await.unwrap();
+        assert_eq!(r.body_text(), format!("/echo/{n}"));
+    }
+    // `Connection: close` ends it: what came after is not served.
+    assert!(c.until_closed().await.is_empty());
+    let paths: Vec<String> = cap.reqs().iter().map(|g| g.line().to_string()).collect();
+    assert_eq!(paths.len(), 4, "{paths:?}");
 }

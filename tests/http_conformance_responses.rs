@@ -286,3 +286,101 @@ async fn upgrade_only_for_allowed_tokens_and_only_on_101() {
     let r = send_one(addr, b"GET /unasked-101 HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert_eq!(r.status, 502);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_protocols_is_the_allow_list() {
+    let (app, cap) = backend(scripted).await;
+    let listener = "    http:\n      upgrade_protocols: [Foo]\n";
+    let b = Baton::start(&conf(listener, &[("app", app)]));
+    let addr = b.addr("web");
+    // (Upgrade sent, forwarded as an upgrade)
+    for (token, allowed) in [
+        ("websocket", false),
+        ("foo", true),
+        ("FOO/2", true),
+        ("foo, websocket", false),
+    ] {
+        cap.clear();
+        let req = format!(
+            "GET /plain HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: {token}\r\n\r\n"
+        );
+        assert_eq!(send_one(addr, req.as_bytes()).await.status, 200, "{token}");
+        let got = cap.one();
+        if allowed {
+            assert_eq!(got.header("upgrade"), Some(token), "{token}");
+            assert_eq!(got.header("connection"), Some("upgrade"), "{token}");
+        } else {
+            assert_eq!(
+                (got.header("upgrade"), got.header("connection")),
+                (None, None),
+                "{token}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_codings_and_hop_by_hop_headers() {
+    let (app, _cap) = backend(scripted).await;
+    let b = Baton::start(&conf("", &[("app", app)]));
+    let addr = b.addr("web");
+    // A close-delimited body with a coding: re-chunked for the 1.1 client, the coding kept
+    // (the head is written before the body, so this holds whatever happens to the body).
+    let mut c = Client::connect(addr).await;
+    c.send(b"GET /te-gzip HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.headers("transfer-encoding"),
+        vec!["gzip, chunked"],
+        "{:?}",
+        r.head
+    );
+    // `chunked` applied before another coding is not a framing a client can read.
+    let r = send_one(addr, b"GET /te-chunked-gzip HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(r.status, 502, "{:?}", r.head);
+    // Hop-by-hop response headers stay with the hop; `close` from the upstream does not
+    // close the client.
+    let mut c = Client::connect(addr).await;
+    c.send(b"GET /hop HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!(r.status, 200);
+    for gone in ["x-secret", "keep-alive", "connection"] {
+        assert_eq!(r.header(gone), None, "{gone}: {:?}", r.head);
+    }
+    assert_eq!(r.header("x-kept"), Some("1"));
+    c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(c.response(false).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_clients() {
+    let (app, _cap) = backend(scripted).await;
+    let b = Baton::start(&conf("", &[("app", app)]));
+    let addr = b.addr("web");
+    // A chunked response to a 1.0 client is decoded and delimited by close.
+    let mut c = Client::connect(addr).await;
+    c.send(b"GET /trailers HTTP/1.0\r\n\r\n").await;
+    let all = c.until_closed().await;
+    let text = String::from_utf8_lossy(&all).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nconnection: close"),
+        "{head}"
+    );
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
+    assert_eq!(body, "hello");
+    // With keep-alive and a length, a 1.0 client keeps its connection.
+    let mut c = Client::connect(addr).await;
+    for _ in 0..2 {
+        c.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await;
+        let r = c.response(false).await.unwrap();
+        assert_eq!((r.status, r.body_text().as_str()), (200, "ok"));
+        assert_eq!(r.header("connection"), Some("keep-alive"), "{:?}", r.head);
+    }
+}

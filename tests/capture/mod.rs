@@ -476,7 +476,16 @@ pub fn scripted(g: &Got) -> Canned {
         "/close-cl" => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", true),
         "/ws" if asked_upgrade => (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", false),
         "/unasked-101" => (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", false),
+        "/te-gzip" => (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8bzipped", true),
+        "/te-chunked-gzip" => (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n", true),
+        "/hop" => (b"HTTP/1.1 200 OK\r\nConnection: X-Secret, close\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok", false),
         _ if method == "HEAD" => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", false),
+        p if p.starts_with("/echo/") => {
+            return Canned {
+                bytes: format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{p}", p.len()).into_bytes(),
+                close: false,
+            }
+        }
         _ => return ok(g),
     };
     Canned {

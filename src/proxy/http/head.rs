@@ -565,6 +565,14 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
     let chunked = te
         .last()
         .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+    // `chunked` must be the final coding, applied once (RFC 9112 §6.1): a body framed and
+    // then coded again has no end a client could find.
+    if te[..te.len().saturating_sub(1)]
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err(bad_gateway("chunked before another transfer coding"));
+    }
     let framing = if bodyless {
         Framing::Done
     } else if !te.is_empty() {
@@ -622,7 +630,15 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
     }
     // Framing headers, as the client will see the body.
     match (framing, body) {
-        (_, ClientBody::Encode) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        (_, ClientBody::Encode) => {
+            // The upstream's codings stay named (the bytes still carry them); chunked is added.
+            out.extend_from_slice(b"transfer-encoding: ");
+            for c in te.iter().filter(|c| !c.is_empty()) {
+                out.extend_from_slice(c);
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(b"chunked\r\n");
+        }
         (Framing::Chunked(_), ClientBody::Pass) => {
             for (i, c) in te.iter().enumerate() {
                 out.extend_from_slice(if i == 0 {
