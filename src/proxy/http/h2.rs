@@ -1,6 +1,22 @@
 //! h2c client connections (prior knowledge), served by hyper. Their state lives inside hyper,
-//! so they cannot be handed over: park and drain both send GOAWAY and let open streams finish
-//! in the old process.
+//! so they cannot be handed over: on park or drain they finish in the old process and end
+//! with GOAWAY.
+//!
+//! How they end matters to clients. hyper's graceful shutdown sends GOAWAY, then PING, then a
+//! second GOAWAY, and keeps sending the open streams' frames; python's `h2` stack (httpx)
+//! treats a connection as closed at the first GOAWAY and fails on any later frame but another
+//! GOAWAY ("RECV_PING in state CLOSED"). So baton sends a single GOAWAY itself (NO_ERROR, the
+//! last stream the client opened), and only where nothing can follow it: glued, in the same
+//! write, to the frame that ends the last open stream, held back [`HOLD`] so the client is done
+//! with its other responses. The client reads the last response and the GOAWAY together, so
+//! its next request goes to a new connection. (A GOAWAY sent to an idle
+//! connection would wait in the client's buffer; httpx reads it only once its next requests
+//! are under way, and fails those it had not sent yet.) After the GOAWAY, hyper is stopped,
+//! baton closes its sending side and reads until the client closes, so no reset overtakes the
+//! GOAWAY. To know when a write ends the last stream, [`Frames`] follows the frame headers
+//! going each way. A connection with no request within [`IDLE_GRACE`] gets the GOAWAY alone;
+//! one that is never without an open stream gets hyper's graceful shutdown; the drain
+//! deadline bounds both.
 
 use super::io::PrefixedIo;
 use super::service::Svc;
@@ -8,7 +24,441 @@ use crate::proxy::tcp::close_log;
 use crate::proxy::ListenerCtx;
 use crate::registry::ConnHandle;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::sync::Arc;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::Notify;
+
+/// How long a stopping connection waits for a response to glue its GOAWAY to: then an idle
+/// one gets the GOAWAY alone, a busy one hyper's graceful shutdown (GOAWAY, PING, GOAWAY).
+pub const IDLE_GRACE: Duration = Duration::from_secs(5);
+/// How long the client gets to close after our GOAWAY before the socket is closed anyway.
+const LINGER: Duration = Duration::from_secs(2);
+/// How long the write that ends the last open stream (and carries the GOAWAY) is held back:
+/// time for the client to finish with its other responses, so that the one request still
+/// waiting is the only one to see the GOAWAY (httpx fails requests that are waiting for the
+/// connection, or not yet sent on it, when another one reads a GOAWAY).
+const HOLD: Duration = Duration::from_millis(150);
+/// The client connection preface, before its first frame.
+const PREFACE_LEN: usize = 24;
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const DATA: u8 = 0x0;
+const GOAWAY: u8 = 0x7;
+const END_STREAM: u8 = 0x1;
+
+/// Follows frame boundaries in one direction of the byte stream.
+#[derive(Debug, Default, Clone)]
+struct Parser {
+    /// Bytes of the connection preface still to skip (client side only).
+    skip: usize,
+    head: [u8; 9],
+    have: usize,
+    payload_left: usize,
+    /// Bytes fed so far.
+    pos: u64,
+}
+
+impl Parser {
+    /// Feeds bytes; calls `frame(type, flags, stream, end)` at each complete frame header,
+    /// `end` being the position (in bytes fed) where that frame ends.
+    fn feed(&mut self, mut bytes: &[u8], mut frame: impl FnMut(u8, u8, u32, u64)) {
+        self.pos += bytes.len() as u64;
+        let last = self.pos;
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+            } else if self.payload_left > 0 {
+                let n = self.payload_left.min(bytes.len());
+                self.payload_left -= n;
+                bytes = &bytes[n..];
+            } else {
+                let n = (9 - self.have).min(bytes.len());
+                self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+                self.have += n;
+                bytes = &bytes[n..];
+                if self.have == 9 {
+                    let h = self.head;
+                    self.have = 0;
+                    self.payload_left =
+                        (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+                    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                    let end = last - (bytes.len() as u64) + self.payload_left as u64;
+                    frame(h[3], h[4], stream, end);
+                }
+            }
+        }
+    }
+
+    /// Whether everything fed so far ends exactly at a frame boundary.
+    fn at_boundary(&self) -> bool {
+        self.skip == 0 && self.have == 0 && self.payload_left == 0
+    }
+}
+
+/// The streams of one connection as seen in its frame headers.
+#[derive(Debug, Clone)]
+struct Frames {
+    inbound: Parser,
+    outbound: Parser,
+    /// Streams the client opened that we have not ended (END_STREAM sent) or reset.
+    open: Vec<u32>,
+    /// The highest stream id the client opened.
+    last_stream: u32,
+}
+
+impl Frames {
+    fn new() -> Frames {
+        Frames {
+            inbound: Parser {
+                skip: PREFACE_LEN,
+                ..Parser::default()
+            },
+            outbound: Parser::default(),
+            open: Vec::new(),
+            last_stream: 0,
+        }
+    }
+
+    fn read(&mut self, bytes: &[u8]) {
+        let (open, last) = (&mut self.open, &mut self.last_stream);
+        self.inbound.feed(bytes, |kind, _, stream, _| match kind {
+            HEADERS if stream != 0 && !open.contains(&stream) && stream > *last => {
+                open.push(stream);
+                *last = stream;
+            }
+            RST_STREAM => open.retain(|s| *s != stream),
+            _ => {}
+        });
+    }
+
+    /// Feeds bytes written; returns where (in bytes written) each frame that ends a stream
+    /// ends.
+    fn written(&mut self, bytes: &[u8]) -> Vec<u64> {
+        let open = &mut self.open;
+        let mut ends = Vec::new();
+        self.outbound.feed(bytes, |kind, flags, stream, end| {
+            let ended = match kind {
+                HEADERS | DATA => flags & END_STREAM != 0,
+                RST_STREAM => true,
+                _ => false,
+            };
+            if ended && open.contains(&stream) {
+                open.retain(|s| *s != stream);
+                ends.push(end);
+            }
+        });
+        ends
+    }
+
+    /// No stream open and no frame half written: a single GOAWAY can go now.
+    fn quiet(&self) -> bool {
+        self.open.is_empty() && self.outbound.at_boundary()
+    }
+}
+
+/// Where the GOAWAY is.
+#[derive(Debug, Default)]
+enum Goaway {
+    /// Not sent.
+    #[default]
+    No,
+    /// Sent, except these bytes (the socket took only part of it).
+    Partly(Vec<u8>),
+    /// Sent whole.
+    Sent,
+}
+
+/// The socket, its frame view and the GOAWAY state, under one short lock.
+struct Conn {
+    io: PrefixedIo,
+    frames: Frames,
+    /// The connection is stopping: the write that ends the last stream carries the GOAWAY.
+    stopping: bool,
+    goaway: Goaway,
+    /// While stopping: the hold of the write that ends the last stream (see [`HOLD`]).
+    hold: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Conn {
+    /// Writes what is left of a partly sent GOAWAY; ready once it is all out.
+    fn poll_goaway(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Goaway::Partly(rest) = &mut self.goaway {
+            let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, rest))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            rest.drain(..n);
+            if rest.is_empty() {
+                self.goaway = Goaway::Sent;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// hyper's write of `bufs` (`len` bytes in all). Once the GOAWAY is out, nothing more is
+    /// sent (hyper is told it was). While stopping, a write that ends the last open stream
+    /// goes out with the GOAWAY appended, in one `writev`.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        if !matches!(self.goaway, Goaway::No) {
+            std::task::ready!(self.poll_goaway(cx))?;
+            return Poll::Ready(Ok(len));
+        }
+        // What the frame view would be once all of `bufs` is out (only while stopping), and
+        // where the frames that end streams end.
+        let base = self.frames.outbound.pos;
+        let ends_last = self.stopping.then(|| {
+            let mut after = self.frames.clone();
+            let mut ends = Vec::new();
+            for b in bufs {
+                ends.extend(after.written(b));
+            }
+            (after, ends)
+        });
+        let Some((after, ends)) = ends_last.filter(|(a, _)| a.quiet()) else {
+            self.hold = None;
+            let n = std::task::ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
+            feed(&mut self.frames, bufs, n);
+            return Poll::Ready(Ok(n));
+        };
+        if ends.len() > 1 {
+            // This write ends several streams: only the last may travel with the GOAWAY, so
+            // the client reads the others first (and is done with them during the hold).
+            let upto = usize::try_from(ends[ends.len() - 2] - base).unwrap_or(len);
+            let head = truncate(bufs, upto);
+            let n = std::task::ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &head))?;
+            feed(&mut self.frames, bufs, n);
+            return Poll::Ready(Ok(n));
+        }
+        let hold = self
+            .hold
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(HOLD)));
+        std::task::ready!(hold.as_mut().poll(cx));
+        if self.client_has_sent_more(cx) {
+            // New requests wait unread: they open streams, so this write does not end the
+            // last one after all. The GOAWAY waits for the next quiet moment.
+            self.hold = None;
+            let n = std::task::ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
+            feed(&mut self.frames, bufs, n);
+            return Poll::Ready(Ok(n));
+        }
+        let frame = goaway(after.last_stream);
+        let mut with = bufs.to_vec();
+        with.push(io::IoSlice::new(&frame));
+        let n = std::task::ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &with))?;
+        if n < len {
+            feed(&mut self.frames, bufs, n);
+            return Poll::Ready(Ok(n));
+        }
+        self.frames = after;
+        let sent = n - len;
+        self.goaway = if sent == frame.len() {
+            Goaway::Sent
+        } else {
+            Goaway::Partly(frame[sent..].to_vec())
+        };
+        Poll::Ready(Ok(len))
+    }
+}
+
+impl Conn {
+    /// Whether the client sent bytes hyper has not read yet (they may open streams).
+    fn client_has_sent_more(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.io.prefix.is_empty() {
+            return true;
+        }
+        let mut one = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut one);
+        // Pending (nothing to read) registers our waker for readability, which is harmless:
+        // hyper's own read registration stays in place.
+        matches!(self.io.inner.poll_peek(cx, &mut buf), Poll::Ready(Ok(n)) if n > 0)
+    }
+}
+
+/// The first `n` bytes of `bufs`.
+fn truncate<'b>(bufs: &'b [io::IoSlice<'_>], n: usize) -> Vec<io::IoSlice<'b>> {
+    let mut out = Vec::new();
+    let mut left = n;
+    for b in bufs {
+        if left == 0 {
+            break;
+        }
+        let take = left.min(b.len());
+        out.push(io::IoSlice::new(&b[..take]));
+        left -= take;
+    }
+    out
+}
+
+/// Feeds the first `n` bytes of `bufs` to the outbound frame view.
+fn feed(frames: &mut Frames, bufs: &[io::IoSlice<'_>], n: usize) {
+    let mut left = n;
+    for b in bufs {
+        let take = left.min(b.len());
+        let _ = frames.written(&b[..take]);
+        left -= take;
+        if left == 0 {
+            break;
+        }
+    }
+}
+
+/// The connection state shared by hyper's side ([`Tap`]) and the connection loop.
+struct Shared {
+    inner: Mutex<Conn>,
+    /// Notified once the GOAWAY has gone out (then hyper is not polled again).
+    goaway_sent: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Conn> {
+        // Plain data behind a short lock; a panic elsewhere leaves it usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The socket as hyper sees it: every byte passes [`Frames`] on its way.
+struct Tap(Arc<Shared>);
+
+impl AsyncRead for Tap {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut g = self.0.lock();
+        let c = &mut *g;
+        let before = buf.filled().len();
+        let r = Pin::new(&mut c.io).poll_read(cx, buf);
+        c.frames.read(&buf.filled()[before..]);
+        r
+    }
+}
+
+impl Tap {
+    fn tap_write(&self, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        let mut g = self.0.lock();
+        let was = matches!(g.goaway, Goaway::No);
+        let r = g.poll_write(cx, bufs, len);
+        if was && !matches!(g.goaway, Goaway::No) {
+            self.0.goaway_sent.notify_one();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tap {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.tap_write(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.tap_write(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0.lock().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0.lock().io).poll_shutdown(cx)
+    }
+}
+
+/// The socket itself, for the connection loop once hyper is gone.
+struct Raw(Arc<Shared>);
+
+impl AsyncRead for Raw {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0.lock().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Raw {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0.lock().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0.lock().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0.lock().io).poll_shutdown(cx)
+    }
+}
+
+/// A GOAWAY frame: NO_ERROR, `last_stream` the last stream the client opened.
+fn goaway(last_stream: u32) -> [u8; 17] {
+    let mut f = [0u8; 17];
+    f[2] = 8;
+    f[3] = GOAWAY;
+    f[9..13].copy_from_slice(&(last_stream & 0x7fff_ffff).to_be_bytes());
+    f
+}
+
+/// Ends a connection once its GOAWAY is written (or, idle, writes it now): the rest of a
+/// partly sent GOAWAY goes out, our side is closed, then the client's bytes are read and
+/// dropped until it closes (a reset would overtake the GOAWAY), at most [`LINGER`].
+async fn close_with_goaway(shared: Arc<Shared>, conn: &ConnHandle) {
+    {
+        let mut g = shared.lock();
+        if matches!(g.goaway, Goaway::No) {
+            g.goaway = Goaway::Partly(goaway(g.frames.last_stream).to_vec());
+        }
+    }
+    let flushed = std::future::poll_fn(|cx| shared.lock().poll_goaway(cx)).await;
+    let mut raw = Raw(shared);
+    if flushed.is_err() || raw.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let linger = async {
+        while let Ok(n) = raw.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = linger => {}
+        _ = tokio::time::sleep(LINGER) => {}
+        _ = conn.kill_requested() => {}
+    }
+}
 
 /// Serves one h2c connection until it closes, or until a park, drain or kill ends it.
 pub(super) async fn serve_h2(ctx: Arc<ListenerCtx>, conn: ConnHandle, io: PrefixedIo, svc: Svc) {
@@ -16,18 +466,45 @@ pub(super) async fn serve_h2(ctx: Arc<ListenerCtx>, conn: ConnHandle, io: Prefix
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(ctx.cfg.http.max_header_bytes.min(u32::MAX as usize) as u32);
-    let hconn = builder.serve_connection(TokioIo::new(io), svc);
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Conn {
+            io,
+            frames: Frames::new(),
+            stopping: false,
+            goaway: Goaway::No,
+            hold: None,
+        }),
+        goaway_sent: Notify::new(),
+    });
+    let hconn = builder.serve_connection(TokioIo::new(Tap(shared.clone())), svc);
     let mut hconn = std::pin::pin!(hconn);
+    // Stopping: waiting for a response to glue the GOAWAY to, until the grace ends.
     let mut stopping = false;
+    let mut fallback = false;
+    let grace = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(grace);
     let result = loop {
         tokio::select! {
             r = hconn.as_mut() => break r,
-            _ = conn.park_requested(), if !stopping => {
+            _ = conn.requested(crate::registry::SIG_PARK | crate::registry::SIG_DRAIN), if !stopping => {
                 stopping = true;
-                hconn.as_mut().graceful_shutdown();
+                shared.lock().stopping = true;
+                grace.as_mut().reset(tokio::time::Instant::now() + IDLE_GRACE);
             }
-            _ = conn.drain_requested(), if !stopping => {
-                stopping = true;
+            _ = shared.goaway_sent.notified() => {
+                // hyper is not polled again (it is dropped at return): the GOAWAY is the
+                // last frame the client sees.
+                close_with_goaway(shared, &conn).await;
+                return close_log(&ctx, &conn, "drained (goaway)");
+            }
+            _ = &mut grace, if stopping && !fallback => {
+                if shared.lock().frames.quiet() {
+                    close_with_goaway(shared, &conn).await;
+                    return close_log(&ctx, &conn, "drained (goaway, idle)");
+                }
+                tracing::debug!(conn = conn.stats().id, "h2 connection never quiet; graceful shutdown");
+                fallback = true;
+                shared.lock().stopping = false;
                 hconn.as_mut().graceful_shutdown();
             }
             _ = conn.kill_requested() => return close_log(&ctx, &conn, "closed at drain deadline"),
@@ -42,4 +519,46 @@ pub(super) async fn serve_h2(ctx: Arc<ListenerCtx>, conn: ConnHandle, io: Prefix
         }
     };
     close_log(&ctx, &conn, reason);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn streams_open_on_client_headers_and_end_on_our_end_stream() {
+        let mut f = Frames::new();
+        let mut client = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        client.extend(frame(0x4, 0, 0, &[0; 6])); // SETTINGS
+        client.extend(frame(HEADERS, 0x5, 1, &[1, 2, 3]));
+        client.extend(frame(HEADERS, 0x5, 3, &[1, 2, 3]));
+        // Byte by byte: boundaries span reads.
+        for b in &client {
+            f.read(std::slice::from_ref(b));
+        }
+        assert_eq!(f.open, vec![1, 3]);
+        assert_eq!(f.last_stream, 3);
+        assert!(!f.quiet());
+        let resp = frame(HEADERS, 0x4, 1, &[9; 4]);
+        let _ = f.written(&resp);
+        let data = frame(DATA, END_STREAM, 1, b"hello");
+        let _ = f.written(&data[..7]);
+        assert_eq!(f.open, vec![1, 3]);
+        let _ = f.written(&data[7..]);
+        assert_eq!(f.open, vec![3]);
+        let _ = f.written(&frame(RST_STREAM, 0, 3, &[0; 4])[..10]);
+        assert!(f.open.is_empty());
+        assert!(!f.quiet(), "half a frame written");
+        let _ = f.written(&[0; 3]);
+        assert!(f.quiet());
+        assert_eq!(goaway(3)[9..13], [0, 0, 0, 3]);
+    }
 }
