@@ -587,3 +587,32 @@ async fn a_new_binary_that_fails_its_check_is_not_executed() {
     let workers: Vec<i32> = (0..2).map(|i| worker_pid(&s, i).unwrap()).collect();
     stop(b, &workers);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_worker_that_dies_fails_the_upgrade_at_once() {
+    let be = echo_backend("").await;
+    // A long upgrade_timeout: waiting for it (as before) would take more than a minute.
+    let b = Baton::start(&config(be, "").replace("upgrade_timeout: 10s", "upgrade_timeout: 90s"));
+    let s0 = two_serving(&b).await;
+    let before = [worker_pid(&s0, 0).unwrap(), worker_pid(&s0, 1).unwrap()];
+    let config = b.config.clone();
+    let up =
+        tokio::task::spawn_blocking(move || cli(&config, "upgrade", &["--binary", "/bin/false"]));
+    let (ok, out) = tokio::time::timeout(WAIT, up)
+        .await
+        .expect("the upgrade waited for upgrade_timeout")
+        .unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("worker 0 not replaced") && out.contains("exited"),
+        "{out}"
+    );
+    // Nothing changed: both old workers serve.
+    let after = wait_status(&b, "old workers serving", |s| {
+        s["workers"][0]["state"] == "serving" && s["workers"][1]["state"] == "serving"
+    })
+    .await;
+    assert_eq!(worker_pid(&after, 0), Some(before[0]));
+    assert_eq!(worker_pid(&after, 1), Some(before[1]));
+    stop(b, &before);
+}

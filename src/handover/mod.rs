@@ -23,8 +23,15 @@
 //!
 //! P keeps its copies of every fd until the matching `Ack` (listeners until the end), so if S
 //! dies or misbehaves at any point, P resumes serving everything. Every decoding failure is a
-//! typed [`HandoverError`], never a panic. The caller (the lifecycle) owns the timeouts and
-//! the decisions; this module only moves values and fds.
+//! typed [`HandoverError`], never a panic.
+//!
+//! The flow is implemented once, as two typed sessions in [`session`]: a
+//! [`session::Predecessor`] (hello, offer listeners, await ready, batches, commit, done) and a
+//! [`session::Successor`] (the mirror), each step bounded by a deadline and failing with a
+//! [`session::SessionError`] that names the stage and the cause. The process, its successor
+//! and the supervisor all use them. The caller (the lifecycle) owns the decisions (what to
+//! park, the deadlines, rollback); this module only moves values and fds. docs/architecture.md
+//! follows one tunnel through it, file by file.
 
 pub mod channel;
 pub mod conns;

@@ -409,9 +409,10 @@ impl Supervisor {
             tracing::info!(worker_pid = pid, %status, "replaced worker exited");
             return;
         }
-        if self.incoming.as_ref().is_some_and(|w| w.pid == pid) {
-            // The upgrade step watching it sees it gone.
-            if let Some(c) = self.incoming.as_ref().and_then(|w| w.cgroup.as_ref()) {
+        if let Some(w) = self.incoming.as_mut().filter(|w| w.pid == pid) {
+            // The upgrade step watching it sees it gone, and fails at once.
+            w.exited = Some(status.to_string());
+            if let Some(c) = &w.cgroup {
                 c.remove();
             }
             tracing::warn!(worker_pid = pid, %status, "new worker exited during the upgrade");

@@ -90,16 +90,19 @@ impl Supervisor {
         let outcome = match sent_new.and(sent_old) {
             Err(e) => Err(e),
             Ok(()) => {
-                let live = self
-                    .pump_until(limit, |s| match &s.incoming {
-                        Some(w) => w.live_since.is_some(),
-                        None => true,
-                    })
-                    .await;
+                // Ends as soon as the new worker is live, or has exited (no waiting for the
+                // deadline when it died at once).
+                self.pump_until(limit, |s| match &s.incoming {
+                    Some(w) => w.live_since.is_some() || w.exited.is_some(),
+                    None => true,
+                })
+                .await;
                 match &self.incoming {
                     Some(w) if w.live_since.is_some() => Ok(()),
-                    Some(_) if live => Err("new worker exited".to_string()),
-                    Some(_) => Err(format!("new worker not live within {limit:?}")),
+                    Some(w) => match &w.exited {
+                        Some(st) => Err(format!("new worker pid {} exited ({st})", w.pid)),
+                        None => Err(format!("new worker not live within {limit:?}")),
+                    },
                     None => Err("new worker exited".to_string()),
                 }
             }

@@ -63,6 +63,8 @@ pub struct Worker {
     pub cgroup: Option<super::limits::WorkerCgroup>,
     /// Heartbeats received by this supervisor image (reset by a re-exec).
     pub heartbeats: u64,
+    /// How it exited, once it has (a new worker that dies during an upgrade step).
+    pub exited: Option<String>,
     /// The task forwarding its messages, and how to stop it at a frame boundary.
     pub listening: Option<Listening>,
     /// Its CPUs and namespaces as set up at its spawn ([`crate::isolation`]).
@@ -114,6 +116,7 @@ impl Worker {
             tx,
             cgroup: None,
             heartbeats: 0,
+            exited: None,
             listening: Some(Listening::start(rx, pid, events.clone())),
             placement: Default::default(),
         }
