@@ -211,7 +211,8 @@ async fn a_workers_proc_status_shows_the_drop_its_cpus_and_its_own_namespaces_al
     let be = echo_backend("").await;
     let cpus = my_cpus();
     let (first, last) = (cpus[0], *cpus.last().unwrap());
-    let runtime = format!("{ISOLATED}  cpu_affinity: [[{first}], [{last}]]\n");
+    let all = format!("{first}-{last}");
+    let runtime = format!("{ISOLATED}  cpu_affinity: [[{first}], [{last}]]\n  worker_limits: {{cpuset: \"{all}\", pids: 4096}}\n");
     let (b, pids) = start_logging_to_file(&tcp_config(be, &runtime), 2).await;
     let sup = b.pid();
     assert_isolated(pids[0], sup, first, b.dir());
@@ -230,7 +231,11 @@ async fn a_workers_proc_status_shows_the_drop_its_cpus_and_its_own_namespaces_al
         1 << 21,
         "sys_admin kept for the namespaces"
     );
-    assert_eq!(bnd & (1 << 1), 0, "dac_override dropped");
+    assert_eq!(
+        bnd & (1 << 1),
+        1 << 1,
+        "dac_override kept: cgroup limits are configured"
+    );
     assert_eq!(bnd & (1 << 0), 0, "chown dropped");
 
     // Status says it per worker, as JSON and as a line.
@@ -239,6 +244,27 @@ async fn a_workers_proc_status_shows_the_drop_its_cpus_and_its_own_namespaces_al
     assert_eq!(w0["in_force"]["uid"][0], NOBODY);
     assert_eq!(w0["namespaces"], serde_json::json!(["pid", "mnt", "ipc"]));
     assert_eq!(w0["read_only"], true);
+    // The cgroup side: worker 0's own cpuset cgroup, limited to the configured CPUs.
+    let cpuset_dir = w0["cgroup_dirs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| std::path::PathBuf::from(d.as_str().unwrap()))
+        .find(|d| d.to_string_lossy().contains("/cpuset/") || d.join("cpuset.cpus").exists())
+        .expect("a cpuset cgroup for worker 0");
+    let cpus = std::fs::read_to_string(cpuset_dir.join("cpuset.cpus")).unwrap();
+    let want: Vec<usize> = (first..=last).collect();
+    assert_eq!(
+        baton::config::parse_cpu_list(&cpus).unwrap(),
+        want,
+        "{}",
+        cpuset_dir.display()
+    );
+    let procs = std::fs::read_to_string(cpuset_dir.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|p| p.trim() == pids[0].to_string()),
+        "{procs}"
+    );
     let (ok, text) = cli(&b.config, "status", &[]);
     assert!(ok);
     let line = text.lines().find(|l| l.contains("isolation:")).unwrap();
@@ -248,6 +274,7 @@ async fn a_workers_proc_status_shows_the_drop_its_cpus_and_its_own_namespaces_al
         "{line}"
     );
     assert!(line.contains("namespaces pid,mnt,ipc read-only"), "{line}");
+    assert!(line.contains("cgroups pids,cpuset"), "{line}");
 
     // A worker killed with SIGKILL comes back isolated the same way, on the same CPU.
     rustix::process::kill_process(

@@ -82,8 +82,11 @@ pub struct Prepared {
 /// lower their bounding set (`setpcap`); signal workers that no longer run as root (`kill`);
 /// raise a worker's open-file limit above the hard limit (`sys_resource`, when the host gave
 /// it); create the workers' namespaces and mounts (`sys_admin`, only with
-/// `worker_isolation`).
-pub fn supervisor_capabilities(iso: &Isolation) -> CapabilitySet {
+/// `worker_isolation`); create its cgroup folder at the root of a v1 hierarchy, whose mode is
+/// `0555` even for root (`dac_override`, only with cgroup limits in `worker_limits`).
+pub fn supervisor_capabilities(cfg: &Config) -> CapabilitySet {
+    let iso = &cfg.runtime.isolation;
+    let l = &cfg.runtime.worker_limits;
     let mut keep = CapabilitySet::NET_BIND_SERVICE
         | CapabilitySet::SETUID
         | CapabilitySet::SETGID
@@ -92,6 +95,14 @@ pub fn supervisor_capabilities(iso: &Isolation) -> CapabilitySet {
         | CapabilitySet::SYS_RESOURCE;
     if iso.worker_isolation {
         keep |= CapabilitySet::SYS_ADMIN;
+    }
+    let cgroup_limits = l.memory.is_some()
+        || l.cpu.is_some()
+        || l.pids.is_some()
+        || l.cpuset.is_some()
+        || l.io_weight.is_some();
+    if cgroup_limits {
+        keep |= CapabilitySet::DAC_OVERRIDE;
     }
     keep
 }
@@ -117,7 +128,7 @@ pub fn prepare(cfg: &Config, role: Role) -> Result<Prepared, IsolationError> {
         Role::Supervisor => {
             if configured(iso) {
                 own_log_file(cfg, None)?;
-                privileges::restrict_capabilities(supervisor_capabilities(iso))?;
+                privileges::restrict_capabilities(supervisor_capabilities(cfg))?;
                 log_in_force("supervisor capabilities restricted");
             }
         }
@@ -293,8 +304,17 @@ pub fn worker_plan(cfg: &Config, index: usize) -> namespaces::Plan {
 /// `isolation` of one worker in `baton status --json`: what the kernel reports for it now
 /// (uid, gid, groups, `no_new_privs`, effective capabilities, CPUs) and what the supervisor
 /// set up at its spawn (namespaces, read-only mounts, what the host refused).
-pub fn worker_status(pid: u32, placement: &namespaces::Placement) -> serde_json::Value {
+/// `cgroups` are the worker's cgroup folders (controller, path; controller "" for v2).
+pub fn worker_status(
+    pid: u32,
+    placement: &namespaces::Placement,
+    cgroups: Vec<(String, PathBuf)>,
+) -> serde_json::Value {
     let now = report::in_force(Some(pid)).ok();
+    let controllers: Vec<String> = cgroups
+        .iter()
+        .map(|(c, _)| if c.is_empty() { "v2".into() } else { c.clone() })
+        .collect();
     serde_json::json!({
         "in_force": now,
         "namespaces": placement.namespaces.iter().map(|(k, _)| k).collect::<Vec<_>>(),
@@ -303,6 +323,8 @@ pub fn worker_status(pid: u32, placement: &namespaces::Placement) -> serde_json:
         "writable": placement.writable,
         "pinned_cpus": placement.cpus,
         "refused": placement.refused,
+        "cgroups": controllers,
+        "cgroup_dirs": cgroups.into_iter().map(|(_, d)| d).collect::<Vec<_>>(),
     })
 }
 
@@ -339,6 +361,9 @@ pub fn render_line(v: &serde_json::Value) -> String {
     );
     if v["read_only"].as_bool() == Some(true) {
         out.push_str(&format!(" read-only (writable: {})", list(&v["writable"])));
+    }
+    if v["cgroups"].as_array().is_some_and(|c| !c.is_empty()) {
+        out.push_str(&format!(" cgroups {}", list(&v["cgroups"])));
     }
     if v["refused"].as_array().is_some_and(|r| !r.is_empty()) {
         out.push_str(&format!(" refused: {}", list(&v["refused"])));

@@ -48,6 +48,7 @@ pub fn by_name(name: &str) -> Option<CapabilitySet> {
         "setgid" => CapabilitySet::SETGID,
         "setpcap" => CapabilitySet::SETPCAP,
         "sys_admin" => CapabilitySet::SYS_ADMIN,
+        "dac_override" => CapabilitySet::DAC_OVERRIDE,
         _ => return None,
     })
 }
@@ -66,6 +67,7 @@ pub fn names(set: CapabilitySet) -> Vec<String> {
         "setgid",
         "setpcap",
         "sys_admin",
+        "dac_override",
     ];
     (0..64)
         .map(|n| CapabilitySet::from_bits_retain(1 << n))

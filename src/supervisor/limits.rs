@@ -50,7 +50,29 @@ fn needed(l: &WorkerLimits) -> Vec<&'static str> {
     if l.pids.is_some() {
         v.push("pids");
     }
+    if l.cpuset.is_some() {
+        v.push("cpuset");
+    }
+    if l.io_weight.is_some() {
+        v.push("io");
+    }
     v
+}
+
+/// The v1 hierarchy of a (v2-named) controller: the I/O controller is `blkio` there.
+fn v1_name(c: &str) -> &str {
+    if c == "io" {
+        "blkio"
+    } else {
+        c
+    }
+}
+
+/// v1: the weight file the block I/O controller offers (CFQ's, or BFQ's), if any.
+fn v1_io_weight_file(dir: &Path) -> Option<&'static str> {
+    ["blkio.weight", "blkio.bfq.weight"]
+        .into_iter()
+        .find(|f| dir.join(f).exists())
 }
 
 /// This process's cgroup path in the hierarchy that has `controller` ("" for v2).
@@ -129,15 +151,29 @@ impl Cgroups {
     ) -> io::Result<(Version, Vec<(&'static str, PathBuf)>)> {
         let mut bases = Vec::new();
         for c in ctrls {
-            let mount = Path::new(ROOT).join(c);
+            let mount = Path::new(ROOT).join(v1_name(c));
+            if *c == "io" && v1_io_weight_file(&mount).is_none() {
+                // No I/O scheduler with weights (none, mq-deadline): the other limits still work.
+                tracing::warn!(hierarchy = %mount.display(),
+                    "worker_limits.io_weight: this host's blkio controller has no weight file; not in force");
+                continue;
+            }
             if !mount.join("cgroup.procs").exists() {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("no cgroup v1 {c} controller at {}", mount.display()),
                 ));
             }
-            let base = mount.join(own_path(c).unwrap_or_default()).join(name);
+            let own = mount.join(own_path(v1_name(c)).unwrap_or_default());
+            let base = own.join(name);
             std::fs::create_dir_all(&base)?;
+            if *c == "cpuset" {
+                // A v1 cpuset starts empty; children draw from it, so it gets its parent's.
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    let v = std::fs::read_to_string(own.join(f))?;
+                    write(&base, f, v.trim())?;
+                }
+            }
             bases.push((*c, base));
         }
         Ok((Version::V1, bases))
@@ -174,6 +210,20 @@ impl Cgroups {
             if let (Some(p), true) = (l.pids, *ctrl == "pids" || ctrl.is_empty()) {
                 write(&dir, "pids.max", &p.to_string())?;
             }
+            if let (Some(cpus), true) = (&l.cpuset, *ctrl == "cpuset" || ctrl.is_empty()) {
+                if v1 {
+                    let mems = std::fs::read_to_string(base.join("cpuset.mems"))?;
+                    write(&dir, "cpuset.mems", mems.trim())?;
+                }
+                write(&dir, "cpuset.cpus", cpus)?;
+            }
+            if let (Some(w), true) = (l.io_weight, *ctrl == "io" || ctrl.is_empty()) {
+                match v1_io_weight_file(&dir) {
+                    // CFQ takes 10..1000, BFQ 1..1000; the config's 1..10000 is v2's scale.
+                    Some(f) if v1 => write(&dir, f, &(w / 10).clamp(10, 1000).to_string())?,
+                    _ => write(&dir, "io.weight", &format!("default {w}"))?,
+                }
+            }
             write(&dir, "cgroup.procs", &pid.to_string())?;
         }
         Ok(w)
@@ -191,7 +241,11 @@ impl WorkerCgroup {
 
     /// The folders of a worker adopted after a re-exec; unknown controllers are skipped.
     pub fn from_dirs(dirs: Vec<(String, PathBuf)>) -> WorkerCgroup {
-        let known = |c: &str| ["memory", "cpu", "pids", ""].into_iter().find(|k| *k == c);
+        let known = |c: &str| {
+            ["memory", "cpu", "pids", "cpuset", "io", ""]
+                .into_iter()
+                .find(|k| *k == c)
+        };
         WorkerCgroup {
             dirs: dirs
                 .into_iter()

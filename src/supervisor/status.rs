@@ -20,7 +20,7 @@ impl Supervisor {
                 "last_heartbeat_ms": w.last_heartbeat.elapsed().as_millis() as u64,
                 "heartbeats": w.heartbeats,
                 "counters": w.counters,
-                "isolation": crate::isolation::worker_status(w.pid, &w.placement),
+                "isolation": crate::isolation::worker_status(w.pid, &w.placement, w.cgroup.as_ref().map(|c| c.dirs()).unwrap_or_default()),
             })
         };
         for s in &self.slots {
