@@ -201,7 +201,12 @@ async fn half_head_across_an_upgrade(b: &Baton, r: &mut BufReader<TcpStream>, ta
         .unwrap();
     let old = b.serving_pid();
     let (ok, out) = upgrade_async(&b.config).await;
-    assert!(ok && out.contains("1 idle http"), "{out}");
+    // Either the engine had read the half head (a busy connection reading its head) or the
+    // kernel still held it (an idle one): one HTTP connection moves either way.
+    assert!(
+        ok && (out.contains("1 idle http") || out.contains("1 busy http (head 1")),
+        "{out}"
+    );
     assert!(wait_until(WAIT, || !alive(old)).await);
     r.get_mut()
         .write_all(format!("st: t\r\nX-Test: {tag}\r\n\r\n").as_bytes())

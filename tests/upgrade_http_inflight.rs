@@ -157,7 +157,8 @@ fn config(backend: SocketAddr) -> String {
 
 /// Upgrades `n` times while `busy` says the transfer is still going; checks each old process
 /// exits while it goes on.
-async fn upgrades_while(b: &Baton, n: usize, progress: &AtomicU64, total: u64) {
+async fn upgrades_while(b: &Baton, n: usize, progress: &AtomicU64, total: u64) -> Vec<String> {
+    let mut outs = Vec::new();
     for round in 0..n {
         let before = progress.load(Ordering::Relaxed);
         assert!(before < total, "transfer ended before upgrade {round}");
@@ -173,7 +174,9 @@ async fn upgrades_while(b: &Baton, n: usize, progress: &AtomicU64, total: u64) {
             wait_until(WAIT, || progress.load(Ordering::Relaxed) > before).await,
             "no progress after upgrade {round}"
         );
+        outs.push(out);
     }
+    outs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,7 +283,14 @@ async fn large_download_survives_five_upgrades_byte_for_byte() {
     let progress = Arc::new(AtomicU64::new(0));
     let dl = tokio::spawn(download(b.addr("web"), size, progress.clone()));
     assert!(wait_until(WAIT, || progress.load(Ordering::Relaxed) > 0).await);
-    upgrades_while(&b, 5, &progress, size).await;
+    let outs = upgrades_while(&b, 5, &progress, size).await;
+    for out in &outs {
+        // The summary says what moved, by phase: this one connection, mid-response.
+        assert!(
+            out.contains("1 busy http (head 0, connect 0, exchange 1, flush 0)"),
+            "{out}"
+        );
+    }
     assert_eq!(dl.await.unwrap(), size);
 }
 

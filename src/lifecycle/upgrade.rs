@@ -45,6 +45,8 @@ pub struct UpgradeReport {
     pub tunnels: usize,
     /// Idle HTTP keep-alive connections handed over (including those that finished a request first).
     pub idle_http: usize,
+    /// HTTP/1.1 connections handed over mid-request, by phase.
+    pub busy_http: BusyHttp,
     /// At the commit: connections still finishing in the old process (they move once idle,
     /// or finish there).
     pub still_finishing: usize,
@@ -62,6 +64,39 @@ pub struct UpgradeReport {
     pub changes: Option<String>,
 }
 
+/// HTTP/1.1 connections handed over in the middle of a request, by the engine's phase.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct BusyHttp {
+    /// Reading a request head.
+    pub head: usize,
+    /// Choosing or connecting to a server.
+    pub connect: usize,
+    /// Request body or response flowing.
+    pub exchange: usize,
+    /// Writing the rest of a response (an error) before closing.
+    pub flush: usize,
+}
+
+impl BusyHttp {
+    fn total(&self) -> usize {
+        self.head + self.connect + self.exchange + self.flush
+    }
+}
+
+impl std::fmt::Display for BusyHttp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} busy http (head {}, connect {}, exchange {}, flush {})",
+            self.total(),
+            self.head,
+            self.connect,
+            self.exchange,
+            self.flush
+        )
+    }
+}
+
 impl UpgradeReport {
     /// One line for a person.
     pub fn summary(&self) -> String {
@@ -76,16 +111,16 @@ impl UpgradeReport {
     fn counts(&self) -> String {
         if !self.drained {
             return format!(
-                "upgrade ok: pid {} -> {} committed and serving: {} listeners passed, {} tunnels and {} idle http connections handed over, \
+                "upgrade ok: pid {} -> {} committed and serving: {} listeners passed, {} tunnels, {} idle http and {} connections handed over, \
                  {} connections still finishing in the old process, accepting paused {} ms, {} ms",
-                self.old_pid, self.new_pid, self.listeners, self.tunnels, self.idle_http,
+                self.old_pid, self.new_pid, self.listeners, self.tunnels, self.idle_http, self.busy_http,
                 self.still_finishing, self.accept_paused_ms, self.millis
             );
         }
         format!(
-            "upgrade ok: pid {} -> {}: {} listeners passed, {} tunnels and {} idle http connections handed over, \
+            "upgrade ok: pid {} -> {}: {} listeners passed, {} tunnels, {} idle http and {} connections handed over, \
              {} finished in the old process, {} closed at the drain deadline, accepting paused {} ms, {} ms",
-            self.old_pid, self.new_pid, self.listeners, self.tunnels, self.idle_http,
+            self.old_pid, self.new_pid, self.listeners, self.tunnels, self.idle_http, self.busy_http,
             self.finished_in_old, self.closed_at_deadline, self.accept_paused_ms, self.millis
         )
     }
@@ -212,11 +247,19 @@ async fn collect_prompt(p: &mut Process, asked: &HashSet<u64>, limit: Duration) 
     }
 }
 
-fn count_kinds(conns: &[Parked], tunnels: &mut usize, idle: &mut usize) {
+fn count_kinds(conns: &[Parked], tunnels: &mut usize, idle: &mut usize, busy: &mut BusyHttp) {
+    use crate::proxy::http::h1::state::Phase;
     for c in conns {
         match c {
             Parked::Tunnel(_) => *tunnels += 1,
-            Parked::IdleHttp(_) | Parked::Http(_) => *idle += 1,
+            Parked::IdleHttp(_) => *idle += 1,
+            Parked::Http(h) => match h.state.phase {
+                Phase::Head if h.state.ex.is_none() && h.state.cbuf.is_empty() => *idle += 1,
+                Phase::Head => busy.head += 1,
+                Phase::Connect => busy.connect += 1,
+                Phase::Exchange => busy.exchange += 1,
+                Phase::Flush => busy.flush += 1,
+            },
         }
     }
 }
@@ -322,8 +365,8 @@ async fn hand_over(
     let asked = p.registry.park_where(|c| adopted.contains(&*c.listener));
     let window = p.cfg.runtime.upgrade_timeout.min(PARK_WINDOW);
     let prompt = collect_prompt(p, &asked, window).await;
-    let (mut tunnels, mut idle_http) = (0, 0);
-    count_kinds(&prompt, &mut tunnels, &mut idle_http);
+    let (mut tunnels, mut idle_http, mut busy_http) = (0, 0, BusyHttp::default());
+    count_kinds(&prompt, &mut tunnels, &mut idle_http, &mut busy_http);
     if let Err(e) = guarded(triggers, &status, s.send_batch(&prompt)).await {
         return rollback(p, s, prompt, e).await;
     }
@@ -340,6 +383,7 @@ async fn hand_over(
         successor = new_pid,
         tunnels,
         idle_http,
+        busy_http = %busy_http,
         still_finishing,
         accept_paused_ms,
         "handover committed"
@@ -350,6 +394,7 @@ async fn hand_over(
         listeners: p.slots.len(),
         tunnels,
         idle_http,
+        busy_http,
         still_finishing,
         finished_in_old: 0,
         closed_at_deadline: 0,
@@ -397,7 +442,7 @@ async fn hand_over(
         match s.send_batch(&batch).await {
             Ok(()) => {
                 late_handed += batch.len();
-                count_kinds(&batch, &mut tunnels, &mut idle_http);
+                count_kinds(&batch, &mut tunnels, &mut idle_http, &mut busy_http);
             }
             Err(e) => {
                 // Still ours: served here again once this process takes over.
@@ -415,12 +460,13 @@ async fn hand_over(
     let finished_in_old = before.saturating_sub(late_handed + closed_at_deadline);
     Metrics::inc(&p.metrics.upgrades_ok);
     p.metrics.record_handover(
-        (tunnels + idle_http) as u64,
+        (tunnels + idle_http + busy_http.total()) as u64,
         finished_in_old as u64,
         closed_at_deadline as u64,
     );
     report.tunnels = tunnels;
     report.idle_http = idle_http;
+    report.busy_http = busy_http;
     report.finished_in_old = finished_in_old;
     report.closed_at_deadline = closed_at_deadline;
     report.millis = started.elapsed().as_millis() as u64;
