@@ -137,6 +137,16 @@ pub struct HttpState {
     pub state: crate::proxy::http::h1::state::State,
 }
 
+/// An idle pooled upstream HTTP/1.1 connection: the successor starts with a warm pool.
+/// `meta.server` is its server; it has no client, so `meta.client` holds the server too.
+#[derive(Debug)]
+pub struct PooledState {
+    /// The listener whose pool held it, and its server.
+    pub meta: ConnMeta,
+    /// The upstream socket.
+    pub upstream: std::net::TcpStream,
+}
+
 /// What a connection holds when stopped for a handover.
 #[derive(Debug)]
 pub enum Parked {
@@ -146,6 +156,8 @@ pub enum Parked {
     IdleHttp(IdleHttpState),
     /// An HTTP/1.1 connection in any phase (boxed: it is larger than the others).
     Http(Box<HttpState>),
+    /// An idle pooled upstream connection.
+    Pooled(PooledState),
 }
 
 impl Parked {
@@ -155,6 +167,7 @@ impl Parked {
             Parked::Tunnel(t) => &t.meta,
             Parked::IdleHttp(h) => &h.meta,
             Parked::Http(h) => &h.meta,
+            Parked::Pooled(p) => &p.meta,
         }
     }
 }

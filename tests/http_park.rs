@@ -19,7 +19,7 @@ async fn resume_half_sent(st: &Setup, parked: Parked, c: &mut TcpStream) -> Stri
             assert!(h.upstream.is_none());
             String::from_utf8_lossy(&h.state.cbuf).into_owned()
         }
-        Parked::Tunnel(_) => panic!("expected an http connection"),
+        Parked::Tunnel(_) | Parked::Pooled(_) => panic!("expected an http connection"),
     };
     assert!(
         read_ahead.is_empty() || "GET /headers HTTP/1.1\r\nHo".starts_with(&read_ahead),

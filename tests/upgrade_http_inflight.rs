@@ -21,14 +21,22 @@ fn pat(offset: u64) -> u8 {
 /// ~25 MB/s), `/upload` (reads a Content-Length or chunked body, checks its pattern, answers
 /// `ok N`), `/poll/S` (answers after S seconds).
 async fn backend() -> SocketAddr {
+    counted_backend().await.0
+}
+
+/// [`backend`], with the number of connections it accepted.
+async fn counted_backend() -> (SocketAddr, Arc<AtomicU64>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(serve(s));
         }
     });
-    addr
+    (addr, accepted)
 }
 
 async fn serve(s: TcpStream) {
@@ -396,4 +404,39 @@ async fn long_poll_survives_upgrades_and_gets_its_answer() {
     }
     assert!(resp.starts_with(b"HTTP/1.1 200"));
     assert_eq!(s.local_addr().unwrap(), local);
+}
+
+/// One `Connection: close` request: its answer.
+async fn get_close(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_upstream_connection_moves_to_the_successor() {
+    let (be, accepted) = counted_backend().await;
+    let b = Baton::start(&config(be));
+    assert!(get_close(b.addr("web")).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(accepted.load(Ordering::Relaxed), 1);
+    let old = b.serving_pid();
+    let (ok, out) = upgrade_async(&b.config).await;
+    assert!(ok && out.contains("1 pooled upstream"), "{out}");
+    assert!(wait_until(WAIT, || !alive(old)).await);
+    // The successor answers on the connection the old process pooled: no new upstream connect.
+    for _ in 0..3 {
+        assert!(get_close(b.addr("web")).await.starts_with("HTTP/1.1 200"));
+    }
+    assert_eq!(
+        accepted.load(Ordering::Relaxed),
+        1,
+        "the warm pool was used"
+    );
 }

@@ -12,7 +12,7 @@ use super::handshake::unexpected;
 use super::message::{ConnEntry, HalfEntry, Message, MAX_BULK, MAX_FDS};
 use super::HandoverError;
 use crate::proxy::http::h1::state::State;
-use crate::registry::{HttpState, IdleHttpState, Parked, PendingHalf, TunnelState};
+use crate::registry::{HttpState, IdleHttpState, Parked, PendingHalf, PooledState, TunnelState};
 use rustix::net::{sockopt, AddressFamily, SocketType};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -45,6 +45,7 @@ fn fd_count(p: &Parked) -> usize {
         Parked::Tunnel(_) => 2,
         Parked::IdleHttp(_) => 1,
         Parked::Http(h) => 1 + usize::from(h.upstream.is_some()),
+        Parked::Pooled(_) => 1,
     }
 }
 
@@ -53,6 +54,7 @@ fn bulk_len(p: &Parked) -> u64 {
         Parked::Tunnel(t) => (t.to_upstream.bytes.len() + t.to_client.bytes.len()) as u64,
         Parked::IdleHttp(h) => h.read_ahead.len() as u64,
         Parked::Http(h) => h.state.buffers().iter().map(|b| b.len() as u64).sum(),
+        Parked::Pooled(_) => 0,
     }
 }
 
@@ -88,6 +90,7 @@ pub async fn send_conns(
                     fds.push(h.client.as_fd());
                     bulk.extend_from_slice(&h.read_ahead);
                 }
+                Parked::Pooled(p) => fds.push(p.upstream.as_fd()),
                 Parked::Http(h) => {
                     fds.push(h.client.as_fd());
                     if let Some(u) = &h.upstream {
@@ -146,6 +149,10 @@ pub fn recv_conns(received: Received) -> Result<Vec<Parked>, HandoverError> {
                 meta,
                 client: take_stream(&mut fds)?,
                 read_ahead: bulk.take(read_ahead)?.to_vec(),
+            }),
+            ConnEntry::Pooled { meta } => Parked::Pooled(PooledState {
+                meta,
+                upstream: take_stream(&mut fds)?,
             }),
             ConnEntry::Http { meta, state } => {
                 let client = take_stream(&mut fds)?;

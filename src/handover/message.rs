@@ -87,6 +87,11 @@ pub enum ConnEntry {
         /// The engine's state without its buffers (boxed: larger than the other entries).
         state: Box<crate::proxy::http::h1::state::Wire>,
     },
+    /// An idle pooled upstream connection: one fd, no bulk bytes.
+    Pooled {
+        /// The listener and the server (`meta.server`).
+        meta: ConnMeta,
+    },
 }
 
 impl ConnEntry {
@@ -107,6 +112,9 @@ impl ConnEntry {
                 meta: h.meta.clone(),
                 read_ahead: h.read_ahead.len() as u64,
             },
+            Parked::Pooled(p) => ConnEntry::Pooled {
+                meta: p.meta.clone(),
+            },
             Parked::Http(h) => ConnEntry::Http {
                 meta: h.meta.clone(),
                 state: Box::new(h.state.to_wire(h.upstream.is_some())),
@@ -120,6 +128,7 @@ impl ConnEntry {
             ConnEntry::Tunnel { .. } => 2,
             ConnEntry::IdleHttp { .. } => 1,
             ConnEntry::Http { state, .. } => 1 + usize::from(state.has_upstream),
+            ConnEntry::Pooled { .. } => 1,
         }
     }
 
@@ -135,6 +144,7 @@ impl ConnEntry {
             ConnEntry::Http { state, .. } => {
                 state.lens.iter().try_fold(0u64, |a, l| a.checked_add(*l))
             }
+            ConnEntry::Pooled { .. } => Some(0),
         }
     }
 
@@ -143,7 +153,8 @@ impl ConnEntry {
         match self {
             ConnEntry::Tunnel { meta, .. }
             | ConnEntry::IdleHttp { meta, .. }
-            | ConnEntry::Http { meta, .. } => meta,
+            | ConnEntry::Http { meta, .. }
+            | ConnEntry::Pooled { meta } => meta,
         }
     }
 }

@@ -75,6 +75,8 @@ pub struct BusyHttp {
     pub exchange: usize,
     /// Writing the rest of a response (an error) before closing.
     pub flush: usize,
+    /// Idle pooled upstream connections (not client connections; not in the total).
+    pub pooled: usize,
 }
 
 impl BusyHttp {
@@ -87,12 +89,13 @@ impl std::fmt::Display for BusyHttp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} busy http (head {}, connect {}, exchange {}, flush {})",
+            "{} busy http (head {}, connect {}, exchange {}, flush {}) connections and {} pooled upstream",
             self.total(),
             self.head,
             self.connect,
             self.exchange,
-            self.flush
+            self.flush,
+            self.pooled
         )
     }
 }
@@ -253,6 +256,7 @@ fn count_kinds(conns: &[Parked], tunnels: &mut usize, idle: &mut usize, busy: &m
         match c {
             Parked::Tunnel(_) => *tunnels += 1,
             Parked::IdleHttp(_) => *idle += 1,
+            Parked::Pooled(_) => busy.pooled += 1,
             Parked::Http(h) => match h.state.phase {
                 Phase::Head if h.state.ex.is_none() && h.state.cbuf.is_empty() => *idle += 1,
                 Phase::Head => busy.head += 1,
@@ -364,7 +368,13 @@ async fn hand_over(
     let adopted: HashSet<String> = adopted.into_iter().collect();
     let asked = p.registry.park_where(|c| adopted.contains(&*c.listener));
     let window = p.cfg.runtime.upgrade_timeout.min(PARK_WINDOW);
-    let prompt = collect_prompt(p, &asked, window).await;
+    let mut prompt = collect_prompt(p, &asked, window).await;
+    // Idle pooled upstream connections move too: the successor starts with a warm pool.
+    for (name, slot) in &p.slots {
+        if adopted.contains(name) {
+            prompt.extend(slot.ctx.take_pooled());
+        }
+    }
     let (mut tunnels, mut idle_http, mut busy_http) = (0, 0, BusyHttp::default());
     count_kinds(&prompt, &mut tunnels, &mut idle_http, &mut busy_http);
     if let Err(e) = guarded(triggers, &status, s.send_batch(&prompt)).await {

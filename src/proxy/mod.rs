@@ -62,6 +62,29 @@ impl ListenerCtx {
 }
 
 impl ListenerCtx {
+    /// Takes this listener's idle pooled upstream connections out, for a handover.
+    pub fn take_pooled(&self) -> Vec<Parked> {
+        let now = crate::registry::now_ms();
+        self.h1_pool
+            .take_all()
+            .into_iter()
+            .map(|(server, upstream)| {
+                Parked::Pooled(crate::registry::PooledState {
+                    meta: crate::registry::ConnMeta {
+                        listener: self.name.to_string(),
+                        client: server,
+                        server: Some(server),
+                        kind: crate::registry::ConnKind::Http,
+                        started_ms: now,
+                        bytes_in: 0,
+                        bytes_out: 0,
+                    },
+                    upstream,
+                })
+            })
+            .collect()
+    }
+
     /// Whether HTTP/1.1 clients of this listener are served by hyper rather than baton's
     /// engine: only while a route can reach an h2c upstream (the engine speaks HTTP/1.1 to
     /// upstreams).
@@ -133,6 +156,21 @@ fn spawn_connection(
 /// Resumes a connection parked by a predecessor (or by this process, after a rolled-back
 /// upgrade) on the listener it belongs to. Waits for a connection permit like an accept would.
 pub async fn resume(ctx: Arc<ListenerCtx>, parked: Parked) {
+    if let Parked::Pooled(p) = parked {
+        // Not a client connection: no permit; it goes back to the pool, checked at checkout.
+        if let (Some(server), Ok(())) = (p.meta.server, p.upstream.set_nonblocking(true)) {
+            if let Ok(s) = tokio::net::TcpStream::from_std(p.upstream) {
+                let max = ctx
+                    .upstreams
+                    .values()
+                    .map(|u| u.config().http.pool_idle_per_server)
+                    .max()
+                    .unwrap_or(0);
+                ctx.h1_pool.put(server, s, max);
+            }
+        }
+        return;
+    }
     let permit = match ctx.limit.clone().acquire_owned().await {
         Ok(p) => p,
         Err(_) => return,
@@ -148,5 +186,6 @@ pub async fn resume(ctx: Arc<ListenerCtx>, parked: Parked) {
         Parked::Http(h) => {
             tokio::spawn(http::resume_http(ctx, h, permit));
         }
+        Parked::Pooled(_) => {}
     }
 }
