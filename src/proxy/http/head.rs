@@ -7,7 +7,6 @@
 use super::framing::{Chunked, Framing};
 use super::headers::{parse_traceparent, TraceId};
 use super::path;
-use std::net::IpAddr;
 
 /// Most header lines accepted in one head.
 const MAX_HEADERS: usize = 128;
@@ -32,8 +31,8 @@ const fn bad(reason: &'static str) -> HeadError {
 /// What the request parser needs to know about its listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ReqOpts<'a> {
-    /// The client's address, for `X-Forwarded-For`.
-    pub client_ip: IpAddr,
+    /// The client's address as text, for `X-Forwarded-For` (formatted once per connection).
+    pub client_ip: &'a str,
     /// Largest head accepted (431 above).
     pub max_header_bytes: usize,
     /// Longest request line accepted (414 above).
@@ -133,6 +132,15 @@ pub fn valid_authority(v: &[u8]) -> bool {
         }
     };
     if host.is_empty() {
+        return false;
+    }
+    // A `%` in a reg-name starts an escape: two hex digits must follow.
+    let bad_escape = host.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !(host.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && host.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if bad_escape {
         return false;
     }
     if host[0] != b'['
@@ -316,6 +324,17 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
     if target.contains(&b'#') {
         return Err(bad("fragment in request target"));
     }
+    // Characters RFC 3986 does not allow in a path or query (`<`, `"`, `{` …), which httparse
+    // lets through: refused, with the `http` crate's rules, so both views of a target agree.
+    if !is_connect
+        && target != b"*"
+        && std::str::from_utf8(&target)
+            .ok()
+            .and_then(|t| http::uri::PathAndQuery::try_from(t).ok())
+            .is_none()
+    {
+        return Err(bad("invalid character in request target"));
+    }
     let route_host = authority.or(host);
 
     // Body framing (RFC 9112 §6.3): Transfer-Encoding wins over nothing, never coexists with
@@ -418,7 +437,7 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
     }
     rest.extend_from_slice(b"x-forwarded-for: ");
     rest.extend_from_slice(&xff);
-    rest.extend_from_slice(o.client_ip.to_string().as_bytes());
+    rest.extend_from_slice(o.client_ip.as_bytes());
     rest.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
     if let Some(h) = route_host {
         rest.extend_from_slice(b"x-forwarded-host: ");

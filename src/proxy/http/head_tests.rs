@@ -6,7 +6,6 @@
 
 use super::*;
 use proptest::prelude::*;
-use std::net::Ipv4Addr;
 
 const MAX_HEAD: usize = 2048;
 const UPGRADES: &[&str] = &["websocket"];
@@ -16,7 +15,7 @@ fn parse(buf: &[u8]) -> Result<Option<Request>, HeadError> {
     parse_request(
         buf,
         &ReqOpts {
-            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            client_ip: "127.0.0.1",
             max_header_bytes: MAX_HEAD,
             max_uri_bytes: 1024,
             upgrades: &upgrades,

@@ -180,9 +180,12 @@ pub async fn serve(
             match Box::pin(h1::run(ctx.clone(), conn, c)).await {
                 h1::End::Gone => return,
                 h1::End::Idle(c, s) => {
+                    // It lingered in the engine for IDLE_RELEASE already: release it now.
                     conn = c;
                     stream = s;
-                    idle_since = Instant::now();
+                    idle_since = Instant::now()
+                        .checked_sub(IDLE_RELEASE)
+                        .unwrap_or_else(Instant::now);
                     released = false;
                     continue;
                 }

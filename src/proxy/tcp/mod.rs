@@ -188,6 +188,18 @@ enum Outcome {
     Park,
 }
 
+/// An optional value displayed as `-` when absent.
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// Logs one line for a closed connection and counts it.
 pub fn close_log(ctx: &ListenerCtx, conn: &ConnHandle, reason: &str) {
     let s = conn.stats();
@@ -199,7 +211,8 @@ pub fn close_log(ctx: &ListenerCtx, conn: &ConnHandle, reason: &str) {
         .fetch_add(bytes_out, Ordering::Relaxed);
     ctx.lm.closed();
     let duration = Duration::from_millis(now_ms().saturating_sub(s.started_ms)).as_millis() as u64;
-    let server = s.server().map(|a| a.to_string());
+    // Formatted only if the line is written: a connection's close is on the hot path.
+    let server = OrDash(s.server());
     // An HTTP connection's requests each have an access line already: its close is a detail.
     // A tunnel's close line is its only record.
     macro_rules! closed {
@@ -208,7 +221,7 @@ pub fn close_log(ctx: &ListenerCtx, conn: &ConnHandle, reason: &str) {
                 conn = s.id,
                 listener = %s.listener,
                 client = %s.client,
-                server = server.as_deref().unwrap_or(""),
+                server = %server,
                 kind = ?s.kind(),
                 bytes_in,
                 bytes_out,

@@ -99,6 +99,11 @@ fn ms_to_instant(at_ms: u64) -> Instant {
 pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
     let stats = conn.stats().clone();
     let http = &ctx.cfg.http;
+    // Formatted once for every request's X-Forwarded-For.
+    let client_ip = stats.client.ip().to_string();
+    // How long a connection between requests waits here (state, buffers and this boxed task
+    // kept) before it goes back to the idle wait in `server`, which holds none of them.
+    let linger = super::shared::IDLE_RELEASE.min(http.keepalive_timeout);
     loop {
         // A signal decided between phases.
         let bits = if conn.signalled() {
@@ -128,11 +133,24 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                         return End::Gone;
                     }
                     stats.set_state(ConnState::Idle);
-                    return End::Idle(conn, c.client);
+                    // A keep-alive client usually sends its next request soon.
+                    match wait_read(&conn, &mut c, now_ms() + linger.as_millis() as u64).await {
+                        Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
+                            close_log(&ctx, &conn, "client closed");
+                            return End::Gone;
+                        }
+                        Wake::Read(Ok(n)) => {
+                            stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                            c.st.head_started_ms = Some(now_ms());
+                        }
+                        Wake::Timer => return End::Idle(conn, c.client),
+                        Wake::Signal(_) | Wake::Flow(_) => {}
+                    }
+                    continue;
                 }
                 stats.set_state(ConnState::Active);
                 let opts = ReqOpts {
-                    client_ip: stats.client.ip(),
+                    client_ip: &client_ip,
                     max_header_bytes: http.max_header_bytes,
                     max_uri_bytes: http.max_uri_bytes,
                     upgrades: &http.upgrade_protocols,
