@@ -178,7 +178,6 @@ async fn http10_upstream_keeps_the_client_on_http11() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "engine bug: h1/flow.rs reads the upstream's EOF before it has framed the body bytes already buffered (same poll as the head): a response followed at once by close is cut (Length → 'response cut short', UntilClose → body dropped)"]
 async fn upstream_that_closes_after_its_response_keeps_the_client() {
     let (app, _cap) = backend(scripted).await;
     let b = Baton::start(&conf("", &[("app", app)]));

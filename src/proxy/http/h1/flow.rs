@@ -268,7 +268,14 @@ pub fn poll_flow(
         }
 
         // Read the upstream while a response is still to come (and the buffer has room).
-        let want = ex.resp.as_ref().is_none_or(|r| !r.framing.is_done());
+        // Only once the framing has taken what is buffered: an EOF right behind a small body
+        // must not be acted on before that body is framed.
+        let want = match ex.resp.as_ref() {
+            None => true,
+            Some(r) if r.framing.is_done() => false,
+            Some(r) if r.body == ClientBody::Pass => st.up_ready == st.ubuf.len(),
+            Some(_) => st.ubuf.is_empty(),
+        };
         if let Some(up) = up.as_deref_mut().filter(|_| want && st.ubuf.len() < CAP) {
             match poll_fill(up, &mut st.ubuf, cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => match ex.resp.as_mut() {
