@@ -20,14 +20,21 @@
 //! l.bytes(bytes_in, bytes_out);            // bytes relayed, at close (or periodically)
 //! metrics.http_request("api", 200, elapsed);   // one answered HTTP request ("" = no upstream)
 //! let u = metrics.upstream("api");         // or cache a handle per pool:
-//! u.request(503, elapsed); u.connect_failure(); u.retry(); u.health_transition(false);
+//! u.request(503, elapsed);               // or u.request_to(Some(server), 200, elapsed)
+//! u.connect_failure(server); u.ejection(server); u.retry(); u.health_transition(false);
 //! metrics.record_handover(handed_over, drained, closed_at_deadline);   // end of an upgrade
 //! ```
 //! [`Metrics::render`] writes the Prometheus text format (see `metrics/render.rs`).
 
+mod process;
 mod render;
+mod upstream;
 
-pub use render::CONTENT_TYPE;
+pub use render::{ServerLive, CONTENT_TYPE};
+pub use upstream::{
+    Histogram, ServerCounters, ServerMetrics, UpstreamCounters, UpstreamHandle, UpstreamKind,
+    UpstreamMetrics,
+};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
@@ -87,6 +94,8 @@ pub struct Metrics {
     listeners: ArcSwap<BTreeMap<String, Arc<ListenerMetrics>>>,
     /// Per-upstream series by pool name; `""` collects requests that reached no upstream.
     upstreams: ArcSwap<BTreeMap<String, Arc<UpstreamMetrics>>>,
+    /// Some listener speaks HTTP (else the HTTP totals cannot move and are not rendered).
+    any_http: bool,
 }
 
 impl Default for Metrics {
@@ -112,6 +121,7 @@ impl Default for Metrics {
             started_unix_ms,
             listeners: ArcSwap::from_pointee(BTreeMap::new()),
             upstreams: ArcSwap::from_pointee(BTreeMap::new()),
+            any_http: false,
         }
     }
 }
@@ -129,54 +139,6 @@ pub struct ListenerMetrics {
     pub bytes_in: AtomicU64,
     /// Bytes sent to clients.
     pub bytes_out: AtomicU64,
-}
-
-/// A request-duration histogram: non-cumulative bucket counts (cumulated when rendered).
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// One count per [`DURATION_BUCKETS`] bound; slower requests only reach `count`.
-    buckets: [AtomicU64; DURATION_BUCKETS.len()],
-    /// Sum of observed durations in microseconds.
-    sum_us: AtomicU64,
-    /// Observations.
-    count: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one duration.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = DURATION_BUCKETS.iter().position(|b| secs <= *b) {
-            add(&self.buckets[i], 1);
-        }
-        add(&self.sum_us, d.as_micros().min(u64::MAX as u128) as u64);
-        add(&self.count, 1);
-    }
-}
-
-/// Series of one upstream pool.
-#[derive(Debug, Default)]
-pub struct UpstreamMetrics {
-    /// HTTP responses by status class (see [`STATUS_CLASSES`]).
-    pub responses: [AtomicU64; 5],
-    /// Request durations.
-    pub duration: Histogram,
-    /// Failed connects to its servers.
-    pub connect_failures: AtomicU64,
-    /// Attempts retried on another server.
-    pub retries: AtomicU64,
-    /// Servers that became healthy (active checks or return from ejection).
-    pub health_up: AtomicU64,
-    /// Servers that became unhealthy or were ejected.
-    pub health_down: AtomicU64,
-}
-
-impl UpstreamMetrics {
-    fn request(&self, status: u16, d: Duration) {
-        let class = usize::from((status / 100).clamp(1, 5)) - 1;
-        add(&self.responses[class], 1);
-        self.duration.observe(d);
-    }
 }
 
 /// The handle a listener's connections count through. Cheap to clone.
@@ -217,42 +179,6 @@ impl ListenerHandle {
     }
 }
 
-/// The handle an upstream pool counts through. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct UpstreamHandle {
-    totals: Arc<Metrics>,
-    m: Arc<UpstreamMetrics>,
-}
-
-impl UpstreamHandle {
-    /// One HTTP request answered with `status` after `d`.
-    pub fn request(&self, status: u16, d: Duration) {
-        add(&self.totals.requests, 1);
-        self.m.request(status, d);
-    }
-    /// A connect to one of its servers failed.
-    pub fn connect_failure(&self) {
-        add(&self.totals.connect_failures, 1);
-        add(&self.m.connect_failures, 1);
-    }
-    /// An attempt is retried on another server.
-    pub fn retry(&self) {
-        add(&self.totals.retries, 1);
-        add(&self.m.retries, 1);
-    }
-    /// A server became healthy (`true`) or unhealthy / ejected (`false`).
-    pub fn health_transition(&self, healthy: bool) {
-        add(
-            if healthy {
-                &self.m.health_up
-            } else {
-                &self.m.health_down
-            },
-            1,
-        );
-    }
-}
-
 /// The carried counters of one listener.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -265,28 +191,6 @@ pub struct ListenerCounters {
     pub bytes_in: u64,
     /// See [`ListenerMetrics::bytes_out`].
     pub bytes_out: u64,
-}
-
-/// The carried counters of one upstream.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct UpstreamCounters {
-    /// Responses by status class, 1xx to 5xx.
-    pub responses: [u64; 5],
-    /// Non-cumulative histogram bucket counts, one per [`DURATION_BUCKETS`] bound.
-    pub duration_buckets: Vec<u64>,
-    /// Sum of durations, µs.
-    pub duration_sum_us: u64,
-    /// Number of durations.
-    pub duration_count: u64,
-    /// See [`UpstreamMetrics::connect_failures`].
-    pub connect_failures: u64,
-    /// See [`UpstreamMetrics::retries`].
-    pub retries: u64,
-    /// See [`UpstreamMetrics::health_up`].
-    pub health_up: u64,
-    /// See [`UpstreamMetrics::health_down`].
-    pub health_down: u64,
 }
 
 /// A snapshot of [`Metrics`], sent to a successor in the handover's `Done` message. Fields
@@ -347,7 +251,7 @@ impl Metrics {
     /// Metrics for a process of `generation` with the series of `cfg`'s listeners and
     /// upstreams created up front.
     pub fn new(cfg: &crate::config::Config, generation: u64) -> Metrics {
-        let m = Metrics::default();
+        let mut m = Metrics::default();
         m.generation.store(generation, Ordering::Relaxed);
         m.listeners.store(Arc::new(
             cfg.listeners
@@ -356,12 +260,15 @@ impl Metrics {
                 .collect(),
         ));
         m.upstreams.store(Arc::new(
-            cfg.upstreams
-                .keys()
-                .chain(std::iter::once(&String::new()))
-                .map(|n| (n.clone(), Arc::default()))
+            UpstreamKind::of(cfg)
+                .into_iter()
+                .map(|(n, kind)| (n, Arc::new(UpstreamMetrics::new(kind))))
                 .collect(),
         ));
+        m.any_http = cfg
+            .listeners
+            .values()
+            .any(|l| l.protocol == crate::config::Protocol::Http);
         m
     }
 
@@ -431,21 +338,6 @@ impl Metrics {
         }
     }
 
-    /// Counts a health transition of a server of `upstream` (see
-    /// [`UpstreamHandle::health_transition`]).
-    pub fn health_transition(&self, upstream: &str, healthy: bool) {
-        if let Some(m) = self.upstreams.load().get(upstream) {
-            add(
-                if healthy {
-                    &m.health_up
-                } else {
-                    &m.health_down
-                },
-                1,
-            );
-        }
-    }
-
     /// Counts the outcome of one upgrade's connection handover, in the old process before
     /// it sends its snapshot.
     pub fn record_handover(&self, handed_over: u64, drained: u64, closed_at_deadline: u64) {
@@ -472,19 +364,7 @@ impl Metrics {
             );
         }
         for (name, u) in self.upstreams.load().iter() {
-            c.upstreams.insert(
-                name.clone(),
-                UpstreamCounters {
-                    responses: std::array::from_fn(|i| get(&u.responses[i])),
-                    duration_buckets: u.duration.buckets.iter().map(get).collect(),
-                    duration_sum_us: get(&u.duration.sum_us),
-                    duration_count: get(&u.duration.count),
-                    connect_failures: get(&u.connect_failures),
-                    retries: get(&u.retries),
-                    health_up: get(&u.health_up),
-                    health_down: get(&u.health_down),
-                },
-            );
+            c.upstreams.insert(name.clone(), u.snapshot());
         }
         c
     }
@@ -504,23 +384,7 @@ impl Metrics {
             add(&l.bytes_out, lc.bytes_out);
         }
         for (name, uc) in &c.upstreams {
-            let u = self.upstream_metrics(name);
-            for (a, n) in u.responses.iter().zip(uc.responses) {
-                add(a, n);
-            }
-            // A different bucket layout (another version) cannot be merged bucket by bucket;
-            // its observations still count in sum and count (and so in `+Inf`).
-            if uc.duration_buckets.len() == DURATION_BUCKETS.len() {
-                for (a, n) in u.duration.buckets.iter().zip(&uc.duration_buckets) {
-                    add(a, *n);
-                }
-            }
-            add(&u.duration.sum_us, uc.duration_sum_us);
-            add(&u.duration.count, uc.duration_count);
-            add(&u.connect_failures, uc.connect_failures);
-            add(&u.retries, uc.retries);
-            add(&u.health_up, uc.health_up);
-            add(&u.health_down, uc.health_down);
+            self.upstream_metrics(name).absorb(uc);
         }
     }
 }

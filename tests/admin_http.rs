@@ -163,7 +163,7 @@ async fn metrics_are_prometheus_text_and_continue_across_an_upgrade() {
     assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
     let m = parse_prometheus(&body);
     assert_eq!(m["baton_generation"], 1.0);
-    assert!(m["baton_process_start_time_seconds"] > 1.0e9);
+    assert!(m["process_start_time_seconds"] > 1.0e9);
     assert_eq!(m["baton_connections_accepted_total"], 0.0);
 
     // Three tunnels stay open across the upgrade (handed over); two more close before it.

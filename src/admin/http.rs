@@ -14,7 +14,7 @@
 //! absorbed them. Scrapes in the gap of a few milliseconds are refused, never wrong.
 
 use super::control::{Command, ControlRequest, Reply};
-use crate::metrics::{Metrics, CONTENT_TYPE};
+use crate::metrics::{Metrics, ServerLive, CONTENT_TYPE};
 use crate::upstream::Upstreams;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -105,6 +105,23 @@ impl AdminCtx {
             v["upstreams"][name] = json!(u.status());
         }
         Some(v)
+    }
+
+    /// The Prometheus text, with each upstream server's live state.
+    pub fn metrics_text(&self) -> String {
+        let live: Vec<ServerLive> = self
+            .upstreams
+            .iter()
+            .flat_map(|(name, u)| {
+                u.status().into_iter().map(move |s| ServerLive {
+                    upstream: name.clone(),
+                    server: s.addr,
+                    up: s.healthy && !s.ejected,
+                    active: s.active,
+                })
+            })
+            .collect();
+        self.metrics.render_with(&live)
     }
 
     /// Why this process is not ready, if it is not.
@@ -272,7 +289,7 @@ async fn handle(ctx: &AdminCtx, req: Request<Incoming>) -> Response<Full<Bytes>>
     }
     match req.uri().path() {
         "/" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE),
-        "/metrics" => reply(StatusCode::OK, CONTENT_TYPE, ctx.metrics.render()),
+        "/metrics" => reply(StatusCode::OK, CONTENT_TYPE, ctx.metrics_text()),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
             let why = ctx.not_ready().await;

@@ -3,6 +3,7 @@
 
 mod diff;
 mod dump;
+mod errors;
 mod file;
 mod isolation;
 mod runtime;
@@ -21,7 +22,7 @@ use std::time::Duration;
 pub use diff::{diff, ConfigDiff};
 pub use dump::format_duration;
 pub use isolation::{parse_cpu_list, Account, CpuAffinity, Isolation, CAPABILITY_NAMES};
-pub use validate::parse_duration;
+pub use errors::parse_duration;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]

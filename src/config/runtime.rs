@@ -1,7 +1,8 @@
 //! Validation of the `runtime:` section: paths, timeouts, and the multi-process settings.
 
+use super::errors::Errors;
 use super::file::{self, S};
-use super::validate::{resolve, Errors};
+use super::validate::resolve;
 use super::*;
 
 /// The folder of the pid file and control socket when the config names neither: systemd's

@@ -67,7 +67,8 @@ fn snapshot_survives_json_and_absorb_adds() {
     old.listener("web").accepted();
     old.listener("gone").accepted();
     old.upstream("api").request(500, Duration::from_millis(1));
-    old.upstream("api").connect_failure();
+    old.upstream("api")
+        .connect_failure("127.0.0.1:9".parse().unwrap());
     Metrics::inc(&old.upgrades_ok);
     old.record_handover(3, 2, 1);
     let snap = old.snapshot();

@@ -431,7 +431,7 @@ impl Upstream {
             return;
         }
         if let Some(m) = self.metrics() {
-            m.connect_failure();
+            m.connect_failure(addr);
         }
         let limit = self.cfg.eject_after;
         if limit == 0 {
@@ -447,6 +447,9 @@ impl Upstream {
         s.failures.store(limit - 1, Ordering::Relaxed);
         if prev == 0 || prev <= now {
             self.counters.ejections.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = self.metrics() {
+                m.ejection(addr);
+            }
             tracing::warn!(upstream = %self.cfg.name, server = %addr, failures, eject_for = ?self.cfg.eject_for, reason = "consecutive connect failures", "server ejected");
         }
     }

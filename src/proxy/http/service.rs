@@ -98,7 +98,7 @@ impl ReqLog {
         let elapsed = self.start.elapsed();
         // The upstream's own metrics handle: no lookup by name per request.
         match self.upstream.as_ref().and_then(|u| u.metrics()) {
-            Some(h) => h.request(self.status, elapsed),
+            Some(h) => h.request_to(self.server, self.status, elapsed),
             None => self.metrics.http_request(
                 self.upstream.as_ref().map_or("", |u| u.name()),
                 self.status,

@@ -264,7 +264,7 @@ pub(super) fn log_access(ctx: &ListenerCtx, conn: &ConnHandle, st: &State, compl
     let elapsed = Duration::from_millis(now_ms().saturating_sub(ex.started_ms));
     let upstream = ctx.upstreams.get(&ex.upstream);
     match upstream.and_then(|u| u.metrics()) {
-        Some(h) => h.request(status, elapsed),
+        Some(h) => h.request_to(ex.server, status, elapsed),
         None => ctx.metrics.http_request(&ex.upstream, status, elapsed),
     }
     let stats = conn.stats();
