@@ -125,6 +125,12 @@ fn runtime(r: &Runtime) -> Y {
     if let Some(v) = l.io_weight {
         limits.push(("io_weight", Y::Num(v)));
     }
+    if let Some(v) = &l.cpuset {
+        limits.push(("cpuset", text(v)));
+    }
+    if let Some(v) = l.io_weight {
+        limits.push(("io_weight", Y::Num(v)));
+    }
     if !limits.is_empty() {
         m.push(("worker_limits", Y::Map(limits)));
     }
@@ -359,7 +365,7 @@ mod tests {
     #[test]
     fn dump_reads_back_to_the_same_config() {
         let text = "
-runtime: {drain_timeout: 90s, workers: 2, worker_limits: {memory: 1.5GiB, cpu: 1.5}}
+runtime: {drain_timeout: 90s, workers: 2, worker_limits: {memory: 1.5GiB, cpu: 1.5}, cpu_affinity: [[0], [0, 1]], user: root}
 admin: {listen: 127.0.0.1:9901}
 log: {level: warn, format: json, access_file: a.log, access_format: combined}
 listeners:

@@ -4,8 +4,8 @@
 //! exist on this host instead of the process failing after it bound its listeners. What is
 //! done with these values lives in [`crate::isolation`].
 
+use super::errors::Errors;
 use super::file::{self, S};
-use super::validate::Errors;
 use serde::{Deserialize, Serialize};
 
 /// Capability names `runtime.capabilities` accepts (without `cap_`), the ones a proxy may

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 pub use diff::{diff, ConfigDiff};
 pub use dump::format_duration;
-pub use isolation::{parse_cpu_list, Account, CpuAffinity, Isolation, CAPABILITY_NAMES};
 pub use errors::parse_duration;
+pub use isolation::{parse_cpu_list, Account, CpuAffinity, Isolation, CAPABILITY_NAMES};
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
