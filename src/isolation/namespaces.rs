@@ -58,6 +58,10 @@ pub struct Plan {
 
 /// Runs `spawn` on a new thread placed as `plan` says; returns its result and what is in force.
 pub fn spawn_placed<R: Send>(plan: &Plan, spawn: impl FnOnce() -> R + Send) -> (R, Placement) {
+    if plan.cpus.is_none() && !plan.namespaces {
+        // Nothing to prepare: spawn from this thread, as without isolation.
+        return (spawn(), Placement::default());
+    }
     std::thread::scope(|s| {
         let t = s.spawn(|| {
             let mut placement = prepare_thread(plan);
