@@ -77,7 +77,12 @@ impl Supervisor {
         let mut new = self.spawn_for(i, binary, generation)?;
         let new_pid = new.pid;
         let (a, b) = super::worker::pair()?;
-        let sent_new = new.send_hand_over_to(&b).await;
+        // A new worker that dies at once (a broken binary) closes its channel before it takes
+        // this: it exited, whatever the send's own error says.
+        let sent_new = new
+            .send_hand_over_to(&b)
+            .await
+            .map_err(|e| format!("new worker pid {new_pid} exited before its handover ({e})"));
         self.incoming = Some(new);
         let sent_old = match self.slots[i].worker.as_mut() {
             Some(old) => old.send_hand_over_to(&a).await,
