@@ -8,6 +8,7 @@ use super::forward::{self, Head, Target};
 use super::headers::TraceId;
 use super::shared::{ConnShared, InFlight};
 use super::{headers, route};
+use crate::proxy::tcp::OrDash;
 use crate::proxy::ListenerCtx;
 use http::{header, request, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -69,18 +70,6 @@ pub struct ReqLog {
     status: u16,
     start: Instant,
     _in_flight: InFlight,
-}
-
-/// Displays an optional value as `-` when absent.
-struct OrDash<T>(Option<T>);
-
-impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            Some(v) => v.fmt(f),
-            None => f.write_str("-"),
-        }
-    }
 }
 
 impl ReqLog {

@@ -188,8 +188,8 @@ enum Outcome {
     Park,
 }
 
-/// An optional value displayed as `-` when absent.
-struct OrDash<T>(Option<T>);
+/// An optional value displayed as `-` when absent (formatted only when a line is written).
+pub(crate) struct OrDash<T>(pub(crate) Option<T>);
 
 impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

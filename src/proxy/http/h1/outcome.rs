@@ -280,7 +280,7 @@ pub(super) fn log_access(ctx: &ListenerCtx, conn: &ConnHandle, st: &State, compl
         bytes = ex.resp_bytes,
         complete,
         duration_ms = elapsed.as_millis() as u64,
-        server = %ex.server.map_or_else(|| "-".to_string(), |s| s.to_string()),
+        server = %crate::proxy::tcp::OrDash(ex.server),
         client = %stats.client,
         trace_id = %ex.trace,
         "request"
