@@ -22,26 +22,16 @@ fn fd_count(pid: i32) -> usize {
         .unwrap_or(0)
 }
 
-async fn numbered_client(
-    addr: std::net::SocketAddr,
-    id: usize,
-    stop: Arc<AtomicBool>,
-) -> Result<u64, String> {
-    let s = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("client {id}: connect: {e}"))?;
-    numbered_echo(s, id, stop).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_tunnels_survive_ten_upgrades() {
     let be = echo_backend("").await;
     let b = Baton::start(&tcp_config(be, ""));
     let addr = b.addr("t");
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..50)
-        .map(|i| tokio::spawn(numbered_client(addr, i, stop.clone())))
-        .collect();
+    let mut clients = Vec::new();
+    for i in 0..50 {
+        clients.push(started_numbered_echo(addr, i, stop.clone()).await);
+    }
     let first = b.serving_pid();
     let mut pids = vec![first];
     for round in 0..10 {
@@ -204,9 +194,10 @@ async fn rollback_when_successor_is_killed_mid_handover() {
     );
     let addr = b.addr("t");
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..20)
-        .map(|i| tokio::spawn(numbered_client(addr, i, stop.clone())))
-        .collect();
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        clients.push(started_numbered_echo(addr, i, stop.clone()).await);
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (ok, out) = b.cli_upgrade(&[]);
     assert!(!ok, "{out}");
@@ -248,9 +239,10 @@ async fn no_fd_leak_across_twenty_upgrades() {
     let b = Baton::start(&tcp_config(be, ""));
     let addr = b.addr("t");
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..5)
-        .map(|i| tokio::spawn(numbered_client(addr, i, stop.clone())))
-        .collect();
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        clients.push(started_numbered_echo(addr, i, stop.clone()).await);
+    }
     let mut counts = Vec::new();
     for _ in 0..20 {
         let (ok, out) = upgrade_async(&b.config).await;

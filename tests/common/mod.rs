@@ -315,6 +315,29 @@ pub fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// Connects a tunnel client and makes one echo round trip before spawning [`numbered_echo`],
+/// so the proxy has accepted the connection and reached the backend before the caller goes
+/// on: a connection still in the listen backlog moves with the listener, not as a tunnel,
+/// and an upgrade started at once would count one tunnel fewer.
+pub async fn started_numbered_echo(
+    addr: std::net::SocketAddr,
+    id: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Result<u64, String>> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("client {id}: connect: {e}"));
+    let hello = format!("client {id} hello\n");
+    s.write_all(hello.as_bytes()).await.unwrap();
+    let mut buf = vec![0; hello.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("client {id}: first echo timed out"))
+        .unwrap_or_else(|e| panic!("client {id}: first echo: {e}"));
+    assert_eq!(buf, hello.as_bytes(), "client {id}: first echo");
+    tokio::spawn(numbered_echo(s, id, stop))
+}
+
 /// A client holding one tunnel open, sending a numbered line every 50 ms and checking that
 /// the echo comes back complete and in order, until `stop`. Returns the round trips made.
 pub async fn numbered_echo(
