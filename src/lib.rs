@@ -6,7 +6,7 @@
 //! - [`listener`]: binding listening sockets (socket2) or adopting inherited ones.
 //! - [`registry`]: the live connections and their state, the one thing proxy and handover share.
 //! - [`proxy`]: the data path: [`proxy::tcp`] (L4 relay that can stop and say what it holds)
-//!   and [`proxy::http`] (L7 on hyper).
+//!   and [`proxy::http`] (L7: baton's own HTTP/1.1 engine, h2c on hyper).
 //! - [`upstream`]: server sets, balancing, active and passive health.
 //! - [`handover`]: the private channel to a successor, its framed messages and fd passing.
 //! - [`lifecycle`]: signals, the phase state machine, spawning the successor, rollback.
@@ -16,6 +16,7 @@
 //! - [`logging`]: tracing setup with `pid` and `generation` on every line, the access log.
 //! - [`test_hooks`]: failure injection for the integration tests (cargo feature `test-hooks`).
 //! - [`isolation`]: privilege drop, capabilities, worker namespaces, CPU pinning.
+//! - [`tls`]: TLS termination (rustls) and sessions that move to the successor.
 
 pub mod admin;
 pub mod config;
@@ -29,4 +30,5 @@ pub mod proxy;
 pub mod registry;
 pub mod supervisor;
 pub mod test_hooks;
+pub mod tls;
 pub mod upstream;
