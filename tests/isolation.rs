@@ -1,4 +1,4 @@
-//! Isolation end to end (issue 14): the real binary as root dropping to `nobody`, workers in
+//! Isolation end to end: the real binary as root dropping to `nobody`, workers in
 //! their own PID, mount and IPC namespaces, pinned to CPUs — checked where the kernel says it,
 //! in `/proc/PID/status`, `/proc/PID/ns/*`, the worker's own `/proc` and its mount table —
 //! and upgrades, crash restarts and a single process's successor that keep all of it while

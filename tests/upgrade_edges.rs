@@ -1,4 +1,4 @@
-//! The sharp edges of the live upgrade (issue 11), each end to end with the real binary: an
+//! The sharp edges of the live upgrade, each end to end with the real binary: an
 //! idle HTTP/2 client, `baton upgrade` returning at the commit (`--wait` at the end), a
 //! successor that dies after the commit, a refusal reason under repetition, a wrapper-script
 //! successor that leaves a child behind, and a config with no listeners.

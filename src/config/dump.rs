@@ -138,7 +138,7 @@ fn runtime(r: &Runtime) -> Y {
     Y::Map(m)
 }
 
-/// The isolation keys (issue 14), users and groups by the name found on this host.
+/// The isolation keys, users and groups by the name found on this host.
 fn isolation(i: &super::Isolation, m: &mut Vec<(&'static str, Y)>) {
     if let Some(u) = &i.user {
         m.push(("user", text(&u.name)));

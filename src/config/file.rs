@@ -42,7 +42,7 @@ pub struct Runtime {
     pub accept: Option<S<String>>,
     /// Per-worker resource limits.
     pub worker_limits: Option<WorkerLimits>,
-    /// Isolation (issue 14, `super::isolation`): drop to this user after binding.
+    /// Isolation (`super::isolation`): drop to this user after binding.
     pub user: Option<S<String>>,
     /// And this group.
     pub group: Option<S<String>>,

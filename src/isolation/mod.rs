@@ -1,4 +1,4 @@
-//! Isolation (issue 14): who a baton process runs as and what it can see and touch.
+//! Isolation: who a baton process runs as and what it can see and touch.
 //!
 //! * [`privileges`]: `runtime.user`/`group` with `no_new_privs` and only the capabilities of
 //!   `runtime.capabilities`; the supervisor, which stays root, keeps only the capabilities it

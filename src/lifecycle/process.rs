@@ -76,7 +76,7 @@ impl Process {
     pub fn set_phase(&mut self, p: Phase) {
         tracing::info!(from = ?self.phase, to = ?p, "phase");
         self.phase = p;
-        // systemd (issue 6): READY=1 when serving (again), RELOADING=1 when an upgrade starts.
+        // systemd: READY=1 when serving (again), RELOADING=1 when an upgrade starts.
         match p {
             Phase::Ready => crate::admin::notify::ready(),
             Phase::HandingOver => crate::admin::notify::reloading(),
@@ -200,7 +200,7 @@ impl Process {
         }
         if !self.admin_started {
             self.admin_started = true;
-            // Admin HTTP (issue 6): a successor waits for the predecessor to release the address.
+            // Admin HTTP: a successor waits for the predecessor to release the address.
             if let Some(admin) = &self.cfg.admin {
                 let ctx = crate::admin::http::AdminCtx::new(
                     &self.cfg,
@@ -426,8 +426,8 @@ impl Process {
         }
     }
 
-    /// A first generation's listeners: bound before a privilege drop (`prebound`, issue 14),
-    /// adopted from systemd socket activation under their name (issue 6), or bound.
+    /// A first generation's listeners: bound before a privilege drop (`prebound`),
+    /// adopted from systemd socket activation under their name, or bound.
     fn bind_listeners(
         &mut self,
         mut prebound: BTreeMap<String, std::net::TcpListener>,
@@ -477,7 +477,7 @@ impl Process {
                             if let Err(e) = self.go_live() {
                                 tracing::error!(error = %e, "cannot take the control socket or pid file");
                             }
-                            crate::admin::notify::took_over(); // systemd: MAINPID=, READY=1 (issue 6)
+                            crate::admin::notify::took_over(); // systemd: MAINPID=, READY=1
                             let _ = live.send(());
                         }
                         Some(TakeOverEvent::Done(done)) => {
@@ -515,7 +515,7 @@ impl Process {
                 }
                 Trigger::Stop { why, fast, reply } => {
                     tracing::info!(trigger = why, fast, "stopping gracefully");
-                    crate::admin::notify::stopping(); // systemd (issue 6)
+                    crate::admin::notify::stopping(); // systemd
                     let (finished, closed) = self.drain_and_stop(fast).await;
                     if let Some(r) = reply {
                         let _ = r.send(Reply::ok(
