@@ -133,7 +133,7 @@ fn dump_prints_the_effective_config_and_reads_back() {
     let src = dir.path().join("c.yaml");
     std::fs::write(
         &src,
-        "listeners:\n  web:\n    listen: ${BATON_TEST_ADDR}\n    protocol: http\n    upstream: app\nupstreams:\n  app:\n    servers:\n      - ${BATON_TEST_SERVER:-127.0.0.1:9001}\nlog:\n  file: \"${NOT_SUBSTITUTED}.log\"\n",
+        "listeners:\n  web:\n    listen: ${BATON_TEST_ADDR}\n    protocol: http\n    upstream: app\n    http:\n      connect:\n        allow: [\"*.Internal:443\", \"db:*\"]\nupstreams:\n  app:\n    servers:\n      - ${BATON_TEST_SERVER:-127.0.0.1:9001}\nlog:\n  file: \"${NOT_SUBSTITUTED}.log\"\n",
     )
     .unwrap();
     let dump = |path: &Path| {
@@ -160,6 +160,9 @@ fn dump_prints_the_effective_config_and_reads_back() {
         "header_read_timeout: 10s",
         "connect_timeout: 2s",
         "eject_after: 3",
+        "*.internal:443",
+        "db:*",
+        "connect_timeout: 10s",
         &format!(
             "control_socket: {}",
             dir.path().join("baton.sock").display()

@@ -177,7 +177,7 @@ async fn request_target_forms() {
                 400,
             ),
             (
-                "CONNECT is refused",
+                "CONNECT is refused where the listener does not enable it",
                 b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n",
                 405,
             ),

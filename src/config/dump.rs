@@ -227,17 +227,24 @@ fn listener(l: &Listener) -> Y {
         .collect();
     m.push(("routes", Y::Seq(routes)));
     let h = &l.http;
-    m.push((
-        "http",
-        Y::Map(vec![
-            ("header_read_timeout", dur(h.header_read_timeout)),
-            ("request_timeout", opt_dur(h.request_timeout)),
-            ("keepalive_timeout", dur(h.keepalive_timeout)),
-            ("max_header_bytes", Y::Num(h.max_header_bytes as u64)),
-            ("max_body_bytes", Y::Num(h.max_body_bytes.unwrap_or(0))),
-            ("preserve_host", Y::Bool(h.preserve_host)),
-        ]),
-    ));
+    let mut hm = vec![
+        ("header_read_timeout", dur(h.header_read_timeout)),
+        ("request_timeout", opt_dur(h.request_timeout)),
+        ("keepalive_timeout", dur(h.keepalive_timeout)),
+        ("max_header_bytes", Y::Num(h.max_header_bytes as u64)),
+        ("max_body_bytes", Y::Num(h.max_body_bytes.unwrap_or(0))),
+        ("preserve_host", Y::Bool(h.preserve_host)),
+    ];
+    if let Some(c) = &h.connect {
+        hm.push((
+            "connect",
+            Y::Map(vec![
+                ("allow", Y::Seq(c.allow.iter().map(text).collect())),
+                ("connect_timeout", dur(c.connect_timeout)),
+            ]),
+        ));
+    }
+    m.push(("http", Y::Map(hm)));
     Y::Map(m)
 }
 

@@ -149,6 +149,15 @@ pub struct ListenerHttp {
     pub max_uri_bytes: Option<usize>,
     pub body_timeout: Option<S<String>>,
     pub upgrade_protocols: Option<Vec<String>>,
+    pub connect: Option<S<ConnectRaw>>,
+}
+
+/// `listeners.X.http.connect:` (CONNECT tunnels to listed targets).
+#[derive(Debug, Deserialize)]
+pub struct ConnectRaw {
+    /// `host:port` patterns: `db.internal:5432`, `*.internal:443`, `10.0.0.5:*`, `[::1]:22`.
+    pub allow: Option<S<Vec<S<String>>>>,
+    pub connect_timeout: Option<S<String>>,
 }
 
 /// One entry of `upstreams:`.

@@ -1,6 +1,7 @@
 //! Configuration: the YAML model (`file`), its validation (`validate`), and the typed,
 //! validated [`Config`] every other module reads. Plain data: depends on nothing else in baton.
 
+mod connect;
 mod diff;
 mod dump;
 mod errors;
@@ -19,6 +20,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use connect::{ConnectPolicy, ConnectTarget};
 pub use diff::{diff, ConfigDiff};
 pub use dump::format_duration;
 pub use errors::parse_duration;
@@ -211,6 +213,8 @@ pub struct ListenerHttp {
     pub body_timeout: Option<Duration>,
     /// `Upgrade` protocols that may start a tunnel (lower case).
     pub upgrade_protocols: Vec<String>,
+    /// CONNECT tunnels and their allowed targets; `None`: CONNECT gets 405.
+    pub connect: Option<ConnectPolicy>,
 }
 
 impl Default for ListenerHttp {
@@ -225,6 +229,7 @@ impl Default for ListenerHttp {
             max_uri_bytes: 8192,
             body_timeout: Some(Duration::from_secs(60)),
             upgrade_protocols: vec!["websocket".to_string()],
+            connect: None,
         }
     }
 }

@@ -246,6 +246,7 @@ pub(super) fn expected_at(path: &[Seg]) -> &'static [&'static str] {
         ["listeners", "*"] => fields_of::<file::Listener>(),
         ["listeners", "*", "routes"] => fields_of::<file::Route>(),
         ["listeners", "*", "http"] => fields_of::<file::ListenerHttp>(),
+        ["listeners", "*", "http", "connect"] => fields_of::<file::ConnectRaw>(),
         ["upstreams", "*"] => fields_of::<file::Upstream>(),
         ["upstreams", "*", "servers"] => fields_of::<file::ServerLong>(),
         ["upstreams", "*", "health_check"] => fields_of::<file::HealthCheck>(),

@@ -413,6 +413,10 @@ fn listener(
                     .as_ref()
                     .map(|v| v.iter().map(|p| p.to_ascii_lowercase()).collect())
                     .unwrap_or(d.upgrade_protocols),
+                connect: h
+                    .connect
+                    .as_ref()
+                    .and_then(|c| super::connect::validate(errs, c, &format!("{hp}.connect"))),
             }
         }
     };

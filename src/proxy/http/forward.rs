@@ -404,8 +404,7 @@ pub async fn upgrade(
         Err(which) => return Err(timed_out(which, addr)),
         Ok(r) => r.map_err(fail)?,
     };
-    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        || (head.method == Method::CONNECT && resp.status().is_success());
+    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if !switched {
         return Ok((resp, addr, None));
     }

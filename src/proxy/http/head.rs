@@ -718,6 +718,7 @@ pub fn error_response(status: u16, close: bool) -> Vec<u8> {
 pub fn error_response_text(status: u16, text: Option<&str>, close: bool) -> Vec<u8> {
     let (reason, default_text) = match status {
         400 => ("Bad Request", "bad request\n"),
+        403 => ("Forbidden", "forbidden\n"),
         404 => ("Not Found", "no route\n"),
         405 => ("Method Not Allowed", "method not allowed\n"),
         408 => ("Request Timeout", "request timeout\n"),

@@ -265,14 +265,17 @@ async fn proxy(
         .get(name)
         .ok_or_else(|| ProxyError::MissingUpstream(name.to_string()))?;
     *chosen = Some(upstream.clone());
-    if s.h2 && parts.method == Method::CONNECT {
-        return Err(ProxyError::NotSupported("CONNECT over HTTP/2"));
+    if parts.method == Method::CONNECT {
+        // Tunnels to a client-named target are the engine's (`h1::connect`); never a splice
+        // after an upstream's 2xx.
+        return Err(ProxyError::NotSupported(if s.h2 {
+            "CONNECT over HTTP/2"
+        } else {
+            "CONNECT on a listener that reaches an h2c upstream"
+        }));
     }
-    let upgrade = !s.h2 && (headers::is_upgrade(&parts.headers) || parts.method == Method::CONNECT);
-    headers::strip_hop_by_hop(
-        &mut parts.headers,
-        upgrade && parts.method != Method::CONNECT,
-    );
+    let upgrade = !s.h2 && headers::is_upgrade(&parts.headers);
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     let via = if s.h2 { "2.0 baton" } else { "1.1 baton" };
     headers::add_forwarding(&mut parts.headers, s.client.ip(), orig_host, via);
     if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), orig_host) {

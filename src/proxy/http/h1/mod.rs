@@ -9,6 +9,7 @@
 //! goes back to `Head` (pipelined bytes are served next) or, with nothing buffered, returns to
 //! its idle wait in `server`.
 
+mod connect;
 mod flow;
 mod outcome;
 pub mod pool;
@@ -161,7 +162,12 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                         c.st.cbuf.advance(req.head_len);
                         c.st.head_started_ms = None;
                         if let Err(status) = begin(&ctx, &mut c.st, req) {
-                            fail(&ctx, &conn, &mut c, status, true, "request refused");
+                            let why = match status {
+                                403 => "connect target not allowed",
+                                405 => "connect not enabled on this listener",
+                                _ => "request refused",
+                            };
+                            fail(&ctx, &conn, &mut c, status, true, why);
                         }
                     }
                     Ok(None) => {
@@ -207,6 +213,11 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                     r = connect(&ctx, &mut c.st, stats.client.ip()) => r,
                 };
                 match connected {
+                    Ok(up) if c.st.ex.as_ref().is_some_and(|e| e.connect) => {
+                        c.up = Some(up);
+                        c.st.to_cl.extend_from_slice(connect::ESTABLISHED);
+                        return tunnel(ctx, conn, c, 200).await;
+                    }
                     Ok(up) => {
                         let host = (!http.preserve_host
                             || c.st.ex.as_ref().is_some_and(|e| e.host.is_none()))
@@ -234,7 +245,7 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                     return End::Gone;
                 }
                 Step::Park => return park(&ctx, conn, c),
-                Step::Tunnel => return tunnel(ctx, conn, c).await,
+                Step::Tunnel => return tunnel(ctx, conn, c, 101).await,
             },
             Phase::Flush => {
                 let stop = tokio::select! {
@@ -289,7 +300,22 @@ fn begin(ctx: &ListenerCtx, st: &mut State, req: head::Request) -> Result<(), u1
     let now = now_ms();
     if req.is_connect() {
         // CONNECT is a forward-proxy feature: refused unless the listener allows its target.
-        return Err(405);
+        let status = match ctx.cfg.http.connect.as_ref() {
+            None => Some(405),
+            // Bytes after the head are the tunnel's: a body would be read two ways.
+            Some(_) if !req.framing.is_done() => Some(400),
+            Some(p) if !p.allows(&req.target) => Some(403),
+            Some(_) => None,
+        };
+        let mut ex = exchange_of(req, String::new(), now);
+        ex.connect = true;
+        st.ex = Some(ex);
+        if let Some(s) = status {
+            return Err(s);
+        }
+        st.close_after = true;
+        st.phase = Phase::Connect;
+        return Ok(());
     }
     let host = req.host.as_deref().map(route::normalize_host);
     let path = req.target.split('?').next().unwrap_or("/");
@@ -338,6 +364,7 @@ fn exchange_of(req: head::Request, upstream: String, now: u64) -> Exchange {
         resp_bytes: 0,
         body_discard: false,
         fresh_only: false,
+        connect: false,
     }
 }
 
@@ -349,6 +376,9 @@ async fn connect(
     client_ip: std::net::IpAddr,
 ) -> Result<Upstream, (u16, &'static str)> {
     let ex = st.ex.as_mut().ok_or((500, "no request"))?;
+    if ex.connect {
+        return connect::open(ctx, ex).await;
+    }
     let Some(upstream) = ctx.upstreams.get(&ex.upstream) else {
         return Err((500, "missing upstream"));
     };

@@ -234,6 +234,7 @@ pub(super) fn fail(
     let text = match why {
         "request took longer than request_timeout" | "request timeout" => Some("request timeout\n"),
         "body timeout" => Some("request body timeout\n"),
+        "connect target not allowed" => Some("connect target not allowed\n"),
         _ => None,
     };
     c.st.to_cl
@@ -287,15 +288,20 @@ pub(super) fn log_access(ctx: &ListenerCtx, conn: &ConnHandle, st: &State, compl
     );
 }
 
-/// Joins client and upstream on the L4 relay after a 101.
-pub(super) async fn tunnel(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
+/// Joins client and upstream on the L4 relay after a 101 (or baton's 200 to a CONNECT).
+pub(super) async fn tunnel(
+    ctx: Arc<ListenerCtx>,
+    conn: ConnHandle,
+    mut c: Conn,
+    status: u16,
+) -> End {
     let Some(up) = c.up.take() else {
         close_log(&ctx, &conn, "closed");
         return End::Gone;
     };
     if let Some(ex) = c.st.ex.as_mut() {
         ex.resp = Some(state::RespState {
-            status: 101,
+            status,
             framing: Framing::Done,
             body: head::ClientBody::Pass,
             close_client: false,

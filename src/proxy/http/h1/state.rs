@@ -92,6 +92,10 @@ pub struct Exchange {
     pub body_discard: bool,
     /// The next attempt opens a new connection (a pooled one just failed).
     pub fresh_only: bool,
+    /// An allowed CONNECT: the target (`target`) is connected to and the connection becomes
+    /// a tunnel after baton's own `200`. Absent in the state of older versions.
+    #[serde(default)]
+    pub connect: bool,
 }
 
 /// The movable state of one client connection.
