@@ -443,6 +443,11 @@ impl Registry {
         lock(&self.conns).values().cloned().collect()
     }
 
+    /// How many live connections match `filter`, counted under the lock without copying.
+    pub fn count(&self, filter: impl Fn(&ConnStats) -> bool) -> usize {
+        lock(&self.conns).values().filter(|c| filter(c)).count()
+    }
+
     /// Asks the live connections that match `filter` to stop at their next safe point and
     /// park; returns their ids.
     pub fn park_where(

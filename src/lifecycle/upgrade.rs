@@ -224,30 +224,37 @@ async fn prepare(p: &Process, s: &mut Predecessor) -> Result<Vec<String>, Sessio
 /// [`crate::registry::ConnStats::parks_promptly`]) among those asked. Ends when none of them
 /// is left to wait for, bounded by `limit`.
 async fn collect_prompt(p: &mut Process, asked: &HashSet<u64>, limit: Duration) -> Vec<Parked> {
-    let mut got = Vec::new();
+    // The registry is scanned only when nothing arrived for a moment, never per connection:
+    // with thousands of connections a scan per arrival made the pause in accepting quadratic.
+    let expected = p
+        .registry
+        .count(|c| asked.contains(&c.id) && c.parks_promptly());
+    let mut got = Vec::with_capacity(expected);
     let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let waiting = p
-            .registry
-            .snapshot()
-            .into_iter()
-            .any(|c| asked.contains(&c.id) && c.parks_promptly());
-        if !waiting {
-            // Take what is already queued, then stop.
-            while let Ok(c) = p.parked_rx.try_recv() {
-                got.push(c);
-            }
-            return got;
-        }
+    while got.len() < expected {
         tokio::select! {
             Some(c) = p.parked_rx.recv() => got.push(c),
-            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                // Quiet: those not here yet may have closed instead of parking.
+                let waiting = p
+                    .registry
+                    .count(|c| asked.contains(&c.id) && c.parks_promptly())
+                    > 0;
+                if !waiting {
+                    break;
+                }
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 tracing::warn!(limit = ?limit, "some connections did not park in time; they move after the commit");
-                return got;
+                break;
             }
         }
     }
+    // Take what is already queued, then stop.
+    while let Ok(c) = p.parked_rx.try_recv() {
+        got.push(c);
+    }
+    got
 }
 
 fn count_kinds(conns: &[Parked], tunnels: &mut usize, idle: &mut usize, busy: &mut BusyHttp) {
