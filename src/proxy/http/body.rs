@@ -8,7 +8,7 @@ use super::service::ReqLog;
 use crate::upstream::ServerGuard;
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -44,7 +44,7 @@ pub enum ReqBodyError {
 
 #[derive(Debug)]
 struct ReqBodyState {
-    body: Option<Incoming>,
+    body: Option<ResBody>,
     read: u64,
     limit: Option<u64>,
     too_large: bool,
@@ -66,8 +66,8 @@ fn lock(m: &Mutex<ReqBodyState>) -> MutexGuard<'_, ReqBodyState> {
 }
 
 impl ReplayBody {
-    /// Wraps a client body, limited to `limit` bytes.
-    pub fn new(body: Incoming, limit: Option<u64>) -> ReplayBody {
+    /// Wraps a client body (an h2c stream's, or one the engine feeds), limited to `limit` bytes.
+    pub fn new(body: ResBody, limit: Option<u64>) -> ReplayBody {
         let state = ReqBodyState {
             body: Some(body),
             read: 0,
@@ -129,7 +129,7 @@ impl Body for ReplayBody {
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Ready(Some(Err(e))) => {
                 st.started = true;
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(Some(Ok(frame))) => {
                 st.started = true;

@@ -109,6 +109,18 @@ impl Framing {
         input: &[u8],
         data: Option<&mut BytesMut>,
     ) -> Result<Advance, FramingError> {
+        self.advance_with(input, data, None)
+    }
+
+    /// [`Framing::advance`] that also appends a chunked body's trailer section (its header
+    /// lines and the final empty line) to `trailers`, for a next hop that carries trailers
+    /// apart from the data (HTTP/2).
+    pub fn advance_with(
+        &mut self,
+        input: &[u8],
+        data: Option<&mut BytesMut>,
+        trailers: Option<&mut BytesMut>,
+    ) -> Result<Advance, FramingError> {
         match self {
             Framing::Done => Ok(Advance {
                 used: 0,
@@ -136,7 +148,7 @@ impl Framing {
                 })
             }
             Framing::Chunked(c) => {
-                let r = c.advance(input, data)?;
+                let r = c.advance(input, data, trailers)?;
                 if r.done {
                     *self = Framing::Done;
                 }
@@ -147,15 +159,19 @@ impl Framing {
 }
 
 impl Chunked {
-    /// See [`Framing::advance`].
+    /// See [`Framing::advance_with`].
     pub fn advance(
         &mut self,
         input: &[u8],
         mut data: Option<&mut BytesMut>,
+        mut trailers: Option<&mut BytesMut>,
     ) -> Result<Advance, FramingError> {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
+            if let (Some(t), true) = (trailers.as_deref_mut(), self.last) {
+                t.put_u8(b);
+            }
             match self.step {
                 ChunkStep::Data => {
                     let n = (self.size).min((input.len() - i) as u64) as usize;

@@ -41,6 +41,8 @@ pub struct ReqOpts<'a> {
     pub upgrades: &'a [String],
     /// Largest body accepted by `Content-Length` (413 above).
     pub max_body_bytes: Option<u64>,
+    /// This hop's `Via` entry (`1.1 baton`, or `2.0 baton` for an h2c client's request).
+    pub via: &'static str,
 }
 
 /// A parsed and rewritten request head.
@@ -444,7 +446,9 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
         rest.extend_from_slice(h);
         rest.extend_from_slice(b"\r\n");
     }
-    rest.extend_from_slice(b"via: 1.1 baton\r\n");
+    rest.extend_from_slice(b"via: ");
+    rest.extend_from_slice(o.via.as_bytes());
+    rest.extend_from_slice(b"\r\n");
     let trace = match traceparent_ok {
         Some(t) => t,
         None => {
@@ -501,6 +505,8 @@ pub struct RespOpts {
     pub keep_alive: bool,
     /// The request asked for an upgrade.
     pub upgrade: bool,
+    /// This hop's `Via` entry (`1.1 baton`, or `2.0 baton` toward an h2c client).
+    pub via: &'static str,
 }
 
 /// A parsed and rewritten response head.
@@ -696,7 +702,9 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
     } else if o.client_http10 && !interim {
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
-    out.extend_from_slice(b"via: 1.1 baton\r\n\r\n");
+    out.extend_from_slice(b"via: ");
+    out.extend_from_slice(o.via.as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
     Ok(Some(Response {
         status,
         head_len,
@@ -706,6 +714,20 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
         reusable,
         out,
     }))
+}
+
+/// A request head as the upstream gets it: the rewritten request line, `Host` (if any), the
+/// rewritten header lines.
+pub fn assemble(line: &[u8], host: Option<&str>, rest: &[u8]) -> bytes::BytesMut {
+    let mut out = bytes::BytesMut::with_capacity(line.len() + rest.len() + 64);
+    out.extend_from_slice(line);
+    if let Some(h) = host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(rest);
+    out
 }
 
 /// A complete response baton writes itself (errors): a short text body, and `connection:

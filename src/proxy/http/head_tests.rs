@@ -20,6 +20,7 @@ fn parse(buf: &[u8]) -> Result<Option<Request>, HeadError> {
             max_uri_bytes: 1024,
             upgrades: &upgrades,
             max_body_bytes: None,
+            via: "1.1 baton",
         },
     )
 }

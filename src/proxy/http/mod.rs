@@ -10,6 +10,7 @@
 //! (streaming wrappers), `errors` (status codes), `io` (socket with a read-ahead prefix).
 
 mod body;
+mod bridge;
 mod errors;
 mod forward;
 mod framing;
@@ -25,6 +26,7 @@ mod route;
 mod server;
 mod service;
 mod shared;
+mod to_h1;
 
 use super::ListenerCtx;
 use crate::registry::{now_ms, ConnKind, HttpState, IdleHttpState};

@@ -69,7 +69,7 @@ pub async fn serve(
             // its own bookkeeping in every idle connection's task as well.
             let keepalive_due = idle_since + ctx.cfg.http.keepalive_timeout;
             let release_due = idle_since + IDLE_RELEASE;
-            let first_due = if released || head_started.is_some() || ctx.http1_on_hyper() {
+            let first_due = if released || head_started.is_some() {
                 keepalive_due
             } else {
                 keepalive_due.min(release_due)
@@ -166,7 +166,7 @@ pub async fn serve(
                 }
             }
         };
-        if !h2 && !ctx.http1_on_hyper() {
+        if !h2 {
             // baton's own engine; boxed, so an idle connection's task stays small.
             let c = h1::Conn {
                 client: stream,

@@ -274,6 +274,13 @@ async fn proxy(
             "CONNECT on a listener that reaches an h2c upstream"
         }));
     }
+    if s.h2 && upstream.config().http.protocol == crate::config::UpstreamProtocol::Http1 {
+        // HTTP/1.1 upstreams are the engine's: its head rules, its raw pool.
+        let (resp, addr, release) =
+            super::to_h1::send(&s.ctx, upstream, s.client, parts, body, deadline).await?;
+        *server = Some(addr);
+        return Ok((resp, release));
+    }
     let upgrade = !s.h2 && headers::is_upgrade(&parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     let via = if s.h2 { "2.0 baton" } else { "1.1 baton" };
@@ -293,7 +300,10 @@ async fn proxy(
         preserve_host: cfg.http.preserve_host,
         deadline,
     };
-    let body = ReplayBody::new(body, cfg.http.max_body_bytes);
+    let body = ReplayBody::new(
+        body.map_err(Into::into).boxed_unsync(),
+        cfg.http.max_body_bytes,
+    );
     if upgrade {
         let (resp, addr, tunnel) = forward::upgrade(&target, head, body).await?;
         *server = Some(addr);

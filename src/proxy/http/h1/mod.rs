@@ -11,6 +11,7 @@
 
 mod connect;
 mod flow;
+mod h2up;
 mod outcome;
 pub mod pool;
 pub mod state;
@@ -156,6 +157,7 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                     max_uri_bytes: http.max_uri_bytes,
                     upgrades: &http.upgrade_protocols,
                     max_body_bytes: http.max_body_bytes,
+                    via: "1.1 baton",
                 };
                 match head::parse_request(&c.st.cbuf, &opts) {
                     Ok(Some(req)) => {
@@ -198,6 +200,15 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                         c.st.close_after = true;
                         c.st.phase = Phase::Flush;
                     }
+                }
+            }
+            Phase::Connect if h2c_upstream(&ctx, &c.st) => {
+                match h2up::exchange(&ctx, &conn, &mut c).await {
+                    Step::Close(reason) => {
+                        close_log(&ctx, &conn, reason);
+                        return End::Gone;
+                    }
+                    _ => continue,
                 }
             }
             Phase::Connect => {
@@ -281,18 +292,20 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
     }
 }
 
+/// Whether the request in flight goes to an h2c upstream (see `h2up`).
+fn h2c_upstream(ctx: &ListenerCtx, st: &State) -> bool {
+    st.ex.as_ref().is_some_and(|ex| {
+        !ex.connect
+            && ctx
+                .upstreams
+                .get(&ex.upstream)
+                .is_some_and(|u| u.config().http.protocol == crate::config::UpstreamProtocol::H2c)
+    })
+}
+
 /// The head of one attempt: request line, Host, the rest.
 fn head_of(ex: &Exchange, host: Option<&str>) -> BytesMut {
-    let host = host.or(ex.host.as_deref());
-    let mut out = BytesMut::with_capacity(ex.line.len() + ex.rest.len() + 64);
-    out.extend_from_slice(&ex.line);
-    if let Some(h) = host {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(h.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(&ex.rest);
-    out
+    head::assemble(&ex.line, host.or(ex.host.as_deref()), &ex.rest)
 }
 
 /// Routes a parsed request and sets up its exchange; `Err(status)` refuses it.
@@ -521,6 +534,7 @@ async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut Conn) -> St
                 client_http10: ex.http10,
                 keep_alive: ex.keep_alive && !c.st.close_after && !draining,
                 upgrade: ex.upgrade,
+                via: "1.1 baton",
             },
         };
         let deadline = next_deadline(ctx, ex);
