@@ -5,12 +5,12 @@
 # X ms, Y ms" (pause, whole upgrade) per round and the clients' verdict (every idle connection
 # must still answer afterwards). Everything started is stopped by pid on exit.
 #
-#   scripts/bench/accept-pause.sh [N=5000] [ROUNDS=3]     BENCH_NO_BUILD=1 uses target/release as is
+#   scripts/bench/accept-pause.sh [N=5000] [ROUNDS=3]     BENCH_NO_BUILD=1 uses target/release as is; BATON_BIN=PATH runs that binary
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 N=${1:-5000}
 ROUNDS=${2:-3}
-BIN=$ROOT/target/release/baton
+BIN=${BATON_BIN:-$ROOT/target/release/baton}
 BACKEND=$ROOT/target/release/examples/backend
 [[ -n ${BENCH_NO_BUILD:-} ]] || cargo build --release --locked --bin baton --example backend >&2
 WORK=$(mktemp -d /tmp/baton-pause.XXXXXX)
