@@ -13,6 +13,8 @@
 //! - `session`: [`Session`]: whole records, alerts, KeyUpdate, record limits, serde.
 //! - `keylog`: [`KeyLogCapture`] and [`client_random`].
 //! - `extract`: [`Session::from_rustls`].
+//! - `stream`: [`TlsStream`] (socket + session + buffers, AsyncRead/AsyncWrite) and
+//!   [`ParkedTls`], its plain-data form.
 //! - [`ktls`]: the kernel TLS probe and which record layer is in force.
 
 mod error;
@@ -22,12 +24,14 @@ pub mod keys;
 pub mod ktls;
 mod protect;
 mod session;
+mod stream;
 
 pub use error::{AlertDescription, RecordError};
 pub use keylog::{client_random, ClientRandom, KeyLogCapture, TrafficSecrets};
 pub use keys::Aead;
 pub use protect::{HEADER_LEN, MAX_FRAGMENT};
 pub use session::{Limits, Opened, Session, Version};
+pub use stream::{ParkError, ParkedTls, TlsStream};
 
 #[cfg(test)]
 mod tests;

@@ -17,6 +17,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 /// A client and a server config for one suite, and the server's key log.
+#[derive(Clone)]
 pub struct Configs {
     pub client: Arc<ClientConfig>,
     pub server: Arc<ServerConfig>,

@@ -3,6 +3,7 @@
 mod garbage;
 mod interop;
 mod rfc8448;
+mod stream;
 
 use super::keys::{Aead, DirState, Secret};
 use super::{Session, Version};
