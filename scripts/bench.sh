@@ -3,6 +3,9 @@
 #
 #   scripts/bench.sh            throughput: interleaved wrk rounds, Markdown tables on stdout
 #   scripts/bench.sh memory     RSS idle, with many idle client connections, with active tunnels
+#   scripts/bench.sh tls        HTTPS throughput: the same wrk rounds over TLS 1.3 (AES-128-GCM, one
+#                               ECDSA P-256 certificate for every proxy; "close" = a new TLS
+#                               connection per request)
 #
 # Installs wrk, haproxy, nginx (+ its stream module) from Debian if missing, builds baton in
 # release mode, starts a fast nginx backend (`return 200 "ok\n"`, keep-alive) on 127.0.0.1 from
@@ -15,8 +18,9 @@
 #   BENCH_ROUNDS=3       interleaved rounds (A B C … A B C …); medians are reported
 #   BENCH_CONNS=64       wrk connections
 #   BENCH_TARGETS="direct baton-tcp baton-http haproxy-tcp haproxy-http nginx-stream nginx-http"
+#                        (tls mode: "baton-https haproxy-https nginx-https")
 #   BENCH_CASES="keepalive close"
-#   BENCH_PORT_BASE=18400  ports BASE..BASE+6 on 127.0.0.1 must be free
+#   BENCH_PORT_BASE=18400  ports BASE..BASE+6 (tls mode: BASE..BASE+9) on 127.0.0.1 must be free
 #   BENCH_RAW=FILE       also keep the raw per-run lines in FILE
 #   BENCH_NO_BUILD=1     use target/release/baton as it is
 #   BENCH_KEEP=1         keep the temporary folder (configs, logs)
@@ -35,7 +39,11 @@ MODE="${1:-throughput}"
 SECS="${BENCH_SECONDS:-8}"
 ROUNDS="${BENCH_ROUNDS:-3}"
 CONNS="${BENCH_CONNS:-64}"
-TARGETS="${BENCH_TARGETS:-direct baton-tcp baton-http haproxy-tcp haproxy-http nginx-stream nginx-http}"
+if [[ "${1:-}" == tls ]]; then
+    TARGETS="${BENCH_TARGETS:-baton-https haproxy-https nginx-https}"
+else
+    TARGETS="${BENCH_TARGETS:-direct baton-tcp baton-http haproxy-tcp haproxy-http nginx-stream nginx-http}"
+fi
 CASES="${BENCH_CASES:-keepalive close}"
 BASE="${BENCH_PORT_BASE:-18400}"
 PCPU="${BENCH_PROXY_CPU:-0}"
@@ -45,14 +53,15 @@ P_BACKEND=$BASE
 P_BATON_TCP=$((BASE + 1)) P_BATON_HTTP=$((BASE + 2))
 P_HAPROXY_TCP=$((BASE + 3)) P_HAPROXY_HTTP=$((BASE + 4))
 P_NGINX_TCP=$((BASE + 5)) P_NGINX_HTTP=$((BASE + 6))
+P_BATON_HTTPS=$((BASE + 7)) P_HAPROXY_HTTPS=$((BASE + 8)) P_NGINX_HTTPS=$((BASE + 9))
 
 case "$MODE" in
-throughput | memory) ;;
+throughput | memory | tls) ;;
 -h | --help | help)
     sed -n '2,/^set -uo/p' "$0" | sed 's/^# \{0,1\}//; /^set -uo/d'
     exit 0
     ;;
-*) die "unknown mode '$MODE' (expected: throughput or memory)" ;;
+*) die "unknown mode '$MODE' (expected: throughput, memory or tls)" ;;
 esac
 [[ "$SECS" =~ ^[0-9]+$ && "$SECS" -ge 1 ]] || die "BENCH_SECONDS must be a whole number ≥ 1"
 [[ "$ROUNDS" =~ ^[0-9]+$ && "$ROUNDS" -ge 1 ]] || die "BENCH_ROUNDS must be a whole number ≥ 1"
@@ -61,6 +70,11 @@ esac
 bench_start
 require_free_ports "$P_BACKEND" "$P_BATON_TCP" "$P_BATON_HTTP" "$P_HAPROXY_TCP" "$P_HAPROXY_HTTP" \
     "$P_NGINX_TCP" "$P_NGINX_HTTP"
+if [[ "$MODE" == tls ]]; then
+    require_free_ports "$P_BATON_HTTPS" "$P_HAPROXY_HTTPS" "$P_NGINX_HTTPS"
+    make_cert
+    TLS_PORT_BATON=$P_BATON_HTTPS TLS_PORT_HAPROXY=$P_HAPROXY_HTTPS TLS_PORT_NGINX=$P_NGINX_HTTPS
+fi
 
 # target -> "port pid-variable"
 target_port() {
@@ -72,6 +86,9 @@ target_port() {
     haproxy-http) echo "$P_HAPROXY_HTTP" ;;
     nginx-stream) echo "$P_NGINX_TCP" ;;
     nginx-http) echo "$P_NGINX_HTTP" ;;
+    baton-https) echo "$P_BATON_HTTPS" ;;
+    haproxy-https) echo "$P_HAPROXY_HTTPS" ;;
+    nginx-https) echo "$P_NGINX_HTTPS" ;;
     *) die "unknown target '$1'" ;;
     esac
 }
@@ -84,6 +101,16 @@ target_pid() {
     esac
 }
 
+# The URL wrk loads for a target; over TLS, wrk's OpenSSL is held to TLS 1.3 and AES-128-GCM
+# by $WORK/tls/client.cnf (OPENSSL_CONF), so every proxy negotiates the same suite.
+target_url() {
+    case "$1" in
+    *-https) echo "https://127.0.0.1:$(target_port "$1")/" ;;
+    *) echo "http://127.0.0.1:$(target_port "$1")/" ;;
+    esac
+}
+wrk_env() { [[ "$MODE" == tls ]] && echo "OPENSSL_CONF=$WORK/tls/client.cnf"; }
+
 versions() {
     echo "- baton: $("$BATON" --version 2>&1 | head -1) ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')), $(rustc -V 2>/dev/null)"
     echo "- $(haproxy -v 2>&1 | head -1)"
@@ -94,14 +121,13 @@ versions() {
 
 # One wrk run; appends a key=value line to $RAW.
 run_one() {
-    local round=$1 case=$2 target=$3 port pid before after out line hdr=()
-    port=$(target_port "$target")
+    local round=$1 case=$2 target=$3 pid before after out line hdr=()
     pid=$(target_pid "$target")
     [[ "$case" == close ]] && hdr=(-H 'Connection: close')
     [[ -z "$pid" || -d /proc/$pid ]] || die "$target: its process $pid is gone (logs in $WORK)"
     before=$([[ -n "$pid" ]] && cpu_ticks "$pid" || echo 0)
-    out=$(timeout $((SECS + 30)) taskset -c "$LCPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency \
-        -s "$BENCH_DIR/summary.lua" "${hdr[@]}" "http://127.0.0.1:$port/" 2>&1)
+    out=$(env $(wrk_env) timeout $((SECS + 30)) taskset -c "$LCPU" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency \
+        -s "$BENCH_DIR/summary.lua" "${hdr[@]}" "$(target_url "$target")" 2>&1)
     after=$([[ -n "$pid" ]] && cpu_ticks "$pid" || echo 0)
     line=$(grep '^BENCH ' <<<"$out" | head -1)
     if [[ -z "$line" ]]; then
@@ -129,7 +155,7 @@ throughput() {
     load_before=$(load_avg)
     # Warm-up (not recorded): fills connection pools and page caches.
     for t in $TARGETS; do
-        timeout 30 taskset -c "$LCPU" wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$(target_port "$t")/" >/dev/null 2>&1
+        env $(wrk_env) timeout 30 taskset -c "$LCPU" wrk -t1 -c"$CONNS" -d1s "$(target_url "$t")" >/dev/null 2>&1
     done
     local round case
     for ((round = 1; round <= ROUNDS; round++)); do
@@ -250,4 +276,7 @@ memory() {
     cat "$WORK/mem_rows"
 }
 
-"$MODE"
+case "$MODE" in
+tls) throughput ;;
+*) "$MODE" ;;
+esac

@@ -217,6 +217,7 @@ listeners:
     backlog: 4096
     http:
       keepalive_timeout: 600s
+$(tls_listener_baton)
 upstreams:
   backend:
     servers: [127.0.0.1:$bport]
@@ -235,6 +236,7 @@ EOF
     track "$BATON_PID"
     wait_http "$hport" "baton http"
     wait_http "$tport" "baton tcp"
+    [[ -z "${TLS_PORT_BATON:-}" ]] || wait_https "$TLS_PORT_BATON" "baton https"
 }
 
 start_haproxy() {
@@ -271,6 +273,7 @@ backend bk_http
     mode http
     http-reuse always
     server s1 127.0.0.1:$bport
+$(tls_frontend_haproxy)
 EOF
     haproxy -c -q -f "$d/haproxy.cfg" >&2 || die "haproxy config check failed"
     # shellcheck disable=SC2086
@@ -279,6 +282,7 @@ EOF
     track "$HAPROXY_PID"
     wait_http "$hport" "haproxy http"
     wait_http "$tport" "haproxy tcp"
+    [[ -z "${TLS_PORT_HAPROXY:-}" ]] || wait_https "$TLS_PORT_HAPROXY" "haproxy https"
 }
 
 start_nginx() {
@@ -325,6 +329,7 @@ http {
             proxy_max_temp_file_size 0;
         }
     }
+$(tls_server_nginx)
 }
 EOF
     nginx -t -q -p "$d" -c "$d/nginx.conf" >&2 || die "nginx config test failed"
@@ -334,6 +339,89 @@ EOF
     track "$NGINX_PID"
     wait_http "$hport" "nginx http"
     wait_http "$tport" "nginx stream"
+    [[ -z "${TLS_PORT_NGINX:-}" ]] || wait_https "$TLS_PORT_NGINX" "nginx https"
+}
+
+# --- TLS (scripts/bench.sh tls): one ECDSA P-256 certificate for every proxy, TLS 1.3 only,
+# AES-128-GCM. Each proxy gets an extra HTTPS listener when TLS_PORT_<PROXY> is set. ---
+
+# make_cert: $WORK/tls/cert.pem + key.pem (localhost, 127.0.0.1), and $WORK/tls/client.cnf, an
+# OpenSSL config that makes wrk (system OpenSSL) offer TLS 1.3 with AES-128-GCM only.
+make_cert() {
+    mkdir -p "$WORK/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -keyout "$WORK/tls/key.pem" -out "$WORK/tls/cert.pem" 2>/dev/null || die "openssl req failed"
+    cat >"$WORK/tls/client.cnf" <<EOF
+openssl_conf = conf
+[conf]
+ssl_conf = ssl
+[ssl]
+system_default = sys
+[sys]
+MinProtocol = TLSv1.3
+Ciphersuites = TLS_AES_128_GCM_SHA256
+EOF
+}
+
+tls_listener_baton() {
+    [[ -n "${TLS_PORT_BATON:-}" ]] || return 0
+    cat <<EOF
+  web_tls:
+    listen: 127.0.0.1:$TLS_PORT_BATON
+    protocol: http
+    upstream: backend
+    max_connections: 4096
+    backlog: 4096
+    http:
+      keepalive_timeout: 600s
+    tls:
+      certificates:
+        - { cert: $WORK/tls/cert.pem, key: $WORK/tls/key.pem }
+      min_version: "1.3"
+EOF
+}
+
+tls_frontend_haproxy() {
+    [[ -n "${TLS_PORT_HAPROXY:-}" ]] || return 0
+    cat "$WORK/tls/cert.pem" "$WORK/tls/key.pem" >"$WORK/tls/haproxy.pem"
+    cat <<EOF
+frontend ft_https
+    mode http
+    bind 127.0.0.1:$TLS_PORT_HAPROXY ssl crt $WORK/tls/haproxy.pem ssl-min-ver TLSv1.3 ciphersuites TLS_AES_128_GCM_SHA256
+    option forwardfor
+    default_backend bk_http
+EOF
+}
+
+tls_server_nginx() {
+    [[ -n "${TLS_PORT_NGINX:-}" ]] || return 0
+    cat <<EOF
+    server {
+        listen 127.0.0.1:$TLS_PORT_NGINX ssl backlog=4096;
+        ssl_certificate $WORK/tls/cert.pem;
+        ssl_certificate_key $WORK/tls/key.pem;
+        ssl_protocols TLSv1.3;
+        ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;
+        location / {
+            proxy_pass http://bh;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto https;
+        }
+    }
+EOF
+}
+
+# Waits (bounded) until https://127.0.0.1:$1 answers 200 (certificate not verified).
+wait_https() {
+    local port=$1 what=$2 i
+    for ((i = 0; i < 300; i++)); do
+        if curl -kfs -o /dev/null --max-time 1 "https://127.0.0.1:$port/"; then return 0; fi
+        sleep 0.1
+    done
+    die "$what on port $port did not answer over TLS within 30 s (logs in $WORK)"
 }
 
 # Checks that every port named is free, so we never talk to someone else's server.
