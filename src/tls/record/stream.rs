@@ -3,11 +3,13 @@
 //! yet taken — parks into plain data ([`ParkedTls`]) whenever no record is half written, and
 //! resumes in another process exactly where it stopped.
 //!
-//! Writes are sealed into an output buffer and sent as the socket takes them, so, as with
-//! tokio's `BufWriter`, a caller that has nothing more to write must `poll_flush` before it
-//! waits for anything else (the last records may still be in the buffer otherwise). A read
-//! also sends what is waiting: KeyUpdate answers go out even on a connection that only reads.
-
+//! Writes are acknowledged only once their ciphertext is on the socket: `poll_write` seals the
+//! bytes on its first call and answers `Ready(n)` when the records are written, `Pending` until
+//! then, so a caller that retries a `Pending` write with the same bytes (the HTTP engine and the
+//! relay do) never leaves records stranded in our buffer while it waits on something else. A
+//! caller that stops retrying (to park) settles first: [`TlsStream::poll_settle`] finishes the
+//! write and says how many of its bytes went out. A read also sends what is waiting: KeyUpdate
+//! answers go out even on a connection that only reads.
 use super::{AlertDescription, Opened, RecordError, Session, MAX_FRAGMENT};
 use bytes::{Buf, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -55,6 +57,8 @@ pub struct TlsStream {
     plain: BytesMut,
     /// Ciphertext sealed, not yet written to the socket.
     wbuf: BytesMut,
+    /// Bytes of the current `poll_write` sealed but not yet acknowledged.
+    unacked: usize,
     /// The socket reached EOF.
     eof: bool,
     /// A fatal record error happened: the session is over (its alert is in `wbuf`).
@@ -77,6 +81,7 @@ impl TlsStream {
             rbuf: BytesMut::from(&cipher[..]),
             plain: BytesMut::from(&plain[..]),
             wbuf: BytesMut::new(),
+            unacked: 0,
             eof: false,
             failed: false,
         }
@@ -208,19 +213,70 @@ impl TlsStream {
         }
     }
 
-    /// Seals up to 64 KiB of `data` (after any waiting records are sent) and returns how much
-    /// it took. The records go out as the socket takes them: see [`TlsStream::poll_flush`].
+    /// Seals up to 64 KiB of `data` and answers how much once its records are on the socket
+    /// (retry a `Pending` with the same bytes: they are already sealed).
     pub fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         if self.failed {
             return Poll::Ready(Err(io::Error::other("tls session failed")));
         }
+        if self.unacked == 0 {
+            // Earlier records first, so the buffer holds at most one write's records.
+            ready!(self.poll_send(cx))?;
+            if data.is_empty() {
+                return Poll::Ready(Ok(0));
+            }
+            let n = data.len().min(WRITE_CHUNK);
+            self.session
+                .seal(&data[..n], &mut self.wbuf)
+                .map_err(invalid)?;
+            self.unacked = n;
+        }
         ready!(self.poll_send(cx))?;
-        let n = data.len().min(WRITE_CHUNK);
-        self.session
-            .seal(&data[..n], &mut self.wbuf)
-            .map_err(invalid)?;
-        self.send_now(cx)?;
-        Poll::Ready(Ok(n))
+        Poll::Ready(Ok(std::mem::take(&mut self.unacked)))
+    }
+
+    /// Finishes the current write without being given its bytes again: Ready with how many
+    /// bytes of it are now on the socket (0 if none was pending). A caller about to park calls
+    /// this and counts those bytes as written.
+    pub fn poll_settle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        ready!(self.poll_send(cx))?;
+        Poll::Ready(Ok(std::mem::take(&mut self.unacked)))
+    }
+
+    /// Seals `b` and writes what the socket takes now, without waiting (a best-effort error
+    /// response); the rest goes out with the next write, flush or read.
+    pub fn try_write(&mut self, b: &[u8]) -> io::Result<()> {
+        if self.failed {
+            return Err(io::Error::other("tls session failed"));
+        }
+        self.session.seal(b, &mut self.wbuf).map_err(invalid)?;
+        while !self.wbuf.is_empty() {
+            match self.io.try_write(&self.wbuf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.wbuf.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ready when a read may make progress without waiting on the socket (plaintext or a
+    /// whole record buffered, the end reached), else when the socket is readable.
+    pub fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let whole = matches!(
+            super::protect::complete(self.session.version(), &self.rbuf),
+            Ok(Some(_)) | Err(_)
+        );
+        if !self.plain.is_empty()
+            || whole
+            || self.eof
+            || self.failed
+            || self.session.received_close()
+        {
+            return Poll::Ready(Ok(()));
+        }
+        self.io.poll_read_ready(cx)
     }
 
     /// Writes every sealed record to the socket.
@@ -237,13 +293,15 @@ impl TlsStream {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 
-    /// Whether [`TlsStream::park`] would succeed now: no record half written or waiting.
+    /// Whether [`TlsStream::park`] would succeed now: no record half written or waiting, no
+    /// write unsettled.
     pub fn can_park(&self) -> bool {
-        !self.wants_write() && !self.failed
+        !self.wants_write() && self.unacked == 0 && !self.failed
     }
 
     /// Stops the stream as plain data and the socket, if no record is half written or
-    /// waiting (`poll_flush` first); otherwise gives the stream back. Nothing is written on
+    /// waiting and no write unsettled ([`TlsStream::poll_settle`] first); otherwise gives the
+    /// stream back. Nothing is written on
     /// the socket by parking, not even close_notify: whoever resumes it owns the session.
     pub fn park(self) -> Result<(std::net::TcpStream, ParkedTls), ParkError> {
         if !self.can_park() {
@@ -279,6 +337,7 @@ impl TlsStream {
             rbuf: BytesMut::from(&p.partial[..]),
             plain: BytesMut::from(&p.plain[..]),
             wbuf: BytesMut::new(),
+            unacked: 0,
             eof: p.eof,
             failed: false,
         })

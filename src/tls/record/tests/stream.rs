@@ -283,14 +283,19 @@ async fn park_is_refused_while_records_wait_and_nothing_is_written_by_it() {
         _ => panic!("parked with records waiting"),
     };
     stalled.send(()).expect("signal");
-    // Once flushed (the client reads), it parks; parking itself writes nothing.
+    // Once settled (the client reads), it parks; parking itself writes nothing.
     let mut s = s;
-    let flushing = tokio::spawn(async move {
-        s.flush().await.expect("flush");
-        s
+    let settling = tokio::spawn(async move {
+        let settled = poll_fn(|cx| s.poll_settle(cx)).await.expect("settle");
+        (s, settled)
     });
     read_now.send(()).expect("signal");
-    let s = flushing.await.expect("join");
+    let (s, settled) = settling.await.expect("join");
+    assert!(
+        settled > 0,
+        "the write that pushed back was sealed, and went out"
+    );
+    written += settled;
     let mut s = park_and_resume(s);
     s.shutdown().await.expect("close");
     let got = tokio::task::spawn_blocking(move || client.join().expect("client"))
