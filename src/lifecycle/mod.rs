@@ -2,6 +2,8 @@
 //! serve, and end either by a graceful stop or by handing everything to a successor.
 //! The phases are an explicit enum, logged at each transition.
 
+mod history;
+mod listeners;
 mod process;
 mod successor;
 mod triggers;

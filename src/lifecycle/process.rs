@@ -1,6 +1,8 @@
 //! The running process: its listeners, connections and counters, and the main loop that
 //! waits for triggers.
 
+use super::history::History;
+use super::listeners::Listeners;
 use super::successor::TakeOverEvent;
 use super::triggers::{Trigger, Triggers};
 use super::{io_err, remove_pid_file, write_pid_file, LifecycleError, Phase, RunOptions};
@@ -12,36 +14,10 @@ use crate::registry::{ConnKind, Parked, ParkedRx, Registry};
 use crate::upstream::{self, Upstreams};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-/// A listener being served.
-pub(super) struct Slot {
-    pub ctx: Arc<ListenerCtx>,
-    /// A duplicate of the listening socket, sent to a successor while the accept task keeps
-    /// serving from the original.
-    pub fd: OwnedFd,
-    pub stop: CancellationToken,
-    pub task: Option<JoinHandle<TcpListener>>,
-    /// The socket while accepting is paused (during a handover), kept to resume on rollback.
-    pub paused: Option<TcpListener>,
-}
-
-/// How many upgrade records status keeps (and passes on to a successor).
-pub(super) const HISTORY_LEN: usize = 20;
-
-/// One past upgrade, for status.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub(super) struct UpgradeRecord {
-    pub at_ms: u64,
-    pub ok: bool,
-    pub summary: String,
-}
 
 /// The running process's state.
 pub(super) struct Process {
@@ -51,13 +27,13 @@ pub(super) struct Process {
     pub parked_rx: ParkedRx,
     pub metrics: Arc<Metrics>,
     pub upstreams: Upstreams,
-    pub slots: BTreeMap<String, Slot>,
+    pub listeners: Listeners,
     /// Cancelled at exit: stops health checks and the control socket.
     pub shutdown: CancellationToken,
     pub phase: Phase,
     pub started: Instant,
     pub started_ms: u64,
-    pub history: Vec<UpgradeRecord>,
+    pub history: History,
     /// Device and inode of the control socket this process bound, so it removes the path at
     /// exit only if no successor has bound its own there since.
     pub control_inode: Option<(u64, u64)>,
@@ -117,74 +93,13 @@ impl Process {
             self.registry.clone(),
             self.metrics.clone(),
         );
-        let fd = OwnedFd::from(l.try_clone().map_err(io_err(format!("listener {name}")))?);
-        let listener = crate::listener::to_tokio(l).map_err(io_err(format!("listener {name}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(io_err(format!("listener {name}")))?;
-        let stop = CancellationToken::new();
-        let (task, paused) = if accept {
-            (
-                Some(tokio::spawn(proxy::serve(
-                    listener,
-                    ctx.clone(),
-                    stop.clone(),
-                ))),
-                None,
-            )
-        } else {
-            (None, Some(listener))
-        };
-        tracing::info!(listener = name, addr = %addr, protocol = %lcfg.protocol, "listening");
-        self.slots.insert(
-            name.to_string(),
-            Slot {
-                ctx,
-                fd,
-                stop,
-                task,
-                paused,
-            },
-        );
-        Ok(())
-    }
-
-    /// Stops accepting on every listener but keeps the sockets open (they may be needed again
-    /// if a successor fails).
-    pub async fn pause_listeners(&mut self) {
-        for slot in self.slots.values_mut() {
-            slot.stop.cancel();
-            if let Some(task) = slot.task.take() {
-                slot.paused = task.await.ok();
-            }
-        }
-    }
-
-    /// Resumes accepting on paused listeners (rollback).
-    pub fn resume_listeners(&mut self) {
-        for (name, slot) in self.slots.iter_mut() {
-            if let Some(l) = slot.paused.take() {
-                slot.stop = CancellationToken::new();
-                slot.task = Some(tokio::spawn(proxy::serve(
-                    l,
-                    slot.ctx.clone(),
-                    slot.stop.clone(),
-                )));
-                tracing::info!(listener = %name, "accepting again");
-            }
-        }
-    }
-
-    /// Stops accepting and closes every listener (the duplicate fds kept for a handover too).
-    pub async fn close_listeners(&mut self) {
-        self.pause_listeners().await;
-        self.slots.clear();
+        self.listeners.add(name, ctx, l, accept)
     }
 
     /// Serves a parked connection in this process again.
     pub async fn resume_parked(&self, parked: Parked) {
-        match self.slots.get(&parked.meta().listener) {
-            Some(slot) => proxy::resume(slot.ctx.clone(), parked).await,
+        match self.listeners.ctx(&parked.meta().listener) {
+            Some(ctx) => proxy::resume(ctx.clone(), parked).await,
             None => {
                 tracing::warn!(listener = %parked.meta().listener, client = %parked.meta().client,
                 "parked connection for an unknown listener; closing it")
@@ -255,17 +170,6 @@ impl Process {
         self.go_live()
     }
 
-    /// Adds an upgrade record to the history status shows (and passes on).
-    pub fn record(&mut self, ok: bool, summary: &str) {
-        self.history.push(UpgradeRecord {
-            at_ms: crate::registry::now_ms(),
-            ok,
-            summary: summary.to_string(),
-        });
-        let keep = self.history.len().saturating_sub(HISTORY_LEN);
-        self.history.drain(..keep);
-    }
-
     /// Status for `baton status` and the admin API.
     pub fn status(&self) -> serde_json::Value {
         let conns = self.registry.snapshot();
@@ -284,12 +188,7 @@ impl Process {
             .listeners
             .iter()
             .map(|(n, l)| {
-                let addr = self
-                    .slots
-                    .get(n)
-                    .and_then(|s| rustix::net::getsockname(&s.fd).ok())
-                    .and_then(|a| std::net::SocketAddr::try_from(a).ok())
-                    .unwrap_or(l.listen);
+                let addr = self.listeners.local_addr(n).unwrap_or(l.listen);
                 (n, crate::admin::status::listener_json(l, addr))
             })
             .collect();
@@ -319,7 +218,7 @@ impl Process {
     /// each connection is in exactly one of the two.
     pub async fn drain_and_stop(&mut self, fast: bool) -> (usize, usize) {
         self.set_phase(Phase::Draining);
-        self.close_listeners().await;
+        self.listeners.close().await;
         // Counted before the drain signal: an idle connection closes at once on it.
         let live = self.registry.len();
         self.registry.drain_all();
@@ -410,12 +309,12 @@ impl Process {
             parked_rx,
             metrics: Arc::new(Metrics::new(&cfg, opts.generation)),
             upstreams: upstream::build(&cfg),
-            slots: BTreeMap::new(),
+            listeners: Listeners::default(),
             shutdown: CancellationToken::new(),
             phase: Phase::Starting,
             started: Instant::now(),
             started_ms: crate::registry::now_ms(),
-            history: Vec::new(),
+            history: History::default(),
             control_tasks: tokio_util::task::TaskTracker::new(),
             control_inode: None,
             control_tx,
@@ -472,7 +371,7 @@ impl Process {
                 ev = async { match takeover.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {
                     match ev {
                         Some(TakeOverEvent::Committed(live)) => {
-                            self.resume_listeners();
+                            self.listeners.resume();
                             super::worker::live(worker_link);
                             if let Err(e) = self.go_live() {
                                 tracing::error!(error = %e, "cannot take the control socket or pid file");
@@ -486,7 +385,7 @@ impl Process {
                         }
                         Some(TakeOverEvent::Failed(why)) => {
                             tracing::error!(reason = %why, "take-over failed; exiting");
-                            self.close_listeners().await;
+                            self.listeners.close().await;
                             return Err(LifecycleError::TakeOver(why));
                         }
                         None => *takeover = None,

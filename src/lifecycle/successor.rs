@@ -5,7 +5,8 @@
 //! here. Every step before the commit has a deadline (`upgrade_timeout`): a predecessor that
 //! goes silent makes this process exit non-zero, never hang with its listeners unserved.
 
-use super::process::{Process, UpgradeRecord};
+use super::history::UpgradeRecord;
+use super::process::Process;
 use super::{LifecycleError, Phase};
 use crate::handover::session::{Cause, Deadline, Incoming, SessionError, Stage, Successor};
 use crate::handover::{self, Channel, HandoverError, Message};
@@ -120,11 +121,7 @@ pub(super) async fn take_over(
 impl TakeOver {
     /// Reports ready and receives connections in the background, reporting progress.
     pub(super) fn finish(self, p: &mut Process) -> mpsc::Receiver<TakeOverEvent> {
-        let ctxs: BTreeMap<String, Arc<ListenerCtx>> = p
-            .slots
-            .iter()
-            .map(|(n, s)| (n.clone(), s.ctx.clone()))
-            .collect();
+        let ctxs: BTreeMap<String, Arc<ListenerCtx>> = p.listeners.contexts();
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
             let ev = match receive(self, ctxs, &tx).await {
@@ -266,20 +263,18 @@ pub(super) fn taken_over(p: &mut Process, done: TakeOverDone) {
             p.metrics.absorb(&counters);
             tracing::info!(predecessor = pred, connections = total, "upgrade complete");
             // The predecessor's history ends with this upgrade's own record.
-            let mut carried: Vec<UpgradeRecord> = history
+            let carried: Vec<UpgradeRecord> = history
                 .into_iter()
                 .filter_map(|v| serde_json::from_value(v).ok())
                 .collect();
             if carried.is_empty() {
-                carried.push(UpgradeRecord {
-                    at_ms: crate::registry::now_ms(),
-                    ok: true,
-                    summary: format!("took over from pid {pred}: {total} connections received"),
-                });
+                p.history.record(
+                    true,
+                    format!("took over from pid {pred}: {total} connections received"),
+                );
+            } else {
+                p.history.carry(carried);
             }
-            carried.append(&mut p.history);
-            let keep = carried.len().saturating_sub(super::process::HISTORY_LEN);
-            p.history = carried.split_off(keep);
         }
         Err(e) => tracing::warn!(reason = %e, "take-over ended early"),
     }

@@ -9,12 +9,12 @@
 //! finishes in-flight requests, handing each connection over once idle; if the successor dies
 //! then, the old process still holds every listener and takes over again.
 
-use super::process::{Process, UpgradeRecord};
+use super::process::Process;
 use super::triggers::{Trigger, Triggers};
 use super::Phase;
 use crate::admin::control::Reply;
 use crate::config::Config;
-use crate::handover::session::{Deadline, Offer, Peer, Predecessor, SessionError};
+use crate::handover::session::{Deadline, Peer, Predecessor, SessionError};
 use crate::handover::{self, Channel};
 use crate::metrics::Metrics;
 use crate::registry::Parked;
@@ -22,7 +22,6 @@ use serde::Serialize;
 use serde_json::json;
 use std::collections::HashSet;
 use std::future::Future;
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::time::timeout;
@@ -205,30 +204,21 @@ async fn guarded<F: Future>(
 /// Everything before the rollback point: handshake, listeners, readiness.
 async fn prepare(p: &Process, s: &mut Predecessor) -> Result<Vec<String>, SessionError> {
     s.hello().await?;
-    let offers: Vec<Offer<'_>> = p
-        .slots
-        .iter()
-        .map(|(name, slot)| {
-            let addr = rustix::net::getsockname(&slot.fd)
-                .ok()
-                .and_then(|a| std::net::SocketAddr::try_from(a).ok())
-                .unwrap_or(slot.ctx.cfg.listen);
-            (name.as_str(), addr, slot.ctx.cfg.protocol, slot.fd.as_fd())
-        })
-        .collect();
-    s.offer_listeners(&offers).await?;
+    s.offer_listeners(&p.listeners.offers()).await?;
     s.await_ready().await
 }
 
 /// Collects the connections that park promptly (see
 /// [`crate::registry::ConnStats::parks_promptly`]) among those asked. Ends when none of them
-/// is left to wait for, bounded by `limit`.
-async fn collect_prompt(p: &mut Process, asked: &HashSet<u64>, limit: Duration) -> Vec<Parked> {
+/// is left to wait for (`expected` of them were asked), bounded by `limit`.
+async fn collect_prompt(
+    p: &mut Process,
+    asked: &HashSet<u64>,
+    expected: usize,
+    limit: Duration,
+) -> Vec<Parked> {
     // The registry is scanned only when nothing arrived for a moment, never per connection:
     // with thousands of connections a scan per arrival made the pause in accepting quadratic.
-    let expected = p
-        .registry
-        .count(|c| asked.contains(&c.id) && c.parks_promptly());
     let mut got = Vec::with_capacity(expected);
     let deadline = tokio::time::Instant::now() + limit;
     while got.len() < expected {
@@ -368,20 +358,25 @@ async fn hand_over(
         Err(e) => return rollback(p, s, Vec::new(), e).await,
     };
     tracing::info!(successor = new_pid, adopted = ?adopted, "successor ready; handing over connections");
-    p.pause_listeners().await;
+    p.listeners.pause().await;
     let paused = Instant::now();
 
     // Phase 2: park and send every connection that can move now; the successor holds them.
     let adopted: HashSet<String> = adopted.into_iter().collect();
-    let asked = p.registry.park_where(|c| adopted.contains(&*c.listener));
-    let window = p.cfg.runtime.upgrade_timeout.min(PARK_WINDOW);
-    let mut prompt = collect_prompt(p, &asked, window).await;
-    // Idle pooled upstream connections move too: the successor starts with a warm pool.
-    for (name, slot) in &p.slots {
-        if adopted.contains(name) {
-            prompt.extend(slot.ctx.take_pooled());
+    // Counted as they are asked, under the registry's lock: one that parks at once leaves the
+    // registry before any later count could see it.
+    let prompt_asked = std::cell::Cell::new(0usize);
+    let asked = p.registry.park_where(|c| {
+        let ask = adopted.contains(&*c.listener);
+        if ask && c.parks_promptly() {
+            prompt_asked.set(prompt_asked.get() + 1);
         }
-    }
+        ask
+    });
+    let window = p.cfg.runtime.upgrade_timeout.min(PARK_WINDOW);
+    let mut prompt = collect_prompt(p, &asked, prompt_asked.get(), window).await;
+    // Idle pooled upstream connections move too: the successor starts with a warm pool.
+    prompt.extend(p.listeners.take_pooled(&adopted));
     let (mut tunnels, mut idle_http, mut busy_http) = (0, 0, BusyHttp::default());
     count_kinds(&prompt, &mut tunnels, &mut idle_http, &mut busy_http);
     if let Err(e) = guarded(triggers, &status, s.send_batch(&prompt)).await {
@@ -408,7 +403,7 @@ async fn hand_over(
     let mut report = UpgradeReport {
         old_pid: std::process::id(),
         new_pid,
-        listeners: p.slots.len(),
+        listeners: p.listeners.len(),
         tunnels,
         idle_http,
         busy_http,
@@ -488,21 +483,13 @@ async fn hand_over(
     report.closed_at_deadline = closed_at_deadline;
     report.millis = started.elapsed().as_millis() as u64;
     report.drained = true;
-    p.history.push(UpgradeRecord {
-        at_ms: crate::registry::now_ms(),
-        ok: true,
-        summary: report.summary(),
-    });
+    p.history.record(true, report.summary());
     let counters = p.metrics.snapshot();
-    let history = p
-        .history
-        .iter()
-        .filter_map(|r| serde_json::to_value(r).ok())
-        .collect();
+    let history = p.history.to_values();
     if let Err(e) = s.done(counters, history).await {
         tracing::warn!(error = %e, "cannot send done to the successor");
     }
-    p.close_listeners().await;
+    p.listeners.close().await;
     tracing::info!(summary = %report.summary(), "upgrade complete; exiting");
     Ended::Replaced(report)
 }
@@ -513,7 +500,7 @@ async fn rollback(p: &mut Process, s: Predecessor, held: Vec<Parked>, why: Sessi
     let why = why.to_string();
     tracing::error!(reason = %why, "upgrade failed; rolling back");
     s.abort(&why).await;
-    p.resume_listeners();
+    p.listeners.resume();
     let n = held.len();
     for c in held {
         p.resume_parked(c).await;
@@ -525,7 +512,7 @@ async fn rollback(p: &mut Process, s: Predecessor, held: Vec<Parked>, why: Sessi
         "upgrade failed, old process {} still serving: {why}",
         std::process::id()
     );
-    p.record(false, &msg);
+    p.history.record(false, &msg);
     Ended::Failed(msg)
 }
 
@@ -537,7 +524,7 @@ async fn take_over_again(p: &mut Process, s: Predecessor, new_pid: u32, why: Str
     tracing::error!(successor = new_pid, reason = %why,
         "SUCCESSOR DIED AFTER THE COMMIT: this process takes over again");
     s.kill().await;
-    p.resume_listeners();
+    p.listeners.resume();
     if let Err(e) = p.take_back_control() {
         tracing::error!(error = %e, "cannot take the control socket or pid file back");
     }
@@ -547,6 +534,6 @@ async fn take_over_again(p: &mut Process, s: Predecessor, new_pid: u32, why: Str
         "upgrade failed after the commit: successor pid {new_pid} died ({why}); old process {} took over again and serves",
         std::process::id()
     );
-    p.record(false, &msg);
+    p.history.record(false, &msg);
     Ended::Failed(msg)
 }
