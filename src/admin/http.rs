@@ -1,7 +1,8 @@
 //! The HTTP admin endpoint on `admin.listen`: `GET /status` (the control socket's status
 //! JSON), `GET /metrics` (Prometheus text), `GET /healthz` (alive), `GET /readyz` (listeners
 //! bound and at least one healthy server per upstream in use) and `GET /` (a self-contained
-//! status page). Served with hyper's HTTP/1 server directly.
+//! status page). Served by the small HTTP/1.1 loop below (httparse): GET and HEAD, keep-alive,
+//! a bounded head, nothing streamed.
 //!
 //! The status comes from the lifecycle over the same channel as the control socket's, so it is
 //! exactly what `baton status --json` prints. While the lifecycle is busy (draining after an
@@ -16,13 +17,9 @@
 use super::control::{Command, ControlRequest, Reply};
 use crate::metrics::{Metrics, ServerLive, CONTENT_TYPE};
 use crate::upstream::Upstreams;
-use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::StatusCode;
 use serde_json::json;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -200,8 +197,8 @@ fn bind_once(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// proxy listener's `max_connections`), so idle clients cannot starve the proxy of fds.
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// Time a client has to send a request head. hyper starts it whenever a connection waits for
-/// a head, so it is also how long an idle (keep-alive) admin connection is kept.
+/// Time a client has to send a request head, counted whenever a connection waits for one, so
+/// it is also how long an idle (keep-alive) admin connection is kept.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The longest an admin connection lives, whatever it does (a client that never reads its
@@ -241,24 +238,22 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, stop: Cancellation
     tracing::debug!("admin endpoint closed");
 }
 
+/// Largest request head accepted (431 above): admin requests are a line and a few headers.
+const MAX_HEAD: usize = 16 * 1024;
+/// Largest request body skipped on a kept connection (larger: answered, then closed).
+const MAX_SKIP: u64 = 64 * 1024;
+
 /// Serves one admin connection, holding its slot of [`MAX_CONNECTIONS`] until it closes.
 async fn serve_connection(
-    stream: tokio::net::TcpStream,
+    mut stream: tokio::net::TcpStream,
     ctx: Arc<AdminCtx>,
     stop: CancellationToken,
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let svc = hyper::service::service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .header_read_timeout(HEADER_TIMEOUT)
-        .timer(hyper_util::rt::TokioTimer::new())
-        .serve_connection(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
     tokio::select! {
-        r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "admin connection error") },
+        r = exchanges(&mut stream, &ctx) => if let Err(e) = r {
+            tracing::debug!(error = %e, "admin connection error");
+        },
         _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
             tracing::debug!("admin connection closed: lifetime over");
         }
@@ -266,28 +261,154 @@ async fn serve_connection(
     }
 }
 
-fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    if let Ok(v) = header::HeaderValue::from_str(content_type) {
-        r.headers_mut().insert(header::CONTENT_TYPE, v);
-    }
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    r
+/// One request head: method, path, whether the connection stays open, and the body length to
+/// skip (`None`: a body that cannot be skipped, so the connection closes after the answer).
+struct Asked {
+    method: String,
+    path: String,
+    keep_alive: bool,
+    body: Option<u64>,
 }
 
-fn json_reply(status: StatusCode, v: &serde_json::Value) -> Response<Full<Bytes>> {
+fn parse_head(buf: &[u8]) -> Result<Option<(Asked, usize)>, StatusCode> {
+    let mut hdrs = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut hdrs);
+    let n = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        }
+        Err(_) => return Err(StatusCode::BAD_REQUEST),
+    };
+    let http10 = req.version == Some(0);
+    let mut keep_alive = !http10;
+    let mut body = Some(0);
+    for h in req.headers.iter() {
+        let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+        if h.name.eq_ignore_ascii_case("connection") {
+            keep_alive = if http10 {
+                v.contains("keep-alive")
+            } else {
+                !v.contains("close")
+            };
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            body = v.trim().parse::<u64>().ok().filter(|n| *n <= MAX_SKIP);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            body = None;
+        }
+    }
+    let path = req.path.unwrap_or("/");
+    let asked = Asked {
+        method: req.method.unwrap_or("GET").to_string(),
+        path: path.split('?').next().unwrap_or("/").to_string(),
+        keep_alive: keep_alive && body.is_some(),
+        body,
+    };
+    Ok(Some((asked, n)))
+}
+
+/// Answers requests on one connection until it closes, asks to, or stays idle past
+/// [`HEADER_TIMEOUT`].
+async fn exchanges(s: &mut tokio::net::TcpStream, ctx: &AdminCtx) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        let head = tokio::time::timeout(HEADER_TIMEOUT, async {
+            loop {
+                match parse_head(&buf) {
+                    Ok(Some(x)) => return Ok(Some(x)),
+                    Ok(None) => {}
+                    Err(status) => return Err(status),
+                }
+                if !matches!(s.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                    return Ok(None);
+                }
+            }
+        })
+        .await;
+        let (asked, n) = match head {
+            Err(_) | Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(x))) => x,
+            Ok(Err(status)) => {
+                let a = Answer::text(status, "bad request\n");
+                return s.write_all(&a.encode(false, false)).await;
+            }
+        };
+        buf.advance(n);
+        let answer = handle(ctx, &asked.method, &asked.path).await;
+        s.write_all(&answer.encode(asked.method == "HEAD", asked.keep_alive))
+            .await?;
+        if !asked.keep_alive {
+            return s.shutdown().await;
+        }
+        // Skip the request's body (bounded above), from the buffer and then the socket.
+        let mut left = asked.body.unwrap_or(0);
+        let here = left.min(buf.len() as u64);
+        buf.advance(here as usize);
+        left -= here;
+        while left > 0 {
+            let n = s.read_buf(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            let here = left.min(buf.len() as u64);
+            buf.advance(here as usize);
+            left -= here;
+        }
+    }
+}
+
+/// A complete answer: status, content type and body.
+struct Answer {
+    status: StatusCode,
+    content_type: &'static str,
+    body: Bytes,
+}
+
+impl Answer {
+    fn text(status: StatusCode, body: &'static str) -> Answer {
+        reply(status, "text/plain", body)
+    }
+
+    /// The response's bytes; `head_only` for HEAD (the length, no body).
+    fn encode(&self, head_only: bool, keep_alive: bool) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncache-control: no-store\r\ncontent-length: {}\r\n{}\r\n",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            self.content_type,
+            self.body.len(),
+            if keep_alive { "" } else { "connection: close\r\n" },
+        )
+        .into_bytes();
+        if !head_only {
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
+    Answer {
+        status,
+        content_type,
+        body: body.into(),
+    }
+}
+
+fn json_reply(status: StatusCode, v: &serde_json::Value) -> Answer {
     reply(status, "application/json", format!("{v}\n"))
 }
 
-async fn handle(ctx: &AdminCtx, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+async fn handle(ctx: &AdminCtx, method: &str, path: &str) -> Answer {
+    if method != "GET" && method != "HEAD" {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
     }
-    match req.uri().path() {
+    match path {
         "/" => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE),
         "/metrics" => reply(StatusCode::OK, CONTENT_TYPE, ctx.metrics_text()),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),

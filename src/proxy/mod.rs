@@ -29,7 +29,7 @@ pub struct ListenerCtx {
     pub lm: crate::metrics::ListenerHandle,
     /// Caps live connections at `max_connections`; accepting waits for a permit.
     pub limit: Arc<Semaphore>,
-    /// Idle upstream HTTP connections of this listener for h2c clients (hyper).
+    /// h2c upstream connections of this listener (hyper), for HTTP/1.1 and h2c clients.
     pub http_pool: Arc<http::pool::Pool>,
     /// Idle upstream HTTP/1.1 connections of this listener's engine (raw sockets).
     pub h1_pool: Arc<http::h1::pool::RawPool>,
@@ -83,17 +83,6 @@ impl ListenerCtx {
                 })
             })
             .collect()
-    }
-
-    /// Whether HTTP/1.1 clients of this listener are served by hyper rather than baton's
-    /// engine: only while a route can reach an h2c upstream (the engine speaks HTTP/1.1 to
-    /// upstreams).
-    pub fn http1_on_hyper(&self) -> bool {
-        let reach = std::iter::once(self.cfg.upstream.as_str())
-            .chain(self.cfg.routes.iter().map(|r| r.upstream.as_str()));
-        reach
-            .filter_map(|u| self.upstreams.get(u))
-            .any(|u| u.config().http.protocol == config::UpstreamProtocol::H2c)
     }
 }
 

@@ -1,13 +1,13 @@
-//! Bodies: the request body handed to an upstream (size-limited, and taken back for a retry if
-//! no byte of it was sent), and the response body handed to the client (which ends the request
-//! for in-flight counting, returns the upstream connection to its pool, enforces the request
-//! deadline and writes the access log line). Both stream frame by frame: nothing is buffered.
+//! Bodies of hyper's messages (h2c): the request body handed to an upstream (size-limited, and
+//! taken back for a retry if no byte of it was sent), and the response body handed to the
+//! client (which ends the request for in-flight counting, keeps the server counted as active,
+//! enforces the request deadline and writes the access log line). Both stream frame by frame:
+//! nothing is buffered.
 
-use super::pool::Lease;
 use super::service::ReqLog;
 use crate::upstream::ServerGuard;
 use bytes::Bytes;
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,11 +24,6 @@ pub fn full(text: &'static str) -> ResBody {
     Full::new(Bytes::from_static(text.as_bytes()))
         .map_err(|n| match n {})
         .boxed_unsync()
-}
-
-/// An empty body.
-pub fn empty() -> ResBody {
-    Empty::new().map_err(|n| match n {}).boxed_unsync()
 }
 
 /// Why a request body stopped.
@@ -164,8 +159,6 @@ impl Body for ReplayBody {
 /// What the end of a response body releases.
 #[derive(Debug, Default)]
 pub struct Release {
-    /// The pooled upstream connection, returned to the pool if the body ended cleanly.
-    pub lease: Option<Lease>,
     /// Keeps the server counted as active while the response streams.
     pub guard: Option<ServerGuard>,
 }
@@ -214,11 +207,6 @@ impl Tracked {
     }
 
     fn finish(&mut self, complete: bool) {
-        if complete {
-            if let Some(lease) = self.release.lease.take() {
-                lease.release();
-            }
-        }
         self.release.guard.take();
         if let Some(log) = self.log.take() {
             log.emit(self.bytes, complete);

@@ -1,29 +1,24 @@
-//! Sending one request upstream: choosing a server, reusing or opening a connection, the
+//! Sending one request to an h2c upstream (for h2c clients, and for the engine's HTTP/1.1
+//! clients through `h1::h2up`): choosing a server, the shared connection or a new one, the
 //! response timeout, and retries.
 //!
 //! Retry rules: a request is tried on another server (one not tried yet, via
 //! [`Upstream::pick`]'s exclude list) up to the upstream's `retries` when the connect failed
 //! (any method: nothing was sent), or when it failed before a response and it is idempotent
 //! (GET, HEAD, OPTIONS, PUT, DELETE) and no byte of its body was sent. Never after any
-//! response byte, never after a response timeout. A pooled connection found closed before the
-//! request was written is replaced by a fresh one to the same server without counting a retry.
+//! response byte, never after a response timeout.
 
 use super::body::{Release, ReplayBody};
 use super::errors::ProxyError;
 use super::headers;
-use super::pool::{connect_tcp, Lease, Pool, Sender};
-use crate::config::UpstreamProtocol;
-use crate::upstream::{ServerGuard, Upstream};
-use bytes::Bytes;
-use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use super::pool::Pool;
+use crate::upstream::Upstream;
+use http::{header, HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Where a request goes.
@@ -60,17 +55,6 @@ pub struct Forwarded {
     pub server: SocketAddr,
     /// Pool lease and server guard.
     pub release: Release,
-}
-
-/// The upstream side of an accepted `Upgrade` or `CONNECT`.
-#[derive(Debug)]
-pub struct Tunnel {
-    /// The raw upstream socket.
-    pub stream: TcpStream,
-    /// Bytes the server sent after its response head (already read by hyper).
-    pub read_buf: Bytes,
-    /// Keeps the server counted as active.
-    pub guard: ServerGuard,
 }
 
 /// Which limit ended a wait.
@@ -122,45 +106,34 @@ fn timed_out(which: Expired, addr: SocketAddr) -> ProxyError {
     }
 }
 
-/// The request of one attempt, with `headers` (the rewritten head's, moved or cloned by the
-/// caller). Returns whether the Host header was added (it was missing and `preserve_host` is on),
-/// so headers taken back from an unsent request can be restored.
+/// The HTTP/2 request of one attempt, with `headers` (the rewritten head's, moved or cloned
+/// by the caller): `Host` (the client's with `preserve_host`, else the server's address)
+/// becomes `:authority`.
 fn build(
     head: &Head,
     mut headers: HeaderMap,
     t: &Target<'_>,
     addr: SocketAddr,
-    proto: UpstreamProtocol,
     body: ReplayBody,
-) -> (Request<ReplayBody>, bool) {
+) -> Request<ReplayBody> {
     let mut req = Request::new(body);
     *req.method_mut() = head.method.clone();
-    let had_host = headers.contains_key(header::HOST);
-    let mut host_added = false;
-    if !t.preserve_host || !had_host {
+    *req.version_mut() = Version::HTTP_2;
+    if !t.preserve_host || !headers.contains_key(header::HOST) {
         if let Some(v) = headers::host_value(addr) {
             headers.insert(header::HOST, v);
-            host_added = !had_host;
         }
     }
     let pq = head.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = if head.method == Method::CONNECT {
-        head.uri.clone()
-    } else if proto == UpstreamProtocol::H2c {
-        *req.version_mut() = Version::HTTP_2;
-        let authority = headers
-            .remove(header::HOST)
-            .and_then(|h| h.to_str().ok().map(str::to_string))
-            .unwrap_or_else(|| addr.to_string());
-        format!("http://{authority}{pq}")
-            .parse()
-            .unwrap_or_else(|_| head.uri.clone())
-    } else {
-        pq.parse().unwrap_or_else(|_| head.uri.clone())
-    };
-    *req.uri_mut() = uri;
+    let authority = headers
+        .remove(header::HOST)
+        .and_then(|h| h.to_str().ok().map(str::to_string))
+        .unwrap_or_else(|| addr.to_string());
+    *req.uri_mut() = format!("http://{authority}{pq}")
+        .parse()
+        .unwrap_or_else(|_| head.uri.clone());
     *req.headers_mut() = headers;
-    (req, host_added)
+    req
 }
 
 /// Whether a method may be retried after its request reached a server.
@@ -180,12 +153,10 @@ pub async fn send(
     body: ReplayBody,
 ) -> Result<Forwarded, ProxyError> {
     let cfg = t.upstream.config();
-    let proto = cfg.http.protocol;
     let retry_ok = idempotent(&head.method);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last: Option<ProxyError> = None;
     let mut next_body = Some(body);
-    let mut fresh_only = false;
     loop {
         let Some(body) = next_body.take() else {
             return Err(last.unwrap_or_else(|| ProxyError::NoServer(cfg.name.clone())));
@@ -194,20 +165,9 @@ pub async fn send(
             return Err(last.unwrap_or_else(|| ProxyError::NoServer(cfg.name.clone())));
         };
         let addr = guard.addr();
-        let pooled = if fresh_only {
-            None
-        } else {
-            t.pool.checkout(addr, proto)
-        };
-        fresh_only = false;
-        let reused = pooled.is_some();
-        let sender = match pooled {
+        let sender = match t.pool.checkout(addr) {
             Some(s) => s,
-            None => match t
-                .pool
-                .connect(addr, proto, t.capped(cfg.connect_timeout))
-                .await
-            {
+            None => match t.pool.connect(addr, t.capped(cfg.connect_timeout)).await {
                 Ok(s) => {
                     t.upstream.report(addr, true);
                     s
@@ -234,96 +194,26 @@ pub async fn send(
         };
         let handle = body.handle();
         // A retry after this attempt needs the headers again; otherwise this attempt takes them.
-        let headers_taken = !(retry_ok && (tried.len() as u32) < cfg.retries);
-        let take_headers = |head: &mut Head| {
-            if headers_taken {
-                std::mem::take(&mut head.headers)
-            } else {
-                head.headers.clone()
-            }
+        let headers = if retry_ok && (tried.len() as u32) < cfg.retries {
+            head.headers.clone()
+        } else {
+            std::mem::take(&mut head.headers)
         };
-        let err = match sender {
-            Sender::H1(mut s) => {
-                let ready = if reused {
-                    t.within(Some(cfg.connect_timeout), s.ready()).await
-                } else {
-                    Ok(Ok(()))
-                };
-                if matches!(ready, Err(Expired::Request)) {
-                    return Err(ProxyError::RequestTimeout);
-                }
-                if !matches!(ready, Ok(Ok(()))) {
-                    // The pooled connection was closed by the server while idle: nothing sent.
-                    fresh_only = true;
-                    next_body = Some(body);
-                    continue;
-                }
-                let headers = take_headers(&mut head);
-                let (req, host_added) = build(&head, headers, t, addr, proto, body);
-                match t
-                    .within(cfg.http.response_timeout, s.try_send_request(req))
-                    .await
-                {
-                    Err(which) => return Err(timed_out(which, addr)),
-                    Ok(Ok(resp)) => {
-                        let lease = Lease {
-                            pool: t.pool.clone(),
-                            addr,
-                            sender: s,
-                            max_idle: cfg.http.pool_idle_per_server,
-                        };
-                        let release = Release {
-                            lease: Some(lease),
-                            guard: Some(guard),
-                        };
-                        return Ok(Forwarded {
-                            resp,
-                            server: addr,
-                            release,
-                        });
-                    }
-                    Ok(Err(mut e)) => {
-                        if let Some(req) = e.take_message() {
-                            if reused {
-                                fresh_only = true;
-                                let (parts, body) = req.into_parts();
-                                if headers_taken {
-                                    // Unsent: its headers serve the next attempt as they were.
-                                    head.headers = parts.headers;
-                                    if host_added {
-                                        head.headers.remove(header::HOST);
-                                    }
-                                }
-                                next_body = Some(body);
-                                continue;
-                            }
-                        }
-                        e.into_error()
-                    }
-                }
+        let req = build(&head, headers, t, addr, body);
+        let mut s = sender;
+        let err = match t
+            .within(cfg.http.response_timeout, s.send_request(req))
+            .await
+        {
+            Err(which) => return Err(timed_out(which, addr)),
+            Ok(Ok(resp)) => {
+                return Ok(Forwarded {
+                    resp,
+                    server: addr,
+                    release: Release { guard: Some(guard) },
+                });
             }
-            Sender::H2(mut s) => {
-                let headers = take_headers(&mut head);
-                let (req, _) = build(&head, headers, t, addr, proto, body);
-                match t
-                    .within(cfg.http.response_timeout, s.send_request(req))
-                    .await
-                {
-                    Err(which) => return Err(timed_out(which, addr)),
-                    Ok(Ok(resp)) => {
-                        let release = Release {
-                            lease: None,
-                            guard: Some(guard),
-                        };
-                        return Ok(Forwarded {
-                            resp,
-                            server: addr,
-                            release,
-                        });
-                    }
-                    Ok(Err(e)) => e,
-                }
-            }
+            Ok(Err(e)) => e,
         };
         if handle.too_large() {
             return Err(ProxyError::BodyTooLarge(0));
@@ -345,80 +235,4 @@ pub async fn send(
         }
         return Err(last.unwrap_or_else(|| ProxyError::NoServer(cfg.name.clone())));
     }
-}
-
-/// Sends an `Upgrade` or `CONNECT` request over a fresh connection. If the server switches
-/// protocols (101, or 2xx to CONNECT) the raw upstream socket comes back as a [`Tunnel`].
-/// Only connect failures are retried.
-pub async fn upgrade(
-    t: &Target<'_>,
-    mut head: Head,
-    body: ReplayBody,
-) -> Result<(Response<Incoming>, SocketAddr, Option<Tunnel>), ProxyError> {
-    let cfg = t.upstream.config();
-    let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut last: Option<ProxyError> = None;
-    let (guard, tcp) = loop {
-        let Some(guard) = t.upstream.pick(t.client_ip, &tried) else {
-            return Err(last.unwrap_or_else(|| ProxyError::NoServer(cfg.name.clone())));
-        };
-        let addr = guard.addr();
-        match connect_tcp(addr, t.capped(cfg.connect_timeout)).await {
-            Ok(s) => {
-                t.upstream.report(addr, true);
-                break (guard, s);
-            }
-            Err(_) if t.past_deadline() => return Err(ProxyError::RequestTimeout),
-            Err(e) => {
-                t.upstream.report(addr, false);
-                tried.push(addr);
-                last = Some(ProxyError::Upstream {
-                    server: addr,
-                    reason: e.to_string(),
-                });
-                if tried.len() as u32 > cfg.retries {
-                    return Err(last.unwrap_or_else(|| ProxyError::NoServer(cfg.name.clone())));
-                }
-            }
-        }
-    };
-    let addr = guard.addr();
-    let fail = |e: hyper::Error| ProxyError::Upstream {
-        server: addr,
-        reason: e.to_string(),
-    };
-    let (mut s, conn) = http1::handshake::<_, ReplayBody>(TokioIo::new(tcp))
-        .await
-        .map_err(fail)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(server = %addr, error = %e, "upstream upgrade connection ended with an error");
-        }
-    });
-    let headers = std::mem::take(&mut head.headers);
-    let (req, _) = build(&head, headers, t, addr, UpstreamProtocol::Http1, body);
-    let mut resp = match t
-        .within(cfg.http.response_timeout, s.send_request(req))
-        .await
-    {
-        Err(which) => return Err(timed_out(which, addr)),
-        Ok(r) => r.map_err(fail)?,
-    };
-    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if !switched {
-        return Ok((resp, addr, None));
-    }
-    let upgraded = hyper::upgrade::on(&mut resp).await.map_err(fail)?;
-    let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| ProxyError::Upstream {
-            server: addr,
-            reason: "upgraded connection is not a TCP stream".into(),
-        })?;
-    let tunnel = Tunnel {
-        stream: parts.io.into_inner(),
-        read_buf: parts.read_buf,
-        guard,
-    };
-    Ok((resp, addr, Some(tunnel)))
 }

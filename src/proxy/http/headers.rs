@@ -11,21 +11,6 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// Whether a header value list (`Connection`) names `token`.
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// An HTTP/1.1 `Upgrade` request (WebSocket and others): `Connection: upgrade` plus `Upgrade`.
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && has_token(headers, header::CONNECTION, "upgrade")
-}
-
 /// Whether a header is hop-by-hop by itself: `Connection`, `Keep-Alive`, `TE`, `Trailer`,
 /// `Transfer-Encoding`, `Upgrade` or `Proxy-*`. A parsed name is lower case already, and a
 /// `match` on the text compares lengths first, where most names fail (this runs for every
@@ -37,10 +22,9 @@ fn is_hop_header(k: &HeaderName) -> bool {
     }
 }
 
-/// Removes hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`, `TE`,
-/// `Trailer`, `Transfer-Encoding`, `Proxy-*`, and `Upgrade` unless `upgrade` (then
-/// `Connection: upgrade` and `Upgrade` are kept, as the next hop needs them).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+/// Removes hop-by-hop headers (of an h2c message): `Connection` and every header it names,
+/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade` and `Proxy-*`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // The names `Connection` lists, read once, in a small array (a Vec only past four):
     // the common message allocates nothing. `keep-alive` is skipped: hop-by-hop by itself.
     let mut first: [&[u8]; 4] = [&[]; 4];
@@ -63,11 +47,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let listed = first[..n].iter().chain(more.iter());
     // One pass over the names present decides; only those are removed.
     let doomed_here = |k: &HeaderName| {
-        !(upgrade && *k == header::UPGRADE)
-            && (is_hop_header(k)
-                || listed
-                    .clone()
-                    .any(|t| t.eq_ignore_ascii_case(k.as_str().as_bytes())))
+        is_hop_header(k)
+            || listed
+                .clone()
+                .any(|t| t.eq_ignore_ascii_case(k.as_str().as_bytes()))
     };
     // Count first: the usual message has none, or only `Connection` (an upstream's
     // `Connection: keep-alive`), which is removed without collecting names.
@@ -83,9 +66,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         for n in doomed {
             headers.remove(n);
         }
-    }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 
@@ -298,7 +278,7 @@ mod tests {
         h.insert("proxy-authorization", HeaderValue::from_static("x"));
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
     }
@@ -311,7 +291,7 @@ mod tests {
         for n in ["a", "b", "c", "d", "e", "f", "x-keep"] {
             h.insert(HeaderName::from_static(n), HeaderValue::from_static("1"));
         }
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
     }
@@ -327,34 +307,17 @@ mod tests {
         h.insert("x-gone", HeaderValue::from_static("1"));
         h.insert("upgrade", HeaderValue::from_static("h2c"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
         let mut h = HeaderMap::new();
         h.insert("host", HeaderValue::from_static("a"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 2, "{h:?}");
         let name = |n: &str| HeaderName::from_bytes(n.as_bytes()).unwrap();
         assert!(is_hop_header(&name("Proxy-Authorization")) && is_hop_header(&name("TE")));
         assert!(!is_hop_header(&name("prox")) && !is_hop_header(&name("x-keep")));
-    }
-
-    #[test]
-    fn keeps_upgrade_on_upgrade_requests() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("Upgrade"));
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
-        assert!(is_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(
-            h.get("upgrade").map(|v| v.as_bytes()),
-            Some(&b"websocket"[..])
-        );
-        assert_eq!(
-            h.get("connection").map(|v| v.as_bytes()),
-            Some(&b"upgrade"[..])
-        );
     }
 
     #[test]

@@ -1,8 +1,7 @@
-//! The client socket as hyper sees it: a [`PrefixedIo`] yields bytes already read (by the h2c
-//! detection, or by a predecessor before a handover) before reading the socket, counts bytes in
-//! the registry, and tells the connection loop when a new request head starts arriving.
+//! The client socket as hyper sees it (h2c): a [`PrefixedIo`] yields bytes already read (by the
+//! protocol detection, or by a predecessor before a handover) before reading the socket, and
+//! counts bytes in the registry.
 
-use super::shared::ConnShared;
 use crate::registry::ConnStats;
 use bytes::Bytes;
 use std::io;
@@ -22,53 +21,15 @@ pub struct PrefixedIo {
     pub inner: TcpStream,
     /// Registry counters (bytes in/out).
     stats: Arc<ConnStats>,
-    /// Per-connection state shared with the service and the connection loop.
-    shared: Arc<ConnShared>,
-    /// How much of [`CL_LINE`] the bytes read so far end with (the match spans reads).
-    cl_match: usize,
-}
-
-/// A Content-Length header at the start of a line, lower case. hyper silently drops a
-/// Content-Length that comes with Transfer-Encoding, so the raw bytes are watched for it: the
-/// service rejects a chunked request whose bytes carried one (request smuggling).
-const CL_LINE: &[u8] = b"\ncontent-length:";
-
-impl PrefixedIo {
-    /// Feeds bytes read to the Content-Length line matcher.
-    fn scan(&mut self, bytes: &[u8]) {
-        let mut found = 0u64;
-        for &b in bytes {
-            let b = b.to_ascii_lowercase();
-            if b == CL_LINE[self.cl_match] {
-                self.cl_match += 1;
-                if self.cl_match == CL_LINE.len() {
-                    found += 1;
-                    self.cl_match = 0;
-                }
-            } else {
-                self.cl_match = usize::from(b == CL_LINE[0]);
-            }
-        }
-        if found > 0 {
-            self.shared.cl_lines.fetch_add(found, Ordering::Relaxed);
-        }
-    }
 }
 
 impl PrefixedIo {
     /// Wraps a socket; `prefix` is read before the socket.
-    pub fn new(
-        inner: TcpStream,
-        prefix: Bytes,
-        stats: Arc<ConnStats>,
-        shared: Arc<ConnShared>,
-    ) -> PrefixedIo {
+    pub fn new(inner: TcpStream, prefix: Bytes, stats: Arc<ConnStats>) -> PrefixedIo {
         PrefixedIo {
             prefix,
             inner,
             stats,
-            shared,
-            cl_match: 0,
         }
     }
 }
@@ -83,19 +44,13 @@ impl AsyncRead for PrefixedIo {
             let n = self.prefix.len().min(buf.remaining());
             let head = self.prefix.split_to(n);
             buf.put_slice(&head);
-            self.scan(&head);
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            let this = &mut *self;
-            let filled = &buf.filled()[before..];
-            // Split borrow: scan needs &mut self while `filled` borrows `buf`, not self.
-            this.scan(filled);
             self.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-            self.shared.on_read();
         }
         res
     }

@@ -1,13 +1,16 @@
-//! L7 reverse proxying on hyper: HTTP/1.1 and h2c clients, routing by host and path, header
-//! rewriting, limits and timeouts, upstream keep-alive pooling, retries, and `Upgrade`/`CONNECT`
-//! tunnels on the L4 relay. Built for the live upgrade: an idle HTTP/1.1 connection stops with
-//! its socket and read-ahead bytes as [`IdleHttpState`], and [`resume`] serves it again.
+//! L7 reverse proxying: HTTP/1.1 clients on baton's own engine (`h1`), h2c clients on hyper;
+//! routing by host and path, header rewriting, limits and timeouts, upstream pooling, retries,
+//! `Upgrade` and `CONNECT` tunnels on the L4 relay. Built for the live upgrade: an HTTP/1.1
+//! connection stops in any phase as plain data ([`HttpState`], or [`IdleHttpState`] between
+//! requests), and [`resume_http`] / [`resume`] serve it again.
 //!
-//! Files: `server` (connection loops, handover hooks), `shared` (state a connection's loop,
-//! service and io share), `idle` (released keep-alive connections waiting with no task),
-//! `service` (one request), `forward`
-//! (upstream attempts and retries), `pool` (upstream connections), `route`, `headers`, `body`
-//! (streaming wrappers), `errors` (status codes), `io` (socket with a read-ahead prefix).
+//! Files: `server` (the wait between requests, HTTP/1.1 or h2c), `idle` (released keep-alive
+//! connections waiting with no task), `h1` (the engine), `head`, `framing`, `path` (its parser,
+//! rewriter and body framing), `bridge` (HTTP/1.1 bytes and hyper's messages, for the two
+//! bridges: `h1::h2up` and `to_h1`), `h2` (h2c clients), `service` (one h2c request),
+//! `forward` and `pool` (h2c upstreams), `body` (hyper body wrappers), `route`, `headers`,
+//! `errors` (status codes), `shared` (state of an h2c connection's loop and its requests),
+//! `io` (a socket with a read-ahead prefix, for hyper).
 
 mod body;
 mod bridge;

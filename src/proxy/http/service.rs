@@ -1,8 +1,9 @@
-//! The hyper service of one client connection: each request is checked (smuggling, size),
-//! routed, rewritten, forwarded, and its response body wrapped so the request counts as in
-//! flight until that body ends, then logged as one access line.
+//! The hyper service of one h2c client connection: each request (stream) is checked
+//! (`:authority`, size), routed, and forwarded: to an h2c upstream with its headers rewritten
+//! here, to an HTTP/1.1 upstream through the engine (`to_h1`). Its response body is wrapped so
+//! the request counts as in flight until that body ends, then logged as one access line.
 
-use super::body::{empty, Release, ReplayBody, ResBody, Tracked};
+use super::body::{Release, ReplayBody, ResBody, Tracked};
 use super::errors::ProxyError;
 use super::forward::{self, Head, Target};
 use super::headers::TraceId;
@@ -10,14 +11,13 @@ use super::shared::{ConnShared, InFlight};
 use super::{headers, route};
 use crate::proxy::tcp::OrDash;
 use crate::proxy::ListenerCtx;
-use http::{header, request, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{header, request, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -30,8 +30,6 @@ pub struct SvcCtx {
     pub shared: Arc<ConnShared>,
     /// The client.
     pub client: SocketAddr,
-    /// The client speaks HTTP/2 (h2c).
-    pub h2: bool,
 }
 
 /// The service given to hyper.
@@ -174,13 +172,7 @@ async fn serve_request(s: Arc<SvcCtx>, req: Request<Incoming>) -> Response<ResBo
                 trace_id = %log.trace_id,
                 "request failed"
             );
-            let mut resp = e.response();
-            if !s.h2 && matches!(e, ProxyError::BadRequest(_) | ProxyError::BodyTooLarge(_)) {
-                // The body was not read (or its framing is ambiguous): do not reuse the connection.
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            (resp, Release::default())
+            (e.response(), Release::default())
         }
     };
     log.status = resp.status().as_u16();
@@ -198,23 +190,6 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-/// Rejects what must never be forwarded: a Content-Length together with Transfer-Encoding
-/// (hyper drops the Content-Length silently; the raw bytes tell), or several Content-Lengths.
-fn check_framing(s: &SvcCtx, parts: &request::Parts) -> Result<(), ProxyError> {
-    let seen = s.shared.cl_lines.load(Ordering::Relaxed);
-    let before = s.shared.cl_accounted.swap(seen, Ordering::Relaxed);
-    let te = parts.headers.contains_key(header::TRANSFER_ENCODING);
-    if te && (seen > before || parts.headers.contains_key(header::CONTENT_LENGTH)) {
-        return Err(ProxyError::BadRequest(
-            "content-length with transfer-encoding",
-        ));
-    }
-    if parts.headers.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
-        return Err(ProxyError::BadRequest("several content-length headers"));
-    }
-    Ok(())
 }
 
 /// h2c: `:authority` must carry no userinfo, and a `Host` header, if any, must name the same
@@ -248,10 +223,7 @@ async fn proxy(
     deadline: Option<Instant>,
 ) -> Result<(Response<ResBody>, Release), ProxyError> {
     let cfg = &s.ctx.cfg;
-    check_framing(s, &parts)?;
-    if s.h2 {
-        check_authority(&parts)?;
-    }
+    check_authority(&parts)?;
     if let Some(limit) = cfg.http.max_body_bytes {
         if content_length(&parts.headers).is_some_and(|n| n > limit) {
             return Err(ProxyError::BodyTooLarge(limit));
@@ -266,24 +238,19 @@ async fn proxy(
         .ok_or_else(|| ProxyError::MissingUpstream(name.to_string()))?;
     *chosen = Some(upstream.clone());
     if parts.method == Method::CONNECT {
-        // Tunnels to a client-named target are the engine's (`h1::connect`); never a splice
-        // after an upstream's 2xx.
-        return Err(ProxyError::NotSupported(if s.h2 {
-            "CONNECT over HTTP/2"
-        } else {
-            "CONNECT on a listener that reaches an h2c upstream"
-        }));
+        // Tunnels to a client-named target are the engine's (`h1::connect`), for HTTP/1.1
+        // clients; never a splice after an upstream's 2xx.
+        return Err(ProxyError::NotSupported("CONNECT over HTTP/2"));
     }
-    if s.h2 && upstream.config().http.protocol == crate::config::UpstreamProtocol::Http1 {
+    if upstream.config().http.protocol == crate::config::UpstreamProtocol::Http1 {
         // HTTP/1.1 upstreams are the engine's: its head rules, its raw pool.
         let (resp, addr, release) =
             super::to_h1::send(&s.ctx, upstream, s.client, parts, body, deadline).await?;
         *server = Some(addr);
         return Ok((resp, release));
     }
-    let upgrade = !s.h2 && headers::is_upgrade(&parts.headers);
-    headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    let via = if s.h2 { "2.0 baton" } else { "1.1 baton" };
+    headers::strip_hop_by_hop(&mut parts.headers);
+    let via = "2.0 baton";
     headers::add_forwarding(&mut parts.headers, s.client.ip(), orig_host, via);
     if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), orig_host) {
         parts.headers.insert(header::HOST, h.clone());
@@ -304,34 +271,10 @@ async fn proxy(
         body.map_err(Into::into).boxed_unsync(),
         cfg.http.max_body_bytes,
     );
-    if upgrade {
-        let (resp, addr, tunnel) = forward::upgrade(&target, head, body).await?;
-        *server = Some(addr);
-        let switched = tunnel.is_some();
-        let (mut rparts, rbody) = resp.into_parts();
-        headers::strip_hop_by_hop(
-            &mut rparts.headers,
-            switched && rparts.status == StatusCode::SWITCHING_PROTOCOLS,
-        );
-        rparts
-            .headers
-            .append(header::VIA, HeaderValue::from_static(via));
-        let release = match tunnel {
-            Some(t) => {
-                s.shared.set_upgrade(t);
-                return Ok((Response::from_parts(rparts, empty()), Release::default()));
-            }
-            None => Release::default(),
-        };
-        return Ok((
-            Response::from_parts(rparts, rbody.map_err(Into::into).boxed_unsync()),
-            release,
-        ));
-    }
     let f = forward::send(&target, head, body).await?;
     *server = Some(f.server);
     let (mut rparts, rbody) = f.resp.into_parts();
-    headers::strip_hop_by_hop(&mut rparts.headers, false);
+    headers::strip_hop_by_hop(&mut rparts.headers);
     rparts
         .headers
         .append(header::VIA, HeaderValue::from_static(via));

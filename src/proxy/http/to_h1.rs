@@ -208,10 +208,7 @@ pub async fn send(
             }
             Some(Ok(Ok(parts))) => {
                 let resp = Response::from_parts(parts, frames.boxed_unsync());
-                let release = Release {
-                    lease: None,
-                    guard: Some(guard),
-                };
+                let release = Release { guard: Some(guard) };
                 return Ok((resp, addr, release));
             }
             Some(Ok(Err(f))) => f,
