@@ -183,6 +183,9 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Ok(cfg) => {
+                for w in cfg.warnings() {
+                    eprintln!("{w}");
+                }
                 if cfg.listeners.is_empty() {
                     eprintln!(
                         "{}: warning: no listeners: this config serves nothing, and reload and upgrade refuse it",
@@ -336,6 +339,9 @@ fn serve(
 ) -> anyhow::Result<()> {
     baton::logging::init_as(&cfg.log, generation, worker).context("cannot open the log file")?;
     baton::test_hooks::announce();
+    for w in cfg.warnings() {
+        tracing::warn!(warning = %w, "configuration warning");
+    }
     // Credentials are per thread: isolation goes first, before any other thread starts.
     let role = match worker {
         Some(i) => isolation::Role::Worker(i),

@@ -201,6 +201,27 @@ pub struct ConnStats {
     /// each plus a slot in the parent's child list, and three waiter futures in every
     /// connection task): an idle connection is mostly this bookkeeping.
     wake: Notify,
+    /// Set when the connection cannot be handed over (a TLS connection served by rustls):
+    /// asked to park, it is asked to drain instead and finishes in this process.
+    pinned: AtomicBool,
+    /// The TLS facts of a connection that arrived over TLS (set once, after its handshake).
+    tls: std::sync::OnceLock<Box<TlsFacts>>,
+}
+
+/// What a TLS handshake agreed on, for the access log and the status page. Travels with a
+/// connection that moves, like the rest of its metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsFacts {
+    /// `TLSv1.3` or `TLSv1.2`.
+    pub version: String,
+    /// The IANA name of the cipher suite, e.g. `TLS13_AES_128_GCM_SHA256`.
+    pub cipher: String,
+    /// The server name the client asked for.
+    pub sni: Option<String>,
+    /// The protocol agreed by ALPN.
+    pub alpn: Option<String>,
+    /// The session was resumed (ticket or session id).
+    pub resumed: bool,
 }
 
 /// Signal bit: stop at the next safe point and park (handover).
@@ -254,7 +275,32 @@ impl ConnStats {
     /// HTTP/2 one never parks (its state lives in hyper: it gets GOAWAY and finishes here),
     /// so waiting for it would only hold every listener paused until the deadline.
     pub fn parks_promptly(&self) -> bool {
-        self.kind() != ConnKind::Http2
+        self.kind() != ConnKind::Http2 && !self.is_pinned()
+    }
+    /// Marks the connection as one that cannot be handed over (see `pinned`).
+    pub fn set_pinned(&self) {
+        self.pinned.store(true, Ordering::Relaxed);
+    }
+    /// Whether it cannot be handed over.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.load(Ordering::Relaxed)
+    }
+    /// Records what the connection's TLS handshake agreed on.
+    pub fn set_tls(&self, facts: TlsFacts) {
+        let _ = self.tls.set(Box::new(facts));
+    }
+    /// The TLS facts, for a connection that arrived over TLS.
+    pub fn tls(&self) -> Option<&TlsFacts> {
+        self.tls.get().map(|b| &**b)
+    }
+    /// The signal that asks this connection to leave for a handover: park, or drain for a
+    /// connection that cannot move.
+    fn handover_signal(&self) -> u8 {
+        if self.is_pinned() {
+            SIG_DRAIN
+        } else {
+            SIG_PARK
+        }
     }
 
     /// A snapshot of the metadata, with current counters.
@@ -408,6 +454,8 @@ impl Registry {
             bytes_out: AtomicU64::new(0),
             signals: AtomicU8::new(signals),
             wake: Notify::new(),
+            pinned: AtomicBool::new(false),
+            tls: std::sync::OnceLock::new(),
         });
         conns.insert(id, stats.clone());
         drop(conns);
@@ -459,7 +507,7 @@ impl Registry {
             .values()
             .filter(|c| filter(c))
             .map(|c| {
-                c.signal(SIG_PARK);
+                c.signal(c.handover_signal());
                 c.id
             })
             .collect();
@@ -473,7 +521,7 @@ impl Registry {
     pub fn park_all(&self) {
         let conns = lock(&self.conns);
         for c in conns.values() {
-            c.signal(SIG_PARK);
+            c.signal(c.handover_signal());
         }
         self.signals_sent();
     }

@@ -207,6 +207,9 @@ fn listener(l: &Listener) -> Y {
         ("backlog", Y::Num(u64::from(l.backlog))),
         ("reuse_port", Y::Bool(l.reuse_port)),
     ]);
+    if let Some(t) = &l.tls {
+        m.push(("tls", tls(t)));
+    }
     if l.protocol != Protocol::Http {
         return Y::Map(m);
     }
@@ -246,6 +249,20 @@ fn listener(l: &Listener) -> Y {
     }
     m.push(("http", Y::Map(hm)));
     Y::Map(m)
+}
+
+fn tls(t: &ListenerTls) -> Y {
+    let certs = t
+        .certificates
+        .iter()
+        .map(|c| Y::Map(vec![("cert", path(&c.cert)), ("key", path(&c.key))]))
+        .collect();
+    Y::Map(vec![
+        ("certificates", Y::Seq(certs)),
+        ("alpn", Y::Seq(t.alpn.iter().map(text).collect())),
+        ("min_version", text(t.min_version)),
+        ("handshake_timeout", dur(t.handshake_timeout)),
+    ])
 }
 
 fn upstream(u: &Upstream) -> Y {

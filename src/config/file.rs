@@ -125,6 +125,28 @@ pub struct Listener {
     #[serde(default)]
     pub routes: Vec<S<Route>>,
     pub http: Option<ListenerHttp>,
+    /// TLS termination (`super::tls`).
+    pub tls: Option<S<ListenerTls>>,
+}
+
+/// `listeners.X.tls:`.
+#[derive(Debug, Deserialize)]
+pub struct ListenerTls {
+    /// The first is the default; the others are chosen by SNI.
+    pub certificates: S<Vec<S<CertEntry>>>,
+    pub alpn: Option<Vec<S<String>>>,
+    /// `"1.2"` or `"1.3"`.
+    pub min_version: Option<S<String>>,
+    pub handshake_timeout: Option<S<String>>,
+}
+
+/// One entry of `listeners.X.tls.certificates`.
+#[derive(Debug, Deserialize)]
+pub struct CertEntry {
+    /// PEM: the certificate, then its chain.
+    pub cert: S<String>,
+    /// PEM: the private key (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key: S<String>,
 }
 
 /// One entry of `listeners.X.routes`.

@@ -9,6 +9,7 @@ mod file;
 mod isolation;
 mod runtime;
 mod server_addr;
+mod tls;
 mod unknown;
 mod validate;
 mod yaml_error;
@@ -25,6 +26,7 @@ pub use diff::{diff, ConfigDiff};
 pub use dump::format_duration;
 pub use errors::parse_duration;
 pub use isolation::{parse_cpu_list, Account, CpuAffinity, Isolation, CAPABILITY_NAMES};
+pub use tls::{Certificate, ListenerTls, TlsVersion, DEFAULT_HANDSHAKE_TIMEOUT};
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,6 +181,8 @@ pub struct Listener {
     pub routes: Vec<Route>,
     /// HTTP settings (HTTP listeners only).
     pub http: ListenerHttp,
+    /// TLS termination, if configured (`tls:`).
+    pub tls: Option<ListenerTls>,
 }
 
 /// One HTTP route.
@@ -405,6 +409,20 @@ impl Config {
             Some(name) => dir.join(name),
             None => runtime::default_runtime_dir(&dir).join("baton.sock"),
         })
+    }
+
+    /// Warnings about a configuration that loads (certificates expired or not yet valid), one
+    /// line each, `file:line:col: key: warning: ...`: `check` prints them, `run` logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.listeners
+            .values()
+            .filter_map(|l| l.tls.as_ref())
+            .flat_map(|t| t.certificates.iter())
+            .flat_map(|c| c.warnings(now))
+            .collect()
     }
 
     /// Validates `text` as if read from `path`.

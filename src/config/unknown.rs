@@ -247,6 +247,8 @@ pub(super) fn expected_at(path: &[Seg]) -> &'static [&'static str] {
         ["listeners", "*", "routes"] => fields_of::<file::Route>(),
         ["listeners", "*", "http"] => fields_of::<file::ListenerHttp>(),
         ["listeners", "*", "http", "connect"] => fields_of::<file::ConnectRaw>(),
+        ["listeners", "*", "tls"] => fields_of::<file::ListenerTls>(),
+        ["listeners", "*", "tls", "certificates"] => fields_of::<file::CertEntry>(),
         ["upstreams", "*"] => fields_of::<file::Upstream>(),
         ["upstreams", "*", "servers"] => fields_of::<file::ServerLong>(),
         ["upstreams", "*", "health_check"] => fields_of::<file::HealthCheck>(),

@@ -92,7 +92,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         seen.insert(a.listen, "admin");
     }
     for (name, l) in &raw.listeners {
-        let lst = listener(&mut errs, name, l, &raw.upstreams);
+        let lst = listener(&mut errs, name, l, &raw.upstreams, &dir);
         if let Some(lst) = lst {
             // Port 0 asks the OS for a free port: never a clash.
             let clash = if lst.listen.port() == 0 {
@@ -295,6 +295,7 @@ fn listener(
     name: &str,
     l: &S<file::Listener>,
     upstreams: &BTreeMap<String, S<file::Upstream>>,
+    dir: &Path,
 ) -> Option<Listener> {
     let p = format!("listeners.{name}");
     let raw = &l.value;
@@ -424,6 +425,12 @@ fn listener(
         errs.at(l, &format!("{p}.http"), "http settings need protocol: http");
     }
     let idle_timeout = errs.opt_duration(&raw.idle_timeout, &format!("{p}.idle_timeout"), None);
+    let tls = raw.tls.as_ref().and_then(|t| {
+        if protocol == Protocol::Http {
+            check_no_h2c(errs, t, &p, raw, upstreams);
+        }
+        super::tls::listener_tls(errs, &p, dir, protocol, t)
+    });
     Some(Listener {
         name: name.to_string(),
         listen: listen?,
@@ -439,7 +446,40 @@ fn listener(
         reuse_port: raw.reuse_port.unwrap_or(false),
         routes,
         http,
+        tls,
     })
+}
+
+/// HTTPS clients are served by the HTTP/1.1 engine, which speaks HTTP/1.1 to upstreams: a
+/// TLS listener whose routes reach an h2c upstream is refused rather than served wrongly.
+fn check_no_h2c(
+    errs: &mut Errors,
+    t: &S<file::ListenerTls>,
+    p: &str,
+    raw: &file::Listener,
+    upstreams: &BTreeMap<String, S<file::Upstream>>,
+) {
+    let reach = raw
+        .upstream
+        .iter()
+        .chain(raw.routes.iter().map(|r| &r.value.upstream));
+    for u in reach {
+        let h2c = upstreams
+            .get(&u.value)
+            .and_then(|x| x.value.http.as_ref())
+            .and_then(|h| h.protocol.as_ref())
+            .is_some_and(|p| p.value == "h2c");
+        if h2c {
+            errs.at(
+                t,
+                &format!("{p}.tls"),
+                format!(
+                    "upstream {:?} speaks h2c, which a TLS listener cannot reach yet (HTTPS is served by the HTTP/1.1 engine)",
+                    u.value
+                ),
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! The data path: accept loops and the per-connection handlers for TCP and HTTP listeners.
 
+pub mod client_io;
 pub mod http;
 pub mod tcp;
+pub mod tls;
 
 use crate::config;
 use crate::metrics::Metrics;
@@ -36,6 +38,9 @@ pub struct ListenerCtx {
     /// The idle watcher of released keep-alive connections (HTTP listeners), started by the
     /// first release; `None` inside if it could not be created.
     pub idle_watcher: std::sync::OnceLock<Option<Arc<http::idle::Watcher>>>,
+    /// The rustls config of a listener with `tls:`; `None` also when it could not be built,
+    /// and then its connections are closed (never served in plain text).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ListenerCtx {
@@ -46,7 +51,13 @@ impl ListenerCtx {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Arc<ListenerCtx> {
+        let tls = cfg.tls.as_ref().and_then(|t| {
+            crate::tls::server_config(t, None)
+                .map_err(|e| tracing::error!(listener = %cfg.name, error = %e, "cannot set up tls; its connections will be closed"))
+                .ok()
+        });
         Arc::new(ListenerCtx {
+            tls,
             name: cfg.name.as_str().into(),
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             http_pool: Arc::default(),
@@ -132,6 +143,10 @@ fn spawn_connection(
     peer: std::net::SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
+    if ctx.cfg.tls.is_some() {
+        tokio::spawn(tls::handle(ctx, stream, peer, permit));
+        return;
+    }
     match ctx.cfg.protocol {
         config::Protocol::Tcp => {
             tokio::spawn(tcp::handle(ctx, stream, peer, permit));

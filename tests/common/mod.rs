@@ -368,3 +368,56 @@ pub async fn numbered_echo(
     }
     Ok(n)
 }
+
+/// A self-signed ECDSA P-256 certificate made with the openssl CLI: `STEM.pem` and
+/// `STEM.key` in `dir`, with the subjectAltNames `sans` (`DNS:a.test`, `IP:127.0.0.1`) and
+/// valid for `days` from now (negative: already expired). Returns (cert, key).
+pub fn make_cert(dir: &Path, stem: &str, sans: &[&str], days: i64) -> (PathBuf, PathBuf) {
+    let key = dir.join(format!("{stem}.key"));
+    let csr = dir.join(format!("{stem}.csr"));
+    let cert = dir.join(format!("{stem}.pem"));
+    let ext = dir.join(format!("{stem}.ext"));
+    std::fs::write(&ext, format!("subjectAltName={}\n", sans.join(","))).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", printed(&out));
+    };
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        &p(&key),
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        &p(&key),
+        "-subj",
+        &format!("/CN={stem}"),
+        "-out",
+        &p(&csr),
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&csr),
+        "-signkey",
+        &p(&key),
+        "-days",
+        &days.to_string(),
+        "-extfile",
+        &p(&ext),
+        "-out",
+        &p(&cert),
+    ]);
+    (cert, key)
+}

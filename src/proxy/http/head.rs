@@ -43,6 +43,8 @@ pub struct ReqOpts<'a> {
     pub max_body_bytes: Option<u64>,
     /// This hop's `Via` entry (`1.1 baton`, or `2.0 baton` for an h2c client's request).
     pub via: &'static str,
+    /// The client came over TLS: `X-Forwarded-Proto: https`.
+    pub https: bool,
 }
 
 /// A parsed and rewritten request head.
@@ -440,7 +442,11 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
     rest.extend_from_slice(b"x-forwarded-for: ");
     rest.extend_from_slice(&xff);
     rest.extend_from_slice(o.client_ip.as_bytes());
-    rest.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    rest.extend_from_slice(if o.https {
+        b"\r\nx-forwarded-proto: https\r\n"
+    } else {
+        b"\r\nx-forwarded-proto: http\r\n"
+    });
     if let Some(h) = route_host {
         rest.extend_from_slice(b"x-forwarded-host: ");
         rest.extend_from_slice(h);

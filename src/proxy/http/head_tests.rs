@@ -21,6 +21,7 @@ fn parse(buf: &[u8]) -> Result<Option<Request>, HeadError> {
             upgrades: &upgrades,
             max_body_bytes: None,
             via: "1.1 baton",
+            https: false,
         },
     )
 }

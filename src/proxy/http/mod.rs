@@ -138,7 +138,11 @@ pub fn resume_http(
             None
         }
     };
-    let c = h1::Conn { client, up, st };
+    let c = h1::Conn {
+        client: client.into(),
+        up,
+        st,
+    };
     Either::Right(async move {
         if let h1::End::Idle(conn, stream) = Box::pin(h1::run(ctx.clone(), conn, c)).await {
             server::serve(ctx, conn, stream, BytesMut::new(), permit).await;

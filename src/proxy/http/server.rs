@@ -156,7 +156,7 @@ pub async fn serve(
             // baton's own engine, for every HTTP/1.1 client; boxed, so an idle connection's
             // task stays small.
             let c = h1::Conn {
-                client: stream,
+                client: stream.into(),
                 up: None,
                 st: h1::state::State {
                     cbuf: std::mem::take(&mut buf),

@@ -101,6 +101,8 @@ pub async fn send(
         upgrades: &[],
         max_body_bytes: http.max_body_bytes,
         via: "2.0 baton",
+        // h2c clients come over plain TCP (HTTP/2 over TLS is not served).
+        https: false,
     };
     let req = match head::parse_request(&raw, &opts) {
         Ok(Some(r)) => r,

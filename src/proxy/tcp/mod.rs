@@ -2,6 +2,7 @@
 
 pub mod relay;
 
+use super::client_io::ClientIo;
 use super::ListenerCtx;
 use crate::registry::{
     now_ms, ConnHandle, ConnKind, ConnState, Parked, PendingHalf, TunnelState, SIG_KILL, SIG_PARK,
@@ -27,6 +28,16 @@ pub async fn handle(
     let conn = ctx
         .registry
         .register(ctx.name.clone(), peer, ConnKind::Tcp, now_ms());
+    connect_and_relay(ctx, conn, client.into(), peer).await
+}
+
+/// Connects the tunnel's upstream and relays a registered client connection until it ends.
+pub async fn connect_and_relay(
+    ctx: Arc<ListenerCtx>,
+    conn: ConnHandle,
+    client: ClientIo,
+    peer: SocketAddr,
+) {
     let Some(upstream) = ctx.upstreams.get(&ctx.cfg.upstream) else {
         tracing::error!(listener = %ctx.name, upstream = %ctx.cfg.upstream, "listener names a missing upstream");
         return;

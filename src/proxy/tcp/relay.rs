@@ -9,6 +9,7 @@
 //! A direction takes a 64 KiB buffer from a per-thread pool only when its source is readable
 //! and gives it back once everything read has been written, so idle tunnels hold no buffers.
 
+use crate::proxy::client_io::ClientIo;
 use crate::registry::{ConnStats, PendingHalf};
 use std::io;
 use std::pin::Pin;
@@ -106,11 +107,11 @@ impl Half {
     /// been passed on (or, with `other_done`, as soon as all bytes are written: the relay is
     /// about to close both sockets); Pending with a registered waker otherwise. `moved` counts
     /// bytes read.
-    fn poll_copy(
+    fn poll_copy<Src: Source, Dst: AsyncWrite>(
         &mut self,
         cx: &mut Context<'_>,
-        src: &mut TcpStream,
-        mut dst: Pin<&mut TcpStream>,
+        src: &mut Src,
+        mut dst: Pin<&mut Dst>,
         moved: &mut u64,
         other_done: bool,
     ) -> Poll<io::Result<()>> {
@@ -141,7 +142,7 @@ impl Half {
                 return Poll::Ready(Ok(()));
             }
             // Wait for readability before taking a buffer, so an idle direction holds none.
-            ready!(src.poll_read_ready(cx))?;
+            ready!(src.poll_ready(cx))?;
             let mut buf = take_buffer();
             // poll_read, not try_read: a read shorter than the buffer clears the readiness, so
             // the next poll waits for epoll instead of spending a recvfrom on EAGAIN (one
@@ -179,6 +180,24 @@ impl Drop for Half {
     }
 }
 
+/// A socket the relay reads from: readiness first (so an idle direction holds no buffer),
+/// then a read. Static dispatch: the upstream side stays a bare `TcpStream`.
+trait Source: AsyncRead + Unpin {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Source for TcpStream {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl Source for ClientIo {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
 /// Why a relay ended.
 #[derive(Debug)]
 pub enum RelayEnd {
@@ -191,7 +210,7 @@ pub enum RelayEnd {
 /// A client socket and an upstream socket joined in both directions.
 #[derive(Debug)]
 pub struct Relay {
-    client: TcpStream,
+    client: ClientIo,
     upstream: TcpStream,
     to_upstream: Half,
     to_client: Half,
@@ -203,14 +222,14 @@ impl Relay {
     /// Joins two sockets, starting with bytes already in flight (from a handover, or bytes an
     /// HTTP server read ahead before an Upgrade).
     pub fn new(
-        client: TcpStream,
+        client: impl Into<ClientIo>,
         upstream: TcpStream,
         to_upstream: PendingHalf,
         to_client: PendingHalf,
         stats: Arc<ConnStats>,
     ) -> Relay {
         Relay {
-            client,
+            client: client.into(),
             upstream,
             to_upstream: Half::new(to_upstream),
             to_client: Half::new(to_client),

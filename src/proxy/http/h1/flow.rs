@@ -6,7 +6,8 @@
 use super::super::framing::{encode_chunk, FramingError, LAST_CHUNK};
 use super::super::head::{parse_response, ClientBody, RespOpts};
 use super::state::{RespState, State};
-use bytes::{Buf, BytesMut};
+use crate::proxy::client_io::ClientIo;
+use bytes::Buf;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -16,8 +17,6 @@ use tokio::net::TcpStream;
 
 /// Buffer cap per direction and side: reading stops while a buffer holds this much.
 pub const CAP: usize = 32 * 1024;
-/// Bytes reserved for each read.
-const READ: usize = 16 * 1024;
 
 /// What stopped the flow.
 #[derive(Debug)]
@@ -52,37 +51,21 @@ pub struct FlowOpts {
     pub resp: RespOpts,
 }
 
-/// Reads once into `buf` (with room reserved); `Ok(0)` is EOF.
-pub fn poll_fill(
-    s: &TcpStream,
-    buf: &mut BytesMut,
+/// Reads once from an upstream socket into `buf` (with room reserved); `Ok(0)` is EOF.
+pub use crate::proxy::client_io::poll_fill_tcp as poll_fill;
+
+fn poll_write<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    b: &[u8],
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    loop {
-        match s.poll_read_ready(cx) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
-        }
-        if buf.capacity() - buf.len() < READ / 2 {
-            buf.reserve(READ);
-        }
-        match s.try_read_buf(buf) {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
-}
-
-fn poll_write(s: &mut TcpStream, b: &[u8], cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     Pin::new(s).poll_write(cx, b)
 }
 
 /// Makes all the progress possible now. `client_in`/`client_out` count bytes for the registry.
 pub fn poll_flow(
     st: &mut State,
-    client: &mut TcpStream,
+    client: &mut ClientIo,
     mut up: Option<&mut TcpStream>,
     o: &FlowOpts,
     stats: &crate::registry::ConnStats,
@@ -154,7 +137,7 @@ pub fn poll_flow(
         }
         // Read the client only for the body (and only while the buffer has room).
         if !ex.body.is_done() && st.cbuf.len() < CAP {
-            match poll_fill(client, &mut st.cbuf, cx) {
+            match client.poll_fill(&mut st.cbuf, cx) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Flow::ClientFailed("client closed mid-body", Some(400)))
                 }

@@ -145,6 +145,12 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
         fail(ctx, conn, c, 500, true, "missing upstream");
         return Step::Go;
     };
+    if c.client.is_tls() {
+        // The body pump below reads the raw socket; config refuses h2c upstreams on TLS
+        // listeners, so this is only a guard.
+        fail(ctx, conn, c, 502, true, "h2c upstream from a TLS client");
+        return Step::Go;
+    }
     let Some(head) = hyper_head(ex) else {
         fail(ctx, conn, c, 400, true, "request head not valid for HTTP/2");
         return Step::Go;
@@ -174,7 +180,7 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
     let mut send = Box::pin(forward::send(&target, head, body));
     let mut pumping = Box::pin(pump(
         ctx,
-        &c.client,
+        c.client.tcp(),
         &mut c.st.cbuf,
         framing,
         tx.unwrap_or_else(closed_tx),
@@ -302,7 +308,7 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
     tokio::pin!(sleep);
     loop {
         if !out.is_empty() {
-            if write_all(&c.client, &out).await.is_err() {
+            if write_all(c.client.tcp(), &out).await.is_err() {
                 broken = Some("client gone");
                 break;
             }

@@ -18,12 +18,13 @@ pub mod state;
 
 use super::head::{self, ReqOpts, RespOpts};
 use super::route;
+use crate::proxy::client_io::ClientIo;
 use crate::proxy::tcp::close_log;
 use crate::proxy::ListenerCtx;
 use crate::registry::{now_ms, ConnHandle, ConnState, SIG_DRAIN, SIG_KILL, SIG_PARK};
 use crate::upstream::ServerGuard;
 use bytes::{Buf, BytesMut};
-use flow::{poll_fill, poll_flow, Flow, FlowOpts};
+use flow::{poll_flow, Flow, FlowOpts};
 use outcome::{fail, on_deadline, on_flow, park, tunnel};
 use state::{Exchange, Phase, State};
 use std::future::Future;
@@ -51,8 +52,8 @@ pub struct Upstream {
 
 /// A client connection in the engine.
 pub struct Conn {
-    /// The client socket.
-    pub client: TcpStream,
+    /// The client's transport: plain, or TLS after its handshake.
+    pub client: ClientIo,
     /// The upstream connection of the request in flight.
     pub up: Option<Upstream>,
     /// Everything else.
@@ -105,7 +106,14 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
     let client_ip = stats.client.ip().to_string();
     // How long a connection between requests waits here (state, buffers and this boxed task
     // kept) before it goes back to the idle wait in `server`, which holds none of them.
-    let linger = super::shared::IDLE_RELEASE.min(http.keepalive_timeout);
+    // A TLS connection has no idle wait outside the engine (its session lives in rustls and
+    // the idle watcher reads raw sockets): it waits here for the whole keep-alive time.
+    let linger = if c.client.is_tls() {
+        http.keepalive_timeout
+    } else {
+        super::shared::IDLE_RELEASE.min(http.keepalive_timeout)
+    };
+    let https = c.client.is_tls();
     loop {
         // A signal decided between phases.
         let bits = if conn.signalled() {
@@ -145,7 +153,13 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                             stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                             c.st.head_started_ms = Some(now_ms());
                         }
-                        Wake::Timer => return End::Idle(conn, c.client),
+                        Wake::Timer => match c.client {
+                            ClientIo::Plain(s) => return End::Idle(conn, s),
+                            ClientIo::Tls(_) => {
+                                close_log(&ctx, &conn, "idle timeout");
+                                return End::Gone;
+                            }
+                        },
                         Wake::Signal(_) | Wake::Flow(_) => {}
                     }
                     continue;
@@ -158,6 +172,7 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                     upgrades: &http.upgrade_protocols,
                     max_body_bytes: http.max_body_bytes,
                     via: "1.1 baton",
+                    https,
                 };
                 match head::parse_request(&c.st.cbuf, &opts) {
                     Ok(Some(req)) => {
@@ -463,7 +478,7 @@ async fn wait_read(conn: &ConnHandle, c: &mut Conn, due_ms: u64) -> Wake {
         if let Poll::Ready(b) = signal.as_mut().poll(cx) {
             return Poll::Ready(Wake::Signal(b));
         }
-        if let Poll::Ready(r) = poll_fill(&c.client, &mut c.st.cbuf, cx) {
+        if let Poll::Ready(r) = c.client.poll_fill(&mut c.st.cbuf, cx) {
             return Poll::Ready(Wake::Read(r));
         }
         if sleep.as_mut().poll(cx).is_ready() {

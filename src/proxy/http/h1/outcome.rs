@@ -270,22 +270,38 @@ pub(super) fn log_access(ctx: &ListenerCtx, conn: &ConnHandle, st: &State, compl
     }
     let stats = conn.stats();
     let host = ex.host.as_deref().map(route::normalize_host);
-    tracing::info!(
-        target: "baton::access",
-        conn = stats.id,
-        listener = %ctx.name,
-        method = %ex.method,
-        host = host.as_deref().unwrap_or("-"),
-        path = ex.target.split('?').next().unwrap_or("/"),
-        status,
-        bytes = ex.resp_bytes,
-        complete,
-        duration_ms = elapsed.as_millis() as u64,
-        server = %crate::proxy::tcp::OrDash(ex.server),
-        client = %stats.client,
-        trace_id = %ex.trace,
-        "request"
-    );
+    // One macro for both lines: a TLS connection's line adds what its handshake agreed on.
+    macro_rules! access {
+        ($($tls:tt)*) => {
+            tracing::info!(
+                target: "baton::access",
+                conn = stats.id,
+                listener = %ctx.name,
+                method = %ex.method,
+                host = host.as_deref().unwrap_or("-"),
+                path = ex.target.split('?').next().unwrap_or("/"),
+                status,
+                bytes = ex.resp_bytes,
+                complete,
+                duration_ms = elapsed.as_millis() as u64,
+                server = %crate::proxy::tcp::OrDash(ex.server),
+                client = %stats.client,
+                trace_id = %ex.trace,
+                $($tls)*
+                "request"
+            )
+        };
+    }
+    match stats.tls() {
+        None => access!(),
+        Some(t) => access!(
+            tls_version = %t.version,
+            tls_cipher = %t.cipher,
+            sni = %crate::proxy::tcp::OrDash(t.sni.as_deref()),
+            alpn = %crate::proxy::tcp::OrDash(t.alpn.as_deref()),
+            tls_resumed = t.resumed,
+        ),
+    }
 }
 
 /// Joins client and upstream on the L4 relay after a 101 (or baton's 200 to a CONNECT).

@@ -1,0 +1,108 @@
+//! Connections of a listener with `tls:`: the handshake (bounded by `tls.handshake_timeout`),
+//! then the same data path as plain connections, over [`ClientIo::Tls`]: the HTTP/1.1 engine
+//! for `http` listeners, the L4 relay for `tcp` ones.
+//!
+//! Such a connection is pinned in the registry: its session lives in rustls, so at an upgrade
+//! it is drained (finishes in this process) instead of parked. A TLS HTTP connection waits
+//! for its next request in its own task, not in the idle watcher (which reads raw sockets).
+
+use super::client_io::ClientIo;
+use super::http::h1;
+use super::tcp::{close_log, connect_and_relay};
+use super::ListenerCtx;
+use crate::config::Protocol;
+use crate::registry::{now_ms, ConnHandle, ConnKind, SIG_KILL};
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+/// Serves one accepted connection of a TLS listener.
+pub async fn handle(
+    ctx: Arc<ListenerCtx>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let kind = match ctx.cfg.protocol {
+        Protocol::Tcp => ConnKind::Tcp,
+        Protocol::Http => ConnKind::Http,
+    };
+    let conn = ctx
+        .registry
+        .register(ctx.name.clone(), peer, kind, now_ms());
+    conn.stats().set_pinned();
+    let (Some(server), Some(t)) = (ctx.tls.clone(), ctx.cfg.tls.as_ref()) else {
+        return close_log(&ctx, &conn, "tls not set up");
+    };
+    let http = ctx.cfg.protocol == Protocol::Http;
+    let done = tokio::select! {
+        biased;
+        r = tokio::time::timeout(t.handshake_timeout, crate::tls::handshake::accept(tcp, &server, http)) => r,
+        _ = conn.requested(SIG_KILL) => return close_log(&ctx, &conn, "closed at drain deadline"),
+    };
+    let h = match done {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            let reason = e.reason();
+            match e {
+                crate::tls::HandshakeError::Closed => {
+                    tracing::debug!(conn = conn.stats().id, client = %peer, "client closed during the tls handshake")
+                }
+                e => {
+                    tracing::info!(conn = conn.stats().id, listener = %ctx.name, client = %peer, error = %e, side = "client", "tls handshake failed")
+                }
+            }
+            return close_log(&ctx, &conn, reason);
+        }
+        Err(_) => {
+            tracing::info!(conn = conn.stats().id, listener = %ctx.name, client = %peer, side = "client", "tls handshake timed out");
+            return close_log(&ctx, &conn, "tls handshake timeout");
+        }
+    };
+    tracing::debug!(conn = conn.stats().id, client = %peer, version = %h.facts.version, cipher = %h.facts.cipher, sni = ?h.facts.sni, alpn = ?h.facts.alpn, resumed = h.facts.resumed, "tls handshake done");
+    conn.stats().set_tls(h.facts.clone());
+    let io = ClientIo::from_handshake(h);
+    match ctx.cfg.protocol {
+        Protocol::Tcp => connect_and_relay(ctx, conn, io, peer).await,
+        Protocol::Http => serve_http(ctx, conn, io).await,
+    }
+}
+
+/// Serves HTTP/1.1 over TLS until the connection closes.
+async fn serve_http(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut io: ClientIo) {
+    // The first request is waited for here, so a drain that comes right after the handshake
+    // (an upgrade) still serves it (with `connection: close`) instead of closing a connection
+    // the client has just opened.
+    let mut cbuf = BytesMut::new();
+    let first = tokio::select! {
+        biased;
+        _ = conn.requested(SIG_KILL) => return close_log(&ctx, &conn, "closed at drain deadline"),
+        r = tokio::time::timeout(
+            ctx.cfg.http.keepalive_timeout,
+            std::future::poll_fn(|cx| io.poll_fill(&mut cbuf, cx)),
+        ) => r,
+    };
+    match first {
+        Ok(Ok(n)) if n > 0 => {
+            conn.stats().bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(_) => return close_log(&ctx, &conn, "client closed"),
+        Err(_) => return close_log(&ctx, &conn, "idle timeout"),
+    }
+    let c = h1::Conn {
+        client: io,
+        up: None,
+        st: h1::state::State {
+            cbuf,
+            head_started_ms: Some(now_ms()),
+            ..Default::default()
+        },
+    };
+    // The engine keeps a TLS connection until it closes (it never returns one as idle).
+    if let h1::End::Idle(conn, _) = Box::pin(h1::run(ctx.clone(), conn, c)).await {
+        close_log(&ctx, &conn, "closed");
+    }
+}
