@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # How long an upgrade stops accepting, with many idle keep-alive HTTP connections to move:
 # baton (release) in front of the example backend, scripts/bench/conns.py holding N idle
-# connections (each answered once), then ROUNDS upgrades; prints baton's own "accepting paused
-# X ms, Y ms" (pause, whole upgrade) per round and the clients' verdict (every idle connection
-# must still answer afterwards). Everything started is stopped by pid on exit.
+# connections (each answered once), then ROUNDS upgrades. Per round it prints how many idle
+# connections moved before the commit and baton's own "accepting paused X ms, Y ms" (the pause,
+# the whole upgrade); then the clients' verdict (every idle connection must still answer).
+# Everything started is stopped by pid on exit.
 #
-#   scripts/bench/accept-pause.sh [N=5000] [ROUNDS=3]     BENCH_NO_BUILD=1 uses target/release as is; BATON_BIN=PATH runs that binary
+#   scripts/bench/accept-pause.sh [N=5000] [ROUNDS=3]
+#   BENCH_NO_BUILD=1 uses target/release as it is; BATON_BIN=PATH runs that binary instead
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 N=${1:-5000}
@@ -49,7 +51,10 @@ PIDS+=("$CONNS")
 wait_for 120 test -s "$WORK/ready"
 echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg); $N idle connections"
 for _ in $(seq "$ROUNDS"); do
-    "$BIN" upgrade -c "$WORK/config.yaml" | grep -o "accepting paused [0-9]* ms, [0-9]* ms"
+    # How many moved before the commit (the rest would move after it), and the pause.
+    "$BIN" upgrade -c "$WORK/config.yaml" |
+        grep -o -e "[0-9]* idle http" -e "accepting paused [0-9]* ms, [0-9]* ms" | paste -sd' '
+
 done
 kill -USR1 "$CONNS"
 wait "$CONNS" || true
