@@ -255,6 +255,7 @@ fn listeners_frame(fd_count: usize) -> Vec<u8> {
             addr: "127.0.0.1:1".parse().unwrap(),
             protocol: Protocol::Tcp,
         }],
+        ticket_keys: 0,
     };
     encode(&msg, 1, 0)
         .map(|mut f| {

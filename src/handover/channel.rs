@@ -306,6 +306,7 @@ mod tests {
                 addr: "127.0.0.1:1".parse().unwrap(),
                 protocol: crate::config::Protocol::Tcp,
             }],
+            ticket_keys: 0,
         };
         a.send(&msg, &[x.as_fd()], &[]).await.unwrap();
         a.send(&Message::Ack { seq: 1, count: 0 }, &[], &[])

@@ -113,6 +113,16 @@ pub async fn send_listeners<N: AsRef<str>>(
     ch: &mut Channel,
     listeners: &[(N, SocketAddr, Protocol, BorrowedFd<'_>)],
 ) -> Result<(), HandoverError> {
+    send_listeners_with_keys(ch, listeners, &[]).await
+}
+
+/// [`send_listeners`] with the session-ticket keys (whole keys of
+/// [`crate::tls::tickets::KEY_WIRE_LEN`] bytes) in the bulk section.
+pub async fn send_listeners_with_keys<N: AsRef<str>>(
+    ch: &mut Channel,
+    listeners: &[(N, SocketAddr, Protocol, BorrowedFd<'_>)],
+    ticket_keys: &[u8],
+) -> Result<(), HandoverError> {
     let entries = listeners
         .iter()
         .map(|(name, addr, protocol, _)| ListenerEntry {
@@ -122,8 +132,13 @@ pub async fn send_listeners<N: AsRef<str>>(
         })
         .collect();
     let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(|l| l.3).collect();
-    ch.send(&Message::Listeners { listeners: entries }, &fds, &[])
-        .await
+    let count = ticket_keys.len() / crate::tls::tickets::KEY_WIRE_LEN;
+    let keys = &ticket_keys[..count * crate::tls::tickets::KEY_WIRE_LEN];
+    let msg = Message::Listeners {
+        listeners: entries,
+        ticket_keys: u32::try_from(count).unwrap_or(0),
+    };
+    ch.send(&msg, &fds, keys).await
 }
 
 /// Receives the predecessor's listeners, each with its fd (checked: a listening stream
@@ -131,16 +146,26 @@ pub async fn send_listeners<N: AsRef<str>>(
 pub async fn recv_listeners(
     ch: &mut Channel,
 ) -> Result<Vec<(ListenerEntry, OwnedFd)>, HandoverError> {
-    let Received { msg, fds, .. } = ch.recv().await?;
+    Ok(recv_listeners_with_keys(ch).await?.0)
+}
+
+/// [`recv_listeners`], and the session-ticket keys that came with them (zeroized on drop;
+/// empty from a predecessor without TLS keys).
+pub async fn recv_listeners_with_keys(
+    ch: &mut Channel,
+) -> Result<(Vec<(ListenerEntry, OwnedFd)>, zeroize::Zeroizing<Vec<u8>>), HandoverError> {
+    let Received { msg, fds, bulk } = ch.recv().await?;
+    // Wrapped at once, so the key bytes are wiped on every path out of here.
+    let keys = zeroize::Zeroizing::new(bulk);
     let listeners = match msg {
-        Message::Listeners { listeners } => listeners,
+        Message::Listeners { listeners, .. } => listeners,
         other => return Err(unexpected(other, "listeners")),
     };
     for (index, fd) in fds.iter().enumerate() {
         check_listener(index, fd)?;
     }
-    // The decoder checked that there is exactly one fd per entry.
-    Ok(listeners.into_iter().zip(fds).collect())
+    // The decoder checked that there is exactly one fd per entry, and the keys' length.
+    Ok((listeners.into_iter().zip(fds).collect(), keys))
 }
 
 fn check_listener(index: usize, fd: &OwnedFd) -> Result<(), HandoverError> {

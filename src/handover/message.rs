@@ -181,6 +181,11 @@ pub enum Message {
     Listeners {
         /// The listeners.
         listeners: Vec<ListenerEntry>,
+        /// Session-ticket keys in the bulk section, [`crate::tls::tickets::KEY_WIRE_LEN`]
+        /// bytes each (so the successor resumes the predecessor's TLS sessions). Secrets:
+        /// only here, on the private socketpair, never in the JSON payload or a log.
+        #[serde(default)]
+        ticket_keys: u32,
     },
     /// The successor accepts on its listeners.
     Ready {
@@ -250,7 +255,7 @@ impl Message {
     /// How many fds must travel with this message.
     pub fn fds_needed(&self) -> usize {
         match self {
-            Message::Listeners { listeners } => listeners.len(),
+            Message::Listeners { listeners, .. } => listeners.len(),
             Message::Conns { conns, .. } => conns.iter().map(ConnEntry::fd_count).sum(),
             Message::HandOverTo => 1,
             _ => 0,
@@ -263,6 +268,9 @@ impl Message {
             Message::Conns { conns, .. } => conns
                 .iter()
                 .try_fold(0u64, |acc, c| acc.checked_add(c.bulk_len()?)),
+            Message::Listeners { ticket_keys, .. } => {
+                u64::from(*ticket_keys).checked_mul(crate::tls::tickets::KEY_WIRE_LEN as u64)
+            }
             _ => Some(0),
         }
     }

@@ -66,6 +66,7 @@ fn round_trip_every_message() {
                 addr: "127.0.0.1:80".parse().unwrap(),
                 protocol: Protocol::Http,
             }],
+            ticket_keys: 0,
         },
         Message::Ready {
             adopted: vec!["web".into()],

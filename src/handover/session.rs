@@ -242,6 +242,8 @@ pub struct Predecessor {
     deadline: Deadline,
     /// The last batch's sequence number (0 is the commit's acknowledgement).
     seq: u64,
+    /// Session-ticket keys to send with the listeners (see [`Self::set_ticket_keys`]).
+    ticket_keys: zeroize::Zeroizing<Vec<u8>>,
 }
 
 /// One listener to offer: name, bound address, protocol, and the fd (which stays ours).
@@ -255,7 +257,14 @@ impl Predecessor {
             peer,
             deadline,
             seq: 0,
+            ticket_keys: zeroize::Zeroizing::new(Vec::new()),
         }
+    }
+
+    /// Session-ticket keys for the successor, sent with the listeners (whole keys of
+    /// [`crate::tls::tickets::KEY_WIRE_LEN`] bytes; wiped when the session ends).
+    pub fn set_ticket_keys(&mut self, keys: zeroize::Zeroizing<Vec<u8>>) {
+        self.ticket_keys = keys;
     }
 
     /// The successor's pid, when this process spawned it (0 otherwise).
@@ -285,7 +294,7 @@ impl Predecessor {
             self.deadline,
             {
                 let ch = &mut self.ch;
-                handshake::send_listeners(ch, offers)
+                handshake::send_listeners_with_keys(ch, offers, &self.ticket_keys)
             }
         )
     }
@@ -415,6 +424,8 @@ pub struct Successor {
     deadline: Deadline,
     /// What the predecessor said about itself.
     pub predecessor: PeerHello,
+    /// The predecessor's session-ticket keys, once the listeners arrived.
+    ticket_keys: zeroize::Zeroizing<Vec<u8>>,
 }
 
 impl Successor {
@@ -431,18 +442,26 @@ impl Successor {
             ch,
             deadline,
             predecessor,
+            ticket_keys: zeroize::Zeroizing::new(Vec::new()),
         })
     }
 
     /// Receives the listeners, each with its fd (checked: a listening stream socket).
     pub async fn listeners(&mut self) -> Result<Vec<(ListenerEntry, OwnedFd)>, SessionError> {
-        step!(
+        let (listeners, keys) = step!(
             &mut self.ch,
             &mut Peer::Remote,
             Stage::Listeners,
             self.deadline,
-            handshake::recv_listeners(&mut self.ch)
-        )
+            handshake::recv_listeners_with_keys(&mut self.ch)
+        )?;
+        self.ticket_keys = keys;
+        Ok(listeners)
+    }
+
+    /// The session-ticket keys that came with the listeners (empty if none did).
+    pub fn take_ticket_keys(&mut self) -> zeroize::Zeroizing<Vec<u8>> {
+        std::mem::replace(&mut self.ticket_keys, zeroize::Zeroizing::new(Vec::new()))
     }
 
     /// Reports that the listeners named in `adopted` were taken over and this process is

@@ -28,6 +28,8 @@ pub(super) struct Process {
     pub metrics: Arc<Metrics>,
     pub upstreams: Upstreams,
     pub listeners: Listeners,
+    /// Session-ticket keys of every TLS listener; handed to the successor.
+    pub tickets: Arc<crate::tls::tickets::Ticketer>,
     /// Cancelled at exit: stops health checks and the control socket.
     pub shutdown: CancellationToken,
     pub phase: Phase,
@@ -87,11 +89,12 @@ impl Process {
         let Some(lcfg) = self.cfg.listeners.get(name) else {
             return Ok(());
         };
-        let ctx = ListenerCtx::new(
+        let ctx = ListenerCtx::with_tickets(
             lcfg.clone(),
             self.upstreams.clone(),
             self.registry.clone(),
             self.metrics.clone(),
+            self.tickets.clone(),
         );
         self.listeners.add(name, ctx, l, accept)
     }
@@ -310,6 +313,7 @@ impl Process {
             metrics: Arc::new(Metrics::new(&cfg, opts.generation)),
             upstreams: upstream::build(&cfg),
             listeners: Listeners::default(),
+            tickets: Arc::default(),
             shutdown: CancellationToken::new(),
             phase: Phase::Starting,
             started: Instant::now(),

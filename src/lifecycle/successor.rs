@@ -68,6 +68,15 @@ pub(super) async fn take_over(
         return Err(LifecycleError::TakeOver(reason));
     }
     let received = s.listeners().await.map_err(|e| refused("predecessor", e))?;
+    let keys = s.take_ticket_keys();
+    if !keys.is_empty() {
+        match p.tickets.import(&keys) {
+            Ok(n) => tracing::debug!(keys = n, "took over the predecessor's session-ticket keys"),
+            Err(e) => {
+                tracing::warn!(error = %e, "predecessor's session-ticket keys refused; tickets it issued will not resume")
+            }
+        }
+    }
     let mut inherited: BTreeMap<String, (std::net::SocketAddr, std::os::fd::OwnedFd)> = received
         .into_iter()
         .map(|(e, fd)| (e.name, (e.addr, fd)))

@@ -204,6 +204,8 @@ async fn guarded<F: Future>(
 /// Everything before the rollback point: handshake, listeners, readiness.
 async fn prepare(p: &Process, s: &mut Predecessor) -> Result<Vec<String>, SessionError> {
     s.hello().await?;
+    // The successor decrypts the session tickets this process issued (docs/tls.md).
+    s.set_ticket_keys(p.tickets.export());
     s.offer_listeners(&p.listeners.offers()).await?;
     s.await_ready().await
 }

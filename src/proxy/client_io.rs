@@ -35,6 +35,11 @@ impl From<TcpStream> for ClientIo {
 impl ClientIo {
     /// The post-handshake stream of a connection whose handshake completed.
     pub fn from_handshake(h: Handshaken) -> ClientIo {
+        // rustls keeps serving this session: the secrets the key log captured for the
+        // record layer are not needed (the record layer's switch takes them here instead).
+        if let Some(r) = &h.random {
+            h.keylog.forget(r);
+        }
         ClientIo::Tls(Box::new(PostHandshake::new(h)))
     }
 

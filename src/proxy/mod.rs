@@ -40,19 +40,31 @@ pub struct ListenerCtx {
     pub idle_watcher: std::sync::OnceLock<Option<Arc<http::idle::Watcher>>>,
     /// The rustls config of a listener with `tls:`; `None` also when it could not be built,
     /// and then its connections are closed (never served in plain text).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<crate::tls::TlsServer>,
 }
 
 impl ListenerCtx {
-    /// Builds the context of one listener.
+    /// Builds the context of one listener (with session-ticket keys of its own).
     pub fn new(
         cfg: config::Listener,
         upstreams: Upstreams,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Arc<ListenerCtx> {
+        Self::with_tickets(cfg, upstreams, registry, metrics, Arc::default())
+    }
+
+    /// Builds the context of one listener whose TLS session tickets are encrypted with the
+    /// process's keys `tickets` (shared by its listeners, handed to the successor).
+    pub fn with_tickets(
+        cfg: config::Listener,
+        upstreams: Upstreams,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        tickets: Arc<crate::tls::tickets::Ticketer>,
+    ) -> Arc<ListenerCtx> {
         let tls = cfg.tls.as_ref().and_then(|t| {
-            crate::tls::server_config(t, None)
+            crate::tls::server_config(t, Some(tickets))
                 .map_err(|e| tracing::error!(listener = %cfg.name, error = %e, "cannot set up tls; its connections will be closed"))
                 .ok()
         });

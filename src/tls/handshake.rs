@@ -7,6 +7,8 @@
 //! A client that does not start with a TLS handshake record is refused here: plain HTTP on
 //! an HTTPS listener gets nginx's `400 The plain HTTP request was sent to HTTPS port`.
 
+use super::record::{client_random, ClientRandom, KeyLogCapture};
+use super::TlsServer;
 use crate::registry::TlsFacts;
 use bytes::{Buf, BytesMut};
 use rustls::{ServerConfig, ServerConnection};
@@ -35,6 +37,10 @@ pub struct Handshaken {
     pub rx: BytesMut,
     /// What the handshake agreed on.
     pub facts: TlsFacts,
+    /// The ClientHello's random: the key of this connection's secrets in `keylog`.
+    pub random: Option<ClientRandom>,
+    /// The listener's key log, holding this connection's traffic secrets.
+    pub keylog: Arc<KeyLogCapture>,
 }
 
 /// Why a handshake failed.
@@ -79,13 +85,42 @@ pub const PLAIN_HTTP_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: te
 /// Runs the server side of a handshake on `tcp` (no timeout here: the caller bounds it).
 /// `http` says the listener speaks HTTP, so a plain HTTP request gets [`PLAIN_HTTP_400`].
 pub async fn accept(
+    tcp: TcpStream,
+    tls: &TlsServer,
+    http: bool,
+) -> Result<Handshaken, HandshakeError> {
+    let mut random = None;
+    let r = drive(tcp, &tls.config, http, &mut random).await;
+    match r {
+        Ok((tcp, conn, rx)) => Ok(Handshaken {
+            facts: facts_of(&conn),
+            tcp,
+            conn,
+            rx,
+            random,
+            keylog: tls.keylog.clone(),
+        }),
+        Err(e) => {
+            if let Some(r) = &random {
+                tls.keylog.forget(r);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The handshake itself; `random` is set as soon as the ClientHello's is known.
+async fn drive(
     mut tcp: TcpStream,
     cfg: &Arc<ServerConfig>,
     http: bool,
-) -> Result<Handshaken, HandshakeError> {
+    random: &mut Option<ClientRandom>,
+) -> Result<(TcpStream, ServerConnection, BytesMut), HandshakeError> {
     let mut conn = ServerConnection::new(cfg.clone())?;
     let mut rx = BytesMut::with_capacity(2048);
     let mut first = true;
+    // The first handshake records, until the ClientHello's random can be read from them.
+    let mut hello = Vec::new();
     loop {
         while conn.wants_write() {
             write_out(&mut conn, &tcp).await?;
@@ -108,6 +143,10 @@ pub async fn accept(
         }
         if let Some(len) = whole_record(&rx)? {
             first = false;
+            if random.is_none() {
+                hello.extend_from_slice(&rx[..len]);
+                *random = client_random(&hello);
+            }
             let mut rec = &rx[..len];
             while !rec.is_empty() {
                 conn.read_tls(&mut rec)?;
@@ -129,13 +168,7 @@ pub async fn accept(
             Err(e) => return Err(e.into()),
         }
     }
-    let facts = facts_of(&conn);
-    Ok(Handshaken {
-        tcp,
-        conn,
-        rx,
-        facts,
-    })
+    Ok((tcp, conn, rx))
 }
 
 /// The length (header included) of the record at the front of `rx`, once all of it is there.

@@ -2,6 +2,7 @@
 //! (cipher suites are rustls's safe defaults: AEAD only), ALPN, the SNI table, and the
 //! settings the record layer needs later (secret extraction).
 
+use super::record::KeyLogCapture;
 use super::sni::SniResolver;
 use crate::config::{ListenerTls, TlsVersion};
 use rustls::server::ProducesTickets;
@@ -19,12 +20,22 @@ pub enum ServerConfigError {
     NoCertificate,
 }
 
+/// A listener's TLS: its rustls config and the key log that captures each connection's
+/// traffic secrets for the record layer.
+#[derive(Debug, Clone)]
+pub struct TlsServer {
+    /// The rustls config (its `key_log` is `keylog`).
+    pub config: Arc<ServerConfig>,
+    /// Traffic secrets by client random, taken when a session leaves rustls.
+    pub keylog: Arc<KeyLogCapture>,
+}
+
 /// Builds the rustls config of a listener; `tickets` encrypts its session tickets (shared by
 /// every listener of the process, and handed to the successor).
 pub fn server_config(
     t: &ListenerTls,
     tickets: Option<Arc<dyn ProducesTickets>>,
-) -> Result<Arc<ServerConfig>, ServerConfigError> {
+) -> Result<TlsServer, ServerConfigError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&'static rustls::SupportedProtocolVersion] = match t.min_version {
         TlsVersion::V12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -43,8 +54,13 @@ pub fn server_config(
     sc.alpn_protocols = t.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
     // The record layer (src/tls/record) continues a session from its extracted secrets.
     sc.enable_secret_extraction = true;
+    let keylog = Arc::new(KeyLogCapture::new());
+    sc.key_log = keylog.clone();
     if let Some(t) = tickets {
         sc.ticketer = t;
     }
-    Ok(Arc::new(sc))
+    Ok(TlsServer {
+        config: Arc::new(sc),
+        keylog,
+    })
 }
