@@ -196,6 +196,18 @@ async fn openssl_s_client_through_a_tls_tcp_listener_reaches_the_echo_backend() 
     .unwrap();
     let want: Vec<String> = (0..5).map(|i| format!("line {i}\n")).collect();
     assert_eq!(out, want);
+    // A TLS tunnel's close line carries what its handshake agreed on.
+    b.log
+        .wait_for(
+            &[
+                "connection closed",
+                "listener=tun",
+                "tls_version=TLSv1.3",
+                "sni=a.test",
+            ],
+            WAIT,
+        )
+        .expect("close line with the tls facts");
 }
 
 /// A blocking rustls client that trusts `ca` and names `sni`.
@@ -361,4 +373,37 @@ async fn an_upgrade_lets_tls_requests_in_flight_finish_and_the_successor_serves_
         common::wait_until(WAIT, || !common::alive(old_pid)).await,
         "the old process finishes its TLS connection and exits"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_serves_the_new_certificate_to_new_connections() {
+    let (app, _) = backend("app").await;
+    let echo = common::echo_backend("").await;
+    let b = start(app, echo);
+    let port = b.addr("web").port();
+    let old_pid = b.pid();
+    let first = tokio::task::spawn_blocking(move || served_subject(port, "b.test"))
+        .await
+        .unwrap();
+    assert!(first.contains("CN = b"), "{first}");
+    // A new certificate and key for b.test at the same paths, then a reload.
+    let tmp = tempfile::tempdir().unwrap();
+    make_cert(tmp.path(), "b-renewed", &["DNS:b.test"], 60);
+    for ext in ["pem", "key"] {
+        std::fs::copy(
+            tmp.path().join(format!("b-renewed.{ext}")),
+            b.dir().join(format!("b.{ext}")),
+        )
+        .unwrap();
+    }
+    let config = b.config.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || common::cli(&config, "reload", &[]))
+        .await
+        .unwrap();
+    assert!(ok, "reload: {out}");
+    assert!(common::wait_until(WAIT, || b.serving_pid() != old_pid).await);
+    let after = tokio::task::spawn_blocking(move || served_subject(port, "b.test"))
+        .await
+        .unwrap();
+    assert!(after.contains("CN = b-renewed"), "{after}");
 }

@@ -227,7 +227,7 @@ pub fn close_log(ctx: &ListenerCtx, conn: &ConnHandle, reason: &str) {
     // An HTTP connection's requests each have an access line already: its close is a detail.
     // A tunnel's close line is its only record.
     macro_rules! closed {
-        ($level:ident) => {
+        ($level:ident $($tls:tt)*) => {
             tracing::$level!(
                 conn = s.id,
                 listener = %s.listener,
@@ -238,12 +238,22 @@ pub fn close_log(ctx: &ListenerCtx, conn: &ConnHandle, reason: &str) {
                 bytes_out,
                 duration_ms = duration,
                 reason,
+                $($tls)*
                 "connection closed"
             )
         };
     }
-    match s.kind() {
-        ConnKind::Http | ConnKind::Http2 => closed!(debug),
-        ConnKind::Tcp | ConnKind::Tunnel => closed!(info),
+    match (s.kind(), s.tls()) {
+        (ConnKind::Http | ConnKind::Http2, _) => closed!(debug),
+        (ConnKind::Tcp | ConnKind::Tunnel, None) => closed!(info),
+        // A TLS tunnel's only record: what its handshake agreed on goes with it.
+        (ConnKind::Tcp | ConnKind::Tunnel, Some(t)) => closed!(
+            info
+            tls_version = %t.version,
+            tls_cipher = %t.cipher,
+            sni = %OrDash(t.sni.as_deref()),
+            alpn = %OrDash(t.alpn.as_deref()),
+            tls_resumed = t.resumed,
+        ),
     }
 }
