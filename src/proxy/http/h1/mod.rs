@@ -88,6 +88,39 @@ enum Wake {
     Timer,
 }
 
+/// Converts the engine's deadlines (ms since the epoch, as the state carries them) to tokio
+/// instants with no clock read: both clocks are read once per `run`, and a few ms of drift
+/// between them over a connection's life does not matter to timeouts counted in seconds.
+#[derive(Clone, Copy)]
+struct Clock {
+    base: Instant,
+    base_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            base: Instant::now(),
+            base_ms: now_ms(),
+        }
+    }
+
+    fn at(self, at_ms: u64) -> Instant {
+        self.base + Duration::from_millis(at_ms.saturating_sub(self.base_ms))
+    }
+}
+
+/// One timer per connection, moved to each wait's deadline (`reset` keeps its registration
+/// and allocation; a new `Sleep` per wait cost one of each).
+type Timer = std::pin::Pin<Box<tokio::time::Sleep>>;
+
+/// Moves `timer` to `at` (unless it is there already).
+fn arm(timer: &mut Timer, at: Instant) {
+    if timer.deadline() != at {
+        timer.as_mut().reset(at);
+    }
+}
+
 fn ms_to_instant(at_ms: u64) -> Instant {
     let now = now_ms();
     let now_i = Instant::now();
@@ -114,6 +147,8 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
         super::shared::IDLE_RELEASE.min(http.keepalive_timeout)
     };
     let https = c.client.is_tls();
+    let clock = Clock::new();
+    let mut timer: Timer = Box::pin(tokio::time::sleep_until(clock.base));
     loop {
         // A signal decided between phases.
         let bits = if conn.signalled() {
@@ -144,7 +179,8 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                     }
                     stats.set_state(ConnState::Idle);
                     // A keep-alive client usually sends its next request soon.
-                    match wait_read(&conn, &mut c, now_ms() + linger.as_millis() as u64).await {
+                    let due = clock.at(now_ms() + linger.as_millis() as u64);
+                    match wait_read(&conn, &mut c, &mut timer, due).await {
                         Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
                             close_log(&ctx, &conn, "client closed");
                             return End::Gone;
@@ -189,8 +225,8 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                     }
                     Ok(None) => {
                         let started = *c.st.head_started_ms.get_or_insert_with(now_ms);
-                        let due = started + http.header_read_timeout.as_millis() as u64;
-                        match wait_read(&conn, &mut c, due).await {
+                        let due = clock.at(started + http.header_read_timeout.as_millis() as u64);
+                        match wait_read(&conn, &mut c, &mut timer, due).await {
                             Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
                                 close_log(&ctx, &conn, "client closed");
                                 return End::Gone;
@@ -264,7 +300,7 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                     }
                 }
             }
-            Phase::Exchange => match exchange(&ctx, &conn, &mut c).await {
+            Phase::Exchange => match exchange(&ctx, &conn, &mut c, &mut timer, clock).await {
                 Step::Go => {}
                 Step::Close(reason) => {
                     close_log(&ctx, &conn, reason);
@@ -469,19 +505,23 @@ async fn connect(
     }
 }
 
-/// Waits for client bytes (into `cbuf`), a signal, or `due_ms`.
-async fn wait_read(conn: &ConnHandle, c: &mut Conn, due_ms: u64) -> Wake {
-    let sleep = tokio::time::sleep_until(ms_to_instant(due_ms));
+/// Waits for client bytes (into `cbuf`), a signal, or `due`.
+async fn wait_read(conn: &ConnHandle, c: &mut Conn, timer: &mut Timer, due: Instant) -> Wake {
+    arm(timer, due);
     let signal = conn.requested(SIG_PARK | SIG_DRAIN | SIG_KILL);
-    tokio::pin!(sleep, signal);
+    tokio::pin!(signal);
+    // Polled once to register its waker, then only when the signal bits say it may be ready.
+    let mut poll_signal = true;
     std::future::poll_fn(|cx| {
-        if let Poll::Ready(b) = signal.as_mut().poll(cx) {
-            return Poll::Ready(Wake::Signal(b));
+        if std::mem::take(&mut poll_signal) || conn.signalled() {
+            if let Poll::Ready(b) = signal.as_mut().poll(cx) {
+                return Poll::Ready(Wake::Signal(b));
+            }
         }
         if let Poll::Ready(r) = c.client.poll_fill(&mut c.st.cbuf, cx) {
             return Poll::Ready(Wake::Read(r));
         }
-        if sleep.as_mut().poll(cx).is_ready() {
+        if timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Wake::Timer);
         }
         Poll::Pending
@@ -527,7 +567,13 @@ pub(super) fn next_deadline(ctx: &ListenerCtx, ex: &Exchange) -> Option<(u64, u1
 }
 
 /// Runs the exchange phase until the flow, a signal or a deadline needs a decision.
-async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut Conn) -> Step {
+async fn exchange(
+    ctx: &Arc<ListenerCtx>,
+    conn: &ConnHandle,
+    c: &mut Conn,
+    timer: &mut Timer,
+    clock: Clock,
+) -> Step {
     let stats = conn.stats().clone();
     // After a drain was asked, only park and kill still interrupt the exchange.
     let mut draining = false;
@@ -553,20 +599,24 @@ async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut Conn) -> St
             },
         };
         let deadline = next_deadline(ctx, ex);
-        let sleep = tokio::time::sleep_until(deadline.map_or_else(
-            || Instant::now() + Duration::from_secs(3600),
-            |(at, _, _)| ms_to_instant(at),
-        ));
+        if let Some((at, _, _)) = deadline {
+            arm(timer, clock.at(at));
+        }
         let mask = if draining {
             SIG_PARK | SIG_KILL
         } else {
             SIG_PARK | SIG_DRAIN | SIG_KILL
         };
         let signal = conn.requested(mask);
-        tokio::pin!(sleep, signal);
+        tokio::pin!(signal);
+        // Polled once to register its waker, then only when the signal bits say it may be
+        // ready (after a drain, only when a bit other than drain is set).
+        let mut poll_signal = true;
         let wake = std::future::poll_fn(|cx| {
-            if let Poll::Ready(b) = signal.as_mut().poll(cx) {
-                return Poll::Ready(Wake::Signal(b));
+            if std::mem::take(&mut poll_signal) || conn.signalled() {
+                if let Poll::Ready(b) = signal.as_mut().poll(cx) {
+                    return Poll::Ready(Wake::Signal(b));
+                }
             }
             let flow = poll_flow(
                 &mut c.st,
@@ -580,7 +630,7 @@ async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut Conn) -> St
             if let Poll::Ready(f) = flow {
                 return Poll::Ready(Wake::Flow(f));
             }
-            if sleep.as_mut().poll(cx).is_ready() {
+            if deadline.is_some() && timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Wake::Timer);
             }
             Poll::Pending

@@ -269,7 +269,6 @@ pub(super) fn log_access(ctx: &ListenerCtx, conn: &ConnHandle, st: &State, compl
         None => ctx.metrics.http_request(&ex.upstream, status, elapsed),
     }
     let stats = conn.stats();
-    let host = ex.host.as_deref().map(route::normalize_host);
     // One macro for both lines: a TLS connection's line adds what its handshake agreed on.
     macro_rules! access {
         ($($tls:tt)*) => {
@@ -278,7 +277,9 @@ pub(super) fn log_access(ctx: &ListenerCtx, conn: &ConnHandle, st: &State, compl
                 conn = stats.id,
                 listener = %ctx.name,
                 method = %ex.method,
-                host = host.as_deref().unwrap_or("-"),
+                // Normalized only if the line is written (tracing evaluates fields of
+                // enabled lines).
+                host = %HostField(ex.host.as_deref()),
                 path = ex.target.split('?').next().unwrap_or("/"),
                 status,
                 bytes = ex.resp_bytes,
@@ -301,6 +302,18 @@ pub(super) fn log_access(ctx: &ListenerCtx, conn: &ConnHandle, st: &State, compl
             alpn = %crate::proxy::tcp::OrDash(t.alpn.as_deref()),
             tls_resumed = t.resumed,
         ),
+    }
+}
+
+/// The access line's host: normalized (lower case, no port), or `-`.
+struct HostField<'a>(Option<&'a str>);
+
+impl std::fmt::Display for HostField<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(h) => f.write_str(&route::normalize_host(h)),
+            None => f.write_str("-"),
+        }
     }
 }
 
