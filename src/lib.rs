@@ -11,6 +11,7 @@
 //! - [`handover`]: the private channel to a successor, its framed messages and fd passing.
 //! - [`lifecycle`]: signals, the phase state machine, spawning the successor, rollback.
 //! - [`supervisor`]: multi-process mode: owns listeners, runs, watches and upgrades N workers.
+//! - [`spread`]: multi-process `shared` accept: new connections go to the least loaded worker.
 //! - [`admin`]: the control socket for the CLI.
 //! - [`metrics`]: process counters that carry over across an upgrade.
 //! - [`logging`]: tracing setup with `pid` and `generation` on every line, the access log.
@@ -28,6 +29,7 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
+pub mod spread;
 pub mod supervisor;
 pub mod test_hooks;
 pub mod tls;

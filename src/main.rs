@@ -151,6 +151,9 @@ enum Command {
         /// Generation number.
         #[arg(long, default_value_t = 1)]
         generation: u64,
+        /// The supervisor's accept board (an inherited fd; `accept: shared`).
+        #[arg(long)]
+        accept_board: Option<i32>,
     },
     /// Re-read the configuration: an upgrade to the same binary with the new config.
     Reload {
@@ -209,12 +212,13 @@ fn main() -> ExitCode {
             config,
             generation,
             resume_supervisor,
-        } => run(config, generation, None, resume_supervisor),
+        } => run(config, generation, None, resume_supervisor, None),
         Command::Worker {
             config,
             index,
             generation,
-        } => run(config, generation, Some(index), None),
+            accept_board,
+        } => run(config, generation, Some(index), None, accept_board),
         Command::Status { target, json } => ctl(&target, Ctl::Status, json),
         Command::Stop { target, fast } => ctl(&target, Ctl::Stop { fast }, false),
         Command::Upgrade {
@@ -252,7 +256,13 @@ fn runtime(
     rt.enable_all().build()
 }
 
-fn run(config: PathBuf, generation: u64, worker: Option<usize>, resume: Option<i32>) -> ExitCode {
+fn run(
+    config: PathBuf,
+    generation: u64,
+    worker: Option<usize>,
+    resume: Option<i32>,
+    accept_board: Option<i32>,
+) -> ExitCode {
     let cfg = match Config::load(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -285,7 +295,7 @@ fn run(config: PathBuf, generation: u64, worker: Option<usize>, resume: Option<i
             return ExitCode::FAILURE;
         }
     }
-    match serve(cfg, config, generation, worker, resume) {
+    match serve(cfg, config, generation, worker, resume, accept_board) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("baton: {}", error_chain(&e));
@@ -336,6 +346,7 @@ fn serve(
     generation: u64,
     worker: Option<usize>,
     resume: Option<i32>,
+    accept_board: Option<i32>,
 ) -> anyhow::Result<()> {
     baton::logging::init_as(&cfg.log, generation, worker).context("cannot open the log file")?;
     baton::test_hooks::announce();
@@ -357,6 +368,7 @@ fn serve(
         binary: lifecycle::own_binary_path(),
         generation,
         worker,
+        accept_board,
     };
     // With workers, `baton run` is their supervisor: one thread is plenty for it.
     if let Some(fd) = resume {

@@ -30,7 +30,7 @@ mod process;
 mod render;
 mod upstream;
 
-pub use render::{ServerLive, CONTENT_TYPE};
+pub use render::{render_workers, ServerLive, WorkerSeries, CONTENT_TYPE};
 pub use upstream::{
     Histogram, ServerCounters, ServerMetrics, UpstreamCounters, UpstreamHandle, UpstreamKind,
     UpstreamMetrics,

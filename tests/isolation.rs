@@ -502,3 +502,175 @@ async fn a_single_process_as_nobody_serves_upgrades_with_live_tunnels_and_its_su
     let (mut c, _) = greeting(addr, 0).await;
     c.write_all(b"x").await.unwrap();
 }
+
+/// A port below 1024 on 127.0.0.1 that is free now.
+fn free_privileged_port() -> u16 {
+    (900..1024)
+        .rev()
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below 1024")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_a_privileged_listener_the_supervisor_binds_for_workers_running_as_nobody() {
+    if !root_or_skip("privileged_reload") {
+        return;
+    }
+    let be = echo_backend("").await;
+    // reuseport: the kernel spreads connections over both workers' sockets, so the
+    // per-worker counters show that each worker serves the new listener.
+    let runtime = format!("{ISOLATED}  accept: reuseport\n");
+    let (b, first) = start_logging_to_file(&tcp_config(be, &runtime), 2).await;
+    let port = free_privileged_port();
+    let text = std::fs::read_to_string(&b.config).unwrap().replace(
+        "upstreams:\n",
+        &format!("  low:\n    listen: 127.0.0.1:{port}\n    upstream: u\nupstreams:\n"),
+    );
+    std::fs::write(&b.config, text).unwrap();
+    let (ok, out) = cli(&b.config, "reload", &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("listeners added low (127.0.0.1:{port})")),
+        "{out}"
+    );
+    let low: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for i in 0..20 {
+        let mut s = TcpStream::connect(low).await.unwrap();
+        let line = format!("low {i}\n");
+        s.write_all(line.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; line.len()];
+        tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_exact(&mut s, &mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(buf, line.as_bytes());
+    }
+    // Both new workers serve it, and both still run as nobody with no capability.
+    let deadline = std::time::Instant::now() + WAIT;
+    let s = loop {
+        let s = status(&b.config);
+        let on = |i: usize| {
+            s["workers"][i]["counters"]["listeners"]["low"]["accepted"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        if on(0) > 0 && on(1) > 0 {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both workers serve low: {s:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for i in 0..2 {
+        let w = s["workers"][i]["pid"].as_i64().unwrap() as i32;
+        assert!(!first.contains(&w), "worker {i} replaced");
+        assert!(
+            proc_field(w, "Uid")
+                .split_whitespace()
+                .all(|x| x == NOBODY.to_string()),
+            "worker {w}"
+        );
+        assert_eq!(proc_field(w, "CapEff"), "0000000000000000");
+    }
+}
+
+/// Worker 1's status line says its pinning was refused.
+fn assert_refused_line(s: &serde_json::Value) {
+    let line = s["workers"][1]["isolation_text"].as_str().unwrap_or("");
+    assert!(line.contains("refused: cpu_affinity"), "{s:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_host_refuses_is_warned_once_and_status_says_what_is_in_force() {
+    if !root_or_skip("host_refuses") {
+        return;
+    }
+    let be = echo_backend("").await;
+    // CPU 1000 does not exist here: pinning worker 1 fails. This host's blkio controller may
+    // have no weight file: then io_weight cannot be in force, while pids still is.
+    let blkio = Path::new("/sys/fs/cgroup/blkio");
+    let v2_io = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|c| c.split_whitespace().any(|x| x == "io"));
+    let weight_file = ["blkio.weight", "blkio.bfq.weight"]
+        .into_iter()
+        .find(|f| blkio.join(f).exists());
+    let runtime = "  workers: 2\n  cpu_affinity: [[0], [1000]]\n  worker_limits:\n    pids: 500\n    io_weight: 500\n";
+    let (b, pids) = start_logging_to_file(&tcp_config(be, runtime), 2).await;
+    let log = std::fs::read_to_string(b.dir().join("logs/baton.log")).unwrap();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("the host refused part of the workers' isolation"))
+        .count();
+    assert_eq!(warned, 1, "one warning for the refused pinning:\n{log}");
+    let s = status(&b.config);
+    let w1 = &s["workers"][1]["isolation"];
+    let refused: Vec<String> = serde_json::from_value(w1["refused"].clone()).unwrap();
+    assert!(
+        refused.iter().any(|r| r.contains("cpu_affinity")),
+        "status says what was refused: {w1:#}"
+    );
+    assert_refused_line(&s);
+    // Worker 0 is pinned as asked; worker 1 runs where the supervisor may.
+    assert_eq!(proc_field(pids[0], "Cpus_allowed_list"), "0");
+    assert_eq!(
+        proc_field(pids[1], "Cpus_allowed_list"),
+        proc_field(b.pid(), "Cpus_allowed_list")
+    );
+    let cgroups: Vec<String> = serde_json::from_value(w1["cgroups"].clone()).unwrap_or_default();
+    assert!(
+        cgroups.iter().any(|c| c == "pids" || c == "v2"),
+        "pids in force: {w1:#}"
+    );
+    match (v2_io, weight_file) {
+        (false, None) => {
+            eprintln!("io_weight: this host has no blkio weight file; checking it is reported as not in force");
+            assert!(
+                log.contains("worker_limits.io_weight: this host's blkio controller has no weight file; not in force"),
+                "{log}"
+            );
+            assert!(!cgroups.iter().any(|c| c == "io" || c == "blkio"), "{w1:#}");
+        }
+        (_, file) => {
+            // Where the cgroup offers a weight, the worker's cgroup has it.
+            let dirs: Vec<String> =
+                serde_json::from_value(w1["cgroup_dirs"].clone()).unwrap_or_default();
+            let (_, dir) = cgroups
+                .iter()
+                .zip(&dirs)
+                .find(|(c, _)| *c == "io" || *c == "v2")
+                .expect("an io cgroup folder");
+            let (name, want) = match file {
+                Some(f) if !v2_io => (f, "50"),
+                _ => ("io.weight", "default 500"),
+            };
+            let got = std::fs::read_to_string(Path::new(dir).join(name)).unwrap();
+            assert!(got.contains(want), "{name}: {got}");
+        }
+    }
+    // A restarted worker is refused the same way, with no second warning.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pids[1]).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let now = serving(&b.config, 2).await;
+        if now[1] != pids[1] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "worker 1 restarted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = status(&b.config);
+    assert_refused_line(&s);
+    let log = std::fs::read_to_string(b.dir().join("logs/baton.log")).unwrap();
+    assert_eq!(
+        log.matches("the host refused part of the workers' isolation")
+            .count(),
+        1,
+        "{log}"
+    );
+}

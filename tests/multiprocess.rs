@@ -4,6 +4,7 @@
 //! rolling upgrade byte for byte, and the supervisor's pid never changes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
+use common::supervisor::*;
 use common::*;
 use rustix::process::{kill_process, Pid, Signal};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,27 +23,6 @@ fn config(backend: std::net::SocketAddr, runtime: &str) -> String {
     )
 }
 
-/// `baton status --json`.
-fn status(b: &Baton) -> serde_json::Value {
-    let out = std::process::Command::new(bin())
-        .args(["status", "--json", "-c"])
-        .arg(&b.config)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "status failed: {out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn worker_pid(s: &serde_json::Value, index: usize) -> Option<i32> {
-    s["workers"][index]["pid"].as_i64().map(|p| p as i32)
-}
-
-fn accepted(s: &serde_json::Value, index: usize) -> u64 {
-    s["workers"][index]["counters"]["accepted"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 /// Whether a process is gone and reaped (no /proc entry, not even a zombie).
 fn reaped(pid: i32) -> bool {
     !std::path::Path::new(&format!("/proc/{pid}")).exists()
@@ -50,34 +30,6 @@ fn reaped(pid: i32) -> bool {
 
 fn signal(pid: i32, sig: Signal) {
     kill_process(Pid::from_raw(pid).unwrap(), sig).unwrap();
-}
-
-/// Waits for the status to satisfy `cond` (status comes from heartbeats, once a second).
-async fn wait_status(
-    b: &Baton,
-    what: &str,
-    cond: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let s = status(b);
-        if cond(&s) {
-            return s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: last status {s:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits until both workers serve; returns that status.
-async fn two_serving(b: &Baton) -> serde_json::Value {
-    wait_status(b, "two workers serving", |s| {
-        (0..2).all(|i| s["workers"][i]["state"] == "serving")
-    })
-    .await
 }
 
 /// Stops the supervisor gracefully and checks it exits 0 with its workers.
@@ -357,16 +309,7 @@ async fn status_shows_each_worker_and_the_totals() {
     let be = echo_backend("").await;
     let b = Baton::start(&config(be, ""));
     let addr = b.addr("t");
-    for i in 0..10 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let line = format!("hello {i}\n");
-        s.write_all(line.as_bytes()).await.unwrap();
-        let mut buf = vec![0u8; line.len()];
-        tokio::time::timeout(WAIT, s.read_exact(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    connections(addr, 10).await;
     let s = wait_status(&b, "10 connections counted", |s| {
         s["totals"]["accepted"].as_u64() == Some(10)
     })

@@ -33,23 +33,84 @@ const PAGE: &str = include_str!("page.html");
 /// How long a status request waits for the lifecycle before the last answer is used.
 const STATUS_WAIT: Duration = Duration::from_secs(1);
 
-/// What the admin endpoint reads.
+/// What the admin endpoint serves besides the status, which always comes from the
+/// lifecycle's command channel: a single process's own metrics and upstream pools
+/// ([`ProcessSource`]), or a supervisor's view of its workers (`supervisor::admin`).
+pub trait Source: Send + Sync + std::fmt::Debug {
+    /// The Prometheus text for `/metrics`.
+    fn metrics_text(&self) -> String;
+    /// Why this process cannot take traffic, its phase aside (none: it can). `status` is
+    /// the lifecycle's status, fresh or last known.
+    fn not_ready(&self, status: &serde_json::Value) -> Vec<String>;
+    /// Refreshes a last-known status with what is known without the lifecycle (it is
+    /// busy): counters, upstream health.
+    fn freshen(&self, status: &mut serde_json::Value);
+}
+
+/// A single process (or a worker): its own metrics, and the upstream pools it picks from.
 #[derive(Debug)]
-pub struct AdminCtx {
+pub struct ProcessSource {
     /// Counters and the Prometheus rendering.
     pub metrics: Arc<Metrics>,
-    /// The lifecycle's command channel, for status.
-    pub control: mpsc::Sender<ControlRequest>,
     /// Upstream pools, for readiness and fresh health.
     pub upstreams: Upstreams,
     /// Names of the upstreams some listener or route uses.
     pub in_use: Vec<String>,
+}
+
+impl Source for ProcessSource {
+    /// The Prometheus text, with each upstream server's live state.
+    fn metrics_text(&self) -> String {
+        let live: Vec<ServerLive> = self
+            .upstreams
+            .iter()
+            .flat_map(|(name, u)| {
+                u.status().into_iter().map(move |s| ServerLive {
+                    upstream: name.clone(),
+                    server: s.addr,
+                    up: s.healthy && !s.ejected,
+                    active: s.active,
+                })
+            })
+            .collect();
+        self.metrics.render_with(&live)
+    }
+
+    /// At least one healthy server per upstream in use.
+    fn not_ready(&self, _status: &serde_json::Value) -> Vec<String> {
+        let mut why = Vec::new();
+        for name in &self.in_use {
+            let Some(u) = self.upstreams.get(name) else {
+                continue;
+            };
+            if !u.status().iter().any(|s| s.healthy && !s.ejected) {
+                why.push(format!("upstream {name}: no healthy server"));
+            }
+        }
+        why
+    }
+
+    fn freshen(&self, v: &mut serde_json::Value) {
+        v["counters"] = json!(self.metrics.snapshot());
+        for (name, u) in &self.upstreams {
+            v["upstreams"][name] = json!(u.status());
+        }
+    }
+}
+
+/// What the admin endpoint reads.
+#[derive(Debug)]
+pub struct AdminCtx {
+    /// Metrics, readiness and fresh values.
+    pub source: Box<dyn Source>,
+    /// The lifecycle's command channel, for status.
+    pub control: mpsc::Sender<ControlRequest>,
     /// The last status the lifecycle gave.
     last_status: Mutex<Option<serde_json::Value>>,
 }
 
 impl AdminCtx {
-    /// The context for `cfg`.
+    /// The context of a single process (or a worker) running `cfg`.
     pub fn new(
         cfg: &crate::config::Config,
         metrics: Arc<Metrics>,
@@ -66,11 +127,19 @@ impl AdminCtx {
             .collect();
         in_use.sort();
         in_use.dedup();
-        AdminCtx {
+        let source = ProcessSource {
             metrics,
-            control,
             upstreams,
             in_use,
+        };
+        AdminCtx::with_source(Box::new(source), control)
+    }
+
+    /// The context for another [`Source`] (the supervisor's).
+    pub fn with_source(source: Box<dyn Source>, control: mpsc::Sender<ControlRequest>) -> AdminCtx {
+        AdminCtx {
+            source,
+            control,
             last_status: Mutex::new(None),
         }
     }
@@ -97,28 +166,13 @@ impl AdminCtx {
         }
         let mut v = self.last_status.lock().ok()?.clone()?;
         v["stale"] = json!(true);
-        v["counters"] = json!(self.metrics.snapshot());
-        for (name, u) in &self.upstreams {
-            v["upstreams"][name] = json!(u.status());
-        }
+        self.source.freshen(&mut v);
         Some(v)
     }
 
-    /// The Prometheus text, with each upstream server's live state.
+    /// The Prometheus text.
     pub fn metrics_text(&self) -> String {
-        let live: Vec<ServerLive> = self
-            .upstreams
-            .iter()
-            .flat_map(|(name, u)| {
-                u.status().into_iter().map(move |s| ServerLive {
-                    upstream: name.clone(),
-                    server: s.addr,
-                    up: s.healthy && !s.ejected,
-                    active: s.active,
-                })
-            })
-            .collect();
-        self.metrics.render_with(&live)
+        self.source.metrics_text()
     }
 
     /// Why this process is not ready, if it is not.
@@ -128,17 +182,13 @@ impl AdminCtx {
             None => why.push("no status from the lifecycle yet".to_string()),
             Some(s) => {
                 let phase = s["phase"].as_str().unwrap_or("?");
-                if !matches!(phase, "ready" | "taking_over" | "handing_over") {
+                if !matches!(
+                    phase,
+                    "ready" | "taking_over" | "handing_over" | "upgrading"
+                ) {
                     why.push(format!("phase is {phase}"));
                 }
-            }
-        }
-        for name in &self.in_use {
-            let Some(u) = self.upstreams.get(name) else {
-                continue;
-            };
-            if !u.status().iter().any(|s| s.healthy && !s.ejected) {
-                why.push(format!("upstream {name}: no healthy server"));
+                why.extend(self.source.not_ready(&s));
             }
         }
         why
@@ -155,14 +205,14 @@ pub fn start(
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     if !wait_for_release {
-        let l = bind_once(addr)?;
+        let l = bind(addr)?;
         tokio::spawn(serve(l, ctx, stop));
         return Ok(());
     }
     tokio::spawn(async move {
         let mut logged = false;
         loop {
-            match bind_once(addr) {
+            match bind(addr) {
                 Ok(l) => return serve(l, ctx, stop).await,
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                     if !logged {
@@ -183,7 +233,8 @@ pub fn start(
     Ok(())
 }
 
-fn bind_once(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds the admin address (SO_REUSEADDR, backlog 128), non-blocking, in the current runtime.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;

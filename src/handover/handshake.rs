@@ -47,7 +47,8 @@ pub fn hello() -> Message {
     Message::Hello {
         protocol_version: PROTOCOL_VERSION,
         version: env!("CARGO_PKG_VERSION").to_string(),
-        pid: std::process::id(),
+        // A worker in its own PID namespace is 1 to itself; its peers know it by this one.
+        pid: crate::isolation::report::outer_pid(),
     }
 }
 
@@ -154,7 +155,20 @@ pub async fn recv_listeners(
 pub async fn recv_listeners_with_keys(
     ch: &mut Channel,
 ) -> Result<(Vec<(ListenerEntry, OwnedFd)>, zeroize::Zeroizing<Vec<u8>>), HandoverError> {
-    let Received { msg, fds, bulk } = ch.recv().await?;
+    listeners_with_keys_in(ch.recv().await?)
+}
+
+/// The listeners of a received `Listeners` message, each with its fd (checked as by
+/// [`recv_listeners`]); another message is unexpected.
+pub fn listeners_in(r: Received) -> Result<Vec<(ListenerEntry, OwnedFd)>, HandoverError> {
+    Ok(listeners_with_keys_in(r)?.0)
+}
+
+/// Listeners with their fds, and the session-ticket keys that came with them.
+type WithKeys = (Vec<(ListenerEntry, OwnedFd)>, zeroize::Zeroizing<Vec<u8>>);
+
+fn listeners_with_keys_in(r: Received) -> Result<WithKeys, HandoverError> {
+    let Received { msg, fds, bulk } = r;
     // Wrapped at once, so the key bytes are wiped on every path out of here.
     let keys = zeroize::Zeroizing::new(bulk);
     let listeners = match msg {

@@ -244,6 +244,8 @@ pub struct Predecessor {
     seq: u64,
     /// Session-ticket keys to send with the listeners (see [`Self::set_ticket_keys`]).
     ticket_keys: zeroize::Zeroizing<Vec<u8>>,
+    /// The pid the successor's `Hello` gave (0 until then).
+    hello_pid: u32,
 }
 
 /// One listener to offer: name, bound address, protocol, and the fd (which stays ours).
@@ -258,6 +260,7 @@ impl Predecessor {
             deadline,
             seq: 0,
             ticket_keys: zeroize::Zeroizing::new(Vec::new()),
+            hello_pid: 0,
         }
     }
 
@@ -267,21 +270,27 @@ impl Predecessor {
         self.ticket_keys = keys;
     }
 
-    /// The successor's pid, when this process spawned it (0 otherwise).
+    /// The successor's pid: the child's, or (a remote peer) the one its `Hello` gave; 0
+    /// before that.
     pub fn peer_pid(&self) -> u32 {
-        self.peer.pid()
+        match self.peer.pid() {
+            0 => self.hello_pid,
+            pid => pid,
+        }
     }
 
     /// Receives the successor's `Hello` (a `Refused` ends here with its reason), checks its
     /// protocol version (telling it why with `Abort` if it cannot talk), answers ours.
     pub async fn hello(&mut self) -> Result<PeerHello, SessionError> {
-        step!(
+        let hello = step!(
             &mut self.ch,
             &mut self.peer,
             Stage::Hello,
             self.deadline,
             handshake::predecessor_hello(&mut self.ch)
-        )
+        )?;
+        self.hello_pid = hello.pid;
+        Ok(hello)
     }
 
     /// Offers the listeners, one fd each, in one message. The fds stay open here until the

@@ -71,10 +71,15 @@ pub fn in_force(pid: Option<u32>) -> std::io::Result<InForce> {
 /// for the parent's PID namespace (a worker in its own namespace is pid 1 to itself). Read
 /// before the worker mounts its own `/proc`, so log lines carry the pid an operator can use.
 pub fn outer_pid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| field(&s, "NSpid")?.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(std::process::id)
+    // Read once, at the first call (logging's set-up, before a worker mounts its own
+    // `/proc`, where NSpid would only say 1): a process's pid never changes.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| field(&s, "NSpid")?.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(std::process::id)
+    })
 }
 
 /// The namespace id of `/proc/self/ns/KIND` (or `/proc/thread-self/…` for `thread`), e.g.

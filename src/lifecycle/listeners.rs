@@ -40,9 +40,27 @@ impl Slot {
 #[derive(Default)]
 pub(super) struct Listeners {
     slots: BTreeMap<String, Slot>,
+    /// A worker sharing its accept queue with the others: when it takes its turn
+    /// ([`crate::spread`]).
+    turn: Option<Arc<crate::spread::Turn>>,
 }
 
 impl Listeners {
+    /// No listener yet; accepting takes turns with the other workers when `turn` is given.
+    pub fn taking_turns(turn: Option<Arc<crate::spread::Turn>>) -> Listeners {
+        Listeners {
+            slots: BTreeMap::new(),
+            turn,
+        }
+    }
+
+    /// Marks this process as accepting (or not) for the other workers.
+    fn accepting(&self, on: bool) {
+        if let Some(t) = &self.turn {
+            t.set_accepting(on);
+        }
+    }
+
     /// Serves `l` as listener `name`, accepting at once or (`accept: false`) only from
     /// [`Self::resume`] on.
     pub fn add(
@@ -59,7 +77,9 @@ impl Listeners {
             .map_err(io_err(format!("listener {name}")))?;
         let stop = CancellationToken::new();
         let (task, paused) = if accept {
-            let serve = proxy::serve(listener, ctx.clone(), stop.clone());
+            self.accepting(true);
+            let serve =
+                proxy::serve_in_turn(listener, ctx.clone(), stop.clone(), self.turn.clone());
             (Some(tokio::spawn(serve)), None)
         } else {
             (None, Some(listener))
@@ -79,6 +99,7 @@ impl Listeners {
     /// Stops accepting on every listener but keeps the sockets open (they may be needed again
     /// if a successor fails).
     pub async fn pause(&mut self) {
+        self.accepting(false);
         for slot in self.slots.values_mut() {
             slot.stop.cancel();
             if let Some(task) = slot.task.take() {
@@ -89,10 +110,12 @@ impl Listeners {
 
     /// Resumes accepting on paused listeners (rollback, or a successor's commit).
     pub fn resume(&mut self) {
+        self.accepting(true);
         for (name, slot) in self.slots.iter_mut() {
             if let Some(l) = slot.paused.take() {
                 slot.stop = CancellationToken::new();
-                let serve = proxy::serve(l, slot.ctx.clone(), slot.stop.clone());
+                let serve =
+                    proxy::serve_in_turn(l, slot.ctx.clone(), slot.stop.clone(), self.turn.clone());
                 slot.task = Some(tokio::spawn(serve));
                 tracing::info!(listener = %name, "accepting again");
             }

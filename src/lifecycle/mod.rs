@@ -14,7 +14,7 @@ pub mod worker;
 pub use process::{run, run_prebound};
 pub use successor::refuse;
 pub use triggers::{Trigger, Triggers};
-pub use upgrade::UpgradeReport;
+pub use upgrade::{check_config, UpgradeReport};
 
 use serde::Serialize;
 use std::io;
@@ -81,6 +81,9 @@ pub struct RunOptions {
     pub generation: u64,
     /// Multi-process mode: this process is worker `index` of a supervisor (see [`worker`]).
     pub worker: Option<usize>,
+    /// Multi-process `shared` accept: the supervisor's board (an inherited fd), see
+    /// [`crate::spread`].
+    pub accept_board: Option<std::os::fd::RawFd>,
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit: a proxy holds two fds per connection,

@@ -279,10 +279,11 @@ pub async fn run_prebound(
     upstream::resolve::start(&p.upstreams, p.shutdown.child_token()).await;
     // Multi-process mode: the inherited channel is the supervisor's; take over through the one
     // it sends.
-    let (inherited, mut worker_link) = super::worker::setup(&p, inherited).await?;
-    let mut takeover = match inherited {
+    let setup = super::worker::setup(&p, inherited).await?;
+    let mut worker_link = setup.link;
+    let mut takeover = match setup.channel {
         Some(ch) => {
-            let t = super::successor::take_over(&mut p, ch).await?;
+            let t = super::successor::take_over(&mut p, ch, setup.from_supervisor).await?;
             p.set_phase(Phase::TakingOver);
             Some(t.finish(&mut p))
         }
@@ -307,14 +308,16 @@ impl Process {
         control_tx: tokio::sync::mpsc::Sender<control::ControlRequest>,
     ) -> Process {
         let (registry, parked_rx) = Registry::new();
+        let shutdown = CancellationToken::new();
+        let turn = super::worker::accept_turn(&cfg, &opts, &registry, &shutdown);
         Process {
             registry,
             parked_rx,
             metrics: Arc::new(Metrics::new(&cfg, opts.generation)),
             upstreams: upstream::build(&cfg),
-            listeners: Listeners::default(),
+            listeners: Listeners::taking_turns(turn),
             tickets: Arc::default(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             phase: Phase::Starting,
             started: Instant::now(),
             started_ms: crate::registry::now_ms(),

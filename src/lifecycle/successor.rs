@@ -57,6 +57,7 @@ pub async fn refuse(reason: String) {
 pub(super) async fn take_over(
     p: &mut Process,
     ch: Result<Channel, HandoverError>,
+    from_supervisor: super::worker::FromSupervisor,
 ) -> Result<TakeOver, LifecycleError> {
     let ch = ch.map_err(|e| refused("handover channel", e))?;
     let deadline = Deadline::new(p.cfg.runtime.upgrade_timeout, "upgrade_timeout");
@@ -81,6 +82,12 @@ pub(super) async fn take_over(
         .into_iter()
         .map(|(e, fd)| (e.name, (e.addr, fd)))
         .collect();
+    // A worker's supervisor owns the listeners: its sockets come first (for a listener a
+    // reload added they are the only ones; for the others they are the same sockets).
+    let mut owned: BTreeMap<String, std::os::fd::OwnedFd> = from_supervisor
+        .into_iter()
+        .map(|(e, fd)| (e.name, fd))
+        .collect();
     let mut adopted = Vec::new();
     let mut result = Ok(());
     for l in p.cfg.listeners.clone().values() {
@@ -88,11 +95,15 @@ pub(super) async fn take_over(
         let same = inherited.get(&l.name).is_some_and(|(addr, _)| {
             *addr == l.listen || (l.listen.port() == 0 && addr.ip() == l.listen.ip())
         });
-        let sock = if same {
-            let Some((_, fd)) = inherited.remove(&l.name) else {
-                continue;
-            };
+        if same {
             adopted.push(l.name.clone());
+        }
+        let fd = match owned.remove(&l.name) {
+            Some(fd) => Some(fd),
+            None if same => inherited.remove(&l.name).map(|(_, fd)| fd),
+            None => None,
+        };
+        let sock = if let Some(fd) = fd {
             crate::listener::adopt(fd)
                 .map_err(|e| refused(&format!("adopt listener {}", l.name), e))
         } else {
@@ -267,6 +278,14 @@ async fn lost(
 /// Records the end of the take-over.
 pub(super) fn taken_over(p: &mut Process, done: TakeOverDone) {
     match done {
+        // A worker's first predecessor is its supervisor, which has no history to pass on
+        // (an old worker's ends with the record of this very upgrade): no upgrade happened.
+        Ok((pred, _, _, history)) if p.opts.worker.is_some() && history.is_empty() => {
+            tracing::info!(
+                supervisor = pred,
+                "worker serving the supervisor's listeners"
+            );
+        }
         Ok((pred, counters, total, history)) => {
             // The predecessor counted this upgrade in `upgrades_ok` before its snapshot.
             p.metrics.absorb(&counters);

@@ -273,7 +273,7 @@ fn deadline(p: &Process) -> Deadline {
 }
 
 /// Checks a configuration a successor would load: it must load, and name a listener.
-pub(super) fn check_config(cfg: &Config) -> Result<(), String> {
+pub fn check_config(cfg: &Config) -> Result<(), String> {
     if cfg.listeners.is_empty() {
         return Err(
             "the config has no listeners: refusing it, it would close every listener".into(),
@@ -352,13 +352,13 @@ async fn hand_over(
     status: serde_json::Value,
     asker: &mut Asker,
 ) -> Ended {
-    let new_pid = s.peer_pid();
-
     // Phase 1: handshake and listeners, then stop accepting here.
     let adopted = match guarded(triggers, &status, prepare(p, &mut s)).await {
         Ok(a) => a,
         Err(e) => return rollback(p, s, Vec::new(), e).await,
     };
+    // Known for a remote successor (a worker's replacement) from its Hello.
+    let new_pid = s.peer_pid();
     tracing::info!(successor = new_pid, adopted = ?adopted, "successor ready; handing over connections");
     p.listeners.pause().await;
     let paused = Instant::now();
@@ -403,7 +403,7 @@ async fn hand_over(
         "handover committed"
     );
     let mut report = UpgradeReport {
-        old_pid: std::process::id(),
+        old_pid: crate::isolation::report::outer_pid(),
         new_pid,
         listeners: p.listeners.len(),
         tunnels,
@@ -512,7 +512,7 @@ async fn rollback(p: &mut Process, s: Predecessor, held: Vec<Parked>, why: Sessi
     tracing::info!(resumed = n, "rollback complete; serving everything here");
     let msg = format!(
         "upgrade failed, old process {} still serving: {why}",
-        std::process::id()
+        crate::isolation::report::outer_pid()
     );
     p.history.record(false, &msg);
     Ended::Failed(msg)
@@ -534,7 +534,7 @@ async fn take_over_again(p: &mut Process, s: Predecessor, new_pid: u32, why: Str
     p.set_phase(Phase::Ready);
     let msg = format!(
         "upgrade failed after the commit: successor pid {new_pid} died ({why}); old process {} took over again and serves",
-        std::process::id()
+        crate::isolation::report::outer_pid()
     );
     p.history.record(false, &msg);
     Ended::Failed(msg)

@@ -44,9 +44,27 @@ pub fn split_channel(ch: Channel) -> io::Result<(Channel, Channel)> {
     Ok((Channel::from_std(a)?, Channel::from_std(b)?))
 }
 
+/// Listening sockets the supervisor sent a new worker, by name: they serve the listeners
+/// its predecessor does not have (added by a reload), instead of binding them itself.
+pub(super) type FromSupervisor = Vec<(crate::handover::ListenerEntry, std::os::fd::OwnedFd)>;
+
 /// Receives a `HandOverTo` and turns its fd into a channel.
 pub async fn recv_hand_over_to(ch: &mut Channel) -> Result<Channel, HandoverError> {
-    let r = ch.recv().await?;
+    hand_over_to(ch.recv().await?)
+}
+
+/// A new worker's start: the supervisor's listeners (sent first only when a reload changed
+/// them), then the channel to take over through.
+async fn recv_start(ch: &mut Channel) -> Result<(FromSupervisor, Channel), HandoverError> {
+    let first = ch.recv().await?;
+    if let Message::Listeners { .. } = first.msg {
+        let listeners = crate::handover::listeners_in(first)?;
+        return Ok((listeners, recv_hand_over_to(ch).await?));
+    }
+    Ok((Vec::new(), hand_over_to(first)?))
+}
+
+fn hand_over_to(r: crate::handover::Received) -> Result<Channel, HandoverError> {
     match r.msg {
         Message::HandOverTo => {
             let fd = r
@@ -78,14 +96,18 @@ pub fn apply_rlimits(limits: &WorkerLimits) {
     }
 }
 
-/// In a worker, receives the channel to take over through and starts the heartbeat; in any
-/// other process returns `inherited` unchanged.
+/// In a worker, receives the channel to take over through (and any listeners the supervisor
+/// sends first) and starts the heartbeat; in any other process returns `inherited` unchanged.
 pub(super) async fn setup(
     p: &Process,
     inherited: Option<Result<Channel, HandoverError>>,
-) -> Result<(Option<Result<Channel, HandoverError>>, Option<WorkerLink>), LifecycleError> {
+) -> Result<Setup, LifecycleError> {
     let Some(index) = p.opts.worker else {
-        return Ok((inherited, None));
+        return Ok(Setup {
+            channel: inherited,
+            link: None,
+            from_supervisor: Vec::new(),
+        });
     };
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         LifecycleError::TakeOver(format!("worker {index}: {what}: {e}"))
@@ -102,14 +124,28 @@ pub(super) async fn setup(
         }
     };
     let (mut rx, tx) = split_channel(sup).map_err(|e| fail("supervisor channel", &e))?;
-    let pred = recv_hand_over_to(&mut rx)
+    let (from_supervisor, pred) = recv_start(&mut rx)
         .await
         .map_err(|e| fail("first message from the supervisor", &e))?;
     let (events_tx, events) = mpsc::channel(2);
     let (live, live_rx) = mpsc::unbounded_channel();
     tokio::spawn(report(tx, p.metrics.clone(), live_rx, index));
     tokio::spawn(listen(rx, events_tx));
-    Ok((Some(Ok(pred)), Some(WorkerLink { events, live })))
+    Ok(Setup {
+        channel: Some(Ok(pred)),
+        link: Some(WorkerLink { events, live }),
+        from_supervisor,
+    })
+}
+
+/// What [`setup`] gives the main loop.
+pub(super) struct Setup {
+    /// The channel to take over through (a worker's comes from its supervisor).
+    pub channel: Option<Result<Channel, HandoverError>>,
+    /// A worker's link to its supervisor.
+    pub link: Option<WorkerLink>,
+    /// Listeners the supervisor sent for the take-over.
+    pub from_supervisor: FromSupervisor,
 }
 
 /// Sends `Ready` once the worker accepts, and a heartbeat every second.
@@ -154,6 +190,44 @@ async fn listen(mut rx: Channel, events: mpsc::Sender<WorkerEvent>) {
             }
         }
     }
+}
+
+/// A worker of `accept: shared`: its side of the supervisor's accept board, with a task
+/// that publishes its load every [`crate::spread::BEAT`] until `shutdown` (see
+/// [`crate::spread`]). `None` elsewhere, or if the board cannot be taken (one warning: the
+/// worker accepts without taking turns).
+pub(super) fn accept_turn(
+    cfg: &crate::config::Config,
+    opts: &super::RunOptions,
+    registry: &Arc<crate::registry::Registry>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<Arc<crate::spread::Turn>> {
+    let (Some(index), Some(fd)) = (opts.worker, opts.accept_board) else {
+        return None;
+    };
+    if cfg.runtime.accept != crate::config::AcceptMode::Shared {
+        return None;
+    }
+    let fd = match crate::supervisor::fds::adopt(fd, "accept board") {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take the accept board; accepting without turns");
+            return None;
+        }
+    };
+    let board = crate::spread::Board::adopt(fd, cfg.runtime.workers);
+    let turn = Arc::new(crate::spread::Turn::new(board, index));
+    let (t, registry, stop) = (turn.clone(), registry.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let mut beat = tokio::time::interval(crate::spread::BEAT);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = beat.tick() => t.publish(registry.len()),
+            }
+        }
+    });
+    Some(turn)
 }
 
 /// Tells the supervisor this worker accepts now.

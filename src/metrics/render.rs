@@ -29,6 +29,81 @@ pub struct ServerLive {
     pub active: usize,
 }
 
+/// One worker of a supervisor, for the per-worker series of its `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerSeries {
+    /// The worker's index.
+    pub index: usize,
+    /// Whether a worker serves in that slot now.
+    pub up: bool,
+    /// Restarts of that slot.
+    pub restarts: u64,
+    /// The worker's counters as of its last heartbeat.
+    pub counters: super::Counters,
+}
+
+/// Appends the per-worker families of a supervisor's `/metrics` (label `worker`), after the
+/// service's totals that [`Metrics::render`] wrote.
+pub fn render_workers(out: &mut String, workers: &[WorkerSeries]) {
+    type Pick = fn(&WorkerSeries) -> i64;
+    let families: [(&'static str, &'static str, &'static str, Pick); 8] = [
+        (
+            "baton_worker_up",
+            "gauge",
+            "1 if a worker serves in this slot now, else 0.",
+            |w| i64::from(w.up),
+        ),
+        (
+            "baton_worker_restarts_total",
+            "counter",
+            "Restarts of a worker slot after its worker exited.",
+            |w| w.restarts as i64,
+        ),
+        (
+            "baton_worker_connections_accepted_total",
+            "counter",
+            "Client connections a worker accepted.",
+            |w| w.counters.accepted as i64,
+        ),
+        (
+            "baton_worker_connections_active",
+            "gauge",
+            "Client connections a worker serves now (accepted minus closed).",
+            |w| w.counters.accepted.saturating_sub(w.counters.closed) as i64,
+        ),
+        (
+            "baton_worker_connections_closed_total",
+            "counter",
+            "Client connections a worker closed.",
+            |w| w.counters.closed as i64,
+        ),
+        (
+            "baton_worker_received_bytes_total",
+            "counter",
+            "Bytes a worker received from clients.",
+            |w| w.counters.bytes_in as i64,
+        ),
+        (
+            "baton_worker_sent_bytes_total",
+            "counter",
+            "Bytes a worker sent to clients.",
+            |w| w.counters.bytes_out as i64,
+        ),
+        (
+            "baton_worker_http_requests_total",
+            "counter",
+            "HTTP requests a worker answered.",
+            |w| w.counters.requests as i64,
+        ),
+    ];
+    for (name, kind, help, pick) in families {
+        let mut f = Family::new(out, name, kind, help);
+        for w in workers {
+            f.series("", &format!("worker=\"{}\"", w.index), pick(w));
+        }
+    }
+}
+
 /// Escapes a label value: backslash, double quote and newline.
 fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")

@@ -118,8 +118,27 @@ pub async fn serve(
     ctx: Arc<ListenerCtx>,
     stop: CancellationToken,
 ) -> TcpListener {
+    serve_in_turn(listener, ctx, stop, None).await
+}
+
+/// [`serve`], taking turns with the other workers that share the accept queue
+/// ([`crate::spread`]): before each accept, `turn` may make this worker stand aside.
+pub async fn serve_in_turn(
+    listener: TcpListener,
+    ctx: Arc<ListenerCtx>,
+    stop: CancellationToken,
+    turn: Option<Arc<crate::spread::Turn>>,
+) -> TcpListener {
     let mut backoff = crate::listener::AcceptBackoff::new(&*ctx.name);
     loop {
+        if let Some(t) = &turn {
+            let registry = ctx.registry.clone();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return listener,
+                _ = t.wait(|| registry.len()) => {}
+            }
+        }
         // Waiting for a permit pauses accepting at max_connections without spinning.
         let permit = tokio::select! {
             biased;

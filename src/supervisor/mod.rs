@@ -9,8 +9,10 @@
 //! gracefully, SIGUSR2 replaces them one by one through the single-process handover (see
 //! [`upgrade`]). Per-worker limits: [`limits`].
 
-mod fds;
+mod admin;
+pub(crate) mod fds;
 pub mod limits;
+mod listeners;
 mod reexec;
 mod resume;
 mod serve;
@@ -23,7 +25,7 @@ pub use resume::resume;
 pub use status::render as render_status;
 
 use crate::admin::control;
-use crate::config::{AcceptMode, Config};
+use crate::config::Config;
 use crate::lifecycle::{RunOptions, Triggers};
 use crate::metrics::Counters;
 use std::path::PathBuf;
@@ -91,6 +93,9 @@ struct Supervisor {
     opts: RunOptions,
     /// Listener sets: one for `shared`, one per worker for `reuseport`.
     sets: Vec<Vec<ListenerFd>>,
+    /// During an upgrade whose config changes the listeners: the sets the new workers get
+    /// (in force once every worker is replaced).
+    next_sets: Option<Vec<Vec<ListenerFd>>>,
     slots: Vec<Slot>,
     /// Old workers draining after handing over to their replacement.
     retiring: Vec<Worker>,
@@ -110,46 +115,37 @@ struct Supervisor {
     control: Option<serve::ControlServer>,
     /// Whether the one warning about isolation the host refused was logged.
     isolation_warned: bool,
+    /// Signals and control requests. Read by the main loop, and while the supervisor is busy
+    /// (starting, upgrading, stopping) by [`Supervisor::pump_until`], so `baton status`
+    /// always gets an answer.
+    triggers: Triggers,
+    /// A stop asked while the supervisor was busy: handled as soon as it is not.
+    deferred: Option<crate::lifecycle::Trigger>,
+    /// Since when an upgrade runs, if one does.
+    upgrading: Option<Instant>,
+    /// Upgrades of the whole service (not of each worker), for status and metrics.
+    upgrades: UpgradeCounts,
+    /// What the admin endpoint reads, when `admin.listen` is set.
+    published: Option<std::sync::Arc<std::sync::Mutex<admin::Published>>>,
+    /// The admin endpoint's listening socket, kept across the re-exec.
+    admin_fd: Option<std::os::fd::OwnedFd>,
+    /// `accept: shared`: the board the workers take turns by ([`crate::spread`]).
+    board: Option<crate::spread::Board>,
+}
+
+/// Upgrades of the whole service: one per `baton upgrade`/`reload`, whatever the number of
+/// workers it replaced.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub(crate) struct UpgradeCounts {
+    /// Every worker replaced.
+    pub ok: u64,
+    /// Stopped before every worker was replaced.
+    pub failed: u64,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
     let what = what.into();
     move |source| SupervisorError::Io { what, source }
-}
-
-/// Binds every listener: one socket each (`shared`) or `workers` SO_REUSEPORT sockets each,
-/// all on the port the first one got.
-fn bind_all(cfg: &Config) -> Result<Vec<Vec<ListenerFd>>, SupervisorError> {
-    let n = match cfg.runtime.accept {
-        AcceptMode::Shared => 1,
-        AcceptMode::Reuseport => cfg.runtime.workers,
-    };
-    let mut sets: Vec<Vec<ListenerFd>> = (0..n).map(|_| Vec::new()).collect();
-    for l in cfg.listeners.values() {
-        let mut lc = l.clone();
-        lc.reuse_port = lc.reuse_port || cfg.runtime.accept == AcceptMode::Reuseport;
-        for set in sets.iter_mut() {
-            let s = crate::listener::bind(&lc).map_err(|source| SupervisorError::Bind {
-                name: l.name.clone(),
-                addr: lc.listen,
-                source,
-            })?;
-            let addr = s
-                .local_addr()
-                .map_err(io_err(format!("listener {}", l.name)))?;
-            // The next sockets of a reuseport group bind the port the first one was given.
-            lc.listen = addr;
-            set.push(ListenerFd {
-                name: l.name.clone(),
-                addr,
-                protocol: l.protocol,
-                fd: s.into(),
-            });
-        }
-        tracing::info!(listener = %l.name, addr = %lc.listen, protocol = %l.protocol,
-            sockets = n, "listening");
-    }
-    Ok(sets)
 }
 
 fn add(into: &mut Counters, c: &Counters) {
@@ -170,7 +166,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), SupervisorError> {
     let triggers = Triggers::new(control_rx)?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), workers = cfg.runtime.workers,
         accept = ?cfg.runtime.accept, config = %opts.config_path.display(), "supervisor starting");
-    let sets = bind_all(&cfg)?;
+    let sets = listeners::bind_all(&cfg)?;
+    let (cfg_accept, workers) = (cfg.runtime.accept, cfg.runtime.workers);
     let cgroups = limits::Cgroups::setup(&cfg.runtime.worker_limits);
     let (events_tx, events) = mpsc::unbounded_channel();
     let binary = cfg
@@ -197,6 +194,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), SupervisorError> {
         cfg,
         opts,
         sets,
+        next_sets: None,
         slots,
         retiring: Vec::new(),
         incoming: None,
@@ -210,6 +208,13 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), SupervisorError> {
         control_tx,
         control: None,
         isolation_warned: false,
+        triggers,
+        deferred: None,
+        upgrading: None,
+        upgrades: UpgradeCounts::default(),
+        published: None,
+        admin_fd: None,
+        board: accept_board(&cfg_accept, workers),
     };
     for i in 0..s.slots.len() {
         if let Err(e) = s.start_worker(i).await {
@@ -227,6 +232,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), SupervisorError> {
         what: format!("control socket {}", path.display()),
         source: std::io::Error::other(e),
     })?;
+    s.start_admin(None)?;
     write_pid_file(&s.cfg.runtime.pid_file).map_err(io_err(format!(
         "pid file {}",
         s.cfg.runtime.pid_file.display()
@@ -245,7 +251,21 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), SupervisorError> {
         workers = s.slots.len(),
         "phase"
     );
-    serve::serve(s, triggers).await
+    serve::serve(s).await
+}
+
+/// The accept board of `accept: shared` (none for `reuseport`: each worker has its own queue).
+/// Without one (memfd refused), workers accept without taking turns.
+fn accept_board(
+    accept: &crate::config::AcceptMode,
+    workers: usize,
+) -> Option<crate::spread::Board> {
+    if *accept != crate::config::AcceptMode::Shared {
+        return None;
+    }
+    crate::spread::Board::create(workers)
+        .map_err(|e| tracing::warn!(error = %e, "cannot create the accept board; workers accept without taking turns"))
+        .ok()
 }
 
 fn write_pid_file(path: &std::path::Path) -> std::io::Result<()> {
@@ -264,32 +284,11 @@ fn remove_pid_file(path: &std::path::Path) {
 }
 
 impl Supervisor {
-    /// Duplicates the listener set of worker `index`, to hand to it.
-    fn listeners_for(
-        &self,
-        index: usize,
-    ) -> Result<
-        Vec<(
-            String,
-            std::net::SocketAddr,
-            crate::config::Protocol,
-            std::os::fd::OwnedFd,
-        )>,
-        String,
-    > {
-        let set = self
-            .sets
-            .get(index)
-            .or_else(|| self.sets.first())
-            .ok_or("no listener set")?;
-        set.iter()
-            .map(|l| {
-                let fd =
-                    l.fd.try_clone()
-                        .map_err(|e| format!("dup listener {}: {e}", l.name))?;
-                Ok((l.name.clone(), l.addr, l.protocol, fd))
-            })
-            .collect()
+    /// Duplicates the listener set of worker `index`, to hand to it. During an upgrade that
+    /// changes the listeners, a worker (re)started meanwhile reads the new config, so it gets
+    /// the new set.
+    fn listeners_for(&self, index: usize) -> Result<Vec<worker::Offered>, String> {
+        worker::offered(self.next_sets.as_ref().unwrap_or(&self.sets), index)
     }
 
     /// Spawns a worker process for slot `index` (binary and generation of the slot).
@@ -303,8 +302,8 @@ impl Supervisor {
         let mut w = worker::spawn(
             binary,
             &self.opts.config_path,
-            index,
-            generation,
+            (index, generation),
+            self.board.as_ref().map(|b| b.raw_fd()),
             &plan,
             &self.events_tx,
         )?;
@@ -370,13 +369,11 @@ impl Supervisor {
                 }
             }
             Event::Live(pid) => {
-                let index = self.index_of(pid);
                 if let Some(w) = self.find(pid) {
                     w.live_since = Some(Instant::now());
                     w.last_heartbeat = Instant::now();
-                    let index = index.map_or(-1, |i| i as i64);
                     tracing::info!(
-                        index,
+                        index = w.index,
                         worker_pid = pid,
                         generation = w.generation,
                         "worker started"
@@ -391,6 +388,7 @@ impl Supervisor {
             }
             Event::Exited(pid, status) => self.on_exit(pid, status),
         }
+        self.publish();
     }
 
     fn index_of(&self, pid: u32) -> Option<usize> {
@@ -421,6 +419,9 @@ impl Supervisor {
         let Some(index) = self.index_of(pid) else {
             return;
         };
+        if let Some(b) = &self.board {
+            b.gone(index);
+        }
         let slot = &mut self.slots[index];
         let Some(w) = slot.worker.take() else { return };
         add(&mut self.retired, &w.counters);
@@ -522,10 +523,62 @@ impl Supervisor {
             tokio::select! {
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 _ = tick.tick() => self.tick().await,
+                t = self.triggers.next() => self.while_busy(t),
                 _ = tokio::time::sleep_until(deadline) => return done(self),
             }
         }
         true
+    }
+
+    /// Runs `f` (which must not need the supervisor) while handling worker events and
+    /// answering triggers as [`Self::while_busy`] does.
+    async fn busy<F: std::future::Future>(&mut self, f: F) -> F::Output {
+        tokio::pin!(f);
+        loop {
+            tokio::select! {
+                out = &mut f => return out,
+                Some(ev) = self.events.recv() => self.on_event(ev),
+                t = self.triggers.next() => self.while_busy(t),
+            }
+        }
+    }
+
+    /// A trigger that arrives while the supervisor is starting, upgrading or stopping:
+    /// status is answered at once, another upgrade is refused, a stop waits until the
+    /// current step is over (an upgrade stops before its next worker).
+    fn while_busy(&mut self, t: crate::lifecycle::Trigger) {
+        use crate::admin::control::Reply;
+        use crate::lifecycle::Trigger;
+        match t {
+            Trigger::Status(r) => {
+                let _ = r.send(Reply::ok("status", self.status()));
+            }
+            Trigger::Upgrade { why, reply, .. } => {
+                let msg = if self.stopping {
+                    "upgrade refused: the supervisor is stopping"
+                } else if self.upgrading.is_some() {
+                    "upgrade refused: an upgrade is already in progress"
+                } else {
+                    "upgrade refused: the supervisor is not ready yet"
+                };
+                tracing::warn!(trigger = why, "{msg}");
+                if let Some(r) = reply {
+                    let _ = r.send(Reply::err(msg));
+                }
+            }
+            Trigger::Stop { why, reply, .. } if self.stopping => {
+                tracing::info!(trigger = why, "already stopping");
+                if let Some(r) = reply {
+                    let _ = r.send(Reply::err("the supervisor is already stopping"));
+                }
+            }
+            stop @ Trigger::Stop { .. } => {
+                tracing::info!("stop requested while busy: it follows the current step");
+                if self.deferred.is_none() {
+                    self.deferred = Some(stop);
+                }
+            }
+        }
     }
 
     fn all_workers(&self) -> impl Iterator<Item = &Worker> {

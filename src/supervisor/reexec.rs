@@ -20,7 +20,7 @@ use super::serve::ControlServer;
 use super::{fds, Supervisor};
 use crate::admin::control::Reply;
 use crate::handover::Channel;
-use crate::lifecycle::{Trigger, Triggers};
+use crate::lifecycle::Trigger;
 use serde_json::json;
 use std::ffi::OsString;
 use std::io::Write;
@@ -76,7 +76,6 @@ impl Supervisor {
         binary: &Path,
         summary: String,
         reply: Option<ReplyTx>,
-        triggers: &mut Triggers,
     ) -> Option<Trigger> {
         let generation = self.opts.generation + 1;
         let ready = self
@@ -90,8 +89,11 @@ impl Supervisor {
             .await;
         let refused = if !ready {
             Err("a worker is still starting".to_string())
+        } else if self.deferred.is_some() {
+            Err("a stop was requested".to_string())
         } else {
-            check(binary, &self.opts.config_path).await
+            let config = self.opts.config_path.clone();
+            self.busy(check(binary, &config)).await
         };
         if let Err(why) = refused {
             let msg = format!(
@@ -121,7 +123,7 @@ impl Supervisor {
         if let Some(r) = reply {
             let _ = r.send(Reply::ok(msg, self.status()));
         }
-        if let Some(stop) = self.answer_pending(&control, triggers).await {
+        if let Some(stop) = self.answer_pending(&control).await {
             self.resume_control(control);
             return Some(stop);
         }
@@ -141,11 +143,7 @@ impl Supervisor {
 
     /// Answers requests already accepted from the control socket until their replies are
     /// written: status as usual, another upgrade refused. A stop request is returned.
-    async fn answer_pending(
-        &mut self,
-        control: &ControlServer,
-        triggers: &mut Triggers,
-    ) -> Option<Trigger> {
+    async fn answer_pending(&mut self, control: &ControlServer) -> Option<Trigger> {
         let tasks = control.tasks.clone();
         tasks.close();
         let done = tasks.wait();
@@ -155,7 +153,7 @@ impl Supervisor {
             let t = tokio::select! {
                 _ = &mut done => return None,
                 _ = tokio::time::sleep_until(deadline) => return None,
-                t = triggers.next() => t,
+                t = self.triggers.next() => t,
             };
             match t {
                 Trigger::Status(r) => {
@@ -260,6 +258,9 @@ impl Supervisor {
             retired: self.retired.clone(),
             uptime_ms: ms(self.started),
             history: self.history.clone(),
+            upgrades: self.upgrades,
+            admin_fd: self.admin_fd.as_ref().map(|f| f.as_raw_fd()),
+            board_fd: self.board.as_ref().map(|b| b.raw_fd()),
         }
     }
 
@@ -279,6 +280,7 @@ impl Supervisor {
         };
         let mut kept: Vec<std::os::fd::BorrowedFd<'_>> = vec![memfd.as_fd(), control.fd.as_fd()];
         kept.extend(self.sets.iter().flatten().map(|l| l.fd.as_fd()));
+        kept.extend(self.admin_fd.as_ref().map(|f| f.as_fd()));
         kept.extend(channels.iter().map(|(_, c)| c.as_fd()));
         let mut result = kept.iter().try_for_each(|fd| fds::keep_across_exec(*fd));
         if result.is_ok() {

@@ -31,6 +31,15 @@ pub(super) struct State {
     pub retired: Counters,
     pub uptime_ms: u64,
     pub history: Vec<serde_json::Value>,
+    /// Upgrades of the service (absent in the state of an older image).
+    #[serde(default)]
+    pub upgrades: super::UpgradeCounts,
+    /// The admin endpoint's listening fd, if it serves one.
+    #[serde(default)]
+    pub admin_fd: Option<RawFd>,
+    /// The accept board's fd (`accept: shared`).
+    #[serde(default)]
+    pub board_fd: Option<RawFd>,
 }
 
 /// One listening socket.
@@ -148,6 +157,19 @@ pub async fn resume(cfg: Config, opts: RunOptions, state_fd: RawFd) -> Result<()
         sets.push(out);
     }
     let control_fd = fds::adopt(st.control_fd, "control socket").map_err(bad)?;
+    let board = match st.board_fd {
+        Some(fd) => {
+            let fd = fds::adopt(fd, "accept board").map_err(bad)?;
+            // Every worker started from now on inherits it, and so does the next image.
+            fds::keep_across_exec(std::os::fd::AsFd::as_fd(&fd)).map_err(io_err("accept board"))?;
+            Some(crate::spread::Board::adopt(fd, st.slots.len()))
+        }
+        None => None,
+    };
+    let admin_fd = match st.admin_fd {
+        Some(fd) => Some(fds::adopt(fd, "admin socket").map_err(bad)?),
+        None => None,
+    };
     for name in cfg.listeners.keys() {
         if !sets.iter().flatten().any(|l| &l.name == name) {
             tracing::warn!(listener = %name,
@@ -195,6 +217,7 @@ pub async fn resume(cfg: Config, opts: RunOptions, state_fd: RawFd) -> Result<()
         cfg,
         opts,
         sets,
+        next_sets: None,
         slots,
         retiring,
         incoming: None,
@@ -208,8 +231,16 @@ pub async fn resume(cfg: Config, opts: RunOptions, state_fd: RawFd) -> Result<()
         control_tx,
         control: None,
         isolation_warned: false,
+        triggers,
+        deferred: None,
+        upgrading: None,
+        upgrades: st.upgrades,
+        published: None,
+        admin_fd: None,
+        board,
     };
     s.start_control(control_fd).map_err(bad)?;
+    s.start_admin(admin_fd)?;
     tracing::info!(
         supervisor_generation = s.opts.generation,
         workers = ?pids,
@@ -217,7 +248,7 @@ pub async fn resume(cfg: Config, opts: RunOptions, state_fd: RawFd) -> Result<()
         binary = %s.opts.binary.display(),
         "supervisor resumed after re-exec"
     );
-    super::serve::serve(s, triggers).await
+    super::serve::serve(s).await
 }
 
 impl Supervisor {

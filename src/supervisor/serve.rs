@@ -5,7 +5,7 @@
 
 use super::{remove_pid_file, Supervisor, SupervisorError};
 use crate::admin::control::{self, Reply};
-use crate::lifecycle::{Trigger, Triggers};
+use crate::lifecycle::Trigger;
 use serde_json::json;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
@@ -49,20 +49,17 @@ impl Supervisor {
 }
 
 /// Runs the supervisor's loop until it is stopped.
-pub(super) async fn serve(
-    mut s: Supervisor,
-    mut triggers: Triggers,
-) -> Result<(), SupervisorError> {
+pub(super) async fn serve(mut s: Supervisor) -> Result<(), SupervisorError> {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     // A trigger that arrived while a re-exec was being prepared (and cancelled it).
     let mut pending: Option<Trigger> = None;
     loop {
-        let trigger = match pending.take() {
+        let trigger = match pending.take().or_else(|| s.deferred.take()) {
             Some(t) => t,
             None => tokio::select! {
                 Some(ev) = s.events.recv() => { s.on_event(ev); continue; }
                 _ = tick.tick() => { s.tick().await; continue; }
-                t = triggers.next() => t,
+                t = s.triggers.next() => t,
             },
         };
         match trigger {
@@ -95,10 +92,19 @@ pub(super) async fn serve(
                     reload,
                     "upgrade requested: replacing workers one by one"
                 );
-                match s.upgrade(reload, binary).await {
+                s.upgrading = Some(std::time::Instant::now());
+                let result = s.upgrade(reload, binary).await;
+                s.upgrading = None;
+                if result.is_ok() {
+                    s.upgrades.ok += 1;
+                } else {
+                    s.upgrades.failed += 1;
+                }
+                s.publish();
+                match result {
                     Ok((summary, binary)) => {
                         tracing::info!(%summary, "workers upgraded");
-                        pending = s.reexec(&binary, summary, reply, &mut triggers).await;
+                        pending = s.reexec(&binary, summary, reply).await;
                     }
                     Err(msg) => {
                         tracing::error!(reason = %msg, "upgrade failed");

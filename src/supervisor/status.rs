@@ -12,6 +12,11 @@ impl Supervisor {
         let mut totals = self.retired.clone();
         let mut workers = Vec::new();
         let describe = |w: &super::Worker, state: &str| {
+            let isolation = crate::isolation::worker_status(
+                w.pid,
+                &w.placement,
+                w.cgroup.as_ref().map(|c| c.dirs()).unwrap_or_default(),
+            );
             json!({
                 "pid": w.pid,
                 "generation": w.generation,
@@ -19,8 +24,12 @@ impl Supervisor {
                 "uptime_s": w.spawned.elapsed().as_secs(),
                 "last_heartbeat_ms": w.last_heartbeat.elapsed().as_millis() as u64,
                 "heartbeats": w.heartbeats,
+                // Connections it serves now: how the accept spread shows.
+                "active": w.counters.accepted.saturating_sub(w.counters.closed),
                 "counters": w.counters,
-                "isolation": crate::isolation::worker_status(w.pid, &w.placement, w.cgroup.as_ref().map(|c| c.dirs()).unwrap_or_default()),
+                // The line `baton status` prints, for the status page.
+                "isolation_text": isolation.is_object().then(|| crate::isolation::render_line(&isolation)),
+                "isolation": isolation,
             })
         };
         for s in &self.slots {
@@ -49,6 +58,9 @@ impl Supervisor {
         for w in &self.retiring {
             add(&mut totals, &w.counters);
         }
+        // Each worker counts its own handovers; the service's upgrades are the supervisor's.
+        totals.upgrades_ok = self.upgrades.ok;
+        totals.upgrades_failed = self.upgrades.failed;
         let listeners: serde_json::Map<String, serde_json::Value> = self
             .cfg
             .listeners
@@ -70,15 +82,29 @@ impl Supervisor {
             "supervisor_generation": self.opts.generation,
             "binary": self.opts.binary,
             "generation": self.slots.iter().map(|s| s.generation).max().unwrap_or(1),
-            "phase": if self.stopping { "draining" } else { "ready" },
+            "phase": if self.stopping {
+                "draining"
+            } else if self.upgrading.is_some() {
+                "upgrading"
+            } else {
+                "ready"
+            },
+            "upgrading_ms": self.upgrading.map(|t| t.elapsed().as_millis() as u64),
             "uptime_s": self.started.elapsed().as_secs(),
             "accept": self.cfg.runtime.accept,
+            "accept_turns": self.board.is_some(),
             "limits": self.cfg.runtime.worker_limits,
             "isolation": crate::isolation::report::in_force(None).ok(),
             "cgroups": self.cgroups.as_ref().map(|c| c.version),
             "listeners": listeners,
             "workers": workers,
             "retiring": self.retiring.iter().map(|w| describe(w, "handing_over")).collect::<Vec<_>>(),
+            // The new worker of the current upgrade step, until it is live.
+            "incoming": self.incoming.as_ref().map(|w| {
+                let mut v = describe(w, if w.exited.is_some() { "exited" } else { "starting" });
+                v["index"] = json!(w.index);
+                v
+            }),
             "totals": totals,
             "upgrades": self.history,
         })
@@ -106,6 +132,33 @@ pub fn render(v: &serde_json::Value) -> String {
             c["accepted"], c["closed"], c["requests"], c["bytes_in"], c["bytes_out"]
         )
     };
+    // The spread: connections each worker serves now, and its share.
+    let workers = v["workers"].as_array().map_or(&[][..], |w| w.as_slice());
+    let active: Vec<u64> = workers
+        .iter()
+        .map(|w| w["active"].as_u64().unwrap_or(0))
+        .collect();
+    let all: u64 = active.iter().sum();
+    let shares: Vec<String> = workers
+        .iter()
+        .zip(&active)
+        .map(|(w, n)| {
+            let pct = (n * 100).checked_div(all).unwrap_or(0);
+            format!("worker {} {n} ({pct}%)", w["index"])
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "spread ({}{}): {} active: {}",
+        v["accept"].as_str().unwrap_or("?"),
+        if v["accept_turns"].as_bool() == Some(true) {
+            ", workers take turns"
+        } else {
+            ""
+        },
+        all,
+        shares.join(", ")
+    );
     for w in v["workers"].as_array().into_iter().flatten() {
         let _ =
             writeln!(
@@ -128,6 +181,17 @@ pub fn render(v: &serde_json::Value) -> String {
                 crate::isolation::render_line(&w["isolation"])
             );
         }
+    }
+    if let Some(w) = v["incoming"].as_object() {
+        let _ = writeln!(
+            out,
+            "upgrading for {} ms: new worker {} pid {} {} (spawned {} s ago)",
+            v["upgrading_ms"],
+            w["index"],
+            w["pid"],
+            w["state"].as_str().unwrap_or("?"),
+            w["uptime_s"],
+        );
     }
     let _ = writeln!(out, "total: {}", line(&v["totals"]));
     crate::admin::status::render_history(&mut out, v);

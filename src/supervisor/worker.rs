@@ -27,6 +27,25 @@ pub struct ListenerFd {
     pub fd: OwnedFd,
 }
 
+/// A listener as handed to a worker: name, address, protocol and a duplicate of the socket.
+pub type Offered = (String, SocketAddr, Protocol, OwnedFd);
+
+/// Duplicates set `index` of `sets` (the only set, in `shared` mode), to hand to a worker.
+pub fn offered(sets: &[Vec<ListenerFd>], index: usize) -> Result<Vec<Offered>, String> {
+    let set = sets
+        .get(index)
+        .or_else(|| sets.first())
+        .ok_or("no listener set")?;
+    set.iter()
+        .map(|l| {
+            let fd =
+                l.fd.try_clone()
+                    .map_err(|e| format!("dup listener {}: {e}", l.name))?;
+            Ok((l.name.clone(), l.addr, l.protocol, fd))
+        })
+        .collect()
+}
+
 /// Something a worker or its watcher reports, keyed by the worker's pid.
 #[derive(Debug)]
 pub enum Event {
@@ -129,6 +148,18 @@ impl Worker {
         }
     }
 
+    /// Sends the supervisor's listeners to a new worker, before its [`Self::send_hand_over_to`]:
+    /// it uses them rather than binding, for the listeners its predecessor does not have.
+    pub async fn send_listeners(&mut self, listeners: &[Offered]) -> Result<(), String> {
+        let offers: Vec<_> = listeners
+            .iter()
+            .map(|(n, a, p, fd)| (n.as_str(), *a, *p, fd.as_fd()))
+            .collect();
+        handover::send_listeners(&mut self.tx, &offers)
+            .await
+            .map_err(|e| format!("worker {}: send listeners: {e}", self.pid))
+    }
+
     /// Sends a fresh handover channel (one end of a new socketpair) to the worker.
     pub async fn send_hand_over_to(&mut self, end: &OwnedFd) -> Result<(), String> {
         self.tx
@@ -145,17 +176,17 @@ pub fn pair() -> Result<(OwnedFd, OwnedFd), String> {
     Ok((OwnedFd::from(a), OwnedFd::from(b)))
 }
 
-/// Spawns `binary worker -c CONFIG --index i --generation g`, placed as `plan` says (CPUs,
+/// Spawns `binary worker -c CONFIG --index i --generation g [--accept-board FD]`, placed as `plan` says (CPUs,
 /// namespaces: [`crate::isolation::namespaces`]), and starts its watchers.
 pub fn spawn(
     binary: &Path,
     config: &Path,
-    index: usize,
-    generation: u64,
+    (index, generation): (usize, u64),
+    accept_board: Option<i32>,
     plan: &crate::isolation::namespaces::Plan,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<Worker, String> {
-    let args: Vec<std::ffi::OsString> = vec![
+    let mut args: Vec<std::ffi::OsString> = vec![
         "worker".into(),
         "-c".into(),
         config.as_os_str().to_owned(),
@@ -164,6 +195,10 @@ pub fn spawn(
         "--generation".into(),
         generation.to_string().into(),
     ];
+    if let Some(fd) = accept_board {
+        // Not close-on-exec: the worker inherits it under this number.
+        args.extend(["--accept-board".into(), fd.to_string().into()]);
+    }
     let runtime = tokio::runtime::Handle::current();
     let (spawned, placement) = crate::isolation::namespaces::spawn_placed(plan, || {
         let _in_runtime = runtime.enter();
@@ -230,7 +265,7 @@ async fn listen(
 /// through the same [`Predecessor`] session a process uses for its successor.
 pub async fn introduce(
     ch: Channel,
-    listeners: Vec<(String, SocketAddr, Protocol, OwnedFd)>,
+    listeners: Vec<Offered>,
     limit: Duration,
 ) -> Result<(), String> {
     let mut s = Predecessor::new(ch, Peer::Remote, Deadline::new(limit, "upgrade_timeout"));
