@@ -233,6 +233,11 @@ impl Session {
             _ => return Err(RecordError::Malformed("key_update")),
         };
         rekey(self.aead, &mut self.rx)?;
+        tracing::debug!(
+            generation = self.rx.state.generation,
+            update_requested = ask,
+            "tls key update from the peer"
+        );
         self.flags.asked_peer = false;
         if ask {
             // One KeyUpdate of ours answers any number of requests (RFC 8446 §4.6.3).
@@ -301,6 +306,11 @@ impl Session {
             out,
         )?;
         rekey(self.aead, &mut self.tx)?;
+        tracing::debug!(
+            generation = self.tx.state.generation,
+            update_requested = ask,
+            "tls key update sent"
+        );
         if ask {
             self.flags.asked_peer = true;
         }

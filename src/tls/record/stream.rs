@@ -1,15 +1,18 @@
 //! [`TlsStream`]: a TCP socket after its TLS handshake, with baton's record layer on it. Its
-//! whole state — the socket, the [`Session`], the partial record read and any plaintext not
-//! yet taken — parks into plain data ([`ParkedTls`]) whenever no record is half written, and
-//! resumes in another process exactly where it stopped.
+//! whole state — the socket, the [`Session`], the partial record read, any plaintext not yet
+//! taken and whole records not yet written — parks into plain data ([`ParkedTls`]) at any
+//! moment (records are sealed whole, so it is always at a record boundary), and resumes in
+//! another process exactly where it stopped.
 //!
 //! Writes are acknowledged only once their ciphertext is on the socket: `poll_write` seals the
 //! bytes on its first call and answers `Ready(n)` when the records are written, `Pending` until
 //! then, so a caller that retries a `Pending` write with the same bytes (the HTTP engine and the
 //! relay do) never leaves records stranded in our buffer while it waits on something else. A
-//! caller that stops retrying (to park) settles first: [`TlsStream::poll_settle`] finishes the
-//! write and says how many of its bytes went out. A read also sends what is waiting: KeyUpdate
+//! caller that stops retrying settles: [`TlsStream::poll_settle`] finishes the write and says
+//! how many of its bytes went out; [`TlsStream::park`] does the same without waiting, moving
+//! the unwritten records with the session. A read also sends what is waiting: KeyUpdate
 //! answers go out even on a connection that only reads.
+
 use super::{AlertDescription, Opened, RecordError, Session, MAX_FRAGMENT};
 use bytes::{Buf, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -33,6 +36,8 @@ pub struct ParkedTls {
     pub partial: Vec<u8>,
     /// Plaintext opened and not yet taken by the reader.
     pub plain: Vec<u8>,
+    /// Whole records sealed but not yet taken by the socket: written first on resume.
+    pub unsent: Vec<u8>,
     /// The socket reached EOF (after or without close_notify).
     pub eof: bool,
 }
@@ -40,8 +45,10 @@ pub struct ParkedTls {
 /// Why [`TlsStream::park`] did not park.
 #[derive(Debug)]
 pub enum ParkError {
-    /// Records are waiting to be written (or the session failed): the stream, unchanged.
+    /// The session failed (a fatal record error): the stream, unchanged.
     Busy(Box<TlsStream>),
+    /// The KeyUpdate owed could not be sealed (sequence numbers exhausted).
+    Session(RecordError),
     /// The socket could not leave the reactor (the connection is lost, as a plain one would be).
     Socket(io::Error),
 }
@@ -293,25 +300,31 @@ impl TlsStream {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 
-    /// Whether [`TlsStream::park`] would succeed now: no record half written or waiting, no
-    /// write unsettled.
+    /// Whether [`TlsStream::park`] would succeed now (it does unless the session failed).
     pub fn can_park(&self) -> bool {
-        !self.wants_write() && self.unacked == 0 && !self.failed
+        !self.failed
     }
 
-    /// Stops the stream as plain data and the socket, if no record is half written or
-    /// waiting and no write unsettled ([`TlsStream::poll_settle`] first); otherwise gives the
-    /// stream back. Nothing is written on
-    /// the socket by parking, not even close_notify: whoever resumes it owns the session.
-    pub fn park(self) -> Result<(std::net::TcpStream, ParkedTls), ParkError> {
-        if !self.can_park() {
+    /// Stops the stream as plain data and the socket. Any KeyUpdate owed is sealed first, and
+    /// whole records the socket has not taken yet travel as ciphertext (`unsent`), so a
+    /// session always parks at a record boundary, even with a client that stopped reading.
+    /// Returns too how many bytes of an unfinished `poll_write` those records carry: the
+    /// caller counts them as written (and drops them from its own buffer). Nothing is written
+    /// on the socket by parking, not even close_notify: whoever resumes it owns the session.
+    pub fn park(mut self) -> Result<(std::net::TcpStream, ParkedTls, usize), ParkError> {
+        if self.failed {
             return Err(ParkError::Busy(Box::new(self)));
+        }
+        if let Err(e) = self.session.take_pending(&mut self.wbuf) {
+            return Err(ParkError::Session(e));
         }
         let TlsStream {
             io,
             session,
             rbuf,
             plain,
+            wbuf,
+            unacked,
             eof,
             ..
         } = self;
@@ -320,9 +333,10 @@ impl TlsStream {
             session,
             partial: rbuf.to_vec(),
             plain: plain.to_vec(),
+            unsent: wbuf.to_vec(),
             eof,
         };
-        Ok((std, parked))
+        Ok((std, parked, unacked))
     }
 
     /// Continues a parked stream on `io` (an fd received from the predecessor, or our own
@@ -336,7 +350,7 @@ impl TlsStream {
             session: p.session,
             rbuf: BytesMut::from(&p.partial[..]),
             plain: BytesMut::from(&p.plain[..]),
-            wbuf: BytesMut::new(),
+            wbuf: BytesMut::from(&p.unsent[..]),
             unacked: 0,
             eof: p.eof,
             failed: false,

@@ -168,11 +168,13 @@ async fn echo_chacha20poly1305() {
 
 /// Parks in one runtime, goes through JSON, resumes in another (as a successor would).
 fn park_and_resume(s: TlsStream) -> TlsStream {
-    let (sock, parked) = match s.park() {
+    let (sock, parked, settled) = match s.park() {
         Ok(p) => p,
-        Err(ParkError::Busy(_)) => panic!("busy at a quiet moment"),
+        Err(ParkError::Busy(_)) => panic!("a failed session"),
+        Err(ParkError::Session(e)) => panic!("session: {e}"),
         Err(ParkError::Socket(e)) => panic!("socket: {e}"),
     };
+    assert_eq!(settled, 0, "no write was unfinished");
     let json = serde_json::to_vec(&parked).expect("serialize");
     drop(parked);
     let parked: ParkedTls = serde_json::from_slice(&json).expect("deserialize");
@@ -246,16 +248,14 @@ async fn parks_mid_conversation_with_half_a_record_read() {
 }
 
 #[tokio::test]
-async fn park_is_refused_while_records_wait_and_nothing_is_written_by_it() {
+async fn parks_with_records_the_socket_did_not_take_and_they_arrive_once() {
     let (c, listener, addr) = setup(suites::TLS13_CHACHA20_POLY1305_SHA256).await;
     let cc = c.clone();
-    let (stalled, wait_stalled) = mpsc::channel::<()>();
-    let (read_now, wait_read) = mpsc::channel::<()>();
+    let (parked, wait_parked) = mpsc::channel::<()>();
     let client = std::thread::spawn(move || {
         let mut cl = connect(&cc, addr);
         cl.write_all(b"hi").expect("handshake and hello");
-        wait_stalled.recv().expect("server stalled");
-        wait_read.recv().expect("told to read");
+        wait_parked.recv().expect("server parked");
         // Everything the server sealed arrives, then exactly its close_notify.
         let mut all = Vec::new();
         cl.read_to_end(&mut all).expect("read all");
@@ -267,37 +267,38 @@ async fn park_is_refused_while_records_wait_and_nothing_is_written_by_it() {
     poll_fn(|cx| s.poll_read_buf(cx, &mut buf))
         .await
         .expect("read hi");
-    // Write until the socket pushes back: records are left waiting in our buffer.
+    // Write until the socket pushes back (the client does not read): a write is left
+    // unfinished, its records waiting in our buffer.
     let chunk = vec![7u8; 64 * 1024];
     let mut written = 0usize;
     loop {
-        let r = tokio::time::timeout(std::time::Duration::from_millis(50), s.write(&chunk)).await;
-        match r {
-            Ok(n) => written += n.expect("write"),
-            Err(_) => break,
+        let pushed_back = std::sync::atomic::AtomicBool::new(false);
+        let n = poll_fn(|cx| match s.poll_write(cx, &chunk) {
+            std::task::Poll::Pending => {
+                pushed_back.store(true, std::sync::atomic::Ordering::Relaxed);
+                std::task::Poll::Ready(0)
+            }
+            std::task::Poll::Ready(r) => std::task::Poll::Ready(r.expect("write")),
+        })
+        .await;
+        if pushed_back.into_inner() {
+            break;
         }
+        written += n;
     }
-    assert!(!s.can_park());
-    let s = match s.park() {
-        Err(ParkError::Busy(s)) => *s,
-        _ => panic!("parked with records waiting"),
+    assert!(s.wants_write());
+    // Park now: the unwritten records move; the unfinished write counts as done.
+    let (sock, parked_tls, settled) = match s.park() {
+        Ok(p) => p,
+        Err(_) => panic!("park"),
     };
-    stalled.send(()).expect("signal");
-    // Once settled (the client reads), it parks; parking itself writes nothing.
-    let mut s = s;
-    let settling = tokio::spawn(async move {
-        let settled = poll_fn(|cx| s.poll_settle(cx)).await.expect("settle");
-        (s, settled)
-    });
-    read_now.send(()).expect("signal");
-    let (s, settled) = settling.await.expect("join");
-    assert!(
-        settled > 0,
-        "the write that pushed back was sealed, and went out"
-    );
+    assert!(settled > 0 && !parked_tls.unsent.is_empty());
     written += settled;
-    let mut s = park_and_resume(s);
-    s.shutdown().await.expect("close");
+    let json = serde_json::to_vec(&parked_tls).expect("serialize");
+    let mut s = TlsStream::resume(sock, serde_json::from_slice(&json).expect("deserialize"))
+        .expect("resume");
+    parked.send(()).expect("signal");
+    s.shutdown().await.expect("flush and close");
     let got = tokio::task::spawn_blocking(move || client.join().expect("client"))
         .await
         .expect("join");
