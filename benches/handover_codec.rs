@@ -27,6 +27,7 @@ fn tunnels() -> (Message, usize, Vec<u8>) {
     let conns: Vec<ConnEntry> = (0..126)
         .map(|i| ConnEntry::Tunnel {
             meta: meta(i, ConnKind::Tcp),
+            tls: None,
             to_upstream: HalfEntry {
                 pending: 100,
                 read_eof: false,
@@ -56,7 +57,7 @@ fn idle_http() -> (Message, usize, Vec<u8>) {
 fn frame(msg: &Message, fds: usize, bulk: &[u8]) -> Vec<u8> {
     let mut f = encode(msg, fds, bulk.len()).unwrap();
     f.extend_from_slice(bulk);
-    f
+    f.to_vec()
 }
 
 fn codec(c: &mut Criterion) {

@@ -97,6 +97,16 @@ pub struct PendingHalf {
     pub shut: bool,
 }
 
+/// The TLS side of a parked client connection: its session as plain data (secrets
+/// included: it travels only over the private handover channel) and its handshake's facts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientTls {
+    /// The record layer's state.
+    pub parked: crate::tls::record::ParkedTls,
+    /// What the handshake agreed on, for the access log.
+    pub facts: Option<TlsFacts>,
+}
+
 /// A stopped tunnel: both sockets and everything in flight between them.
 #[derive(Debug)]
 pub struct TunnelState {
@@ -104,6 +114,8 @@ pub struct TunnelState {
     pub meta: ConnMeta,
     /// The client side.
     pub client: std::net::TcpStream,
+    /// The client's TLS session, if it arrived over TLS (boxed: it is large).
+    pub client_tls: Option<Box<ClientTls>>,
     /// The upstream side.
     pub upstream: std::net::TcpStream,
     /// Client → upstream direction.
@@ -131,6 +143,8 @@ pub struct HttpState {
     pub meta: ConnMeta,
     /// The client socket.
     pub client: std::net::TcpStream,
+    /// The client's TLS session, if it arrived over TLS (boxed: it is large).
+    pub client_tls: Option<Box<ClientTls>>,
     /// The upstream socket of the request in flight, if one is attached.
     pub upstream: Option<std::net::TcpStream>,
     /// Everything else, as plain data.
@@ -161,6 +175,15 @@ pub enum Parked {
 }
 
 impl Parked {
+    /// The client's TLS session, for a connection that arrived over TLS.
+    pub fn client_tls(&self) -> Option<&ClientTls> {
+        match self {
+            Parked::Tunnel(t) => t.client_tls.as_deref(),
+            Parked::Http(h) => h.client_tls.as_deref(),
+            Parked::IdleHttp(_) | Parked::Pooled(_) => None,
+        }
+    }
+
     /// The connection's metadata.
     pub fn meta(&self) -> &ConnMeta {
         match self {

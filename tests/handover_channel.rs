@@ -127,6 +127,7 @@ fn tunnels(n: usize) -> Fixture {
         let up_len = if i % 7 == 0 { 0 } else { (i * 13) % 3000 };
         let down_len = if i % 5 == 0 { 0 } else { (i * 17) % 3000 };
         f.parked.push(Parked::Tunnel(TunnelState {
+            client_tls: None,
             meta: meta(i, caddr, back.local_addr().unwrap()),
             client: proxy_client,
             upstream: proxy_upstream,
@@ -260,7 +261,7 @@ fn listeners_frame(fd_count: usize) -> Vec<u8> {
     encode(&msg, 1, 0)
         .map(|mut f| {
             f[12..16].copy_from_slice(&(fd_count as u32).to_be_bytes());
-            f
+            f.to_vec()
         })
         .unwrap()
 }
@@ -424,6 +425,7 @@ async fn a_listening_socket_is_refused_as_a_tunnel_end() {
         let (mut a, mut b) = Channel::pair().unwrap();
         let entry = baton::handover::ConnEntry::Tunnel {
             meta: meta(0, c.local_addr().unwrap(), l.local_addr().unwrap()),
+            tls: None,
             to_upstream: Default::default(),
             to_client: Default::default(),
         };

@@ -160,6 +160,7 @@ async fn spawned_successor_adopts_listeners_and_a_live_tunnel() {
         s.set_read_timeout(Some(WAIT)).unwrap();
     }
     let parked = vec![Parked::Tunnel(TunnelState {
+        client_tls: None,
         meta: ConnMeta {
             listener: "db".into(),
             client: caddr,

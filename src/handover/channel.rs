@@ -140,9 +140,11 @@ impl Channel {
         self.read_exact(&mut head, &mut fds, "header", true).await?;
         let header = Header::decode(&head)?;
         check_fds(&header, fds.len())?;
-        let payload = self
-            .read_vec(header.payload_len as usize, &mut fds, "payload")
-            .await?;
+        // Wiped when dropped: a Conns message may carry TLS sessions' secrets.
+        let payload = zeroize::Zeroizing::new(
+            self.read_vec(header.payload_len as usize, &mut fds, "payload")
+                .await?,
+        );
         let msg = message::decode_payload(&header, &payload)?;
         let bulk_len = usize::try_from(header.bulk_len).map_err(|_| HandoverError::TooLarge {
             what: "bulk",

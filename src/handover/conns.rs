@@ -138,9 +138,11 @@ pub fn recv_conns(received: Received) -> Result<Vec<Parked>, HandoverError> {
                 meta,
                 to_upstream,
                 to_client,
+                tls,
             } => Parked::Tunnel(TunnelState {
                 meta,
                 client: take_stream(&mut fds)?,
+                client_tls: tls,
                 upstream: take_stream(&mut fds)?,
                 to_upstream: bulk.half(&to_upstream)?,
                 to_client: bulk.half(&to_client)?,
@@ -154,7 +156,7 @@ pub fn recv_conns(received: Received) -> Result<Vec<Parked>, HandoverError> {
                 meta,
                 upstream: take_stream(&mut fds)?,
             }),
-            ConnEntry::Http { meta, state } => {
+            ConnEntry::Http { meta, state, tls } => {
                 let client = take_stream(&mut fds)?;
                 let upstream = if state.has_upstream {
                     Some(take_stream(&mut fds)?)
@@ -173,6 +175,7 @@ pub fn recv_conns(received: Received) -> Result<Vec<Parked>, HandoverError> {
                 Parked::Http(Box::new(HttpState {
                     meta,
                     client,
+                    client_tls: tls,
                     upstream,
                     state,
                 }))

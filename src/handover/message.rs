@@ -20,7 +20,7 @@
 use super::HandoverError;
 use crate::config::Protocol;
 use crate::metrics::Counters;
-use crate::registry::{ConnMeta, Parked};
+use crate::registry::{ClientTls, ConnMeta, Parked};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -71,6 +71,9 @@ pub enum ConnEntry {
         to_upstream: HalfEntry,
         /// Upstream → client direction.
         to_client: HalfEntry,
+        /// The client's TLS session (secrets included: this channel is private).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<Box<ClientTls>>,
     },
     /// An idle HTTP/1.1 connection: one fd, then its read-ahead bytes.
     IdleHttp {
@@ -86,6 +89,9 @@ pub enum ConnEntry {
         meta: ConnMeta,
         /// The engine's state without its buffers (boxed: larger than the other entries).
         state: Box<crate::proxy::http::h1::state::Wire>,
+        /// The client's TLS session (secrets included: this channel is private).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<Box<ClientTls>>,
     },
     /// An idle pooled upstream connection: one fd, no bulk bytes.
     Pooled {
@@ -107,6 +113,7 @@ impl ConnEntry {
                 meta: t.meta.clone(),
                 to_upstream: half(&t.to_upstream),
                 to_client: half(&t.to_client),
+                tls: t.client_tls.clone(),
             },
             Parked::IdleHttp(h) => ConnEntry::IdleHttp {
                 meta: h.meta.clone(),
@@ -118,6 +125,7 @@ impl ConnEntry {
             Parked::Http(h) => ConnEntry::Http {
                 meta: h.meta.clone(),
                 state: Box::new(h.state.to_wire(h.upstream.is_some())),
+                tls: h.client_tls.clone(),
             },
         }
     }
@@ -353,10 +361,17 @@ impl Header {
 
 /// Encodes a message into header + JSON payload (the bulk bytes are sent as they are),
 /// checking that `fd_count` and `bulk_len` are what the message needs.
-pub fn encode(msg: &Message, fd_count: usize, bulk_len: usize) -> Result<Vec<u8>, HandoverError> {
+pub fn encode(
+    msg: &Message,
+    fd_count: usize,
+    bulk_len: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, HandoverError> {
     let bulk_len = bulk_len as u64;
     check_counts(msg, fd_count, bulk_len)?;
-    let payload = serde_json::to_vec(msg)?;
+    // A Conns message may carry TLS sessions' secrets: the buffers holding it are wiped
+    // when dropped, and sized up front so serde_json's growth leaves few freed copies.
+    let mut payload = zeroize::Zeroizing::new(Vec::with_capacity(payload_hint(msg)));
+    serde_json::to_writer(&mut *payload, msg)?;
     let payload_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     let header = Header {
         payload_len,
@@ -364,10 +379,18 @@ pub fn encode(msg: &Message, fd_count: usize, bulk_len: usize) -> Result<Vec<u8>
         bulk_len,
     };
     header.check_caps()?;
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(HEADER_LEN + payload.len()));
     out.extend_from_slice(&header.encode());
     out.extend_from_slice(&payload);
     Ok(out)
+}
+
+/// Room for a message's JSON: enough for the TLS sessions and metadata of a full batch.
+fn payload_hint(msg: &Message) -> usize {
+    match msg {
+        Message::Conns { conns, .. } => 1024 + conns.len() * 2048,
+        _ => 1024,
+    }
 }
 
 /// Decodes the payload of a frame whose header is `h`, and checks the message against the

@@ -23,6 +23,7 @@ fn conns_msg() -> (Message, Vec<u8>) {
         conns: vec![
             ConnEntry::Tunnel {
                 meta: meta(),
+                tls: None,
                 to_upstream: HalfEntry {
                     pending: 3,
                     read_eof: true,
@@ -46,7 +47,7 @@ fn conns_msg() -> (Message, Vec<u8>) {
 fn frame(msg: &Message, fds: usize, bulk: &[u8]) -> Vec<u8> {
     let mut f = encode(msg, fds, bulk.len()).unwrap();
     f.extend_from_slice(bulk);
-    f
+    f.to_vec()
 }
 
 #[test]
@@ -217,6 +218,7 @@ fn overflowing_lengths_are_rejected() {
         seq: 0,
         conns: vec![ConnEntry::Tunnel {
             meta: meta(),
+            tls: None,
             to_upstream: HalfEntry {
                 pending: u64::MAX,
                 read_eof: false,
@@ -272,6 +274,7 @@ proptest! {
             .map(|&(tunnel, a, b, flag)| if tunnel {
                 ConnEntry::Tunnel {
                     meta: meta(),
+                    tls: None,
                     to_upstream: HalfEntry { pending: a, read_eof: flag, shut: !flag },
                     to_client: HalfEntry { pending: b, read_eof: !flag, shut: flag },
                 }

@@ -46,6 +46,8 @@ pub struct UpgradeReport {
     pub idle_http: usize,
     /// HTTP/1.1 connections handed over mid-request, by phase.
     pub busy_http: BusyHttp,
+    /// Of the client connections handed over, those over TLS (their sessions moved too).
+    pub tls: usize,
     /// At the commit: connections still finishing in the old process (they move once idle,
     /// or finish there).
     pub still_finishing: usize,
@@ -113,17 +115,17 @@ impl UpgradeReport {
     fn counts(&self) -> String {
         if !self.drained {
             return format!(
-                "upgrade ok: pid {} -> {} committed and serving: {} listeners passed, {} tunnels, {} idle http and {} connections handed over, \
+                "upgrade ok: pid {} -> {} committed and serving: {} listeners passed, {} tunnels, {} idle http and {} connections handed over ({} over tls), \
                  {} connections still finishing in the old process, accepting paused {} ms, {} ms",
                 self.old_pid, self.new_pid, self.listeners, self.tunnels, self.idle_http, self.busy_http,
-                self.still_finishing, self.accept_paused_ms, self.millis
+                self.tls, self.still_finishing, self.accept_paused_ms, self.millis
             );
         }
         format!(
-            "upgrade ok: pid {} -> {}: {} listeners passed, {} tunnels, {} idle http and {} connections handed over, \
+            "upgrade ok: pid {} -> {}: {} listeners passed, {} tunnels, {} idle http and {} connections handed over ({} over tls), \
              {} finished in the old process, {} closed at the drain deadline, accepting paused {} ms, {} ms",
             self.old_pid, self.new_pid, self.listeners, self.tunnels, self.idle_http, self.busy_http,
-            self.finished_in_old, self.closed_at_deadline, self.accept_paused_ms, self.millis
+            self.tls, self.finished_in_old, self.closed_at_deadline, self.accept_paused_ms, self.millis
         )
     }
 }
@@ -267,6 +269,11 @@ fn count_kinds(conns: &[Parked], tunnels: &mut usize, idle: &mut usize, busy: &m
     }
 }
 
+/// Client connections over TLS among `conns`.
+fn count_tls(conns: &[Parked]) -> usize {
+    conns.iter().filter(|c| c.client_tls().is_some()).count()
+}
+
 /// The step deadline of a handover, from the config.
 fn deadline(p: &Process) -> Deadline {
     Deadline::new(p.cfg.runtime.upgrade_timeout, "upgrade_timeout")
@@ -381,6 +388,7 @@ async fn hand_over(
     prompt.extend(p.listeners.take_pooled(&adopted));
     let (mut tunnels, mut idle_http, mut busy_http) = (0, 0, BusyHttp::default());
     count_kinds(&prompt, &mut tunnels, &mut idle_http, &mut busy_http);
+    let mut tls = count_tls(&prompt);
     if let Err(e) = guarded(triggers, &status, s.send_batch(&prompt)).await {
         return rollback(p, s, prompt, e).await;
     }
@@ -398,6 +406,7 @@ async fn hand_over(
         tunnels,
         idle_http,
         busy_http = %busy_http,
+        tls,
         still_finishing,
         accept_paused_ms,
         "handover committed"
@@ -409,6 +418,7 @@ async fn hand_over(
         tunnels,
         idle_http,
         busy_http,
+        tls,
         still_finishing,
         finished_in_old: 0,
         closed_at_deadline: 0,
@@ -457,6 +467,7 @@ async fn hand_over(
             Ok(()) => {
                 late_handed += batch.len();
                 count_kinds(&batch, &mut tunnels, &mut idle_http, &mut busy_http);
+                tls += count_tls(&batch);
             }
             Err(e) => {
                 // Still ours: served here again once this process takes over.
@@ -481,6 +492,7 @@ async fn hand_over(
     report.tunnels = tunnels;
     report.idle_http = idle_http;
     report.busy_http = busy_http;
+    report.tls = tls;
     report.finished_in_old = finished_in_old;
     report.closed_at_deadline = closed_at_deadline;
     report.millis = started.elapsed().as_millis() as u64;

@@ -1,11 +1,14 @@
 //! The client side of a connection as the HTTP/1.1 engine and the L4 relay see it: a plain
 //! socket, or TLS after its handshake. An enum rather than a trait object, so the plain path
 //! costs one match per call and no allocation or indirection; the TLS variant is boxed
-//! (rustls's state is large) so a plain connection's task does not grow.
+//! (a session and its buffers) so a plain connection's task does not grow.
 //!
 //! The TLS variant is built in one place, [`ClientIo::from_handshake`]: the point where a
-//! completed handshake becomes the post-handshake stream ([`crate::tls::PostHandshake`]).
+//! completed handshake becomes the post-handshake stream ([`crate::tls::PostHandshake`],
+//! baton's record layer). Both variants park into a std socket plus, for TLS, the session as
+//! plain data ([`ClientIo::park`]) and come back with [`ClientIo::resume`].
 
+use crate::tls::record::{ParkError, ParkedTls, RecordError, Session};
 use crate::tls::{Handshaken, PostHandshake};
 use bytes::BytesMut;
 use std::io;
@@ -33,14 +36,44 @@ impl From<TcpStream> for ClientIo {
 }
 
 impl ClientIo {
-    /// The post-handshake stream of a connection whose handshake completed.
-    pub fn from_handshake(h: Handshaken) -> ClientIo {
-        // rustls keeps serving this session: the secrets the key log captured for the
-        // record layer are not needed (the record layer's switch takes them here instead).
-        if let Some(r) = &h.random {
-            h.keylog.forget(r);
+    /// The post-handshake stream of a connection whose handshake completed: rustls gives the
+    /// session up to the record layer (its keys and sequence numbers, and the traffic secrets
+    /// the listener's key log captured for it).
+    pub fn from_handshake(h: Handshaken) -> Result<ClientIo, RecordError> {
+        let random = h.random.ok_or(RecordError::NoSecret)?;
+        let (session, plain) = Session::from_rustls(h.conn, &random, &h.keylog)?;
+        Ok(ClientIo::Tls(Box::new(PostHandshake::new(
+            h.tcp,
+            session,
+            plain,
+            h.rx.to_vec(),
+        ))))
+    }
+
+    /// Stops the transport for a handover: the socket out of tokio and, for TLS, the
+    /// session as plain data, with how many bytes of an unfinished write it already carries
+    /// (the caller counts them as written). Writes nothing.
+    pub fn park(self) -> io::Result<(std::net::TcpStream, Option<ParkedTls>, usize)> {
+        match self {
+            ClientIo::Plain(s) => Ok((s.into_std()?, None, 0)),
+            ClientIo::Tls(t) => match t.park() {
+                Ok((s, parked, settled)) => Ok((s, Some(parked), settled)),
+                Err(ParkError::Socket(e)) => Err(e),
+                Err(ParkError::Session(e)) => Err(io::Error::other(e)),
+                Err(ParkError::Busy(_)) => Err(io::Error::other("tls session failed")),
+            },
         }
-        ClientIo::Tls(Box::new(PostHandshake::new(h)))
+    }
+
+    /// Continues a parked transport (from a predecessor, or after a rolled-back upgrade).
+    pub fn resume(s: std::net::TcpStream, tls: Option<ParkedTls>) -> io::Result<ClientIo> {
+        match tls {
+            Some(p) => Ok(ClientIo::Tls(Box::new(PostHandshake::resume(s, p)?))),
+            None => {
+                s.set_nonblocking(true)?;
+                Ok(ClientIo::Plain(TcpStream::from_std(s)?))
+            }
+        }
     }
 
     /// Whether the client speaks TLS.
@@ -52,7 +85,7 @@ impl ClientIo {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             ClientIo::Plain(s) => s,
-            ClientIo::Tls(t) => t.tcp(),
+            ClientIo::Tls(t) => t.get_ref(),
         }
     }
 
@@ -64,7 +97,7 @@ impl ClientIo {
     ) -> Poll<io::Result<usize>> {
         match self {
             ClientIo::Plain(s) => poll_fill_tcp(s, buf, cx),
-            ClientIo::Tls(t) => t.poll_fill(cx, buf),
+            ClientIo::Tls(t) => t.poll_read_buf(cx, buf),
         }
     }
 
@@ -81,17 +114,6 @@ impl ClientIo {
         match self {
             ClientIo::Plain(s) => s.try_write(b).map(|_| ()),
             ClientIo::Tls(t) => t.try_write(b),
-        }
-    }
-
-    /// The plain socket out of tokio, for a handover. A TLS connection cannot move yet: its
-    /// session lives in rustls (the registry drains it instead of asking it to park).
-    pub fn into_std(self) -> io::Result<std::net::TcpStream> {
-        match self {
-            ClientIo::Plain(s) => s.into_std(),
-            ClientIo::Tls(_) => Err(io::Error::other(
-                "a TLS connection served by rustls cannot be handed over",
-            )),
         }
     }
 }
@@ -142,11 +164,7 @@ impl AsyncRead for ClientIo {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientIo::Tls(t) => {
-                let n = std::task::ready!(t.poll_read(cx, buf.initialize_unfilled()))?;
-                buf.advance(n);
-                Poll::Ready(Ok(()))
-            }
+            ClientIo::Tls(t) => Pin::new(&mut **t).poll_read(cx, buf),
         }
     }
 }
@@ -155,21 +173,21 @@ impl AsyncWrite for ClientIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ClientIo::Plain(s) => Pin::new(s).poll_write(cx, b),
-            ClientIo::Tls(t) => t.poll_write(cx, b),
+            ClientIo::Tls(t) => Pin::new(&mut **t).poll_write(cx, b),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientIo::Tls(t) => t.poll_flush(cx),
+            ClientIo::Tls(t) => Pin::new(&mut **t).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientIo::Tls(t) => t.poll_shutdown(cx),
+            ClientIo::Tls(t) => Pin::new(&mut **t).poll_shutdown(cx),
         }
     }
 }

@@ -64,6 +64,8 @@ impl ListenerCtx {
         tickets: Arc<crate::tls::tickets::Ticketer>,
     ) -> Arc<ListenerCtx> {
         let tls = cfg.tls.as_ref().and_then(|t| {
+            // Probes kernel TLS and logs, once per process, which record layer serves sessions.
+            crate::tls::record::ktls::record_path();
             crate::tls::server_config(t, Some(tickets))
                 .map_err(|e| tracing::error!(listener = %cfg.name, error = %e, "cannot set up tls; its connections will be closed"))
                 .ok()

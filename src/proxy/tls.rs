@@ -2,16 +2,19 @@
 //! then the same data path as plain connections, over [`ClientIo::Tls`]: the HTTP/1.1 engine
 //! for `http` listeners, the L4 relay for `tcp` ones.
 //!
-//! Such a connection is pinned in the registry: its session lives in rustls, so at an upgrade
-//! it is drained (finishes in this process) instead of parked. A TLS HTTP connection waits
-//! for its next request in its own task, not in the idle watcher (which reads raw sockets).
+//! After the handshake the session is baton's record layer's (`tls::record`), plain data like
+//! the rest of the connection's state, so a TLS connection parks and moves at an upgrade like
+//! a plain one. One still in its handshake when the upgrade asks it to park finishes the
+//! handshake here (bounded by `handshake_timeout`) and then parks, moving with a later batch
+//! (docs/tls.md). A TLS HTTP connection waits for its next request in its own task, not in
+//! the idle watcher (which reads raw sockets).
 
 use super::client_io::ClientIo;
 use super::http::h1;
 use super::tcp::{close_log, connect_and_relay};
 use super::ListenerCtx;
 use crate::config::Protocol;
-use crate::registry::{now_ms, ConnHandle, ConnKind, SIG_KILL};
+use crate::registry::{now_ms, ConnHandle, ConnKind, SIG_KILL, SIG_PARK};
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -33,7 +36,6 @@ pub async fn handle(
     let conn = ctx
         .registry
         .register(ctx.name.clone(), peer, kind, now_ms());
-    conn.stats().set_pinned();
     let (Some(server), Some(t)) = (ctx.tls.clone(), ctx.cfg.tls.as_ref()) else {
         return close_log(&ctx, &conn, "tls not set up");
     };
@@ -64,7 +66,13 @@ pub async fn handle(
     };
     tracing::debug!(conn = conn.stats().id, client = %peer, version = %h.facts.version, cipher = %h.facts.cipher, sni = ?h.facts.sni, alpn = ?h.facts.alpn, resumed = h.facts.resumed, "tls handshake done");
     conn.stats().set_tls(h.facts.clone());
-    let io = ClientIo::from_handshake(h);
+    let io = match ClientIo::from_handshake(h) {
+        Ok(io) => io,
+        Err(e) => {
+            tracing::warn!(conn = conn.stats().id, listener = %ctx.name, client = %peer, error = %e, side = "internal", "tls session not taken over from rustls; closing");
+            return close_log(&ctx, &conn, "tls take-over failed");
+        }
+    };
     match ctx.cfg.protocol {
         Protocol::Tcp => connect_and_relay(ctx, conn, io, peer).await,
         Protocol::Http => serve_http(ctx, conn, io).await,
@@ -76,28 +84,37 @@ async fn serve_http(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut io: ClientIo) {
     // The first request is waited for here, so a drain that comes right after the handshake
     // (an upgrade) still serves it (with `connection: close`) instead of closing a connection
     // the client has just opened.
+    // An upgrade meanwhile parks it at once: the engine parks a connection with no request.
     let mut cbuf = BytesMut::new();
     let first = tokio::select! {
         biased;
-        _ = conn.requested(SIG_KILL) => return close_log(&ctx, &conn, "closed at drain deadline"),
+        bits = conn.requested(SIG_KILL | SIG_PARK) => {
+            if bits & SIG_KILL != 0 {
+                return close_log(&ctx, &conn, "closed at drain deadline");
+            }
+            None
+        }
         r = tokio::time::timeout(
             ctx.cfg.http.keepalive_timeout,
             std::future::poll_fn(|cx| io.poll_fill(&mut cbuf, cx)),
-        ) => r,
+        ) => Some(r),
     };
     match first {
-        Ok(Ok(n)) if n > 0 => {
+        // Asked to park before the first request: the engine parks it as it is.
+        None => {}
+        Some(Ok(Ok(n))) if n > 0 => {
             conn.stats().bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         }
-        Ok(_) => return close_log(&ctx, &conn, "client closed"),
-        Err(_) => return close_log(&ctx, &conn, "idle timeout"),
+        Some(Ok(_)) => return close_log(&ctx, &conn, "client closed"),
+        Some(Err(_)) => return close_log(&ctx, &conn, "idle timeout"),
     }
+    let head_started_ms = (!cbuf.is_empty()).then(now_ms);
     let c = h1::Conn {
         client: io,
         up: None,
         st: h1::state::State {
             cbuf,
-            head_started_ms: Some(now_ms()),
+            head_started_ms,
             ..Default::default()
         },
     };

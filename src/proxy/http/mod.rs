@@ -115,7 +115,18 @@ pub fn resume_http(
         let _ = s.set_nodelay(true);
         Ok::<_, std::io::Error>(s)
     };
-    let client = match to_tokio(h.client) {
+    let tls = h.client_tls.map(|c| {
+        if let Some(f) = c.facts {
+            stats.set_tls(f);
+        }
+        c.parked
+    });
+    let client = match tls {
+        // The socket keeps TCP_NODELAY: it is a socket option, not tokio's.
+        Some(tls) => crate::proxy::client_io::ClientIo::resume(h.client, Some(tls)),
+        None => to_tokio(h.client).map(crate::proxy::client_io::ClientIo::from),
+    };
+    let client = match client {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(client = %h.meta.client, error = %e, "cannot resume http connection");
@@ -138,11 +149,7 @@ pub fn resume_http(
             None
         }
     };
-    let c = h1::Conn {
-        client: client.into(),
-        up,
-        st,
-    };
+    let c = h1::Conn { client, up, st };
     Either::Right(async move {
         if let h1::End::Idle(conn, stream) = Box::pin(h1::run(ctx.clone(), conn, c)).await {
             server::serve(ctx, conn, stream, BytesMut::new(), permit).await;

@@ -5,7 +5,8 @@ pub mod relay;
 use super::client_io::ClientIo;
 use super::ListenerCtx;
 use crate::registry::{
-    now_ms, ConnHandle, ConnKind, ConnState, Parked, PendingHalf, TunnelState, SIG_KILL, SIG_PARK,
+    now_ms, ClientTls, ConnHandle, ConnKind, ConnState, Parked, PendingHalf, TunnelState, SIG_KILL,
+    SIG_PARK,
 };
 use relay::{Relay, RelayEnd};
 use std::future::Future;
@@ -81,7 +82,14 @@ pub async fn resume(ctx: Arc<ListenerCtx>, t: TunnelState, _permit: OwnedSemapho
     stats.set_server(t.meta.server);
     stats.bytes_in.store(t.meta.bytes_in, Ordering::Relaxed);
     stats.bytes_out.store(t.meta.bytes_out, Ordering::Relaxed);
-    let (client, server) = match (to_tokio(t.client), to_tokio(t.upstream)) {
+    let tls = t.client_tls.map(|c| {
+        if let Some(f) = c.facts {
+            stats.set_tls(f);
+        }
+        c.parked
+    });
+    let client = crate::proxy::client_io::ClientIo::resume(t.client, tls);
+    let (client, server) = match (client, to_tokio(t.upstream)) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => {
             tracing::warn!(client = %t.meta.client, error = %e, "cannot resume tunnel");
@@ -167,15 +175,22 @@ pub async fn run_tunnel(
         Outcome::Park => {
             let meta = conn.stats().meta();
             match relay.into_parts() {
-                Ok((client, upstream, to_upstream, to_client)) => {
+                Ok(p) => {
                     drop(guard);
                     ctx.lm.parked();
+                    let client_tls = p.client_tls.map(|parked| {
+                        Box::new(ClientTls {
+                            parked,
+                            facts: conn.stats().tls().cloned(),
+                        })
+                    });
                     conn.park(Parked::Tunnel(TunnelState {
                         meta,
-                        client,
-                        upstream,
-                        to_upstream,
-                        to_client,
+                        client: p.client,
+                        client_tls,
+                        upstream: p.upstream,
+                        to_upstream: p.to_upstream,
+                        to_client: p.to_client,
                     }));
                 }
                 Err(e) => {

@@ -290,20 +290,42 @@ impl Relay {
         std::future::poll_fn(|cx| self.poll_relay(cx)).await
     }
 
-    /// Stops the relay: both sockets (as std sockets, deregistered from this runtime) and what
-    /// each direction still holds.
-    pub fn into_parts(
-        self,
-    ) -> io::Result<(
-        std::net::TcpStream,
-        std::net::TcpStream,
-        PendingHalf,
-        PendingHalf,
-    )> {
-        let up = self.to_upstream.pending();
-        let down = self.to_client.pending();
-        Ok((self.client.into_std()?, self.upstream.into_std()?, up, down))
+    /// Stops the relay: both sockets (as std sockets, deregistered from this runtime), the
+    /// client's TLS session if it has one, and what each direction still holds. Bytes of an
+    /// unfinished write to a TLS client that its session already sealed leave with the
+    /// session (as records to send first), so they are no longer pending here.
+    pub fn into_parts(self) -> io::Result<Parts> {
+        let Relay {
+            client,
+            upstream,
+            to_upstream,
+            mut to_client,
+            ..
+        } = self;
+        let (client, client_tls, settled) = client.park()?;
+        to_client.start = (to_client.start + settled).min(to_client.end);
+        Ok(Parts {
+            client,
+            client_tls,
+            upstream: upstream.into_std()?,
+            to_upstream: to_upstream.pending(),
+            to_client: to_client.pending(),
+        })
     }
+}
+
+/// A stopped relay, from [`Relay::into_parts`].
+pub struct Parts {
+    /// The client socket.
+    pub client: std::net::TcpStream,
+    /// The client's TLS session, if it arrived over TLS.
+    pub client_tls: Option<crate::tls::record::ParkedTls>,
+    /// The upstream socket.
+    pub upstream: std::net::TcpStream,
+    /// Client → upstream bytes not yet written.
+    pub to_upstream: PendingHalf,
+    /// Upstream → client bytes not yet written.
+    pub to_client: PendingHalf,
 }
 
 #[cfg(test)]
@@ -391,7 +413,8 @@ mod tests {
             last = now;
         }
         let read_from_source = stats.bytes_in.load(Ordering::Relaxed) as usize;
-        let (_client, mut upstream, to_up, _) = relay.into_parts().unwrap();
+        let parts = relay.into_parts().unwrap();
+        let (mut upstream, to_up) = (parts.upstream, parts.to_upstream);
         // Usually the stall leaves bytes in the buffer; the check below holds either way.
         // Drain what reached the destination while passing the pending bytes on ourselves.
         let mut upstream_peer = upstream_peer.into_std().unwrap();

@@ -162,7 +162,7 @@ pub fn next_secret(alg: Aead, secret: &[u8]) -> Result<Secret, RecordError> {
 }
 
 /// One direction's protection state, as plain data: what a handover moves.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirState {
     /// TLS 1.3: the current application traffic secret (secret 0 advanced by each
     /// KeyUpdate). Empty for TLS 1.2, which has no KeyUpdate.

@@ -394,6 +394,37 @@ impl<'de> Deserialize<'de> for Session {
     }
 }
 
+impl Clone for Session {
+    fn clone(&self) -> Session {
+        let dir = |d: &Direction| Direction {
+            state: d.state.clone(),
+            aead: d.aead.clone(),
+        };
+        Session {
+            version: self.version,
+            aead: self.aead,
+            rx: dir(&self.rx),
+            tx: dir(&self.tx),
+            limits: self.limits,
+            flags: self.flags,
+        }
+    }
+}
+
+impl PartialEq for Session {
+    fn eq(&self, o: &Session) -> bool {
+        // The ring keys follow from the key bytes in the states.
+        self.version == o.version
+            && self.aead == o.aead
+            && self.rx.state == o.rx.state
+            && self.tx.state == o.tx.state
+            && self.limits == o.limits
+            && self.flags == o.flags
+    }
+}
+
+impl Eq for Session {}
+
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Sequence numbers and generations only: key material never reaches a log.

@@ -28,7 +28,7 @@ const READ_CHUNK: usize = 17 * 1024;
 const WRITE_CHUNK: usize = 4 * MAX_FRAGMENT;
 
 /// A TLS session's state off its socket: what a handover moves with the fd.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParkedTls {
     /// Keys, secrets, sequence numbers, flags.
     pub session: Session,

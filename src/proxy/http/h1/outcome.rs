@@ -7,7 +7,9 @@ use super::{next_deadline, Conn, End, Step};
 use crate::proxy::http::{framing::Framing, head, route};
 use crate::proxy::tcp::{close_log, relay::Relay, run_tunnel};
 use crate::proxy::ListenerCtx;
-use crate::registry::{now_ms, ConnHandle, ConnKind, HttpState, Parked, PendingHalf};
+use crate::registry::{now_ms, ClientTls, ConnHandle, ConnKind, HttpState, Parked, PendingHalf};
+use bytes::Buf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -366,8 +368,8 @@ pub(super) async fn tunnel(
 /// Parks the connection with everything it holds.
 pub(super) fn park(ctx: &ListenerCtx, conn: ConnHandle, c: Conn) -> End {
     let meta = conn.stats().meta();
-    let client = match c.client.into_std() {
-        Ok(s) => s,
+    let (client, client_tls, settled) = match c.client.park() {
+        Ok(p) => p,
         Err(e) => {
             tracing::warn!(client = %meta.client, error = %e, "cannot park http connection; closing it");
             close_log(ctx, &conn, "park failed");
@@ -377,6 +379,13 @@ pub(super) fn park(ctx: &ListenerCtx, conn: ConnHandle, c: Conn) -> End {
     let upstream =
         c.up.and_then(|u| u.stream.into_std().ok().map(|s| (u.addr, s)));
     let mut st = c.st;
+    written_to_client(&mut st, settled, conn.stats());
+    let client_tls = client_tls.map(|parked| {
+        Box::new(ClientTls {
+            parked,
+            facts: conn.stats().tls().cloned(),
+        })
+    });
     if upstream.is_none()
         && st.phase == Phase::Exchange
         && st.ex.as_ref().is_some_and(|e| e.resp.is_none())
@@ -389,8 +398,32 @@ pub(super) fn park(ctx: &ListenerCtx, conn: ConnHandle, c: Conn) -> End {
     conn.park(Parked::Http(Box::new(HttpState {
         meta,
         client,
+        client_tls,
         upstream: upstream.map(|(_, s)| s),
         state: st,
     })));
     End::Gone
+}
+
+/// Counts `n` bytes of the client write a TLS session took with it at parking as written:
+/// they came from `to_cl` if it holds any (it is written first), else from the response body
+/// bytes `ubuf[..up_ready]`, as the flow would have advanced them.
+fn written_to_client(st: &mut State, n: usize, stats: &crate::registry::ConnStats) {
+    if n == 0 {
+        return;
+    }
+    let n = if !st.to_cl.is_empty() {
+        let n = n.min(st.to_cl.len());
+        st.to_cl.advance(n);
+        n
+    } else {
+        let n = n.min(st.up_ready);
+        st.ubuf.advance(n);
+        st.up_ready -= n;
+        n
+    };
+    stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+    if let Some(ex) = st.ex.as_mut() {
+        ex.resp_bytes += n as u64;
+    }
 }
