@@ -310,28 +310,35 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                 Step::Tunnel => return tunnel(ctx, conn, c, 101).await,
             },
             Phase::Flush => {
-                let stop = tokio::select! {
-                    biased;
-                    bits = conn.requested(SIG_PARK | SIG_KILL) => Some(bits),
-                    r = tokio::time::timeout(Duration::from_secs(10), c.client.write_all(&c.st.to_cl)) => {
-                        let _ = r;
-                        None
+                // One write at a time, its bytes dropped from `to_cl` as it completes: a park
+                // between two writes moves exactly what is left. (`write_all` keeps its progress
+                // to itself, so a park in the middle of it had the successor send the written
+                // part again.) A TLS write cut short by a park is counted by `park` itself.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !c.st.to_cl.is_empty() {
+                    let step = tokio::select! {
+                        biased;
+                        bits = conn.requested(SIG_PARK | SIG_KILL) => Err(bits),
+                        r = tokio::time::timeout_at(deadline, c.client.write(&c.st.to_cl)) => Ok(r),
+                    };
+                    match step {
+                        Err(bits) if bits & SIG_PARK != 0 && bits & SIG_KILL == 0 => {
+                            return park(&ctx, conn, c)
+                        }
+                        Err(_) => {
+                            close_log(&ctx, &conn, "closed at drain deadline");
+                            return End::Gone;
+                        }
+                        Ok(Ok(Ok(n))) if n > 0 => {
+                            stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                            c.st.to_cl.advance(n);
+                        }
+                        Ok(_) => {
+                            close_log(&ctx, &conn, "client gone");
+                            return End::Gone;
+                        }
                     }
-                };
-                match stop {
-                    Some(bits) if bits & SIG_PARK != 0 && bits & SIG_KILL == 0 => {
-                        return park(&ctx, conn, c)
-                    }
-                    Some(_) => {
-                        close_log(&ctx, &conn, "closed at drain deadline");
-                        return End::Gone;
-                    }
-                    None => {}
                 }
-                stats
-                    .bytes_out
-                    .fetch_add(c.st.to_cl.len() as u64, Ordering::Relaxed);
-                c.st.to_cl.clear();
                 if c.st.close_after {
                     let _ = c.client.shutdown().await;
                     close_log(&ctx, &conn, "closed");
