@@ -24,10 +24,10 @@
 #   BENCH_RAW=FILE       also keep the raw per-run lines in FILE
 #   BENCH_NO_BUILD=1     use target/release/baton as it is
 #   BENCH_KEEP=1         keep the temporary folder (configs, logs)
-#   memory mode: MEM_IDLE_HTTP=9500 MEM_IDLE_TCP=4000 MEM_ACTIVE=1000 MEM_STALLED=200 (connection
+#   memory mode: MEM_IDLE_HTTP=9500 MEM_IDLE_HTTPS=2000 MEM_IDLE_TCP=4000 MEM_ACTIVE=1000 MEM_STALLED=200 (connection
 #   counts; HAProxy cannot start with maxconn ≥ 9,890 under a 20,000 fd limit, and an L4 proxy
 #   needs 2 fds a tunnel); MEM_PROXIES="baton haproxy nginx";
-#   MEM_KINDS="idle-http idle-tcp active-tcp stalled-http"
+#   MEM_KINDS="idle-http idle-https idle-tcp active-tcp stalled-http"
 #
 # Quick smoke run: BENCH_SECONDS=2 BENCH_ROUNDS=1 scripts/bench.sh
 set -uo pipefail
@@ -70,7 +70,8 @@ esac
 bench_start
 require_free_ports "$P_BACKEND" "$P_BATON_TCP" "$P_BATON_HTTP" "$P_HAPROXY_TCP" "$P_HAPROXY_HTTP" \
     "$P_NGINX_TCP" "$P_NGINX_HTTP"
-if [[ "$MODE" == tls ]]; then
+MEM_KINDS="${MEM_KINDS:-idle-http idle-https idle-tcp active-tcp stalled-http}"
+if [[ "$MODE" == tls || ( "$MODE" == memory && " $MEM_KINDS " == *" idle-https "* ) ]]; then
     require_free_ports "$P_BATON_HTTPS" "$P_HAPROXY_HTTPS" "$P_NGINX_HTTPS"
     make_cert
     TLS_PORT_BATON=$P_BATON_HTTPS TLS_PORT_HAPROXY=$P_HAPROXY_HTTPS TLS_PORT_NGINX=$P_NGINX_HTTPS
@@ -179,24 +180,26 @@ throughput() {
 # mem_measure PROXY KIND: starts a fresh PROXY, measures RSS idle, then with the connections of
 # KIND (idle-http | idle-tcp | active-tcp) held open; prints one Markdown row.
 mem_measure() {
-    local proxy=$1 kind=$2 pid tport hport n args=() idle loaded ready="$WORK/ready" out i maxconn
+    local proxy=$1 kind=$2 pid tport hport sport n script=conns.py args=() idle loaded ready="$WORK/ready" out i maxconn
     case "$kind" in
     idle-http) n=${MEM_IDLE_HTTP:-9500} ;;
+    idle-https) n=${MEM_IDLE_HTTPS:-2000} ;;
     idle-tcp) n=${MEM_IDLE_TCP:-4000} ;;
     active-tcp) n=${MEM_ACTIVE:-1000} ;;
     stalled-http) n=${MEM_STALLED:-200} ;;
     esac
     maxconn=$((n + 100))
     case "$proxy" in
-    baton) tport=$P_BATON_TCP hport=$P_BATON_HTTP
+    baton) tport=$P_BATON_TCP hport=$P_BATON_HTTP sport=$P_BATON_HTTPS
         start_baton "$PCPU" "$tport" "$hport" "$P_BACKEND" "$maxconn"; pid=$BATON_PID ;;
-    haproxy) tport=$P_HAPROXY_TCP hport=$P_HAPROXY_HTTP
+    haproxy) tport=$P_HAPROXY_TCP hport=$P_HAPROXY_HTTP sport=$P_HAPROXY_HTTPS
         start_haproxy "$PCPU" "$tport" "$hport" "$P_BACKEND" "$maxconn"; pid=$HAPROXY_PID ;;
-    nginx) tport=$P_NGINX_TCP hport=$P_NGINX_HTTP
+    nginx) tport=$P_NGINX_TCP hport=$P_NGINX_HTTP sport=$P_NGINX_HTTPS
         start_nginx "$PCPU" "$tport" "$hport" "$P_BACKEND" "$maxconn"; pid=$NGINX_PID ;;
     esac
     case "$kind" in
     idle-http) args=(--idle "127.0.0.1:$hport" "$n") ;;
+    idle-https) args=("127.0.0.1:$sport" "$n" --tls) script=idle.py ;;
     idle-tcp) args=(--idle "127.0.0.1:$tport" "$n") ;;
     active-tcp) args=(--active "127.0.0.1:$tport" "$n" --interval-ms 200) ;;
     stalled-http) args=(--stalled "127.0.0.1:$hport" "$n" --stalled-path /big) ;;
@@ -205,7 +208,7 @@ mem_measure() {
     idle=$(rss_kib "$pid")
     rm -f "$ready"
     # --no-verify: a burst of 9,500 requests at once would need 9,500 upstream connections.
-    taskset -c "$LCPU" python3 "$BENCH_DIR/conns.py" "${args[@]}" --no-verify --ready-file "$ready" \
+    taskset -c "$LCPU" python3 "$BENCH_DIR/$script" "${args[@]}" --no-verify --ready-file "$ready" \
         --max-seconds 120 >"$WORK/conns.out" 2>&1 &
     local cpid=$!
     track "$cpid"
@@ -252,7 +255,7 @@ memory() {
     local p k
     : >"$WORK/mem_rows"
     for p in ${MEM_PROXIES:-baton haproxy nginx}; do
-        for k in ${MEM_KINDS:-idle-http idle-tcp active-tcp stalled-http}; do
+        for k in $MEM_KINDS; do
             log "memory: $p $k"
             mem_measure "$p" "$k"
         done
@@ -262,7 +265,8 @@ memory() {
     echo "RSS (VmRSS summed over the proxy's processes) of a freshly started proxy after one request"
     echo "(idle), then with the client connections held open (scripts/bench/conns.py):"
     echo "idle-http = HTTP keep-alive connections idle after one request each (9,500, not 10,000: HAProxy"
-    echo "refuses to start with maxconn ≥ 9,890 under this machine's 20,000 fd limit); idle-tcp = L4 tunnels"
+    echo "refuses to start with maxconn ≥ 9,890 under this machine's 20,000 fd limit); idle-https = the same over"
+    echo "TLS 1.3 (AES-128-GCM, ECDSA P-256; scripts/bench/idle.py, one handshake each); idle-tcp = L4 tunnels"
     echo "idle after one request (each costs an L4 proxy two fds, so fewer fit the 20,000 fd limit);"
     echo "active-tcp = L4 tunnels each sending a request every 200 ms; stalled-http = HTTP clients that each"
     echo "request a 256 MiB download and never read it (receive buffer 16 KiB). Per connection = (loaded − idle) / N."

@@ -13,6 +13,7 @@ use crate::tls::{Handshaken, PostHandshake};
 use bytes::BytesMut;
 use std::io;
 use std::pin::Pin;
+use std::task::ready;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -81,6 +82,13 @@ impl ClientIo {
         matches!(self, ClientIo::Tls(_))
     }
 
+    /// Frees the session's empty buffers (TLS; a plain socket holds none).
+    pub fn release_buffers(&mut self) {
+        if let ClientIo::Tls(t) = self {
+            t.release_buffers();
+        }
+    }
+
     /// The socket underneath.
     pub fn tcp(&self) -> &TcpStream {
         match self {
@@ -136,24 +144,21 @@ fn grow(buf: &mut BytesMut) {
 }
 
 /// Reads once from a plain socket into `buf` (with room reserved); `Ok(0)` is EOF.
+///
+/// Through `poll_read`, not `try_read_buf`: a read shorter than the room given clears the
+/// socket's readiness (the kernel had no more), so the next read waits for epoll instead of
+/// costing a `recvfrom` that returns EAGAIN — one syscall per request on each side of a
+/// keep-alive exchange.
 pub fn poll_fill_tcp(
-    s: &TcpStream,
+    s: &mut TcpStream,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    loop {
-        match s.poll_read_ready(cx) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
-        }
-        grow(buf);
-        match s.try_read_buf(buf) {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Poll::Ready(Err(e)),
-        }
-    }
+    // Room is made only once the socket is readable: a connection waiting for bytes holds
+    // no buffer.
+    ready!(s.poll_read_ready(cx))?;
+    grow(buf);
+    tokio_util::io::poll_read_buf(Pin::new(s), cx, buf)
 }
 
 impl AsyncRead for ClientIo {
@@ -175,6 +180,21 @@ impl AsyncWrite for ClientIo {
             ClientIo::Plain(s) => Pin::new(s).poll_write(cx, b),
             ClientIo::Tls(t) => Pin::new(&mut **t).poll_write(cx, b),
         }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientIo::Tls(t) => t.poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -115,6 +115,17 @@ impl TlsStream {
         self.session.request_key_update(ask_peer);
     }
 
+    /// Frees the allocations of the buffers that hold nothing: an idle session keeps its keys
+    /// and socket only (the read buffer alone is 17 KiB), and a new one is made when bytes
+    /// arrive.
+    pub fn release_buffers(&mut self) {
+        for b in [&mut self.rbuf, &mut self.plain, &mut self.wbuf] {
+            if b.is_empty() {
+                *b = BytesMut::new();
+            }
+        }
+    }
+
     /// Ciphertext read that does not make a whole record yet.
     pub fn buffered_cipher(&self) -> usize {
         self.rbuf.len()
@@ -202,7 +213,13 @@ impl TlsStream {
             if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
                 self.rbuf.reserve(READ_CHUNK);
             }
-            match self.io.try_read_buf(&mut self.rbuf) {
+            // poll_read, not try_read: a short read clears the readiness, so the next read
+            // waits for epoll instead of costing a recvfrom that returns EAGAIN.
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.io),
+                cx,
+                &mut self.rbuf
+            )) {
                 Ok(0) => {
                     if !self.rbuf.is_empty() {
                         self.failed = true;
@@ -214,7 +231,6 @@ impl TlsStream {
                     self.eof = true;
                 }
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -240,6 +256,28 @@ impl TlsStream {
         }
         ready!(self.poll_send(cx))?;
         Poll::Ready(Ok(std::mem::take(&mut self.unacked)))
+    }
+
+    /// [`TlsStream::poll_write`] for several buffers: what fits in one write (64 KiB) is joined
+    /// and sealed together, so a response head and the start of its body travel in one record
+    /// and one `write`.
+    pub fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut live = bufs.iter().filter(|b| !b.is_empty());
+        let first: &[u8] = live.next().map(|b| &b[..]).unwrap_or(&[]);
+        if self.unacked > 0 || live.next().is_none() {
+            return self.poll_write(cx, first);
+        }
+        let total = bufs.iter().map(|b| b.len()).sum::<usize>().min(WRITE_CHUNK);
+        let mut joined = Vec::with_capacity(total);
+        for b in bufs {
+            let take = (total - joined.len()).min(b.len());
+            joined.extend_from_slice(&b[..take]);
+        }
+        self.poll_write(cx, &joined)
     }
 
     /// Finishes the current write without being given its bytes again: Ready with how many
@@ -385,6 +423,18 @@ impl AsyncWrite for TlsStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         TlsStream::poll_write(self.get_mut(), cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        TlsStream::poll_write_vectored(self.get_mut(), cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -153,59 +153,33 @@ pub fn poll_flow(
             }
         }
 
-        // Upstream → client: heads and re-framed bytes first, then body bytes as they are.
-        if !st.to_cl.is_empty() {
-            match poll_write(client, &st.to_cl, cx) {
-                Poll::Ready(Ok(n)) => {
-                    st.to_cl.advance(n);
-                    stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                    ex.resp_bytes += n as u64;
-                    progressed = true;
-                }
-                Poll::Ready(Err(_)) => return Poll::Ready(Flow::ClientFailed("client gone", None)),
-                Poll::Pending => {}
-            }
-        } else if st.up_ready > 0 {
-            match poll_write(client, &st.ubuf[..st.up_ready], cx) {
-                Poll::Ready(Ok(n)) => {
-                    st.ubuf.advance(n);
-                    st.up_ready -= n;
-                    stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                    ex.resp_bytes += n as u64;
-                    progressed = true;
-                }
-                Poll::Ready(Err(_)) => return Poll::Ready(Flow::ClientFailed("client gone", None)),
-                Poll::Pending => {}
-            }
-        }
-
         // The response: its head, then its body by framing.
-        match ex.resp.as_mut() {
-            None => {
-                if !st.ubuf.is_empty() && st.to_cl.len() < CAP {
-                    match parse_response(&st.ubuf, o.max_head, &o.resp) {
-                        Ok(Some(r)) => {
-                            st.ubuf.advance(r.head_len);
-                            st.to_cl.extend_from_slice(&r.out);
-                            progressed = true;
-                            if r.status == 101 {
-                                return Poll::Ready(Flow::Switched);
-                            }
-                            if !r.interim() {
-                                ex.resp = Some(RespState {
-                                    status: r.status,
-                                    framing: r.framing,
-                                    body: r.body,
-                                    close_client: r.close_client,
-                                    reusable: r.reusable,
-                                });
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => return Poll::Ready(Flow::UpstreamBroke(e.reason, 502)),
+        if ex.resp.is_none() && !st.ubuf.is_empty() && st.to_cl.len() < CAP {
+            match parse_response(&st.ubuf, o.max_head, &o.resp) {
+                Ok(Some(r)) => {
+                    st.ubuf.advance(r.head_len);
+                    st.to_cl.extend_from_slice(&r.out);
+                    progressed = true;
+                    if r.status == 101 {
+                        return Poll::Ready(Flow::Switched);
+                    }
+                    if !r.interim() {
+                        ex.resp = Some(RespState {
+                            status: r.status,
+                            framing: r.framing,
+                            body: r.body,
+                            close_client: r.close_client,
+                            reusable: r.reusable,
+                        });
                     }
                 }
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Flow::UpstreamBroke(e.reason, 502)),
             }
+        }
+        // Framed in the same pass as the head, so a small response goes out in one write.
+        match ex.resp.as_mut() {
+            None => {}
             Some(r) if !r.framing.is_done() => match r.body {
                 ClientBody::Pass => {
                     if st.up_ready < st.ubuf.len() {
@@ -248,6 +222,35 @@ pub fn poll_flow(
                 }
             },
             Some(_) => {}
+        }
+
+        // Upstream → client: heads and re-framed bytes, then body bytes as they are — in one
+        // write when both are there (a small response: head and body in one segment).
+        if !st.to_cl.is_empty() || st.up_ready > 0 {
+            let r = if st.to_cl.is_empty() {
+                poll_write(client, &st.ubuf[..st.up_ready], cx)
+            } else if st.up_ready > 0 {
+                let bufs = [
+                    io::IoSlice::new(&st.to_cl),
+                    io::IoSlice::new(&st.ubuf[..st.up_ready]),
+                ];
+                Pin::new(&mut *client).poll_write_vectored(cx, &bufs)
+            } else {
+                poll_write(client, &st.to_cl, cx)
+            };
+            match r {
+                Poll::Ready(Ok(n)) => {
+                    let from_head = n.min(st.to_cl.len());
+                    st.to_cl.advance(from_head);
+                    st.ubuf.advance(n - from_head);
+                    st.up_ready -= n - from_head;
+                    stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    ex.resp_bytes += n as u64;
+                    progressed = true;
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Flow::ClientFailed("client gone", None)),
+                Poll::Pending => {}
+            }
         }
 
         // Read the upstream while a response is still to come (and the buffer has room).

@@ -139,13 +139,13 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
     let client_ip = stats.client.ip().to_string();
     // How long a connection between requests waits here (state, buffers and this boxed task
     // kept) before it goes back to the idle wait in `server`, which holds none of them.
-    // A TLS connection has no idle wait outside the engine (its session lives in rustls and
-    // the idle watcher reads raw sockets): it waits here for the whole keep-alive time.
-    let linger = if c.client.is_tls() {
-        http.keepalive_timeout
-    } else {
-        super::shared::IDLE_RELEASE.min(http.keepalive_timeout)
-    };
+    // A TLS connection has no idle wait outside the engine (the idle watcher reads raw
+    // sockets): after the same time it frees its empty buffers and waits here for the rest
+    // of the keep-alive time.
+    let linger = super::shared::IDLE_RELEASE.min(http.keepalive_timeout);
+    // When the current wait between requests began, and whether its buffers were freed.
+    let mut idle_from_ms: Option<u64> = None;
+    let mut released = false;
     let https = c.client.is_tls();
     let clock = Clock::new();
     let mut timer: Timer = Box::pin(tokio::time::sleep_until(clock.base));
@@ -178,8 +178,14 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                         return End::Gone;
                     }
                     stats.set_state(ConnState::Idle);
+                    let from = *idle_from_ms.get_or_insert_with(now_ms);
                     // A keep-alive client usually sends its next request soon.
-                    let due = clock.at(now_ms() + linger.as_millis() as u64);
+                    let wait = if released {
+                        http.keepalive_timeout
+                    } else {
+                        linger
+                    };
+                    let due = clock.at(from + wait.as_millis() as u64);
                     match wait_read(&conn, &mut c, &mut timer, due).await {
                         Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
                             close_log(&ctx, &conn, "client closed");
@@ -188,9 +194,16 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                         Wake::Read(Ok(n)) => {
                             stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                             c.st.head_started_ms = Some(now_ms());
+                            idle_from_ms = None;
+                            released = false;
                         }
                         Wake::Timer => match c.client {
                             ClientIo::Plain(s) => return End::Idle(conn, s),
+                            ClientIo::Tls(_) if !released && linger < http.keepalive_timeout => {
+                                c.st.release_buffers();
+                                c.client.release_buffers();
+                                released = true;
+                            }
                             ClientIo::Tls(_) => {
                                 close_log(&ctx, &conn, "idle timeout");
                                 return End::Gone;

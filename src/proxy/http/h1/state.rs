@@ -148,6 +148,21 @@ pub struct Wire {
 }
 
 impl State {
+    /// Frees the allocations of the buffers that hold nothing (an idle connection that stays
+    /// in the engine — TLS — need not keep a request's worth of buffers).
+    pub fn release_buffers(&mut self) {
+        for b in [
+            &mut self.cbuf,
+            &mut self.to_up,
+            &mut self.ubuf,
+            &mut self.to_cl,
+        ] {
+            if b.is_empty() {
+                *b = BytesMut::new();
+            }
+        }
+    }
+
     /// The state without its buffers, and the buffers in wire order.
     pub fn to_wire(&self, has_upstream: bool) -> Wire {
         Wire {
