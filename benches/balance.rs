@@ -26,6 +26,7 @@ fn pool(balance: Balance) -> std::sync::Arc<Upstream> {
         eject_after: 3,
         eject_for: Duration::from_secs(10),
         http: UpstreamHttp::default(),
+        tls: None,
     })
 }
 

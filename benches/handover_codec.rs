@@ -28,6 +28,7 @@ fn tunnels() -> (Message, usize, Vec<u8>) {
         .map(|i| ConnEntry::Tunnel {
             meta: meta(i, ConnKind::Tcp),
             tls: None,
+            up_tls: None,
             to_upstream: HalfEntry {
                 pending: 100,
                 read_eof: false,

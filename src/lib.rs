@@ -17,7 +17,8 @@
 //! - [`logging`]: tracing setup with `pid` and `generation` on every line, the access log.
 //! - [`test_hooks`]: failure injection for the integration tests (cargo feature `test-hooks`).
 //! - [`isolation`]: privilege drop, capabilities, worker namespaces, CPU pinning.
-//! - [`tls`]: TLS termination (rustls) and sessions that move to the successor.
+//! - [`tls`]: TLS termination and TLS to upstreams (rustls), and sessions that move to the
+//!   successor.
 
 pub mod admin;
 pub mod config;

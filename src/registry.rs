@@ -107,6 +107,18 @@ pub struct ClientTls {
     pub facts: Option<TlsFacts>,
 }
 
+/// The TLS side of a parked upstream connection (`upstreams.X.tls`): its session on baton's
+/// record layer as plain data (secrets included: it travels only over the private handover
+/// channel), and the upstream whose settings made it (a pooled connection goes back to that
+/// upstream's pool entries only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamSession {
+    /// The upstream's name.
+    pub upstream: String,
+    /// The record layer's state.
+    pub parked: crate::tls::record::ParkedTls,
+}
+
 /// A stopped tunnel: both sockets and everything in flight between them.
 #[derive(Debug)]
 pub struct TunnelState {
@@ -118,6 +130,8 @@ pub struct TunnelState {
     pub client_tls: Option<Box<ClientTls>>,
     /// The upstream side.
     pub upstream: std::net::TcpStream,
+    /// The upstream's TLS session, if the tunnel speaks TLS to its server.
+    pub upstream_tls: Option<Box<UpstreamSession>>,
     /// Client → upstream direction.
     pub to_upstream: PendingHalf,
     /// Upstream → client direction.
@@ -147,6 +161,8 @@ pub struct HttpState {
     pub client_tls: Option<Box<ClientTls>>,
     /// The upstream socket of the request in flight, if one is attached.
     pub upstream: Option<std::net::TcpStream>,
+    /// Its TLS session, if the upstream is spoken to over TLS.
+    pub upstream_tls: Option<Box<UpstreamSession>>,
     /// Everything else, as plain data.
     pub state: crate::proxy::http::h1::state::State,
 }
@@ -159,6 +175,8 @@ pub struct PooledState {
     pub meta: ConnMeta,
     /// The upstream socket.
     pub upstream: std::net::TcpStream,
+    /// Its TLS session, for a connection to a TLS upstream.
+    pub tls: Option<Box<UpstreamSession>>,
 }
 
 /// What a connection holds when stopped for a handover.
@@ -181,6 +199,16 @@ impl Parked {
             Parked::Tunnel(t) => t.client_tls.as_deref(),
             Parked::Http(h) => h.client_tls.as_deref(),
             Parked::IdleHttp(_) | Parked::Pooled(_) => None,
+        }
+    }
+
+    /// The upstream side's TLS session, for a connection to a TLS upstream.
+    pub fn upstream_tls(&self) -> Option<&UpstreamSession> {
+        match self {
+            Parked::Tunnel(t) => t.upstream_tls.as_deref(),
+            Parked::Http(h) => h.upstream_tls.as_deref(),
+            Parked::Pooled(p) => p.tls.as_deref(),
+            Parked::IdleHttp(_) => None,
         }
     }
 

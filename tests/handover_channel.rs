@@ -131,6 +131,7 @@ fn tunnels(n: usize) -> Fixture {
             meta: meta(i, caddr, back.local_addr().unwrap()),
             client: proxy_client,
             upstream: proxy_upstream,
+            upstream_tls: None,
             to_upstream: PendingHalf {
                 bytes: pending("up", i, up_len),
                 read_eof: false,
@@ -426,6 +427,7 @@ async fn a_listening_socket_is_refused_as_a_tunnel_end() {
         let entry = baton::handover::ConnEntry::Tunnel {
             meta: meta(0, c.local_addr().unwrap(), l.local_addr().unwrap()),
             tls: None,
+            up_tls: None,
             to_upstream: Default::default(),
             to_client: Default::default(),
         };

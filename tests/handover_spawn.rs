@@ -172,6 +172,7 @@ async fn spawned_successor_adopts_listeners_and_a_live_tunnel() {
         },
         client: proxy_client,
         upstream: proxy_upstream,
+        upstream_tls: None,
         to_upstream: PendingHalf {
             bytes: b"pending to upstream|".to_vec(),
             ..Default::default()

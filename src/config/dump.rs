@@ -328,6 +328,29 @@ fn upstream(u: &Upstream) -> Y {
             ),
         ]),
     ));
+    if let Some(t) = &u.tls {
+        m.push(("tls", upstream_tls(t)));
+    }
+    Y::Map(m)
+}
+
+/// `upstreams.X.tls`: `ca` only when a file is named (the default is the system's roots).
+fn upstream_tls(t: &UpstreamTls) -> Y {
+    let mut m = Vec::new();
+    if let TrustRoots::File(f) = &t.roots {
+        m.push(("ca", path(f)));
+    }
+    if let Some(n) = &t.server_name {
+        m.push(("server_name", text(n)));
+    }
+    if let Some(c) = &t.client_certificate {
+        m.push((
+            "client_certificate",
+            Y::Map(vec![("cert", path(&c.cert)), ("key", path(&c.key))]),
+        ));
+    }
+    m.push(("verify", Y::Bool(t.verify)));
+    m.push(("alpn", Y::Seq(t.alpn.iter().map(text).collect())));
     Y::Map(m)
 }
 

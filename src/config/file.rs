@@ -195,6 +195,23 @@ pub struct Upstream {
     pub http: Option<UpstreamHttp>,
     /// Re-resolution interval of hostname servers.
     pub resolve: Option<S<String>>,
+    /// TLS to the servers (`super::upstream_tls`).
+    pub tls: Option<S<UpstreamTls>>,
+}
+
+/// `upstreams.X.tls:`.
+#[derive(Debug, Deserialize)]
+pub struct UpstreamTls {
+    /// PEM file of the CAs that may sign the servers' certificates; default: the system's roots.
+    pub ca: Option<S<String>>,
+    /// The name sent as SNI and verified; default: each server's host name.
+    pub server_name: Option<S<String>>,
+    /// A certificate baton presents when a server asks for one.
+    pub client_certificate: Option<S<CertEntry>>,
+    /// `false` turns certificate verification off (a loudly warned escape hatch).
+    pub verify: Option<S<bool>>,
+    /// ALPN protocols offered.
+    pub alpn: Option<Vec<S<String>>>,
 }
 
 /// A server: `"host:port"` or `{ addr: "host:port", weight: 3 }`.

@@ -11,6 +11,7 @@ mod runtime;
 mod server_addr;
 mod tls;
 mod unknown;
+mod upstream_tls;
 mod validate;
 mod yaml_error;
 
@@ -27,6 +28,7 @@ pub use dump::format_duration;
 pub use errors::parse_duration;
 pub use isolation::{parse_cpu_list, Account, CpuAffinity, Isolation, CAPABILITY_NAMES};
 pub use tls::{Certificate, ListenerTls, TlsVersion, DEFAULT_HANDSHAKE_TIMEOUT};
+pub use upstream_tls::{TrustRoots, UpstreamTls};
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -371,6 +373,8 @@ pub struct Upstream {
     pub eject_for: Duration,
     /// HTTP settings.
     pub http: UpstreamHttp,
+    /// TLS to the servers, if configured (`tls:`).
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Every problem found in a configuration file, one per line.
@@ -411,18 +415,25 @@ impl Config {
         })
     }
 
-    /// Warnings about a configuration that loads (certificates expired or not yet valid), one
-    /// line each, `file:line:col: key: warning: ...`: `check` prints them, `run` logs them.
+    /// Warnings about a configuration that loads (certificates expired or not yet valid,
+    /// upstream certificate verification turned off), one line each, `file:line:col: key:
+    /// warning: ...`: `check` prints them, `run` logs them.
     pub fn warnings(&self) -> Vec<String> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        self.listeners
+        let listeners = self
+            .listeners
             .values()
             .filter_map(|l| l.tls.as_ref())
             .flat_map(|t| t.certificates.iter())
-            .flat_map(|c| c.warnings(now))
-            .collect()
+            .flat_map(|c| c.warnings(now));
+        let upstreams = self
+            .upstreams
+            .values()
+            .filter_map(|u| u.tls.as_ref())
+            .flat_map(|t| t.warnings(now));
+        listeners.chain(upstreams).collect()
     }
 
     /// Validates `text` as if read from `path`.

@@ -196,7 +196,12 @@ pub(super) fn listener_tls(
 }
 
 /// Reads and checks one certificate entry; `None` after reporting why.
-fn load(errs: &mut Errors, cp: &str, dir: &Path, c: &S<file::CertEntry>) -> Option<Certificate> {
+pub(super) fn load(
+    errs: &mut Errors,
+    cp: &str,
+    dir: &Path,
+    c: &S<file::CertEntry>,
+) -> Option<Certificate> {
     let e = &c.value;
     let cert_path = resolve(dir, &e.cert.value);
     let key_path = resolve(dir, &e.key.value);

@@ -253,6 +253,8 @@ pub(super) fn expected_at(path: &[Seg]) -> &'static [&'static str] {
         ["upstreams", "*", "servers"] => fields_of::<file::ServerLong>(),
         ["upstreams", "*", "health_check"] => fields_of::<file::HealthCheck>(),
         ["upstreams", "*", "http"] => fields_of::<file::UpstreamHttp>(),
+        ["upstreams", "*", "tls"] => fields_of::<file::UpstreamTls>(),
+        ["upstreams", "*", "tls", "client_certificate"] => fields_of::<file::CertEntry>(),
         _ => &[],
     }
 }

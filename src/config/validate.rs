@@ -84,7 +84,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 
     let mut upstreams = BTreeMap::new();
     for (name, u) in &raw.upstreams {
-        upstreams.insert(name.clone(), upstream(&mut errs, name, u));
+        upstreams.insert(name.clone(), upstream(&mut errs, name, u, &dir));
     }
     let mut listeners = BTreeMap::new();
     let mut seen: HashMap<SocketAddr, &str> = HashMap::new();
@@ -127,7 +127,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     }
 }
 
-fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>) -> Upstream {
+fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>, dir: &Path) -> Upstream {
     let p = format!("upstreams.{name}");
     let raw = &u.value;
     let mut servers = Vec::new();
@@ -245,8 +245,16 @@ fn upstream(errs: &mut Errors, name: &str, u: &S<file::Upstream>) -> Upstream {
             ),
         }
     });
+    let h2c = http
+        .as_ref()
+        .is_some_and(|h| h.protocol == UpstreamProtocol::H2c);
+    let tls = raw
+        .tls
+        .as_ref()
+        .and_then(|t| super::upstream_tls::upstream_tls(errs, &p, dir, t, h2c));
     Upstream {
         name: name.to_string(),
+        tls,
         servers,
         balance: errs.choice(
             &raw.balance,
@@ -425,6 +433,9 @@ fn listener(
         errs.at(l, &format!("{p}.http"), "http settings need protocol: http");
     }
     let idle_timeout = errs.opt_duration(&raw.idle_timeout, &format!("{p}.idle_timeout"), None);
+    if protocol == Protocol::Http {
+        check_upstream_alpn(errs, name, raw, upstreams);
+    }
     let tls = raw.tls.as_ref().and_then(|t| {
         if protocol == Protocol::Http {
             check_no_h2c(errs, t, &p, raw, upstreams);
@@ -448,6 +459,41 @@ fn listener(
         http,
         tls,
     })
+}
+
+/// The HTTP/1.1 engine speaks HTTP/1.1 to every upstream: one it reaches over TLS may offer
+/// no ALPN protocol but `http/1.1` (a server that picked `h2` would be spoken to wrongly).
+fn check_upstream_alpn(
+    errs: &mut Errors,
+    listener: &str,
+    raw: &file::Listener,
+    upstreams: &BTreeMap<String, S<file::Upstream>>,
+) {
+    let mut reach: Vec<&str> = raw
+        .upstream
+        .iter()
+        .chain(raw.routes.iter().map(|r| &r.value.upstream))
+        .map(|u| u.value.as_str())
+        .collect();
+    reach.sort_unstable();
+    reach.dedup();
+    for u in reach {
+        let Some(tls) = upstreams.get(u).and_then(|x| x.value.tls.as_ref()) else {
+            continue;
+        };
+        for (i, a) in tls.value.alpn.iter().flatten().enumerate() {
+            if a.value != "http/1.1" && !a.value.is_empty() {
+                errs.at(
+                    a,
+                    &format!("upstreams.{u}.tls.alpn[{i}]"),
+                    format!(
+                        "{:?} cannot be spoken to this upstream by http listener {listener:?}: the HTTP/1.1 engine speaks http/1.1 only",
+                        a.value
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// HTTPS clients are served by the HTTP/1.1 engine, which speaks HTTP/1.1 to upstreams: a

@@ -139,11 +139,13 @@ pub fn recv_conns(received: Received) -> Result<Vec<Parked>, HandoverError> {
                 to_upstream,
                 to_client,
                 tls,
+                up_tls,
             } => Parked::Tunnel(TunnelState {
                 meta,
                 client: take_stream(&mut fds)?,
                 client_tls: tls,
                 upstream: take_stream(&mut fds)?,
+                upstream_tls: up_tls,
                 to_upstream: bulk.half(&to_upstream)?,
                 to_client: bulk.half(&to_client)?,
             }),
@@ -152,11 +154,17 @@ pub fn recv_conns(received: Received) -> Result<Vec<Parked>, HandoverError> {
                 client: take_stream(&mut fds)?,
                 read_ahead: bulk.take(read_ahead)?.to_vec(),
             }),
-            ConnEntry::Pooled { meta } => Parked::Pooled(PooledState {
+            ConnEntry::Pooled { meta, tls } => Parked::Pooled(PooledState {
                 meta,
                 upstream: take_stream(&mut fds)?,
+                tls,
             }),
-            ConnEntry::Http { meta, state, tls } => {
+            ConnEntry::Http {
+                meta,
+                state,
+                tls,
+                up_tls,
+            } => {
                 let client = take_stream(&mut fds)?;
                 let upstream = if state.has_upstream {
                     Some(take_stream(&mut fds)?)
@@ -177,6 +185,7 @@ pub fn recv_conns(received: Received) -> Result<Vec<Parked>, HandoverError> {
                     client,
                     client_tls: tls,
                     upstream,
+                    upstream_tls: up_tls,
                     state,
                 }))
             }

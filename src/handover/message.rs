@@ -20,7 +20,7 @@
 use super::HandoverError;
 use crate::config::Protocol;
 use crate::metrics::Counters;
-use crate::registry::{ClientTls, ConnMeta, Parked};
+use crate::registry::{ClientTls, ConnMeta, Parked, UpstreamSession};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
@@ -74,6 +74,9 @@ pub enum ConnEntry {
         /// The client's TLS session (secrets included: this channel is private).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tls: Option<Box<ClientTls>>,
+        /// The upstream's TLS session (secrets included: this channel is private).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        up_tls: Option<Box<UpstreamSession>>,
     },
     /// An idle HTTP/1.1 connection: one fd, then its read-ahead bytes.
     IdleHttp {
@@ -92,11 +95,17 @@ pub enum ConnEntry {
         /// The client's TLS session (secrets included: this channel is private).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tls: Option<Box<ClientTls>>,
+        /// The upstream's TLS session (secrets included: this channel is private).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        up_tls: Option<Box<UpstreamSession>>,
     },
     /// An idle pooled upstream connection: one fd, no bulk bytes.
     Pooled {
         /// The listener and the server (`meta.server`).
         meta: ConnMeta,
+        /// Its TLS session, for a TLS upstream (secrets included: this channel is private).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<Box<UpstreamSession>>,
     },
 }
 
@@ -114,6 +123,7 @@ impl ConnEntry {
                 to_upstream: half(&t.to_upstream),
                 to_client: half(&t.to_client),
                 tls: t.client_tls.clone(),
+                up_tls: t.upstream_tls.clone(),
             },
             Parked::IdleHttp(h) => ConnEntry::IdleHttp {
                 meta: h.meta.clone(),
@@ -121,11 +131,13 @@ impl ConnEntry {
             },
             Parked::Pooled(p) => ConnEntry::Pooled {
                 meta: p.meta.clone(),
+                tls: p.tls.clone(),
             },
             Parked::Http(h) => ConnEntry::Http {
                 meta: h.meta.clone(),
                 state: Box::new(h.state.to_wire(h.upstream.is_some())),
                 tls: h.client_tls.clone(),
+                up_tls: h.upstream_tls.clone(),
             },
         }
     }
@@ -162,7 +174,7 @@ impl ConnEntry {
             ConnEntry::Tunnel { meta, .. }
             | ConnEntry::IdleHttp { meta, .. }
             | ConnEntry::Http { meta, .. }
-            | ConnEntry::Pooled { meta } => meta,
+            | ConnEntry::Pooled { meta, .. } => meta,
         }
     }
 }

@@ -24,6 +24,7 @@ fn conns_msg() -> (Message, Vec<u8>) {
             ConnEntry::Tunnel {
                 meta: meta(),
                 tls: None,
+                up_tls: None,
                 to_upstream: HalfEntry {
                     pending: 3,
                     read_eof: true,
@@ -219,6 +220,7 @@ fn overflowing_lengths_are_rejected() {
         conns: vec![ConnEntry::Tunnel {
             meta: meta(),
             tls: None,
+            up_tls: None,
             to_upstream: HalfEntry {
                 pending: u64::MAX,
                 read_eof: false,
@@ -275,6 +277,7 @@ proptest! {
                 ConnEntry::Tunnel {
                     meta: meta(),
                     tls: None,
+                    up_tls: None,
                     to_upstream: HalfEntry { pending: a, read_eof: flag, shut: !flag },
                     to_client: HalfEntry { pending: b, read_eof: !flag, shut: flag },
                 }

@@ -389,6 +389,7 @@ async fn hand_over(
     let (mut tunnels, mut idle_http, mut busy_http) = (0, 0, BusyHttp::default());
     count_kinds(&prompt, &mut tunnels, &mut idle_http, &mut busy_http);
     let mut tls = count_tls(&prompt);
+    let upstream_tls = prompt.iter().filter(|c| c.upstream_tls().is_some()).count();
     if let Err(e) = guarded(triggers, &status, s.send_batch(&prompt)).await {
         return rollback(p, s, prompt, e).await;
     }
@@ -407,6 +408,7 @@ async fn hand_over(
         idle_http,
         busy_http = %busy_http,
         tls,
+        upstream_tls,
         still_finishing,
         accept_paused_ms,
         "handover committed"

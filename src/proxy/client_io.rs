@@ -7,6 +7,10 @@
 //! completed handshake becomes the post-handshake stream ([`crate::tls::PostHandshake`],
 //! baton's record layer). Both variants park into a std socket plus, for TLS, the session as
 //! plain data ([`ClientIo::park`]) and come back with [`ClientIo::resume`].
+//!
+//! The upstream side of a connection uses the same type: plain, or TLS to the server
+//! (`upstreams.X.tls`, [`ClientIo::upstream_tls`]), so an upstream TLS session parks and
+//! moves exactly like a client's.
 
 use crate::tls::record::{ParkError, ParkedTls, RecordError, Session};
 use crate::tls::{Handshaken, PostHandshake};
@@ -49,6 +53,30 @@ impl ClientIo {
             plain,
             h.rx.to_vec(),
         ))))
+    }
+
+    /// The transport of an upstream connection whose TLS handshake baton drove as the client
+    /// (`crate::tls::client::connect`).
+    pub fn upstream_tls(t: PostHandshake) -> ClientIo {
+        ClientIo::Tls(Box::new(t))
+    }
+
+    /// Whether an idle connection (pooled, waiting for its next request) is still usable:
+    /// nothing to read without waiting. A server that closed it, or sent bytes nobody asked
+    /// for, makes it unusable. For TLS, records that carry no data (a NewSessionTicket, a
+    /// KeyUpdate) are taken in passing; close_notify or data make it unusable.
+    pub fn idle_usable(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self {
+            ClientIo::Plain(s) => {
+                let mut b = [0u8; 1];
+                matches!(s.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            ClientIo::Tls(t) => {
+                let mut b = BytesMut::new();
+                t.poll_read_buf(&mut cx, &mut b).is_pending()
+            }
+        }
     }
 
     /// Stops the transport for a handover: the socket out of tokio and, for TLS, the

@@ -87,27 +87,73 @@ impl ListenerCtx {
 }
 
 impl ListenerCtx {
-    /// Takes this listener's idle pooled upstream connections out, for a handover.
+    /// Takes this listener's idle pooled upstream connections out, for a handover (a TLS one
+    /// with its session, which cannot fail to park: a pooled session is idle and whole).
     pub fn take_pooled(&self) -> Vec<Parked> {
         let now = crate::registry::now_ms();
         self.h1_pool
             .take_all()
             .into_iter()
-            .map(|(server, upstream)| {
-                Parked::Pooled(crate::registry::PooledState {
+            .filter_map(|(key, io)| {
+                let (upstream, tls, _) = io.park().ok()?;
+                let tls = match (tls, key.tls) {
+                    (Some(parked), Some(name)) => {
+                        Some(Box::new(crate::registry::UpstreamSession {
+                            upstream: name.to_string(),
+                            parked,
+                        }))
+                    }
+                    (None, None) => None,
+                    // A pool entry whose key and transport disagree: not moved.
+                    _ => return None,
+                };
+                Some(Parked::Pooled(crate::registry::PooledState {
                     meta: crate::registry::ConnMeta {
                         listener: self.name.to_string(),
-                        client: server,
-                        server: Some(server),
+                        client: key.addr,
+                        server: Some(key.addr),
                         kind: crate::registry::ConnKind::Http,
                         started_ms: now,
                         bytes_in: 0,
                         bytes_out: 0,
                     },
                     upstream,
-                })
+                    tls,
+                }))
             })
             .collect()
+    }
+
+    /// Puts a pooled connection parked by a predecessor (or by a rolled-back upgrade) back in
+    /// the pool. A TLS one goes back only to the upstream that made it, if it still exists and
+    /// still speaks TLS (a reload may have changed that: then it is closed, and the next
+    /// request opens a connection with the new settings).
+    fn resume_pooled(&self, p: crate::registry::PooledState) {
+        let Some(server) = p.meta.server else { return };
+        let (key, max) = match &p.tls {
+            None => {
+                let max = self
+                    .upstreams
+                    .values()
+                    .map(|u| u.config().http.pool_idle_per_server)
+                    .max()
+                    .unwrap_or(0);
+                (http::h1::pool::PoolKey::plain(server), max)
+            }
+            Some(t) => match self.upstreams.get(&t.upstream) {
+                Some(u) if u.is_tls() => (
+                    http::h1::pool::PoolKey {
+                        addr: server,
+                        tls: u.tls_key(),
+                    },
+                    u.config().http.pool_idle_per_server,
+                ),
+                _ => return,
+            },
+        };
+        if let Ok(io) = client_io::ClientIo::resume(p.upstream, p.tls.map(|t| t.parked)) {
+            self.h1_pool.put(key, io, max);
+        }
     }
 }
 
@@ -195,17 +241,7 @@ fn spawn_connection(
 pub async fn resume(ctx: Arc<ListenerCtx>, parked: Parked) {
     if let Parked::Pooled(p) = parked {
         // Not a client connection: no permit; it goes back to the pool, checked at checkout.
-        if let (Some(server), Ok(())) = (p.meta.server, p.upstream.set_nonblocking(true)) {
-            if let Ok(s) = tokio::net::TcpStream::from_std(p.upstream) {
-                let max = ctx
-                    .upstreams
-                    .values()
-                    .map(|u| u.config().http.pool_idle_per_server)
-                    .max()
-                    .unwrap_or(0);
-                ctx.h1_pool.put(server, s, max);
-            }
-        }
+        ctx.resume_pooled(p);
         return;
     }
     let permit = match ctx.limit.clone().acquire_owned().await {

@@ -172,7 +172,7 @@ async fn drive(
 }
 
 /// The length (header included) of the record at the front of `rx`, once all of it is there.
-fn whole_record(rx: &[u8]) -> Result<Option<usize>, HandshakeError> {
+pub(crate) fn whole_record(rx: &[u8]) -> Result<Option<usize>, HandshakeError> {
     if rx.len() < HEADER_LEN {
         return Ok(None);
     }

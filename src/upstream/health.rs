@@ -8,6 +8,11 @@
 //! dropped pool stops its checks, and each stops at once on shutdown. The pool's [`Checks`]
 //! keeps one stop token per server address, so the tasks follow a server set that changes
 //! (DNS discovery): a task starts for each added server and stops when its server is removed.
+//!
+//! For an upstream with `tls:` a check speaks TLS as the proxy would: the handshake, with the
+//! same verification, SNI and client certificate, is part of every check (a server whose
+//! certificate no longer verifies is marked down, as HAProxy's `check ssl` does), and the
+//! HTTP check's `GET` goes over it, with the server name as its Host.
 
 use super::{ServerState, Upstream};
 use crate::config::{CheckKind, HealthCheck};
@@ -16,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -75,6 +80,9 @@ pub enum CheckError {
     /// Connecting, writing or reading failed.
     #[error("{0}")]
     Io(String),
+    /// The TLS handshake failed (the server's certificate refused, a server without TLS).
+    #[error("tls handshake: {0}")]
+    Tls(String),
     /// This process is out of file descriptors or memory: says nothing about the server, so
     /// the check is not counted.
     #[error("out of local resources: {0}")]
@@ -87,11 +95,21 @@ pub enum CheckError {
     Status(u16),
 }
 
-/// Runs one check of `addr` within `timeout`.
+/// Runs one check of `addr` within `timeout`, in plain TCP.
 pub async fn check(
     kind: &CheckKind,
     addr: SocketAddr,
     timeout: Duration,
+) -> Result<(), CheckError> {
+    check_on(kind, addr, timeout, None).await
+}
+
+/// Runs one check of `addr`, a server of `up`, within `timeout`: over TLS if `up` has `tls:`.
+pub async fn check_on(
+    kind: &CheckKind,
+    addr: SocketAddr,
+    timeout: Duration,
+    up: Option<&Upstream>,
 ) -> Result<(), CheckError> {
     let probe = async {
         let mut s = TcpStream::connect(addr).await.map_err(|e| {
@@ -101,10 +119,28 @@ pub async fn check(
                 CheckError::Io(format!("connect: {e}"))
             }
         })?;
-        match kind {
+        let Some(up) = up.filter(|u| u.is_tls()) else {
+            return match kind {
+                CheckKind::Tcp => Ok(()),
+                CheckKind::Http { path } => http_probe(&mut s, &addr.to_string(), path).await,
+            };
+        };
+        let host = up.host_of(addr);
+        let mut t = up
+            .start_tls(s, host.as_deref())
+            .await
+            .map_err(|e| CheckError::Tls(e.to_string()))?;
+        let r = match kind {
             CheckKind::Tcp => Ok(()),
-            CheckKind::Http { path } => http_probe(&mut s, addr, path).await,
-        }
+            CheckKind::Http { path } => {
+                let name = up.config().tls.as_ref().and_then(|t| t.server_name.clone());
+                let host = name.or(host).unwrap_or_else(|| addr.to_string());
+                http_probe(&mut t, &host, path).await
+            }
+        };
+        // close_notify, so the server sees a clean end rather than a truncation.
+        let _ = t.shutdown().await;
+        r
     };
     tokio::time::timeout(timeout, probe)
         .await
@@ -114,9 +150,13 @@ pub async fn check(
 /// Longest status line read before giving up on it.
 const MAX_STATUS_LINE: usize = 1024;
 
-async fn http_probe(s: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<(), CheckError> {
+async fn http_probe<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    host: &str,
+    path: &str,
+) -> Result<(), CheckError> {
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: baton-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: baton-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes())
         .await
@@ -253,11 +293,11 @@ impl CheckTask {
                 _ = self.stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            let Some(up) = self.up.upgrade() else { return };
             let result = tokio::select! {
                 _ = self.stop.cancelled() => return,
-                r = check(&self.hc.kind, addr, self.hc.timeout) => r,
+                r = check_on(&self.hc.kind, addr, self.hc.timeout, Some(&*up)) => r,
             };
-            let Some(up) = self.up.upgrade() else { return };
             if let Err(e) = &result {
                 if matches!(e, CheckError::Local(_)) {
                     tracing::debug!(upstream = %up.name(), server = %addr, reason = %e, "health check not counted");

@@ -146,6 +146,20 @@ impl ServerGuard {
     pub fn addr(&self) -> SocketAddr {
         self.server.addr
     }
+
+    /// The host name of the server's `host:port` entry; `None` for an `ip:port` entry.
+    pub fn host(&self) -> Option<&str> {
+        self.server.host()
+    }
+}
+
+impl ServerState {
+    /// The host name of its `host:port` entry.
+    fn host(&self) -> Option<&str> {
+        self.name
+            .as_deref()
+            .map(|n| n.rsplit_once(':').map_or(n, |(h, _)| h))
+    }
 }
 
 impl Drop for ServerGuard {
@@ -210,6 +224,11 @@ pub struct Upstream {
     pub counters: UpstreamCounters,
     /// The process metrics' handle for this pool, set once by the lifecycle.
     metrics: std::sync::OnceLock<crate::metrics::UpstreamHandle>,
+    /// TLS to the servers (`tls:`): the rustls client, or why it could not be set up (then
+    /// connections fail; none is ever made in plain text instead).
+    tls: Option<Result<Arc<crate::tls::TlsClient>, String>>,
+    /// The pool key of its TLS connections (its name), shared by their pool entries.
+    tls_key: Arc<str>,
 }
 
 /// Which servers a pick may choose.
@@ -262,7 +281,15 @@ impl Upstream {
                 config::ServerAddr::Name { .. } => None,
             })
             .collect();
+        let tls = cfg.tls.as_ref().map(|t| {
+            crate::tls::client_config(t).map(Arc::new).map_err(|e| {
+                tracing::error!(upstream = %cfg.name, error = %e, "cannot set up tls to the upstream; its connections will fail");
+                e.to_string()
+            })
+        });
         Arc::new(Upstream {
+            tls,
+            tls_key: cfg.name.as_str().into(),
             balancer: Balancer::new(cfg.balance),
             cfg: cfg.clone(),
             servers: ArcSwap::from_pointee(servers),
@@ -327,6 +354,42 @@ impl Upstream {
     /// The pool's configuration.
     pub fn config(&self) -> &config::Upstream {
         &self.cfg
+    }
+
+    /// Whether its servers are spoken to over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// What its pooled TLS connections are keyed by (its name; `None` for a plain upstream,
+    /// whose connections any plain upstream with the same server may reuse).
+    pub fn tls_key(&self) -> Option<Arc<str>> {
+        self.tls.is_some().then(|| self.tls_key.clone())
+    }
+
+    /// Shakes hands, as this upstream's TLS client, with a server just connected on `tcp`;
+    /// `host` is the host name of the server's entry, if it is a name (the default SNI).
+    pub async fn start_tls(
+        &self,
+        tcp: TcpStream,
+        host: Option<&str>,
+    ) -> Result<crate::tls::record::TlsStream, crate::tls::UpstreamTlsError> {
+        let client = match &self.tls {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(crate::tls::UpstreamTlsError::NotSetUp(e.clone())),
+            None => {
+                return Err(crate::tls::UpstreamTlsError::NotSetUp(
+                    "no tls configured".into(),
+                ))
+            }
+        };
+        let name = client.name_for(host, tcp.peer_addr()?.ip());
+        crate::tls::client::connect(tcp, client, name).await
+    }
+
+    /// The host name of the server at `addr`, if its entry is a name.
+    pub fn host_of(&self, addr: SocketAddr) -> Option<String> {
+        self.find(addr).and_then(|s| s.host().map(str::to_string))
     }
 
     /// Milliseconds since the pool was built, plus one, so 0 can mean "never".

@@ -449,6 +449,7 @@ mod tests {
             eject_after: 0,
             eject_for: Duration::from_secs(1),
             http: config::UpstreamHttp::default(),
+            tls: None,
         })
     }
 

@@ -27,6 +27,7 @@ fn pool(
         eject_after,
         eject_for,
         http: config::UpstreamHttp::default(),
+        tls: None,
     })
 }
 
@@ -221,6 +222,7 @@ async fn connect_retries_other_servers() {
         eject_after: 0,
         eject_for: Duration::from_secs(1),
         http: config::UpstreamHttp::default(),
+        tls: None,
     });
     for _ in 0..4 {
         let (_s, g) = u.connect(CLIENT).await.unwrap();
@@ -438,6 +440,7 @@ async fn health_checks_follow_the_set() {
         eject_after: 0,
         eject_for: Duration::from_secs(1),
         http: config::UpstreamHttp::default(),
+        tls: None,
     });
     let shutdown = CancellationToken::new();
     u.spawn_health_checks(shutdown.clone());

@@ -134,7 +134,12 @@ pub fn resume_http(
         }
     };
     let mut st = h.state;
-    let up = match (h.upstream.map(to_tokio), h.meta.server) {
+    let up_tls = h.upstream_tls.map(|t| t.parked);
+    let upstream = h.upstream.map(|s| match up_tls {
+        Some(t) => crate::proxy::client_io::ClientIo::resume(s, Some(t)),
+        None => to_tokio(s).map(crate::proxy::client_io::ClientIo::from),
+    });
+    let up = match (upstream, h.meta.server) {
         (Some(Ok(s)), Some(addr)) => Some(h1::Upstream {
             stream: s,
             addr,

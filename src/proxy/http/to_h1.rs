@@ -17,6 +17,8 @@ use super::bridge::{self, ChanBody, FrameTx, Unframe};
 use super::errors::ProxyError;
 use super::framing::{Framing, LAST_CHUNK};
 use super::head::{self, ReqOpts, RespOpts};
+use crate::proxy::client_io::ClientIo;
+use crate::proxy::http::h1::pool::PoolKey;
 use crate::proxy::ListenerCtx;
 use crate::upstream::Upstream;
 use bytes::BytesMut;
@@ -132,24 +134,41 @@ pub async fn send(
             return Err(ProxyError::NoServer(cfg.name.clone()));
         };
         let addr = guard.addr();
+        let key = PoolKey {
+            addr,
+            tls: upstream.tls_key(),
+        };
         let pooled = if std::mem::take(&mut fresh_only) {
             None
         } else {
-            ctx.h1_pool.checkout(addr)
+            ctx.h1_pool.checkout(&key)
         };
         let reused = pooled.is_some();
         let stream = match pooled {
             Some(s) => s,
             None => {
                 let at = until(Some(cfg.connect_timeout));
-                let conn = TcpStream::connect(addr);
+                // The TLS handshake, if any, is part of the connect and of its timeout.
+                let conn = async {
+                    let s = TcpStream::connect(addr).await?;
+                    let _ = s.set_nodelay(true);
+                    if !upstream.is_tls() {
+                        return Ok(ClientIo::from(s));
+                    }
+                    match upstream.start_tls(s, guard.host()).await {
+                        Ok(t) => Ok(ClientIo::upstream_tls(t)),
+                        Err(e) => {
+                            tracing::warn!(upstream = %cfg.name, server = %addr, error = %e, side = "upstream", "upstream tls handshake failed");
+                            Err(std::io::Error::other(format!("tls handshake failed: {e}")))
+                        }
+                    }
+                };
                 let r = match at {
                     Some(at) => tokio::time::timeout_at(at, conn).await.ok(),
                     None => Some(conn.await),
                 };
                 match r {
                     Some(Ok(s)) => {
-                        let _ = s.set_nodelay(true);
                         upstream.report(addr, true);
                         s
                     }
@@ -193,6 +212,7 @@ pub async fn send(
             max_head: http.max_header_bytes.max(8192),
             pool: ctx.h1_pool.clone(),
             addr,
+            key,
             max_idle: cfg.http.pool_idle_per_server,
         };
         tokio::spawn(x.run(head_tx, frames_tx));
@@ -245,7 +265,7 @@ pub async fn send(
 
 /// One attempt on one upstream connection, run as its own task.
 struct Exchange {
-    stream: TcpStream,
+    stream: ClientIo,
     /// The request head, as the upstream gets it.
     wire: BytesMut,
     /// The request body's framing (`Length` as the client announced it, or chunked).
@@ -255,6 +275,7 @@ struct Exchange {
     max_head: usize,
     pool: Arc<crate::proxy::http::h1::pool::RawPool>,
     addr: SocketAddr,
+    key: PoolKey,
     max_idle: usize,
 }
 
@@ -270,7 +291,7 @@ struct Sent {
 
 /// Writes the head and then the body, frame by frame.
 async fn write_request(
-    w: &mut tokio::net::tcp::WriteHalf<'_>,
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
     wire: &[u8],
     body: &mut Option<Incoming>,
     chunked: bool,
@@ -302,7 +323,8 @@ impl Exchange {
         let sent = Sent::default();
         let mut ubuf = BytesMut::with_capacity(16 * 1024);
         let reusable = {
-            let (mut r, mut w) = self.stream.split();
+            // One task reads and writes: the halves share the transport (plain or TLS).
+            let (mut r, mut w) = tokio::io::split(&mut self.stream);
             let mut writer = Some(Box::pin(write_request(
                 &mut w,
                 &self.wire,
@@ -438,7 +460,7 @@ impl Exchange {
             resp.reusable && !writing && sent.done.load(Relaxed) && ubuf.is_empty() && !eof
         };
         if reusable {
-            self.pool.put(self.addr, self.stream, self.max_idle);
+            self.pool.put(self.key, self.stream, self.max_idle);
         }
     }
 }

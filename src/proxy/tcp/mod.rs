@@ -5,8 +5,8 @@ pub mod relay;
 use super::client_io::ClientIo;
 use super::ListenerCtx;
 use crate::registry::{
-    now_ms, ClientTls, ConnHandle, ConnKind, ConnState, Parked, PendingHalf, TunnelState, SIG_KILL,
-    SIG_PARK,
+    now_ms, ClientTls, ConnHandle, ConnKind, ConnState, Parked, PendingHalf, TunnelState,
+    UpstreamSession, SIG_KILL, SIG_PARK,
 };
 use relay::{Relay, RelayEnd};
 use std::future::Future;
@@ -60,6 +60,31 @@ pub async fn connect_and_relay(
     };
     crate::listener::tune(&server);
     conn.stats().set_server(Some(guard.addr()));
+    let server = if upstream.is_tls() {
+        // TLS origination: the handshake is bounded by the upstream's connect_timeout too.
+        let started = tokio::select! {
+            biased;
+            r = tokio::time::timeout(upstream.config().connect_timeout, upstream.start_tls(server, guard.host())) => r,
+            _ = conn.kill_requested() => return,
+        };
+        match started {
+            Ok(Ok(t)) => ClientIo::upstream_tls(t),
+            Ok(Err(e)) => {
+                upstream.report(guard.addr(), false);
+                tracing::warn!(listener = %ctx.name, upstream = %upstream.name(), server = %guard.addr(), client = %peer, error = %e, side = "upstream", "upstream tls handshake failed");
+                close_log(&ctx, &conn, "upstream tls handshake failed");
+                return;
+            }
+            Err(_) => {
+                upstream.report(guard.addr(), false);
+                tracing::warn!(listener = %ctx.name, upstream = %upstream.name(), server = %guard.addr(), client = %peer, timeout = ?upstream.config().connect_timeout, side = "upstream", "upstream tls handshake timed out");
+                close_log(&ctx, &conn, "upstream tls handshake timeout");
+                return;
+            }
+        }
+    } else {
+        ClientIo::from(server)
+    };
     let relay = Relay::new(
         client,
         server,
@@ -88,8 +113,9 @@ pub async fn resume(ctx: Arc<ListenerCtx>, t: TunnelState, _permit: OwnedSemapho
         }
         c.parked
     });
-    let client = crate::proxy::client_io::ClientIo::resume(t.client, tls);
-    let (client, server) = match (client, to_tokio(t.upstream)) {
+    let client = ClientIo::resume(t.client, tls);
+    let server = ClientIo::resume(t.upstream, t.upstream_tls.map(|u| u.parked));
+    let (client, server) = match (client, server) {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => {
             tracing::warn!(client = %t.meta.client, error = %e, "cannot resume tunnel");
@@ -98,11 +124,6 @@ pub async fn resume(ctx: Arc<ListenerCtx>, t: TunnelState, _permit: OwnedSemapho
     };
     let relay = Relay::new(client, server, t.to_upstream, t.to_client, stats.clone());
     run_tunnel(ctx, conn, relay, None).await;
-}
-
-fn to_tokio(s: std::net::TcpStream) -> std::io::Result<TcpStream> {
-    s.set_nonblocking(true)?;
-    TcpStream::from_std(s)
 }
 
 /// Relays until the tunnel closes, idles out, is killed, or is asked to park for a handover.
@@ -184,11 +205,19 @@ pub async fn run_tunnel(
                             facts: conn.stats().tls().cloned(),
                         })
                     });
+                    // The upstream's name is for the record only: a tunnel never goes to a pool.
+                    let upstream_tls = p.upstream_tls.map(|parked| {
+                        Box::new(UpstreamSession {
+                            upstream: ctx.cfg.upstream.clone(),
+                            parked,
+                        })
+                    });
                     conn.park(Parked::Tunnel(TunnelState {
                         meta,
                         client: p.client,
                         client_tls,
                         upstream: p.upstream,
+                        upstream_tls,
                         to_upstream: p.to_upstream,
                         to_client: p.to_client,
                     }));

@@ -181,7 +181,7 @@ impl Drop for Half {
 }
 
 /// A socket the relay reads from: readiness first (so an idle direction holds no buffer),
-/// then a read. Static dispatch: the upstream side stays a bare `TcpStream`.
+/// then a read.
 trait Source: AsyncRead + Unpin {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
@@ -207,11 +207,12 @@ pub enum RelayEnd {
     Error(io::Error),
 }
 
-/// A client socket and an upstream socket joined in both directions.
+/// A client socket and an upstream socket joined in both directions; either side may be TLS
+/// (a `tls:` listener, an `upstreams.X.tls` upstream).
 #[derive(Debug)]
 pub struct Relay {
     client: ClientIo,
-    upstream: TcpStream,
+    upstream: ClientIo,
     to_upstream: Half,
     to_client: Half,
     stats: Arc<ConnStats>,
@@ -223,14 +224,14 @@ impl Relay {
     /// HTTP server read ahead before an Upgrade).
     pub fn new(
         client: impl Into<ClientIo>,
-        upstream: TcpStream,
+        upstream: impl Into<ClientIo>,
         to_upstream: PendingHalf,
         to_client: PendingHalf,
         stats: Arc<ConnStats>,
     ) -> Relay {
         Relay {
             client: client.into(),
-            upstream,
+            upstream: upstream.into(),
             to_upstream: Half::new(to_upstream),
             to_client: Half::new(to_client),
             stats,
@@ -290,24 +291,27 @@ impl Relay {
         std::future::poll_fn(|cx| self.poll_relay(cx)).await
     }
 
-    /// Stops the relay: both sockets (as std sockets, deregistered from this runtime), the
-    /// client's TLS session if it has one, and what each direction still holds. Bytes of an
-    /// unfinished write to a TLS client that its session already sealed leave with the
-    /// session (as records to send first), so they are no longer pending here.
+    /// Stops the relay: both sockets (as std sockets, deregistered from this runtime), each
+    /// side's TLS session if it has one, and what each direction still holds. Bytes of an
+    /// unfinished write to a TLS peer that its session already sealed leave with the session
+    /// (as records to send first), so they are no longer pending here.
     pub fn into_parts(self) -> io::Result<Parts> {
         let Relay {
             client,
             upstream,
-            to_upstream,
+            mut to_upstream,
             mut to_client,
             ..
         } = self;
         let (client, client_tls, settled) = client.park()?;
         to_client.start = (to_client.start + settled).min(to_client.end);
+        let (upstream, upstream_tls, settled) = upstream.park()?;
+        to_upstream.start = (to_upstream.start + settled).min(to_upstream.end);
         Ok(Parts {
             client,
             client_tls,
-            upstream: upstream.into_std()?,
+            upstream,
+            upstream_tls,
             to_upstream: to_upstream.pending(),
             to_client: to_client.pending(),
         })
@@ -322,6 +326,8 @@ pub struct Parts {
     pub client_tls: Option<crate::tls::record::ParkedTls>,
     /// The upstream socket.
     pub upstream: std::net::TcpStream,
+    /// The upstream's TLS session, if the relay speaks TLS to its server.
+    pub upstream_tls: Option<crate::tls::record::ParkedTls>,
     /// Client → upstream bytes not yet written.
     pub to_upstream: PendingHalf,
     /// Upstream → client bytes not yet written.

@@ -5,7 +5,7 @@
 use super::keylog::{ClientRandom, KeyLogCapture};
 use super::keys::{Aead, DirState, Secret};
 use super::{RecordError, Session, Version};
-use rustls::{ConnectionTrafficSecrets, ServerConnection};
+use rustls::{Connection, ConnectionTrafficSecrets};
 use std::io::Read;
 
 /// KeyUpdates rustls may have applied before the take-over that we follow to find the current
@@ -14,17 +14,21 @@ use std::io::Read;
 const MAX_ADVANCE: u32 = 8;
 
 impl Session {
-    /// Takes over a server connection whose handshake is complete and whose output is flushed
-    /// (`ServerConfig::enable_secret_extraction` must be on). `random` is its ClientHello's
+    /// Takes over a connection whose handshake is complete and whose output is flushed
+    /// (`enable_secret_extraction` must be on in its config): a server connection (a client
+    /// of a TLS listener) or a client connection (baton to a TLS upstream; the session then
+    /// accepts the server's NewSessionTickets, and drops them). `random` is its ClientHello's
     /// random ([`super::client_random`]); TLS 1.3 needs the traffic secrets `keylog` captured
     /// for it (they are removed from `keylog` whatever the outcome). Returns the session and
     /// any plaintext rustls had already decrypted, which comes before anything
     /// [`Session::open`] yields.
     pub fn from_rustls(
-        mut conn: ServerConnection,
+        conn: impl Into<Connection>,
         random: &ClientRandom,
         keylog: &KeyLogCapture,
     ) -> Result<(Session, Vec<u8>), RecordError> {
+        let mut conn: Connection = conn.into();
+        let client = matches!(conn, Connection::Client(_));
         let captured = keylog.take(random);
         if conn.is_handshaking() {
             return Err(RecordError::HandshakeIncomplete);
@@ -49,9 +53,15 @@ impl Session {
         let (rx, tx) = match version {
             Version::Tls13 => {
                 let s = captured.ok_or(RecordError::NoSecret)?;
+                // Direction-aware: what we open is the peer's secret, what we seal ours.
+                let (peer, ours) = if client {
+                    (s.server, s.client)
+                } else {
+                    (s.client, s.server)
+                };
                 (
-                    find_secret(aead, s.client, rx_key, rx_iv, rx_seq)?,
-                    find_secret(aead, s.server, tx_key, tx_iv, tx_seq)?,
+                    find_secret(aead, peer, rx_key, rx_iv, rx_seq)?,
+                    find_secret(aead, ours, tx_key, tx_iv, tx_seq)?,
                 )
             }
             Version::Tls12 => (
@@ -59,12 +69,16 @@ impl Session {
                 keys_only(tx_key, tx_iv, tx_seq),
             ),
         };
-        Ok((Session::new(version, aead, rx, tx)?, plaintext))
+        let mut session = Session::new(version, aead, rx, tx)?;
+        if client {
+            session.set_client();
+        }
+        Ok((session, plaintext))
     }
 }
 
-/// Reads out what rustls decrypted but nobody read yet (client data after its Finished).
-fn drain_plaintext(conn: &mut ServerConnection) -> Result<Vec<u8>, RecordError> {
+/// Reads out what rustls decrypted but nobody read yet (the peer's data after its Finished).
+fn drain_plaintext(conn: &mut Connection) -> Result<Vec<u8>, RecordError> {
     let mut plaintext = Vec::new();
     let mut buf = [0u8; 4096];
     loop {

@@ -60,6 +60,11 @@ struct Flags {
     received_close: bool,
     /// Our close_notify was sealed.
     sent_close: bool,
+    /// We are the client of this session (baton to a TLS upstream): the server's
+    /// NewSessionTickets are accepted and dropped. Absent from a predecessor that had no
+    /// upstream TLS: a server session.
+    #[serde(default)]
+    client: bool,
 }
 
 /// The plain-data form of a [`Session`]: what travels to the successor (borrowed to send,
@@ -164,6 +169,18 @@ impl Session {
         self.flags.sent_close
     }
 
+    /// Marks the session as ours as the client (TLS to an upstream): the server may send
+    /// NewSessionTickets after the handshake, which are dropped (baton does not resume
+    /// upstream sessions).
+    pub fn set_client(&mut self) {
+        self.flags.client = true;
+    }
+
+    /// Whether we are the client of this session.
+    pub fn is_client(&self) -> bool {
+        self.flags.client
+    }
+
     /// A control record (KeyUpdate) waits to be sealed by [`Session::take_pending`] (or ahead
     /// of the next [`Session::seal`]).
     pub fn has_pending(&self) -> bool {
@@ -222,6 +239,9 @@ impl Session {
         let Some(&typ) = body.first() else {
             return Err(RecordError::Malformed("handshake record"));
         };
+        if self.version == Version::Tls13 && self.flags.client && typ == NEW_SESSION_TICKET {
+            return skip_tickets(body);
+        }
         if self.version == Version::Tls12 || typ != KEY_UPDATE {
             return Err(RecordError::UnexpectedHandshake(typ));
         }
@@ -364,6 +384,32 @@ impl Session {
         let gcm12 = self.gcm12();
         protect::seal(self.version, gcm12, &mut self.tx, typ, content, out)
     }
+}
+
+/// Handshake type of a TLS 1.3 NewSessionTicket.
+const NEW_SESSION_TICKET: u8 = 4;
+
+/// Reads past a record of whole NewSessionTicket messages (a server's, to us as its client).
+/// A server sends them right after the handshake, usually one or two per record; one split
+/// across records is refused (no server we know does that with tickets of a few hundred bytes).
+fn skip_tickets(mut body: &[u8]) -> Result<(), RecordError> {
+    while !body.is_empty() {
+        let [typ, a, b, c, rest @ ..] = body else {
+            return Err(RecordError::Malformed("new_session_ticket"));
+        };
+        if *typ != NEW_SESSION_TICKET {
+            return Err(RecordError::UnexpectedHandshake(*typ));
+        }
+        let len = (usize::from(*a) << 16) | (usize::from(*b) << 8) | usize::from(*c);
+        let Some(next) = rest.get(len..) else {
+            return Err(RecordError::Malformed(
+                "new_session_ticket split across records",
+            ));
+        };
+        body = next;
+    }
+    tracing::trace!("tls session ticket from the upstream dropped");
+    Ok(())
 }
 
 /// Applies a KeyUpdate to one direction and rebuilds its ring key.

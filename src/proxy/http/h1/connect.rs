@@ -37,7 +37,7 @@ pub(super) async fn open(
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
                     return Ok(Upstream {
-                        stream: s,
+                        stream: s.into(),
                         addr,
                         guard: None,
                     });

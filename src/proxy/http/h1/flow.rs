@@ -13,7 +13,6 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
-use tokio::net::TcpStream;
 
 /// Buffer cap per direction and side: reading stops while a buffer holds this much.
 pub const CAP: usize = 32 * 1024;
@@ -51,9 +50,6 @@ pub struct FlowOpts {
     pub resp: RespOpts,
 }
 
-/// Reads once from an upstream socket into `buf` (with room reserved); `Ok(0)` is EOF.
-pub use crate::proxy::client_io::poll_fill_tcp as poll_fill;
-
 fn poll_write<S: AsyncWrite + Unpin>(
     s: &mut S,
     b: &[u8],
@@ -66,7 +62,7 @@ fn poll_write<S: AsyncWrite + Unpin>(
 pub fn poll_flow(
     st: &mut State,
     client: &mut ClientIo,
-    mut up: Option<&mut TcpStream>,
+    mut up: Option<&mut ClientIo>,
     o: &FlowOpts,
     stats: &crate::registry::ConnStats,
     now_ms: u64,
@@ -263,7 +259,7 @@ pub fn poll_flow(
             Some(_) => st.ubuf.is_empty(),
         };
         if let Some(up) = up.as_deref_mut().filter(|_| want && st.ubuf.len() < CAP) {
-            match poll_fill(up, &mut st.ubuf, cx) {
+            match up.poll_fill(&mut st.ubuf, cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => match ex.resp.as_mut() {
                     None if !ex.resp_seen => {
                         return Poll::Ready(Flow::UpstreamFailed(

@@ -42,8 +42,8 @@ pub const MAX_URI_BYTES: usize = 8192;
 
 /// The upstream side of an exchange.
 pub struct Upstream {
-    /// The socket.
-    pub stream: TcpStream,
+    /// The socket: plain, or TLS to the server (`upstreams.X.tls`).
+    pub stream: ClientIo,
     /// Its server.
     pub addr: SocketAddr,
     /// Keeps the server counted as active (absent after a resume).
@@ -467,6 +467,7 @@ async fn connect(
         return Err((500, "missing upstream"));
     };
     let cfg = upstream.config();
+    let tls_key = upstream.tls_key();
     loop {
         let Some(guard) = upstream.pick(client_ip, &ex.tried) else {
             return Err((
@@ -475,8 +476,12 @@ async fn connect(
             ));
         };
         let addr = guard.addr();
+        let key = pool::PoolKey {
+            addr,
+            tls: tls_key.clone(),
+        };
         if !std::mem::take(&mut ex.fresh_only) {
-            if let Some(s) = ctx.h1_pool.checkout(addr) {
+            if let Some(s) = ctx.h1_pool.checkout(&key) {
                 ex.reused = true;
                 return Ok(Upstream {
                     stream: s,
@@ -489,11 +494,23 @@ async fn connect(
         let left = ctx.cfg.http.request_timeout.map(|t| {
             Duration::from_millis((ex.started_ms + t.as_millis() as u64).saturating_sub(now_ms()))
         });
+        // The TLS handshake, if any, is part of the connect and of its timeout.
         let limit = left.map_or(cfg.connect_timeout, |l| l.min(cfg.connect_timeout));
-        let r = tokio::time::timeout(limit, TcpStream::connect(addr)).await;
-        match r {
+        let attempt = async {
+            let s = TcpStream::connect(addr).await.map_err(Attempt::Connect)?;
+            let _ = s.set_nodelay(true);
+            if !upstream.is_tls() {
+                return Ok(ClientIo::from(s));
+            }
+            upstream
+                .start_tls(s, guard.host())
+                .await
+                .map(ClientIo::upstream_tls)
+                .map_err(Attempt::Tls)
+        };
+        let r = tokio::time::timeout(limit, attempt).await;
+        let reason = match r {
             Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
                 upstream.report(addr, true);
                 return Ok(Upstream {
                     stream: s,
@@ -501,28 +518,41 @@ async fn connect(
                     guard: Some(guard),
                 });
             }
-            Ok(Err(e)) if crate::proxy::is_resource_exhaustion(&e) => {
+            Ok(Err(Attempt::Connect(e))) if crate::proxy::is_resource_exhaustion(&e) => {
                 // Our own fd shortage is not the server's fault.
                 tracing::warn!(server = %addr, error = %e, "upstream connect failed: out of resources");
                 return Err((503, "out of resources"));
             }
-            other => {
-                if left.is_some_and(|l| l <= limit) && other.is_err() {
-                    return Err((504, "request timeout"));
-                }
-                upstream.report(addr, false);
-                let reason = match other {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "connect timed out".to_string(),
-                };
-                tracing::debug!(server = %addr, error = %reason, side = "upstream", "upstream connect failed");
-                ex.tried.push(addr);
-                if ex.tried.len() as u32 > cfg.retries {
-                    return Err((502, "upstream connect failed"));
-                }
+            Err(_) if left.is_some_and(|l| l <= limit) => {
+                return Err((504, "request timeout"));
             }
+            Ok(Err(Attempt::Connect(e))) => {
+                tracing::debug!(server = %addr, error = %e, side = "upstream", "upstream connect failed");
+                "upstream connect failed"
+            }
+            Ok(Err(Attempt::Tls(e))) => {
+                tracing::warn!(upstream = %ex.upstream, server = %addr, error = %e, side = "upstream", "upstream tls handshake failed");
+                "upstream tls handshake failed"
+            }
+            Err(_) => {
+                tracing::debug!(server = %addr, error = "connect timed out", side = "upstream", "upstream connect failed");
+                "upstream connect failed"
+            }
+        };
+        upstream.report(addr, false);
+        ex.tried.push(addr);
+        if ex.tried.len() as u32 > cfg.retries {
+            return Err((502, reason));
         }
     }
+}
+
+/// How one attempt to reach a server failed.
+enum Attempt {
+    /// The TCP connect.
+    Connect(std::io::Error),
+    /// The TLS handshake (a certificate refused, a server that is not TLS, ...).
+    Tls(crate::tls::UpstreamTlsError),
 }
 
 /// Waits for client bytes (into `cbuf`), a signal, or `due`.

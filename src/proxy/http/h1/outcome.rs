@@ -7,7 +7,9 @@ use super::{next_deadline, Conn, End, Step};
 use crate::proxy::http::{framing::Framing, head, route};
 use crate::proxy::tcp::{close_log, relay::Relay, run_tunnel};
 use crate::proxy::ListenerCtx;
-use crate::registry::{now_ms, ClientTls, ConnHandle, ConnKind, HttpState, Parked, PendingHalf};
+use crate::registry::{
+    now_ms, ClientTls, ConnHandle, ConnKind, HttpState, Parked, PendingHalf, UpstreamSession,
+};
 use bytes::Buf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,12 +52,7 @@ pub(super) async fn on_flow(
                     .and_then(|e| e.resp)
                     .is_some_and(|r| r.reusable);
             if let (Some(up), true) = (c.up.take(), reusable) {
-                let max =
-                    c.st.ex
-                        .as_ref()
-                        .and_then(|e| ctx.upstreams.get(&e.upstream))
-                        .map_or(0, |u| u.config().http.pool_idle_per_server);
-                ctx.h1_pool.put(up.addr, up.stream, max);
+                give_back(ctx, &c.st, up);
             }
             Step::Go
         }
@@ -69,17 +66,7 @@ pub(super) async fn on_flow(
             log_access(ctx, conn, &c.st, true);
             if let Some(up) = c.up.take() {
                 if reusable && !early {
-                    let max = ctx
-                        .upstreams
-                        .get(
-                            &c.st
-                                .ex
-                                .as_ref()
-                                .map(|e| e.upstream.clone())
-                                .unwrap_or_default(),
-                        )
-                        .map_or(0, |u| u.config().http.pool_idle_per_server);
-                    ctx.h1_pool.put(up.addr, up.stream, max);
+                    give_back(ctx, &c.st, up);
                 }
             }
             c.st.ex = None;
@@ -187,6 +174,20 @@ pub(super) async fn on_flow(
         }
         Flow::Switched => Step::Tunnel,
     }
+}
+
+/// Gives a reusable upstream connection to the pool, under its upstream's key (a TLS one
+/// is reused only by the upstream whose settings made it).
+fn give_back(ctx: &ListenerCtx, st: &State, up: super::Upstream) {
+    let Some(u) = st.ex.as_ref().and_then(|e| ctx.upstreams.get(&e.upstream)) else {
+        return;
+    };
+    let key = super::pool::PoolKey {
+        addr: up.addr,
+        tls: u.tls_key(),
+    };
+    ctx.h1_pool
+        .put(key, up.stream, u.config().http.pool_idle_per_server);
 }
 
 /// Rewinds the request to its start for a new attempt (nothing of its body was written).
@@ -376,10 +377,29 @@ pub(super) fn park(ctx: &ListenerCtx, conn: ConnHandle, c: Conn) -> End {
             return End::Gone;
         }
     };
-    let upstream =
-        c.up.and_then(|u| u.stream.into_std().ok().map(|s| (u.addr, s)));
+    // A TLS upstream session that failed cannot move: as a lost socket, the attempt starts
+    // again in the successor if no response came yet.
+    let upstream = c.up.and_then(|u| u.stream.park().ok());
     let mut st = c.st;
     written_to_client(&mut st, settled, conn.stats());
+    let (upstream, upstream_tls) = match upstream {
+        Some((sock, tls, up_settled)) => {
+            written_to_upstream(&mut st, up_settled);
+            let name = st
+                .ex
+                .as_ref()
+                .map(|e| e.upstream.clone())
+                .unwrap_or_default();
+            let tls = tls.map(|parked| {
+                Box::new(UpstreamSession {
+                    upstream: name,
+                    parked,
+                })
+            });
+            (Some(sock), tls)
+        }
+        None => (None, None),
+    };
     let client_tls = client_tls.map(|parked| {
         Box::new(ClientTls {
             parked,
@@ -399,10 +419,31 @@ pub(super) fn park(ctx: &ListenerCtx, conn: ConnHandle, c: Conn) -> End {
         meta,
         client,
         client_tls,
-        upstream: upstream.map(|(_, s)| s),
+        upstream,
+        upstream_tls,
         state: st,
     })));
     End::Gone
+}
+
+/// Counts `n` bytes of the upstream write a TLS session took with it at parking as written:
+/// they came from `to_up` if it holds any (it is written first), else from the request body
+/// bytes `cbuf[..cl_ready]`, as the flow would have advanced them.
+fn written_to_upstream(st: &mut State, n: usize) {
+    if n == 0 {
+        return;
+    }
+    if !st.to_up.is_empty() {
+        let n = n.min(st.to_up.len());
+        st.to_up.advance(n);
+    } else {
+        let n = n.min(st.cl_ready);
+        st.cbuf.advance(n);
+        st.cl_ready -= n;
+        if let Some(ex) = st.ex.as_mut() {
+            ex.body_written += n as u64;
+        }
+    }
 }
 
 /// Counts `n` bytes of the client write a TLS session took with it at parking as written:

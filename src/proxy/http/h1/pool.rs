@@ -1,68 +1,79 @@
-//! Idle upstream HTTP/1.1 connections of one listener, by server: raw sockets, so a pooled
-//! connection is plain data too and moves to the successor on a handover.
+//! Idle upstream HTTP/1.1 connections of one listener, by server and TLS identity: plain
+//! sockets, or TLS sessions on baton's record layer, so a pooled connection is plain data too
+//! and moves to the successor on a handover.
+//!
+//! A connection is keyed by its server's address and, for TLS, the name of the upstream whose
+//! TLS settings made it (its CA, server name and client certificate are that upstream's): a
+//! TLS connection is never handed to another upstream, nor a plain one to a TLS upstream.
 
+use crate::proxy::client_io::ClientIo;
 use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Idle connections older than this are not reused (servers commonly close at 60 s+).
 const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
 
+/// What a pooled connection may be reused for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The server.
+    pub addr: SocketAddr,
+    /// `None`: plain TCP; `Some(upstream)`: TLS made with that upstream's settings.
+    pub tls: Option<Arc<str>>,
+}
+
+impl PoolKey {
+    /// The key of a plain connection to `addr`.
+    pub fn plain(addr: SocketAddr) -> PoolKey {
+        PoolKey { addr, tls: None }
+    }
+}
+
 /// Idle upstream connections of one listener.
 #[derive(Debug, Default)]
 pub struct RawPool {
-    idle: Mutex<FxHashMap<SocketAddr, Vec<(TcpStream, Instant)>>>,
+    idle: Mutex<FxHashMap<PoolKey, Vec<(ClientIo, Instant)>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether an idle connection is still usable: nothing to read (a server that closed it, or
-/// sent bytes nobody asked for, makes it unusable).
-fn alive(s: &TcpStream) -> bool {
-    let mut b = [0u8; 1];
-    matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-}
-
 impl RawPool {
-    /// A usable idle connection to `addr`, if there is one.
-    pub fn checkout(&self, addr: SocketAddr) -> Option<TcpStream> {
+    /// A usable idle connection for `key`, if there is one.
+    pub fn checkout(&self, key: &PoolKey) -> Option<ClientIo> {
         let mut idle = lock(&self.idle);
-        let list = idle.get_mut(&addr)?;
-        while let Some((s, since)) = list.pop() {
-            if since.elapsed() < MAX_IDLE_AGE && alive(&s) {
+        let list = idle.get_mut(key)?;
+        while let Some((mut s, since)) = list.pop() {
+            if since.elapsed() < MAX_IDLE_AGE && s.idle_usable() {
                 return Some(s);
             }
         }
         None
     }
 
-    /// Gives a connection back after a clean response (at most `max_idle` kept per server).
-    pub fn put(&self, addr: SocketAddr, s: TcpStream, max_idle: usize) {
+    /// Gives a connection back after a clean response (at most `max_idle` kept per key).
+    pub fn put(&self, key: PoolKey, s: ClientIo, max_idle: usize) {
         if max_idle == 0 {
             return;
         }
         let mut idle = lock(&self.idle);
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry(key).or_default();
         if list.len() < max_idle {
             list.push((s, Instant::now()));
         }
     }
 
-    /// Takes every idle connection out (for a handover), as `(server, socket)`.
-    pub fn take_all(&self) -> Vec<(SocketAddr, std::net::TcpStream)> {
+    /// Takes every usable idle connection out (for a handover).
+    pub fn take_all(&self) -> Vec<(PoolKey, ClientIo)> {
         let mut out = Vec::new();
-        for (addr, list) in lock(&self.idle).drain() {
-            for (s, since) in list {
-                if since.elapsed() >= MAX_IDLE_AGE || !alive(&s) {
-                    continue;
-                }
-                if let Ok(std) = s.into_std() {
-                    out.push((addr, std));
+        for (key, list) in lock(&self.idle).drain() {
+            for (mut s, since) in list {
+                if since.elapsed() < MAX_IDLE_AGE && s.idle_usable() {
+                    out.push((key.clone(), s));
                 }
             }
         }

@@ -273,3 +273,50 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_client_session_drops_the_servers_session_tickets_and_a_server_session_refuses_them() {
+    use crate::tls::record::Aead;
+    // Two whole NewSessionTickets in one record (lifetime, age_add, nonce, ticket, no
+    // extensions), then data.
+    let nst = [4u8, 0, 0, 15, 0, 0, 0, 60, 1, 2, 3, 4, 1, 9, 0, 1, 7, 0, 0];
+    let two: Vec<u8> = nst.iter().chain(nst.iter()).copied().collect();
+    let (mut server, mut client) = pair(Version::Tls13, Aead::Aes128Gcm);
+    client.set_client();
+    assert!(client.is_client());
+    let mut wire = raw(&mut server, 22, &two);
+    wire.extend_from_slice(&sealed(&mut server, b"after the tickets"));
+    let (r, rest, plain) = open(&mut client, &wire);
+    assert_eq!(r.expect("tickets dropped"), Opened::Open);
+    assert!(rest.is_empty());
+    assert_eq!(&plain[..], b"after the tickets");
+    // A ticket cut short (split across records) is refused, never half-read.
+    let (mut server, mut client) = pair(Version::Tls13, Aead::Aes128Gcm);
+    client.set_client();
+    let wire = raw(&mut server, 22, &nst[..10]);
+    let err = open(&mut client, &wire).0.expect_err("split ticket");
+    assert!(matches!(err, RecordError::Malformed(_)), "{err}");
+    // A ticket followed by another handshake message in the same record is refused.
+    let (mut server, mut client) = pair(Version::Tls13, Aead::Aes128Gcm);
+    client.set_client();
+    let mut mixed = nst.to_vec();
+    mixed.extend_from_slice(&[1, 0, 0, 0]);
+    let wire = raw(&mut server, 22, &mixed);
+    let err = open(&mut client, &wire).0.expect_err("mixed");
+    assert!(matches!(err, RecordError::UnexpectedHandshake(1)), "{err}");
+    // A server session (a TLS listener's) never accepts one: a client sends no tickets.
+    let (mut a, mut b) = pair(Version::Tls13, Aead::Aes128Gcm);
+    let wire = raw(&mut a, 22, &nst);
+    let err = open(&mut b, &wire).0.expect_err("server session");
+    assert!(matches!(err, RecordError::UnexpectedHandshake(4)), "{err}");
+    // The role survives a park (serde), and a session without it is a server's.
+    let (_, mut c) = pair(Version::Tls13, Aead::Aes128Gcm);
+    c.set_client();
+    let json = serde_json::to_string(&c).expect("ser");
+    let back: Session = serde_json::from_str(&json).expect("de");
+    assert!(back.is_client());
+    let old = json.replace(",\"client\":true", "");
+    assert_ne!(old, json, "the flag is in the JSON: {json}");
+    let back: Session = serde_json::from_str(&old).expect("de without the flag");
+    assert!(!back.is_client());
+}
