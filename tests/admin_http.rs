@@ -178,6 +178,18 @@ async fn status_and_page_reflect_live_connections() {
         );
     }
     assert_eq!(get(admin, "/nope").0, 404);
+    // Other methods: 405 with the `Allow` RFC 9110 §15.5.6 requires.
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(
+        b"POST /status HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 405 "), "{raw:?}");
+    assert!(raw.contains("\r\nallow: GET, HEAD\r\n"), "{raw:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

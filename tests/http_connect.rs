@@ -83,6 +83,19 @@ async fn connect_is_405_where_the_listener_does_not_enable_it() {
     let mut r = connect(b.addr("web"), &target.to_string(), b"").await;
     let (status, body) = read_response(&mut r).await.unwrap();
     assert_eq!((status, body.as_str()), (405, "method not allowed\n"));
+    // RFC 9110 §15.5.6: a 405 carries `Allow`, here every standard method but CONNECT.
+    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    let out = http_support::raw(b.addr("web"), req.as_bytes()).await;
+    let (head, _) = out.split_once("\r\n\r\n").expect("a whole head");
+    let allow: Vec<&str> = head
+        .lines()
+        .filter_map(|l| l.strip_prefix("allow: "))
+        .collect();
+    assert_eq!(
+        allow,
+        ["GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"],
+        "{out:?}"
+    );
     assert_eq!(
         seen.load(Ordering::SeqCst),
         0,

@@ -428,11 +428,13 @@ impl Answer {
     /// The response's bytes; `head_only` for HEAD (the length, no body).
     fn encode(&self, head_only: bool, keep_alive: bool) -> Vec<u8> {
         let mut out = format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncache-control: no-store\r\ncontent-length: {}\r\n{}\r\n",
+            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncache-control: no-store\r\ncontent-length: {}\r\n{}{}\r\n",
             self.status.as_u16(),
             self.status.canonical_reason().unwrap_or(""),
             self.content_type,
             self.body.len(),
+            // RFC 9110 §15.5.6: a 405 names what is allowed.
+            if self.status == StatusCode::METHOD_NOT_ALLOWED { "allow: GET, HEAD\r\n" } else { "" },
             if keep_alive { "" } else { "connection: close\r\n" },
         )
         .into_bytes();

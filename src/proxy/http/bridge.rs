@@ -54,11 +54,39 @@ pub fn write_lines(out: &mut Vec<u8>, map: &HeaderMap) {
         if connection_specific(n.as_str().as_bytes()) {
             continue;
         }
-        out.extend_from_slice(n.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
+        put_line(out, n.as_str().as_bytes(), v.as_bytes());
+    }
+}
+
+/// Appends an HTTP/2 request's headers as HTTP/1.1 header lines, as [`write_lines`], except
+/// that its `cookie` fields become one line, joined with "; ". HTTP/2 clients may send a
+/// cookie list as one field per cookie, for better compression, and RFC 9113 §8.2.3 asks for
+/// them to be joined that way before they go to an HTTP/1.1 hop, where a request carries one
+/// `Cookie` line (RFC 6265 §5.4).
+pub fn write_request_lines(out: &mut Vec<u8>, map: &HeaderMap) {
+    let mut cookies = map.get_all(http::header::COOKIE).iter();
+    for (n, v) in map {
+        if n == http::header::COOKIE || connection_specific(n.as_str().as_bytes()) {
+            continue;
+        }
+        put_line(out, n.as_str().as_bytes(), v.as_bytes());
+    }
+    if let Some(first) = cookies.next() {
+        out.extend_from_slice(b"cookie: ");
+        out.extend_from_slice(first.as_bytes());
+        for c in cookies {
+            out.extend_from_slice(b"; ");
+            out.extend_from_slice(c.as_bytes());
+        }
         out.extend_from_slice(b"\r\n");
     }
+}
+
+fn put_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A trailer section (`name: value` lines and the empty line) as a map.
@@ -216,6 +244,30 @@ mod tests {
             assert_eq!(d.as_deref(), Some(&b"hello world"[..]));
             assert_eq!(t.expect("trailers again")["x-sum"], "42");
         }
+    }
+
+    #[test]
+    fn cookie_fields_become_one_line_joined_with_semicolons() {
+        let mut m = HeaderMap::new();
+        m.append("cookie", HeaderValue::from_static("a=1"));
+        m.append("x-a", HeaderValue::from_static("1"));
+        m.append("cookie", HeaderValue::from_static("b=2"));
+        m.append("cookie", HeaderValue::from_static("c=3"));
+        let mut out = Vec::new();
+        write_request_lines(&mut out, &m);
+        assert_eq!(
+            String::from_utf8(out).expect("ascii"),
+            "x-a: 1\r\ncookie: a=1; b=2; c=3\r\n"
+        );
+        // One field stays as it is; none, no line.
+        let mut one = HeaderMap::new();
+        one.append("cookie", HeaderValue::from_static("a=1; b=2"));
+        let mut out = Vec::new();
+        write_request_lines(&mut out, &one);
+        assert_eq!(out, b"cookie: a=1; b=2\r\n");
+        let mut out = Vec::new();
+        write_request_lines(&mut out, &HeaderMap::new());
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub enum ProxyError {
     /// The client's protocol cannot carry this request (CONNECT over HTTP/2).
     #[error("not supported: {0}")]
     NotSupported(&'static str),
+    /// The client paused its request body longer than `http.body_timeout`.
+    #[error("request body paused longer than body_timeout")]
+    BodyTimeout,
 }
 
 impl ProxyError {
@@ -77,6 +80,7 @@ impl ProxyError {
             }
             ProxyError::MissingUpstream(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::NotSupported(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -86,7 +90,8 @@ impl ProxyError {
             ProxyError::NoRoute
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTooLarge(_)
-            | ProxyError::NotSupported(_) => Side::Client,
+            | ProxyError::NotSupported(_)
+            | ProxyError::BodyTimeout => Side::Client,
             ProxyError::NoServer(_)
             | ProxyError::Upstream { .. }
             | ProxyError::UpstreamTimeout(_)
@@ -107,6 +112,7 @@ impl ProxyError {
             ProxyError::RequestTimeout => "request timeout\n",
             ProxyError::MissingUpstream(_) => "internal error\n",
             ProxyError::NotSupported(_) => "not implemented\n",
+            ProxyError::BodyTimeout => "request body timeout\n",
         }
     }
 

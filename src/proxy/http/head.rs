@@ -736,6 +736,11 @@ pub fn assemble(line: &[u8], host: Option<&str>, rest: &[u8]) -> bytes::BytesMut
     out
 }
 
+/// The `Allow` of baton's 405 (RFC 9110 §15.5.6 requires one): a listener without
+/// `http.connect` forwards every method but CONNECT, so these are the standard methods it serves
+/// (extension methods are forwarded too, but cannot be listed).
+pub const ALLOW_WITHOUT_CONNECT: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
+
 /// A complete response baton writes itself (errors): a short text body, and `connection:
 /// close` when the client connection ends after it.
 pub fn error_response(status: u16, close: bool) -> Vec<u8> {
@@ -766,8 +771,14 @@ pub fn error_response_text(status: u16, text: Option<&str>, close: bool) -> Vec<
     let mut out = Vec::with_capacity(160);
     out.extend_from_slice(
         format!(
-            "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}\r\n{text}",
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}{}\r\n{text}",
             text.len(),
+            // baton's only 405 is CONNECT on a listener that does not tunnel.
+            if status == 405 {
+                format!("allow: {ALLOW_WITHOUT_CONNECT}\r\n")
+            } else {
+                String::new()
+            },
             if close { "connection: close\r\n" } else { "" }
         )
         .as_bytes(),

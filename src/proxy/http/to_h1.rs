@@ -46,6 +46,8 @@ struct Failed {
     body: Option<Option<Incoming>>,
     /// Some response byte arrived.
     answered: bool,
+    /// The client paused its body longer than `body_timeout`: a 408, never a retry.
+    body_timeout: bool,
 }
 
 /// The request as HTTP/1.1 bytes for the engine's parser: request line, `Host` (or
@@ -73,7 +75,7 @@ fn h1_bytes(parts: &request::Parts, body: &Incoming) -> Vec<u8> {
         raw.extend_from_slice(h);
         raw.extend_from_slice(b"\r\n");
     }
-    bridge::write_lines(&mut raw, &parts.headers);
+    bridge::write_request_lines(&mut raw, &parts.headers);
     if !parts.headers.contains_key(http::header::CONTENT_LENGTH) && !body.is_end_stream() {
         raw.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
@@ -208,6 +210,7 @@ pub async fn send(
             wire,
             framing: req.framing,
             body: this_body,
+            body_timeout: http.body_timeout,
             head_request,
             max_head: http.max_header_bytes.max(8192),
             pool: ctx.h1_pool.clone(),
@@ -238,8 +241,13 @@ pub async fn send(
                 reason: "exchange ended".into(),
                 body: None,
                 answered: true,
+                body_timeout: false,
             },
         };
+        if failed.body_timeout {
+            // The client's fault, not the server's: no health report, no retry.
+            return Err(ProxyError::BodyTimeout);
+        }
         tracing::debug!(server = %addr, error = %failed.reason, side = "upstream", "upstream request failed");
         let again = !failed.answered && failed.body.is_some();
         if again && reused {
@@ -271,6 +279,8 @@ struct Exchange {
     /// The request body's framing (`Length` as the client announced it, or chunked).
     framing: Framing,
     body: Option<Incoming>,
+    /// The longest pause allowed between two frames of the request body (`http.body_timeout`).
+    body_timeout: Option<std::time::Duration>,
     head_request: bool,
     max_head: usize,
     pool: Arc<crate::proxy::http::h1::pool::RawPool>,
@@ -287,6 +297,8 @@ struct Sent {
     taken: AtomicBool,
     /// The whole request was written.
     done: AtomicBool,
+    /// Writing stopped because the client paused its body longer than `body_timeout`.
+    timed_out: AtomicBool,
 }
 
 /// Writes the head and then the body, frame by frame.
@@ -294,14 +306,27 @@ async fn write_request(
     w: &mut (impl tokio::io::AsyncWrite + Unpin),
     wire: &[u8],
     body: &mut Option<Incoming>,
-    chunked: bool,
+    (chunked, body_timeout): (bool, Option<std::time::Duration>),
     sent: &Sent,
 ) -> Result<(), BoxError> {
     w.write_all(wire).await?;
     if let Some(b) = body.as_mut() {
         let mut out = BytesMut::new();
         let mut trailers = false;
-        while let Some(f) = b.frame().await {
+        loop {
+            // As the engine's `body_timeout`: the pause between two reads of the client's
+            // body (here its frames), not the whole upload.
+            let next = match body_timeout {
+                Some(t) => match tokio::time::timeout(t, b.frame()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        sent.timed_out.store(true, Relaxed);
+                        return Err("request body timeout".into());
+                    }
+                },
+                None => b.frame().await,
+            };
+            let Some(f) = next else { break };
             sent.taken.store(true, Relaxed);
             let f = f?;
             trailers |= f.is_trailers();
@@ -329,14 +354,15 @@ impl Exchange {
                 &mut w,
                 &self.wire,
                 &mut self.body,
-                chunked,
+                (chunked, self.body_timeout),
                 &sent,
             )));
             let mut writing = true;
             let mut head_tx = Some(head_tx);
             let mut answered = false;
-            // The response head (interim 1xx heads are dropped: hyper's server cannot send them).
-            let resp = loop {
+            // The response head (interim 1xx heads are dropped: hyper's server cannot send them;
+            // docs/http.md says why).
+            let resp = 'head: loop {
                 let (Some(tx), Some(wr)) = (head_tx.as_mut(), writer.as_mut()) else {
                     return;
                 };
@@ -344,7 +370,16 @@ impl Exchange {
                     w = wr, if writing => {
                         writing = false;
                         if let Err(e) = w {
-                            // Without a response yet, a write failure fails the attempt.
+                            if sent.timed_out.load(Relaxed) {
+                                // 408 for the client; this upstream connection, with half a
+                                // body sent, is closed.
+                                if let Some(tx) = head_tx.take() {
+                                    let _ = tx.send(Err(Failed { reason: e.to_string(), body: None, answered, body_timeout: true }));
+                                }
+                                return;
+                            }
+                            // Without a response yet, a write failure fails the attempt
+                            // unless the upstream answers all the same (it read enough).
                             tracing::debug!(server = %self.addr, error = %e, "writing the request upstream failed");
                         }
                     }
@@ -363,7 +398,7 @@ impl Exchange {
                             drop(writer);
                             let body = (!sent.taken.load(Relaxed)).then(|| self.body.take());
                             if let Some(tx) = head_tx.take() {
-                                let _ = tx.send(Err(Failed { reason: reason.into(), body, answered }));
+                                let _ = tx.send(Err(Failed { reason: reason.into(), body, answered, body_timeout: false }));
                             }
                             return;
                         }
@@ -375,19 +410,23 @@ impl Exchange {
                             upgrade: false,
                             via: "2.0 baton",
                         };
-                        match head::parse_response(&ubuf, self.max_head, &opts) {
-                            Ok(Some(resp)) => {
-                                let _ = ubuf.split_to(resp.head_len);
-                                if !resp.interim() {
-                                    break resp;
+                        // Every head the buffer holds: interim ones are dropped (hyper's
+                        // server cannot send them), and the final one may be right behind.
+                        loop {
+                            match head::parse_response(&ubuf, self.max_head, &opts) {
+                                Ok(Some(resp)) => {
+                                    let _ = ubuf.split_to(resp.head_len);
+                                    if !resp.interim() {
+                                        break 'head resp;
+                                    }
                                 }
-                            }
-                            Ok(None) => {}
-                            Err(e) => {
-                                if let Some(tx) = head_tx.take() {
-                                    let _ = tx.send(Err(Failed { reason: e.reason.into(), body: None, answered }));
+                                Ok(None) => break,
+                                Err(e) => {
+                                    if let Some(tx) = head_tx.take() {
+                                        let _ = tx.send(Err(Failed { reason: e.reason.into(), body: None, answered, body_timeout: false }));
+                                    }
+                                    return;
                                 }
-                                return;
                             }
                         }
                     }
@@ -399,6 +438,7 @@ impl Exchange {
                         reason: "response head not valid for HTTP/2".into(),
                         body: None,
                         answered: true,
+                        body_timeout: false,
                     }));
                 }
                 return;
@@ -449,6 +489,14 @@ impl Exchange {
                         writing = false;
                         if w.is_err() {
                             sent.done.store(false, Relaxed);
+                        }
+                        if sent.timed_out.load(Relaxed) {
+                            // The response has started, so its status cannot become a 408:
+                            // it is cut (the client's stream is reset), as the engine cuts a
+                            // started response at a deadline, and this upstream connection,
+                            // waiting for the rest of the body, is closed.
+                            let _ = frames.send(Err("request body timeout".into())).await;
+                            return;
                         }
                     }
                     n = r.read_buf(&mut ubuf) => {
