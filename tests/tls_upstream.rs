@@ -6,6 +6,7 @@
 //! with file:line:col by `check`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
+mod http_support;
 use common::{make_cert, Baton, WAIT};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -733,4 +734,62 @@ async fn a_rollback_resumes_tls_upstream_connections_in_the_old_process() {
         "the pooled session resumed"
     );
     assert_eq!(echo.seen.lock().unwrap().handshakes, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_client_reaches_a_tls_upstream_through_the_bridge() {
+    use http_body_util::BodyExt;
+    let (b, app, _echo) = setup(CA_SNI, false);
+    let (mut send, _conn) = http_support::h2c(b.addr("web")).await;
+    for path in ["/h2c-one", "/h2c-two"] {
+        let resp =
+            tokio::time::timeout(WAIT, send.send_request(http_support::get("app.test", path)))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+            .await
+            .unwrap()
+            .unwrap()
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains(&format!("sni=upstream.test client_cert=false path={path}")),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        app.seen.lock().unwrap().handshakes,
+        1,
+        "the bridge pooled the tls connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_tunnel_tries_another_server_when_a_tls_handshake_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    // `other` presents a certificate the configured CA did not sign.
+    let bad = tls_server(dir.path(), "other", None, true);
+    let good = tls_server(dir.path(), "srv", None, true);
+    let yaml = format!(
+        "listeners:\n  t:\n    listen: 127.0.0.1:0\n    upstream: echo\nupstreams:\n  echo:\n    servers: [\"{}\", \"{}\"]\n    eject_after: 0\n    tls:\n{CA_SNI}",
+        bad.addr, good.addr
+    );
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let b = Baton::start_in(dir, config);
+    let t = b.addr("t");
+    for id in 0..4 {
+        // Round robin sends every other tunnel to the bad server first: it retries the good one.
+        let c = common::started_numbered_echo(t, id, Arc::new(AtomicBool::new(true))).await;
+        c.await.unwrap().unwrap();
+    }
+    assert!(b
+        .log
+        .wait_for(&["upstream tls handshake failed", "UnknownIssuer"], WAIT)
+        .is_some());
+    assert_eq!(good.seen.lock().unwrap().handshakes, 4);
+    assert_eq!(bad.seen.lock().unwrap().handshakes, 0);
 }

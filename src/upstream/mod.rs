@@ -533,10 +533,20 @@ impl Upstream {
 
     /// Connects to a server chosen for `client`, trying up to `retries` others on failure.
     pub async fn connect(&self, client: IpAddr) -> Result<(TcpStream, ServerGuard), ConnectError> {
-        let mut tried: Vec<SocketAddr> = Vec::new();
+        self.connect_excluding(client, &mut Vec::new()).await
+    }
+
+    /// [`Upstream::connect`], skipping the servers in `tried` and adding each one it tries:
+    /// a caller whose next step failed on the connected server (a TLS handshake) calls it
+    /// again with the same list, so `retries` bounds all the attempts together.
+    pub async fn connect_excluding(
+        &self,
+        client: IpAddr,
+        tried: &mut Vec<SocketAddr>,
+    ) -> Result<(TcpStream, ServerGuard), ConnectError> {
         let mut last = None;
         while tried.len() as u32 <= self.cfg.retries {
-            let Some(guard) = self.pick(client, &tried) else {
+            let Some(guard) = self.pick(client, tried) else {
                 break;
             };
             let addr = guard.addr();

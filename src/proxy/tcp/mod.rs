@@ -43,48 +43,49 @@ pub async fn connect_and_relay(
         tracing::error!(listener = %ctx.name, upstream = %ctx.cfg.upstream, "listener names a missing upstream");
         return;
     };
-    let connected = tokio::select! {
-        // The connect first: it is what normally finishes, and the kill waiter is then
-        // polled only while the connect is pending.
-        biased;
-        c = upstream.connect(peer.ip()) => c,
-        _ = conn.kill_requested() => return,
-    };
-    let (server, guard) = match connected {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(listener = %ctx.name, client = %peer, error = %e, side = "upstream", "closing client: no server connected");
-            close_log(&ctx, &conn, "upstream connect failed");
+    // Connect failures and TLS handshake failures share the upstream's `retries`: a server
+    // whose handshake failed is not tried again for this client.
+    let mut tried = Vec::new();
+    let (server, guard) = loop {
+        let connected = tokio::select! {
+            // The connect first: it is what normally finishes, and the kill waiter is then
+            // polled only while the connect is pending.
+            biased;
+            c = upstream.connect_excluding(peer.ip(), &mut tried) => c,
+            _ = conn.kill_requested() => return,
+        };
+        let (server, guard) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(listener = %ctx.name, client = %peer, error = %e, side = "upstream", "closing client: no server connected");
+                close_log(&ctx, &conn, "upstream connect failed");
+                return;
+            }
+        };
+        crate::listener::tune(&server);
+        if !upstream.is_tls() {
+            break (ClientIo::from(server), guard);
+        }
+        // TLS origination: the handshake is bounded by the upstream's connect_timeout too.
+        let limit = upstream.config().connect_timeout;
+        let started = tokio::select! {
+            biased;
+            r = tokio::time::timeout(limit, upstream.start_tls(server, guard.host())) => r,
+            _ = conn.kill_requested() => return,
+        };
+        let e = match started {
+            Ok(Ok(t)) => break (ClientIo::upstream_tls(t), guard),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("tls handshake timed out after {limit:?}"),
+        };
+        upstream.report(guard.addr(), false);
+        tracing::warn!(listener = %ctx.name, upstream = %upstream.name(), server = %guard.addr(), client = %peer, error = %e, side = "upstream", "upstream tls handshake failed");
+        if tried.len() as u32 > upstream.config().retries {
+            close_log(&ctx, &conn, "upstream tls handshake failed");
             return;
         }
     };
-    crate::listener::tune(&server);
     conn.stats().set_server(Some(guard.addr()));
-    let server = if upstream.is_tls() {
-        // TLS origination: the handshake is bounded by the upstream's connect_timeout too.
-        let started = tokio::select! {
-            biased;
-            r = tokio::time::timeout(upstream.config().connect_timeout, upstream.start_tls(server, guard.host())) => r,
-            _ = conn.kill_requested() => return,
-        };
-        match started {
-            Ok(Ok(t)) => ClientIo::upstream_tls(t),
-            Ok(Err(e)) => {
-                upstream.report(guard.addr(), false);
-                tracing::warn!(listener = %ctx.name, upstream = %upstream.name(), server = %guard.addr(), client = %peer, error = %e, side = "upstream", "upstream tls handshake failed");
-                close_log(&ctx, &conn, "upstream tls handshake failed");
-                return;
-            }
-            Err(_) => {
-                upstream.report(guard.addr(), false);
-                tracing::warn!(listener = %ctx.name, upstream = %upstream.name(), server = %guard.addr(), client = %peer, timeout = ?upstream.config().connect_timeout, side = "upstream", "upstream tls handshake timed out");
-                close_log(&ctx, &conn, "upstream tls handshake timeout");
-                return;
-            }
-        }
-    } else {
-        ClientIo::from(server)
-    };
     let relay = Relay::new(
         client,
         server,
