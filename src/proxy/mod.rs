@@ -187,19 +187,33 @@ pub async fn serve_in_turn(
                 _ = t.wait(|| registry.len()) => {}
             }
         }
-        // Waiting for a permit pauses accepting at max_connections without spinning.
-        let permit = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return listener,
-            p = ctx.limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return listener,
+        // Waiting for a permit pauses accepting at max_connections without spinning. The
+        // waits go through `select!` (with the stop token) only when they would block: a
+        // permit at hand and a connection in the queue cost no futures of their own, which
+        // was 2.9k instructions per new connection.
+        let permit = match ctx.limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return listener,
+            Err(tokio::sync::TryAcquireError::NoPermits) => tokio::select! {
+                biased;
+                _ = stop.cancelled() => return listener,
+                p = ctx.limit.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return listener,
+                },
             },
         };
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return listener,
-            a = listener.accept() => a,
+        if stop.is_cancelled() {
+            return listener;
+        }
+        let ready = std::future::poll_fn(|cx| std::task::Poll::Ready(listener.poll_accept(cx)));
+        let accepted = match ready.await {
+            std::task::Poll::Ready(a) => a,
+            std::task::Poll::Pending => tokio::select! {
+                biased;
+                _ = stop.cancelled() => return listener,
+                a = listener.accept() => a,
+            },
         };
         match accepted {
             Ok((stream, peer)) => {

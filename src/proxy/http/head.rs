@@ -28,6 +28,31 @@ const fn bad(reason: &'static str) -> HeadError {
     }
 }
 
+/// The client's address as `X-Forwarded-For` text. IPv4 is written digit by digit: through
+/// `Display` (`core::fmt`) it cost 1.3k instructions, once per connection — 5 % of an HTTP
+/// request on a new connection.
+pub fn ip_text(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut s = String::with_capacity(15);
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                if o >= 100 {
+                    s.push(char::from(b'0' + o / 100));
+                }
+                if o >= 10 {
+                    s.push(char::from(b'0' + o / 10 % 10));
+                }
+                s.push(char::from(b'0' + o % 10));
+            }
+            s
+        }
+        std::net::IpAddr::V6(_) => ip.to_string(),
+    }
+}
+
 /// What the request parser needs to know about its listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ReqOpts<'a> {

@@ -366,3 +366,26 @@ fn decode(
     }
     Ok((None, data.to_vec()))
 }
+
+proptest! {
+    /// The hand-written IPv4 text is `Display`'s, for every address.
+    #[test]
+    fn ip_text_is_display(a: u8, b: u8, c: u8, d: u8) {
+        let ip = std::net::IpAddr::from([a, b, c, d]);
+        prop_assert_eq!(ip_text(ip), ip.to_string());
+    }
+}
+
+#[test]
+fn ip_text_of_edges_and_v6() {
+    for ip in [
+        "0.0.0.0",
+        "255.255.255.255",
+        "10.0.100.9",
+        "::1",
+        "2001:db8::1",
+    ] {
+        let parsed: std::net::IpAddr = ip.parse().unwrap();
+        assert_eq!(ip_text(parsed), ip);
+    }
+}

@@ -96,7 +96,7 @@ pub async fn send(
     let cfg = upstream.config();
     let http = &ctx.cfg.http;
     let raw = h1_bytes(&parts, &body);
-    let client_ip = client.ip().to_string();
+    let client_ip = super::head::ip_text(client.ip());
     let opts = ReqOpts {
         client_ip: &client_ip,
         // hyper bounded the header list already; the rewrite adds forwarding headers.

@@ -136,7 +136,7 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
     let stats = conn.stats().clone();
     let http = &ctx.cfg.http;
     // Formatted once for every request's X-Forwarded-For.
-    let client_ip = stats.client.ip().to_string();
+    let client_ip = super::head::ip_text(stats.client.ip());
     // How long a connection between requests waits here (state, buffers and this boxed task
     // kept) before it goes back to the idle wait in `server`, which holds none of them.
     // A TLS connection has no idle wait outside the engine (the idle watcher reads raw
