@@ -793,3 +793,41 @@ async fn a_tcp_tunnel_tries_another_server_when_a_tls_handshake_fails() {
     assert_eq!(good.seen.lock().unwrap().handshakes, 4);
     assert_eq!(bad.seen.lock().unwrap().handshakes, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_ca_the_system_roots_verify_and_a_machine_without_any_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let app = tls_server(dir.path(), "srv", None, false);
+    let echo = tls_server(dir.path(), "srv", None, true);
+    // SSL_CERT_FILE is where rustls-native-certs reads "the system's roots" from when set.
+    let roots = dir.path().join("srv.pem").display().to_string();
+    let missing = dir.path().join("none.pem").display().to_string();
+    let cfg = config(dir.path(), "      server_name: upstream.test\n", "");
+    let out = Command::new(common::bin())
+        .args(["check", "-c"])
+        .arg(&cfg)
+        .env("SSL_CERT_FILE", &missing)
+        .env("SSL_CERT_DIR", &missing)
+        .output()
+        .unwrap();
+    let printed = common::printed(&out);
+    assert_eq!(out.status.code(), Some(2), "{printed}");
+    assert!(
+        printed.contains("config.yaml:10:7: upstreams.app.tls: no system root certificates found"),
+        "{printed}"
+    );
+    let b = start_env(
+        dir,
+        app.addr,
+        "      server_name: upstream.test\n",
+        echo.addr,
+        &[("SSL_CERT_FILE", &roots), ("SSL_CERT_DIR", &missing)],
+    );
+    let out = fetch(b.addr("web"), "/system").await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.contains("sni=upstream.test client_cert=false path=/system"),
+        "{out}"
+    );
+}
