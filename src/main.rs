@@ -212,13 +212,26 @@ fn main() -> ExitCode {
             config,
             generation,
             resume_supervisor,
-        } => run(config, generation, None, resume_supervisor, None),
+        } => run(
+            config,
+            generation,
+            lifecycle::Role::Single,
+            resume_supervisor,
+        ),
         Command::Worker {
             config,
             index,
             generation,
             accept_board,
-        } => run(config, generation, Some(index), None, accept_board),
+        } => run(
+            config,
+            generation,
+            lifecycle::Role::Worker {
+                index,
+                accept_board,
+            },
+            None,
+        ),
         Command::Status { target, json } => ctl(&target, Ctl::Status, json),
         Command::Stop { target, fast } => ctl(&target, Ctl::Stop { fast }, false),
         Command::Upgrade {
@@ -256,13 +269,7 @@ fn runtime(
     rt.enable_all().build()
 }
 
-fn run(
-    config: PathBuf,
-    generation: u64,
-    worker: Option<usize>,
-    resume: Option<i32>,
-    accept_board: Option<i32>,
-) -> ExitCode {
+fn run(config: PathBuf, generation: u64, role: lifecycle::Role, resume: Option<i32>) -> ExitCode {
     let cfg = match Config::load(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -282,7 +289,7 @@ fn run(
     // A first start (not a successor, worker or re-executed supervisor) whose control socket
     // answers would only fail to bind, or with SO_REUSEPORT share the ports and take the
     // socket over: say what is going on instead.
-    let first_start = worker.is_none()
+    let first_start = role == lifecycle::Role::Single
         && resume.is_none()
         && std::env::var_os(baton::handover::HANDOVER_FD_ENV).is_none();
     if first_start {
@@ -295,7 +302,7 @@ fn run(
             return ExitCode::FAILURE;
         }
     }
-    match serve(cfg, config, generation, worker, resume, accept_board) {
+    match serve(cfg, config, generation, role, resume) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("baton: {}", error_chain(&e));
@@ -344,31 +351,30 @@ fn serve(
     cfg: Config,
     config_path: PathBuf,
     generation: u64,
-    worker: Option<usize>,
+    role: lifecycle::Role,
     resume: Option<i32>,
-    accept_board: Option<i32>,
 ) -> anyhow::Result<()> {
+    let worker = role.worker_index();
     baton::logging::init_as(&cfg.log, generation, worker).context("cannot open the log file")?;
     baton::test_hooks::announce();
     for w in cfg.warnings() {
         tracing::warn!(warning = %w, "configuration warning");
     }
     // Credentials are per thread: isolation goes first, before any other thread starts.
-    let role = match worker {
+    let isolated_as = match worker {
         Some(i) => isolation::Role::Worker(i),
         None if resume.is_some() || cfg.runtime.workers > 1 => isolation::Role::Supervisor,
         None => isolation::Role::Single {
             successor: std::env::var_os(baton::handover::HANDOVER_FD_ENV).is_some(),
         },
     };
-    let prepared = isolation::prepare(&cfg, role).context("cannot isolate this process")?;
+    let prepared = isolation::prepare(&cfg, isolated_as).context("cannot isolate this process")?;
     start_purge_tick();
     let opts = RunOptions {
         config_path,
         binary: lifecycle::own_binary_path(),
         generation,
-        worker,
-        accept_board,
+        role,
     };
     // With workers, `baton run` is their supervisor: one thread is plenty for it.
     if let Some(fd) = resume {

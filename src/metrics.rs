@@ -228,6 +228,18 @@ pub struct Counters {
     pub upstreams: BTreeMap<String, UpstreamCounters>,
 }
 
+impl Counters {
+    /// Adds `other` to these counters: every field, per listener and per upstream (the same
+    /// sums as [`Metrics::absorb`], which does the adding). The supervisor keeps the last
+    /// counters of its dead workers this way, so the service's totals never go down.
+    pub fn add(&mut self, other: &Counters) {
+        let m = Metrics::default();
+        m.absorb(self);
+        m.absorb(other);
+        *self = m.snapshot();
+    }
+}
+
 macro_rules! fields {
     ($m:ident) => {
         $m!(

@@ -96,3 +96,61 @@ async fn the_supervisor_serves_the_admin_endpoint_with_totals_and_per_worker_ser
     let (code, _, body) = get(admin, "/readyz");
     assert_eq!(code, 200, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_counts_stay_in_the_totals_and_the_per_listener_series() {
+    let be = echo_backend("").await;
+    let b = Baton::start(&config(be));
+    let t = b.addr("t");
+    let admin = b.addr("admin");
+    let s0 = two_serving(&b).await;
+    connections(t, 20).await;
+    let total = "baton_connections_accepted_total";
+    let listener = "baton_listener_connections_accepted_total{listener=\"t\"}";
+    let per = |i: usize| format!("baton_worker_connections_accepted_total{{worker=\"{i}\"}}");
+    // Every worker's heartbeat has its share: the per-worker series add up to the total.
+    let m = wait_metrics(admin, "20 connections counted per worker", |m| {
+        m.get(listener) == Some(&20.0)
+            && m.get(&per(0)).zip(m.get(&per(1))).map(|(a, b)| a + b) == Some(20.0)
+    })
+    .await;
+    // The worker that accepted some of them dies (reuseport gave both a share, or one all).
+    let victim = if m[&per(0)] > 0.0 { 0 } else { 1 };
+    let share = m[&per(victim)];
+    let pid = worker_pid(&s0, victim).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    wait_status(&b, "the dead worker restarted", |s| {
+        worker_pid(s, victim).is_some_and(|p| p != pid)
+            && s["workers"][victim]["state"] == "serving"
+    })
+    .await;
+    // Its replacement starts at zero; what the dead one counted stays in the service's totals
+    // and in the listener's series: neither goes down.
+    let m = wait_metrics(admin, "the restarted worker reports", |m| {
+        m.get(&per(victim)) == Some(&0.0)
+    })
+    .await;
+    assert!(share > 0.0);
+    assert_eq!(m[total], 20.0, "the total lost the dead worker's {share}");
+    assert_eq!(
+        m[listener], 20.0,
+        "the listener's series lost the dead worker's {share}"
+    );
+    let s = status(&b);
+    assert_eq!(s["totals"]["accepted"], 20, "{:#}", s["totals"]);
+    assert_eq!(
+        s["totals"]["listeners"]["t"]["accepted"], 20,
+        "{:#}",
+        s["totals"]
+    );
+    // And they count on from there.
+    connections(t, 5).await;
+    wait_metrics(admin, "25 in all", |m| {
+        m.get(total) == Some(&25.0) && m.get(listener) == Some(&25.0)
+    })
+    .await;
+}

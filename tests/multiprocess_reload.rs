@@ -30,6 +30,23 @@ async fn both_served(b: &Baton, listener: &str, total: u64) -> serde_json::Value
     .await
 }
 
+/// Makes 20 connections to the listener `added` (at `addr`) and waits until both workers
+/// served some of them; both must be new processes (not in `old`) of generation 2, and the
+/// supervisor must list the listener. Returns that status.
+async fn new_workers_serve(b: &Baton, addr: SocketAddr, old: &[i32]) -> serde_json::Value {
+    connections(addr, 20).await;
+    let s = both_served(b, "added", 20).await;
+    for i in 0..2 {
+        assert!(
+            !old.contains(&worker_pid(&s, i).unwrap()),
+            "worker {i} is a new process: {s:#}"
+        );
+        assert_eq!(s["workers"][i]["generation"], 2, "{s:#}");
+    }
+    assert!(s["listeners"]["added"].is_object(), "{s:#}");
+    s
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_adds_and_removes_listeners_changes_every_worker() {
     let be = echo_backend("").await;
@@ -63,16 +80,7 @@ async fn a_reload_that_adds_and_removes_listeners_changes_every_worker() {
     );
 
     // Both new workers serve the added listener.
-    connections(added, 20).await;
-    let s = both_served(&b, "added", 20).await;
-    for i in 0..2 {
-        assert!(
-            !workers.contains(&worker_pid(&s, i).unwrap()),
-            "worker {i} replaced"
-        );
-        assert_eq!(s["workers"][i]["generation"], 2);
-    }
-    assert!(s["listeners"]["added"].is_object(), "{s:#}");
+    let s = new_workers_serve(&b, added, &workers).await;
     assert!(s["listeners"]["old"].is_null(), "{s:#}");
     // The kept listener still serves; the removed one is closed once the old workers are gone.
     connections(t, 3).await;
@@ -141,4 +149,71 @@ async fn a_reload_whose_new_listener_cannot_be_bound_is_refused_before_any_worke
     }
     assert!(s["listeners"]["extra"].is_null(), "{s:#}");
     drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_second_worker_cannot_take_over_restarts_it_with_the_new_config() {
+    let be = echo_backend("").await;
+    let b = Baton::start(&config(be, "reuseport", &listener("t", "127.0.0.1:0")));
+    let t = b.addr("t");
+    let s0 = two_serving(&b).await;
+    let workers: Vec<i32> = (0..2).map(|i| worker_pid(&s0, i).unwrap()).collect();
+    // The new binary, except that worker 1's replacement dies at once the first time: worker
+    // 0 takes the new config by handover, worker 1 cannot.
+    let broke = b.dir().join("broke-once");
+    let wrapper = b.dir().join("baton-new");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \" $* \" in *\" --index 1 \"*) if [ ! -e {m} ]; then : > {m}; echo 'test: this worker dies at its start' >&2; exit 3; fi;; esac\nexec {bin} \"$@\"\n",
+            m = broke.display(),
+            bin = bin()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let added: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let next = format!(
+        "{}{}",
+        listener("t", "127.0.0.1:0"),
+        listener("added", &added.to_string())
+    );
+    std::fs::write(&b.config, config(be, "reuseport", &next)).unwrap();
+    let binary = wrapper.display().to_string();
+    let config = b.config.clone();
+    let (ok, out) =
+        tokio::task::spawn_blocking(move || cli(&config, "upgrade", &["--binary", &binary]))
+            .await
+            .unwrap();
+    assert!(broke.exists(), "worker 1's replacement was started");
+    // Workers must not run different configs: worker 1 is restarted afresh with the new one.
+    assert!(ok, "{out}");
+    assert!(out.contains("1 workers replaced: worker 0: pid"), "{out}");
+    assert!(
+        out.contains("worker 1 could not take over by handover")
+            && out.contains("workers 1..1 restarted with the new config"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("listeners added added ({added})")),
+        "{out}"
+    );
+    // Both serve the added listener: worker 0 took it over, worker 1 got it at its start.
+    new_workers_serve(&b, added, &workers).await;
+    // The old workers drain and exit; the kept listener serves on.
+    for w in &workers {
+        assert!(
+            wait_until(WAIT, || !alive(*w)).await,
+            "old worker {w} exited"
+        );
+    }
+    connections(t, 3).await;
+    wait_status(&b, "supervisor re-executed", |s| {
+        s["supervisor_generation"] == 2
+    })
+    .await;
 }

@@ -4,46 +4,9 @@
 #![allow(clippy::unwrap_used)]
 mod common;
 mod http_support;
+use common::tls::{reused, s_client};
 use common::{make_cert, Baton, WAIT};
 use http_support::{backend, upstream};
-use std::path::Path;
-use std::process::{Command, Stdio};
-
-/// One HTTPS request with openssl s_client, saving (`-sess_out`) or offering (`-sess_in`) a
-/// session: its whole output.
-fn s_client(port: u16, version: &str, sess: (&str, &Path), ca: &Path) -> String {
-    use std::io::Write;
-    let mut child = Command::new("openssl")
-        .args([
-            "s_client",
-            version,
-            "-ign_eof",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["-servername", "a.test", "-CAfile"])
-        .arg(ca)
-        .arg(sess.0)
-        .arg(sess.1)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The response ends with the server's close: by then the session tickets have arrived.
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    common::printed(&out)
-}
-
-fn reused(out: &str) -> bool {
-    out.lines().any(|l| l.starts_with("Reused,"))
-}
 
 async fn resumes_across_an_upgrade(version: &'static str) {
     let (app, _) = backend("app").await;

@@ -165,9 +165,11 @@ pub fn listeners_in(r: Received) -> Result<Vec<(ListenerEntry, OwnedFd)>, Handov
 }
 
 /// Listeners with their fds, and the session-ticket keys that came with them.
-type WithKeys = (Vec<(ListenerEntry, OwnedFd)>, zeroize::Zeroizing<Vec<u8>>);
+pub type WithKeys = (Vec<(ListenerEntry, OwnedFd)>, zeroize::Zeroizing<Vec<u8>>);
 
-fn listeners_with_keys_in(r: Received) -> Result<WithKeys, HandoverError> {
+/// The listeners of a received `Listeners` message with their fds (checked as by
+/// [`recv_listeners`]), and the session-ticket keys that came with them (zeroized on drop).
+pub fn listeners_with_keys_in(r: Received) -> Result<WithKeys, HandoverError> {
     let Received { msg, fds, bulk } = r;
     // Wrapped at once, so the key bytes are wiped on every path out of here.
     let keys = zeroize::Zeroizing::new(bulk);

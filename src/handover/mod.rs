@@ -45,9 +45,9 @@ pub use channel::{Channel, Received};
 pub use conns::{expect_ack, recv_conns, send_ack, send_conns, split_batches};
 pub use error::HandoverError;
 pub use handshake::{
-    hello, listeners_in, predecessor_hello, recv_hello, recv_listeners, recv_listeners_with_keys,
-    recv_ready, send_abort, send_done, send_listeners, send_listeners_with_keys, send_ready,
-    send_refused, successor_hello, unexpected, PeerHello,
+    hello, listeners_in, listeners_with_keys_in, predecessor_hello, recv_hello, recv_listeners,
+    recv_listeners_with_keys, recv_ready, send_abort, send_done, send_listeners,
+    send_listeners_with_keys, send_ready, send_refused, successor_hello, unexpected, PeerHello,
 };
 pub use message::{ConnEntry, HalfEntry, ListenerEntry, Message, MAX_FDS, PROTOCOL_VERSION};
 pub use spawn::{inherited_channel, spawn_successor, Spawned, HANDOVER_FD_ENV};

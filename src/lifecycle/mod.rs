@@ -5,6 +5,7 @@
 mod history;
 mod listeners;
 mod process;
+mod role;
 mod successor;
 mod triggers;
 mod upgrade;
@@ -12,6 +13,7 @@ mod upgrade;
 pub mod worker;
 
 pub use process::{run, run_prebound};
+pub use role::Role;
 pub use successor::refuse;
 pub use triggers::{Trigger, Triggers};
 pub use upgrade::{check_config, UpgradeReport};
@@ -79,11 +81,8 @@ pub struct RunOptions {
     pub binary: PathBuf,
     /// 1 for a first start, +1 per upgrade.
     pub generation: u64,
-    /// Multi-process mode: this process is worker `index` of a supervisor (see [`worker`]).
-    pub worker: Option<usize>,
-    /// Multi-process `shared` accept: the supervisor's board (an inherited fd), see
-    /// [`crate::spread`].
-    pub accept_board: Option<std::os::fd::RawFd>,
+    /// A process of its own, or a worker of a supervisor (see [`Role`]).
+    pub role: Role,
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit: a proxy holds two fds per connection,

@@ -1,12 +1,12 @@
-//! The running process: its listeners, connections and counters, and the main loop that
-//! waits for triggers.
+//! The running process: its listeners, connections and counters, with the methods the rest of
+//! the lifecycle changes them through; the main loop is in [`run_loop`].
 
 use super::history::History;
 use super::listeners::Listeners;
 use super::successor::TakeOverEvent;
-use super::triggers::{Trigger, Triggers};
+use super::triggers::Triggers;
 use super::{io_err, remove_pid_file, write_pid_file, LifecycleError, Phase, RunOptions};
-use crate::admin::control::{self, Reply};
+use crate::admin::control;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{self, ListenerCtx};
@@ -19,35 +19,141 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// The running process's state.
+mod run_loop;
+
+/// The running process's state. Other parts of the lifecycle change it only through its
+/// methods, each named for what it does.
 pub(super) struct Process {
-    pub cfg: Config,
-    pub opts: RunOptions,
-    pub registry: Arc<Registry>,
-    pub parked_rx: ParkedRx,
-    pub metrics: Arc<Metrics>,
-    pub upstreams: Upstreams,
-    pub listeners: Listeners,
+    cfg: Config,
+    opts: RunOptions,
+    registry: Arc<Registry>,
+    /// Connections that parked (for a handover), in the order they did.
+    parked_rx: ParkedRx,
+    metrics: Arc<Metrics>,
+    upstreams: Upstreams,
+    listeners: Listeners,
     /// Session-ticket keys of every TLS listener; handed to the successor.
-    pub tickets: Arc<crate::tls::tickets::Ticketer>,
+    tickets: Arc<crate::tls::tickets::Ticketer>,
+    /// A worker's link to its supervisor (`None` for a process of its own).
+    link: Option<super::worker::WorkerLink>,
     /// Cancelled at exit: stops health checks and the control socket.
-    pub shutdown: CancellationToken,
-    pub phase: Phase,
-    pub started: Instant,
-    pub started_ms: u64,
-    pub history: History,
+    shutdown: CancellationToken,
+    phase: Phase,
+    started: Instant,
+    started_ms: u64,
+    history: History,
     /// Device and inode of the control socket this process bound, so it removes the path at
     /// exit only if no successor has bound its own there since.
-    pub control_inode: Option<(u64, u64)>,
+    control_inode: Option<(u64, u64)>,
     /// Control-socket handlers, waited for at exit so their replies get written.
-    pub control_tasks: tokio_util::task::TaskTracker,
+    control_tasks: tokio_util::task::TaskTracker,
     /// Where control-socket requests go (the main loop's [`Triggers`]); kept to serve the
     /// socket again after taking over from a successor that died.
-    pub control_tx: tokio::sync::mpsc::Sender<control::ControlRequest>,
+    control_tx: tokio::sync::mpsc::Sender<control::ControlRequest>,
     /// Stops the control-socket server this process runs, if any.
-    pub control_stop: Option<CancellationToken>,
+    control_stop: Option<CancellationToken>,
     /// Whether the admin HTTP server was started (once per process).
-    pub admin_started: bool,
+    admin_started: bool,
+}
+
+/// Read access for the other parts of the lifecycle.
+impl Process {
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn opts(&self) -> &RunOptions {
+        &self.opts
+    }
+
+    pub fn role(&self) -> super::Role {
+        self.opts.role
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The live connections (parking and closing them goes through the registry's own API).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The session-ticket keys every TLS listener uses.
+    pub fn ticketer(&self) -> &Arc<crate::tls::tickets::Ticketer> {
+        &self.tickets
+    }
+
+    /// The listeners, to offer them or read their contexts (pausing, resuming and closing
+    /// them are methods of the process).
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
+    }
+}
+
+impl Process {
+    /// Stops accepting on every listener, keeping the sockets (a handover).
+    pub async fn pause_accepting(&mut self) {
+        self.listeners.pause().await;
+    }
+
+    /// Accepts again on every paused listener (a rollback, a commit, taking over again).
+    pub fn resume_accepting(&mut self) {
+        self.listeners.resume();
+    }
+
+    /// Stops accepting and closes every listener (this process is done with them).
+    pub async fn close_listeners(&mut self) {
+        self.listeners.close().await;
+    }
+
+    /// The next connection that parked, waiting for one.
+    pub async fn next_parked(&mut self) -> Option<Parked> {
+        self.parked_rx.recv().await
+    }
+
+    /// A connection that already parked, if any.
+    pub fn try_next_parked(&mut self) -> Option<Parked> {
+        self.parked_rx.try_recv().ok()
+    }
+
+    /// Adds an upgrade record (kept for status and passed on to the successor).
+    pub fn record_upgrade(&mut self, ok: bool, summary: impl Into<String>) {
+        self.history.record(ok, summary);
+    }
+
+    /// Puts the predecessor's upgrade records before this process's own.
+    pub fn carry_history(&mut self, earlier: Vec<super::history::UpgradeRecord>) {
+        self.history.carry(earlier);
+    }
+
+    /// The upgrade records, for the successor.
+    pub fn history_values(&self) -> Vec<serde_json::Value> {
+        self.history.to_values()
+    }
+
+    /// The session-ticket keys, for the successor (wiped when dropped).
+    pub fn ticket_keys(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        self.tickets.export()
+    }
+
+    /// Takes the predecessor's session-ticket keys in place of this process's own, so the
+    /// tickets it issued resume here; keys that are not whole are refused with a warning.
+    pub fn take_ticket_keys(&self, keys: &[u8]) {
+        if keys.is_empty() {
+            return;
+        }
+        match self.tickets.import(keys) {
+            Ok(n) => tracing::debug!(keys = n, "took over the predecessor's session-ticket keys"),
+            Err(e) => {
+                tracing::warn!(error = %e, "predecessor's session-ticket keys refused; tickets it issued will not resume")
+            }
+        }
+    }
 }
 
 impl Process {
@@ -110,10 +216,10 @@ impl Process {
         }
     }
 
-    /// Takes the control socket and writes the pid file: this process is now the one serving.
+    /// Takes the control socket and writes the pid file: this process is now the one serving
+    /// (a worker's supervisor has them).
     pub fn go_live(&mut self) -> Result<(), LifecycleError> {
-        // A worker's supervisor owns the control socket and the pid file.
-        if self.opts.worker.is_some() {
+        if !self.role().owns_control() {
             return Ok(());
         }
         if !self.admin_started {
@@ -272,31 +378,9 @@ pub async fn run_prebound(
     let mut p = Process::new(cfg, opts, control_tx);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), generation = p.opts.generation,
         config = %p.opts.config_path.display(), "starting");
-    for u in p.upstreams.values() {
-        u.set_metrics(p.metrics.upstream(u.name()));
-        u.spawn_health_checks(p.shutdown.child_token());
-    }
-    upstream::resolve::start(&p.upstreams, p.shutdown.child_token()).await;
-    // Multi-process mode: the inherited channel is the supervisor's; take over through the one
-    // it sends.
-    let setup = super::worker::setup(&p, inherited).await?;
-    let mut worker_link = setup.link;
-    let mut takeover = match setup.channel {
-        Some(ch) => {
-            let t = super::successor::take_over(&mut p, ch, setup.from_supervisor).await?;
-            p.set_phase(Phase::TakingOver);
-            Some(t.finish(&mut p))
-        }
-        None => {
-            p.bind_listeners(prebound)?;
-            p.go_live()?;
-            p.set_phase(Phase::Ready);
-            None
-        }
-    };
-    let result = p
-        .serve(&mut triggers, &mut takeover, &mut worker_link)
-        .await;
+    p.start_upstreams().await;
+    let mut takeover = p.get_listeners(inherited, prebound).await?;
+    let result = p.serve(&mut triggers, &mut takeover).await;
     p.exit().await;
     result
 }
@@ -309,14 +393,15 @@ impl Process {
     ) -> Process {
         let (registry, parked_rx) = Registry::new();
         let shutdown = CancellationToken::new();
-        let turn = super::worker::accept_turn(&cfg, &opts, &registry, &shutdown);
+        let turn = super::worker::accept_turn(&cfg, opts.role, &registry, &shutdown);
         Process {
             registry,
             parked_rx,
             metrics: Arc::new(Metrics::new(&cfg, opts.generation)),
             upstreams: upstream::build(&cfg),
             listeners: Listeners::taking_turns(turn),
-            tickets: Arc::default(),
+            tickets: Arc::new(opts.role.ticketer()),
+            link: None,
             shutdown,
             phase: Phase::Starting,
             started: Instant::now(),
@@ -329,6 +414,40 @@ impl Process {
             admin_started: false,
             opts,
             cfg,
+        }
+    }
+
+    /// Health checks and name resolution of every upstream.
+    async fn start_upstreams(&self) {
+        for u in self.upstreams.values() {
+            u.set_metrics(self.metrics.upstream(u.name()));
+            u.spawn_health_checks(self.shutdown.child_token());
+        }
+        upstream::resolve::start(&self.upstreams, self.shutdown.child_token()).await;
+    }
+
+    /// Gets the listeners: through a take-over (a successor; a worker, from its supervisor,
+    /// over the channel it sends), or bound here (then this process serves at once). Returns
+    /// the take-over's progress, for the main loop.
+    async fn get_listeners(
+        &mut self,
+        inherited: Option<Result<crate::handover::Channel, crate::handover::HandoverError>>,
+        prebound: BTreeMap<String, std::net::TcpListener>,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<TakeOverEvent>>, LifecycleError> {
+        let setup = super::worker::setup(self, inherited).await?;
+        self.link = setup.link;
+        match setup.channel {
+            Some(ch) => {
+                let t = super::successor::take_over(self, ch, setup.from_supervisor).await?;
+                self.set_phase(Phase::TakingOver);
+                Ok(Some(t.finish(self)))
+            }
+            None => {
+                self.bind_listeners(prebound)?;
+                self.go_live()?;
+                self.set_phase(Phase::Ready);
+                Ok(None)
+            }
         }
     }
 
@@ -355,143 +474,10 @@ impl Process {
         Ok(())
     }
 
-    /// The main loop: triggers, connections parked for an abandoned upgrade, the take-over
-    /// from a predecessor, and (a worker) the supervisor's requests. Returns when this process
-    /// is done: stopped, or replaced.
-    async fn serve(
-        &mut self,
-        triggers: &mut Triggers,
-        takeover: &mut Option<tokio::sync::mpsc::Receiver<TakeOverEvent>>,
-        worker_link: &mut Option<super::worker::WorkerLink>,
-    ) -> Result<(), LifecycleError> {
-        // An upgrade asked for while this successor still takes over waits until it is done.
-        let mut deferred: Option<Trigger> = None;
-        loop {
-            let trigger = tokio::select! {
-                t = async { deferred.take().expect("checked by the guard") }, if deferred.is_some() && self.phase == Phase::Ready => t,
-                t = triggers.next() => t,
-                Some(parked) = self.parked_rx.recv() => {
-                    // A connection parked for an upgrade that was abandoned: serve it here again.
-                    self.resume_parked(parked).await;
-                    continue;
-                }
-                ev = async { match takeover.as_mut() { Some(t) => t.recv().await, None => std::future::pending().await } } => {
-                    match ev {
-                        Some(TakeOverEvent::Committed(live)) => {
-                            self.listeners.resume();
-                            super::worker::live(worker_link);
-                            if let Err(e) = self.go_live() {
-                                tracing::error!(error = %e, "cannot take the control socket or pid file");
-                            }
-                            crate::admin::notify::took_over(); // systemd: MAINPID=, READY=1
-                            let _ = live.send(());
-                        }
-                        Some(TakeOverEvent::Done(done)) => {
-                            *takeover = None;
-                            super::successor::taken_over(self, done);
-                        }
-                        Some(TakeOverEvent::Failed(why)) => {
-                            tracing::error!(reason = %why, "take-over failed; exiting");
-                            self.listeners.close().await;
-                            return Err(LifecycleError::TakeOver(why));
-                        }
-                        None => *takeover = None,
-                    }
-                    continue;
-                }
-                ev = super::worker::next(worker_link) => {
-                    match ev {
-                        super::worker::WorkerEvent::HandOverTo(ch) => {
-                            if super::worker::hand_over(self, triggers, ch).await {
-                                return Ok(());
-                            }
-                        }
-                        super::worker::WorkerEvent::SupervisorGone => {
-                            tracing::warn!("supervisor gone; stopping gracefully");
-                            self.drain_and_stop(false).await;
-                            return Ok(());
-                        }
-                    }
-                    continue;
-                }
-            };
-            match trigger {
-                Trigger::Status(reply) => {
-                    let _ = reply.send(Reply::ok("status", self.status()));
-                }
-                Trigger::Stop { why, fast, reply } => {
-                    tracing::info!(trigger = why, fast, "stopping gracefully");
-                    crate::admin::notify::stopping(); // systemd
-                    let (finished, closed) = self.drain_and_stop(fast).await;
-                    if let Some(r) = reply {
-                        let _ = r.send(Reply::ok(
-                            format!("stopped pid {}: {finished} connections finished, {closed} closed at the deadline", std::process::id()),
-                            json!({ "finished": finished, "closed": closed }),
-                        ));
-                    }
-                    return Ok(());
-                }
-                Trigger::Upgrade {
-                    why,
-                    reload,
-                    binary,
-                    wait,
-                    reply,
-                } => {
-                    if self.phase == Phase::TakingOver
-                        && deferred.is_none()
-                        && self.opts.worker.is_none()
-                    {
-                        tracing::info!(
-                            trigger = why,
-                            "upgrade queued until the predecessor is gone"
-                        );
-                        deferred = Some(Trigger::Upgrade {
-                            why,
-                            reload,
-                            binary,
-                            wait,
-                            reply,
-                        });
-                        continue;
-                    }
-                    if let Err(msg) = self.may_upgrade() {
-                        tracing::warn!(trigger = why, "{msg}");
-                        if let Some(r) = reply {
-                            let _ = r.send(Reply::err(msg));
-                        }
-                        continue;
-                    }
-                    tracing::info!(trigger = why, reload, "upgrade requested");
-                    let asker = super::upgrade::Asker::new(reply, wait);
-                    match super::upgrade::upgrade(self, triggers, reload, binary, asker).await {
-                        super::upgrade::Ended::Replaced(_) => return Ok(()),
-                        super::upgrade::Ended::Failed(msg) => {
-                            tracing::error!(trigger = why, "{msg}")
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Whether an upgrade may start now; the refusal says why.
-    fn may_upgrade(&self) -> Result<(), String> {
-        if self.opts.worker.is_some() {
-            return Err("upgrade refused: this is a worker; upgrade its supervisor".into());
-        }
-        if self.phase != Phase::Ready {
-            return Err(format!(
-                "upgrade refused: process is {:?}, not ready",
-                self.phase
-            ));
-        }
-        Ok(())
-    }
-
     /// The end of the process: stops health checks and the control socket (letting pending
     /// replies be written), removes the pid file and the control socket if still ours.
     async fn exit(&mut self) {
+        super::worker::last_report(&self.link).await;
         self.shutdown.cancel();
         self.control_tasks.close();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.control_tasks.wait())

@@ -60,24 +60,16 @@ pub(super) async fn take_over(
     from_supervisor: super::worker::FromSupervisor,
 ) -> Result<TakeOver, LifecycleError> {
     let ch = ch.map_err(|e| refused("handover channel", e))?;
-    let deadline = Deadline::new(p.cfg.runtime.upgrade_timeout, "upgrade_timeout");
+    let deadline = Deadline::new(p.cfg().runtime.upgrade_timeout, "upgrade_timeout");
     let mut s = Successor::hello(ch, deadline)
         .await
         .map_err(|e| refused("predecessor", e))?;
-    if let Err(reason) = super::upgrade::check_config(&p.cfg) {
+    if let Err(reason) = super::upgrade::check_config(p.cfg()) {
         s.refuse(&reason).await;
         return Err(LifecycleError::TakeOver(reason));
     }
     let received = s.listeners().await.map_err(|e| refused("predecessor", e))?;
-    let keys = s.take_ticket_keys();
-    if !keys.is_empty() {
-        match p.tickets.import(&keys) {
-            Ok(n) => tracing::debug!(keys = n, "took over the predecessor's session-ticket keys"),
-            Err(e) => {
-                tracing::warn!(error = %e, "predecessor's session-ticket keys refused; tickets it issued will not resume")
-            }
-        }
-    }
+    p.take_ticket_keys(&s.take_ticket_keys());
     let mut inherited: BTreeMap<String, (std::net::SocketAddr, std::os::fd::OwnedFd)> = received
         .into_iter()
         .map(|(e, fd)| (e.name, (e.addr, fd)))
@@ -90,7 +82,7 @@ pub(super) async fn take_over(
         .collect();
     let mut adopted = Vec::new();
     let mut result = Ok(());
-    for l in p.cfg.listeners.clone().values() {
+    for l in p.cfg().listeners.clone().values() {
         // Same name and same address (or a config asking for any port on the same IP): adopt.
         let same = inherited.get(&l.name).is_some_and(|(addr, _)| {
             *addr == l.listen || (l.listen.port() == 0 && addr.ip() == l.listen.ip())
@@ -127,7 +119,7 @@ pub(super) async fn take_over(
     // The predecessor drains for up to drain_timeout before its Done; its steps around that
     // have upgrade_timeout each.
     let done_within = Deadline::new(
-        p.cfg.runtime.drain_timeout + p.cfg.runtime.upgrade_timeout * 2,
+        p.cfg().runtime.drain_timeout + p.cfg().runtime.upgrade_timeout * 2,
         "drain_timeout",
     );
     Ok(TakeOver {
@@ -141,7 +133,7 @@ pub(super) async fn take_over(
 impl TakeOver {
     /// Reports ready and receives connections in the background, reporting progress.
     pub(super) fn finish(self, p: &mut Process) -> mpsc::Receiver<TakeOverEvent> {
-        let ctxs: BTreeMap<String, Arc<ListenerCtx>> = p.listeners.contexts();
+        let ctxs: BTreeMap<String, Arc<ListenerCtx>> = p.listeners().contexts();
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(async move {
             let ev = match receive(self, ctxs, &tx).await {
@@ -278,9 +270,10 @@ async fn lost(
 /// Records the end of the take-over.
 pub(super) fn taken_over(p: &mut Process, done: TakeOverDone) {
     match done {
-        // A worker's first predecessor is its supervisor, which has no history to pass on
-        // (an old worker's ends with the record of this very upgrade): no upgrade happened.
-        Ok((pred, _, _, history)) if p.opts.worker.is_some() && history.is_empty() => {
+        // A worker introduced by its supervisor: no upgrade happened.
+        Ok((pred, _, _, history))
+            if p.role().first_start_without_history() && history.is_empty() =>
+        {
             tracing::info!(
                 supervisor = pred,
                 "worker serving the supervisor's listeners"
@@ -288,7 +281,9 @@ pub(super) fn taken_over(p: &mut Process, done: TakeOverDone) {
         }
         Ok((pred, counters, total, history)) => {
             // The predecessor counted this upgrade in `upgrades_ok` before its snapshot.
-            p.metrics.absorb(&counters);
+            if p.role().carries_counters() {
+                p.metrics().absorb(&counters);
+            }
             tracing::info!(predecessor = pred, connections = total, "upgrade complete");
             // The predecessor's history ends with this upgrade's own record.
             let carried: Vec<UpgradeRecord> = history
@@ -296,12 +291,12 @@ pub(super) fn taken_over(p: &mut Process, done: TakeOverDone) {
                 .filter_map(|v| serde_json::from_value(v).ok())
                 .collect();
             if carried.is_empty() {
-                p.history.record(
+                p.record_upgrade(
                     true,
                     format!("took over from pid {pred}: {total} connections received"),
                 );
             } else {
-                p.history.carry(carried);
+                p.carry_history(carried);
             }
         }
         Err(e) => tracing::warn!(reason = %e, "take-over ended early"),

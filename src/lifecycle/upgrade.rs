@@ -207,8 +207,8 @@ async fn guarded<F: Future>(
 async fn prepare(p: &Process, s: &mut Predecessor) -> Result<Vec<String>, SessionError> {
     s.hello().await?;
     // The successor decrypts the session tickets this process issued (docs/tls.md).
-    s.set_ticket_keys(p.tickets.export());
-    s.offer_listeners(&p.listeners.offers()).await?;
+    s.set_ticket_keys(p.ticket_keys());
+    s.offer_listeners(&p.listeners().offers()).await?;
     s.await_ready().await
 }
 
@@ -227,11 +227,11 @@ async fn collect_prompt(
     let deadline = tokio::time::Instant::now() + limit;
     while got.len() < expected {
         tokio::select! {
-            Some(c) = p.parked_rx.recv() => got.push(c),
+            Some(c) = p.next_parked() => got.push(c),
             _ = tokio::time::sleep(Duration::from_millis(5)) => {
                 // Quiet: those not here yet may have closed instead of parking.
                 let waiting = p
-                    .registry
+                    .registry()
                     .count(|c| asked.contains(&c.id) && c.parks_promptly())
                     > 0;
                 if !waiting {
@@ -245,7 +245,7 @@ async fn collect_prompt(
         }
     }
     // Take what is already queued, then stop.
-    while let Ok(c) = p.parked_rx.try_recv() {
+    while let Some(c) = p.try_next_parked() {
         got.push(c);
     }
     got
@@ -276,7 +276,7 @@ fn count_tls(conns: &[Parked]) -> usize {
 
 /// The step deadline of a handover, from the config.
 fn deadline(p: &Process) -> Deadline {
-    Deadline::new(p.cfg.runtime.upgrade_timeout, "upgrade_timeout")
+    Deadline::new(p.cfg().runtime.upgrade_timeout, "upgrade_timeout")
 }
 
 /// Checks a configuration a successor would load: it must load, and name a listener.
@@ -302,27 +302,27 @@ pub(super) async fn upgrade(
     let ended = async {
         let started = Instant::now();
         if reload {
-            let cfg = Config::load(&p.opts.config_path)
+            let cfg = Config::load(&p.opts().config_path)
                 .map_err(|e| format!("config refused, nothing changed:\n{e}"))?;
             check_config(&cfg).map_err(|e| format!("config refused, nothing changed: {e}"))?;
         }
         let binary = binary
-            .or_else(|| p.cfg.runtime.binary.clone())
-            .unwrap_or_else(|| p.opts.binary.clone());
+            .or_else(|| p.cfg().runtime.binary.clone())
+            .unwrap_or_else(|| p.opts().binary.clone());
         let status = p.status();
         p.set_phase(Phase::HandingOver);
         let args: Vec<std::ffi::OsString> = vec![
             "run".into(),
             "-c".into(),
-            p.opts.config_path.clone().into_os_string(),
+            p.opts().config_path.clone().into_os_string(),
             "--generation".into(),
-            (p.opts.generation + 1).to_string().into(),
+            (p.opts().generation + 1).to_string().into(),
         ];
         let spawned = match handover::spawn_successor(&binary, &args) {
             Ok(s) => s,
             Err(e) => {
                 p.set_phase(Phase::Ready);
-                Metrics::inc(&p.metrics.upgrades_failed);
+                Metrics::inc(&p.metrics().upgrades_failed);
                 return Err(format!("cannot start {}: {e}", binary.display()));
             }
         };
@@ -367,7 +367,7 @@ async fn hand_over(
     // Known for a remote successor (a worker's replacement) from its Hello.
     let new_pid = s.peer_pid();
     tracing::info!(successor = new_pid, adopted = ?adopted, "successor ready; handing over connections");
-    p.listeners.pause().await;
+    p.pause_accepting().await;
     let paused = Instant::now();
 
     // Phase 2: park and send every connection that can move now; the successor holds them.
@@ -375,17 +375,18 @@ async fn hand_over(
     // Counted as they are asked, under the registry's lock: one that parks at once leaves the
     // registry before any later count could see it.
     let prompt_asked = std::cell::Cell::new(0usize);
-    let asked = p.registry.park_where(|c| {
+    let registry = p.registry().clone();
+    let asked = registry.park_where(|c| {
         let ask = adopted.contains(&*c.listener);
         if ask && c.parks_promptly() {
             prompt_asked.set(prompt_asked.get() + 1);
         }
         ask
     });
-    let window = p.cfg.runtime.upgrade_timeout.min(PARK_WINDOW);
+    let window = p.cfg().runtime.upgrade_timeout.min(PARK_WINDOW);
     let mut prompt = collect_prompt(p, &asked, prompt_asked.get(), window).await;
     // Idle pooled upstream connections move too: the successor starts with a warm pool.
-    prompt.extend(p.listeners.take_pooled(&adopted));
+    prompt.extend(p.listeners().take_pooled(&adopted));
     let (mut tunnels, mut idle_http, mut busy_http) = (0, 0, BusyHttp::default());
     count_kinds(&prompt, &mut tunnels, &mut idle_http, &mut busy_http);
     let mut tls = count_tls(&prompt);
@@ -401,7 +402,7 @@ async fn hand_over(
     // Committed: the successor serves them now; our copies close here.
     drop(prompt);
     let accept_paused_ms = paused.elapsed().as_millis() as u64;
-    let still_finishing = p.registry.len();
+    let still_finishing = registry.len();
     tracing::info!(
         successor = new_pid,
         tunnels,
@@ -416,7 +417,7 @@ async fn hand_over(
     let mut report = UpgradeReport {
         old_pid: crate::isolation::report::outer_pid(),
         new_pid,
-        listeners: p.listeners.len(),
+        listeners: p.listeners().len(),
         tunnels,
         idle_http,
         busy_http,
@@ -428,16 +429,16 @@ async fn hand_over(
         millis: started.elapsed().as_millis() as u64,
         drained: false,
         // The successor read the same file: what changed goes in the summary.
-        changes: Config::load(&p.opts.config_path)
+        changes: Config::load(&p.opts().config_path)
             .ok()
-            .map(|new| crate::config::diff(&p.cfg, &new).to_string()),
+            .map(|new| crate::config::diff(p.cfg(), &new).to_string()),
     };
     asker.committed(&report);
 
     // Phase 3: finish in-flight requests, handing each connection over once idle.
     p.set_phase(Phase::Draining);
-    let drain_deadline = tokio::time::Instant::now() + p.cfg.runtime.drain_timeout;
-    let before = p.registry.len();
+    let drain_deadline = tokio::time::Instant::now() + p.cfg().runtime.drain_timeout;
+    let before = registry.len();
     let mut late_handed = 0usize;
     let mut closed_at_deadline = 0usize;
     // A connection registered just before accepting paused may have missed the first request.
@@ -446,23 +447,23 @@ async fn hand_over(
         let mut batch = Vec::new();
         let mut last = false;
         tokio::select! {
-            Some(c) = p.parked_rx.recv() => batch.push(c),
+            Some(c) = p.next_parked() => batch.push(c),
             _ = repark.tick() => {
-                p.registry.park_where(|c| adopted.contains(&*c.listener));
+                registry.park_where(|c| adopted.contains(&*c.listener));
             }
             // A parked connection is queued before it leaves the registry, so once the registry
             // is empty everything still to send is in the queue.
-            _ = p.registry.wait_empty() => last = true,
+            _ = registry.wait_empty() => last = true,
             _ = tokio::time::sleep_until(drain_deadline) => {
-                closed_at_deadline = p.registry.len();
+                closed_at_deadline = registry.len();
                 tracing::warn!(connections = closed_at_deadline, "drain deadline reached; closing the rest");
-                p.registry.kill_all();
-                let _ = timeout(Duration::from_secs(1), p.registry.wait_empty()).await;
+                registry.kill_all();
+                let _ = timeout(Duration::from_secs(1), registry.wait_empty()).await;
                 last = true;
             }
             why = s.exited() => return take_over_again(p, s, new_pid, why).await,
         }
-        while let Ok(more) = p.parked_rx.try_recv() {
+        while let Some(more) = p.try_next_parked() {
             batch.push(more);
         }
         match s.send_batch(&batch).await {
@@ -485,8 +486,8 @@ async fn hand_over(
         }
     }
     let finished_in_old = before.saturating_sub(late_handed + closed_at_deadline);
-    Metrics::inc(&p.metrics.upgrades_ok);
-    p.metrics.record_handover(
+    Metrics::inc(&p.metrics().upgrades_ok);
+    p.metrics().record_handover(
         (tunnels + idle_http + busy_http.total()) as u64,
         finished_in_old as u64,
         closed_at_deadline as u64,
@@ -499,13 +500,13 @@ async fn hand_over(
     report.closed_at_deadline = closed_at_deadline;
     report.millis = started.elapsed().as_millis() as u64;
     report.drained = true;
-    p.history.record(true, report.summary());
-    let counters = p.metrics.snapshot();
-    let history = p.history.to_values();
+    p.record_upgrade(true, report.summary());
+    let counters = p.metrics().snapshot();
+    let history = p.history_values();
     if let Err(e) = s.done(counters, history).await {
         tracing::warn!(error = %e, "cannot send done to the successor");
     }
-    p.listeners.close().await;
+    p.close_listeners().await;
     tracing::info!(summary = %report.summary(), "upgrade complete; exiting");
     Ended::Replaced(report)
 }
@@ -516,19 +517,19 @@ async fn rollback(p: &mut Process, s: Predecessor, held: Vec<Parked>, why: Sessi
     let why = why.to_string();
     tracing::error!(reason = %why, "upgrade failed; rolling back");
     s.abort(&why).await;
-    p.listeners.resume();
+    p.resume_accepting();
     let n = held.len();
     for c in held {
         p.resume_parked(c).await;
     }
-    Metrics::inc(&p.metrics.upgrades_failed);
+    Metrics::inc(&p.metrics().upgrades_failed);
     p.set_phase(Phase::Ready);
     tracing::info!(resumed = n, "rollback complete; serving everything here");
     let msg = format!(
         "upgrade failed, old process {} still serving: {why}",
         crate::isolation::report::outer_pid()
     );
-    p.history.record(false, &msg);
+    p.record_upgrade(false, &msg);
     Ended::Failed(msg)
 }
 
@@ -540,16 +541,16 @@ async fn take_over_again(p: &mut Process, s: Predecessor, new_pid: u32, why: Str
     tracing::error!(successor = new_pid, reason = %why,
         "SUCCESSOR DIED AFTER THE COMMIT: this process takes over again");
     s.kill().await;
-    p.listeners.resume();
+    p.resume_accepting();
     if let Err(e) = p.take_back_control() {
         tracing::error!(error = %e, "cannot take the control socket or pid file back");
     }
-    Metrics::inc(&p.metrics.upgrades_failed);
+    Metrics::inc(&p.metrics().upgrades_failed);
     p.set_phase(Phase::Ready);
     let msg = format!(
         "upgrade failed after the commit: successor pid {new_pid} died ({why}); old process {} took over again and serves",
         crate::isolation::report::outer_pid()
     );
-    p.history.record(false, &msg);
+    p.record_upgrade(false, &msg);
     Ended::Failed(msg)
 }

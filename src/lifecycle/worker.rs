@@ -32,7 +32,15 @@ pub enum WorkerEvent {
 /// The worker's link to its supervisor, held by the main loop.
 pub struct WorkerLink {
     events: mpsc::Receiver<WorkerEvent>,
-    live: mpsc::UnboundedSender<()>,
+    reports: mpsc::UnboundedSender<Report>,
+}
+
+/// What the main loop asks the reporting task to tell the supervisor.
+enum Report {
+    /// The worker accepts now.
+    Live,
+    /// The worker is about to exit: its final counters, then the answer on the sender.
+    Last(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Splits a channel into two on the same socket (one fd each, by `dup`), so one task can
@@ -102,7 +110,7 @@ pub(super) async fn setup(
     p: &Process,
     inherited: Option<Result<Channel, HandoverError>>,
 ) -> Result<Setup, LifecycleError> {
-    let Some(index) = p.opts.worker else {
+    let Some(index) = p.role().worker_index() else {
         return Ok(Setup {
             channel: inherited,
             link: None,
@@ -112,7 +120,7 @@ pub(super) async fn setup(
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         LifecycleError::TakeOver(format!("worker {index}: {what}: {e}"))
     };
-    apply_rlimits(&p.cfg.runtime.worker_limits);
+    apply_rlimits(&p.cfg().runtime.worker_limits);
     let sup = match inherited {
         Some(Ok(ch)) => ch,
         Some(Err(e)) => return Err(fail("supervisor channel", &e)),
@@ -128,12 +136,12 @@ pub(super) async fn setup(
         .await
         .map_err(|e| fail("first message from the supervisor", &e))?;
     let (events_tx, events) = mpsc::channel(2);
-    let (live, live_rx) = mpsc::unbounded_channel();
-    tokio::spawn(report(tx, p.metrics.clone(), live_rx, index));
-    tokio::spawn(listen(rx, events_tx));
+    let (reports, reports_rx) = mpsc::unbounded_channel();
+    tokio::spawn(report(tx, p.metrics().clone(), reports_rx, index));
+    tokio::spawn(listen(rx, events_tx, p.ticketer().clone()));
     Ok(Setup {
         channel: Some(Ok(pred)),
-        link: Some(WorkerLink { events, live }),
+        link: Some(WorkerLink { events, reports }),
         from_supervisor,
     })
 }
@@ -148,20 +156,30 @@ pub(super) struct Setup {
     pub from_supervisor: FromSupervisor,
 }
 
-/// Sends `Ready` once the worker accepts, and a heartbeat every second.
+/// Sends `Ready` once the worker accepts, a heartbeat every second, and a last one with the
+/// final counters when the worker exits: the supervisor keeps the counters of a worker that
+/// is gone, so what it counted after its last regular heartbeat is not lost.
 async fn report(
     mut tx: Channel,
     metrics: Arc<Metrics>,
-    mut live: mpsc::UnboundedReceiver<()>,
+    mut reports: mpsc::UnboundedReceiver<Report>,
     index: usize,
 ) {
     let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
     loop {
         let msg = tokio::select! {
-            Some(()) = live.recv() => {
-                crate::test_hooks::grow_memory(index);
-                Message::Ready { adopted: Vec::new() }
-            }
+            Some(r) = reports.recv() => match r {
+                Report::Live => {
+                    crate::test_hooks::grow_memory(index);
+                    Message::Ready { adopted: Vec::new() }
+                }
+                Report::Last(sent) => {
+                    let last = Message::Heartbeat { counters: metrics.snapshot() };
+                    let _ = tx.send(&last, &[], &[]).await;
+                    let _ = sent.send(());
+                    return;
+                }
+            },
             _ = tick.tick() => Message::Heartbeat { counters: metrics.snapshot() },
         };
         if let Err(e) = tx.send(&msg, &[], &[]).await {
@@ -171,10 +189,23 @@ async fn report(
     }
 }
 
-/// Receives the supervisor's requests.
-async fn listen(mut rx: Channel, events: mpsc::Sender<WorkerEvent>) {
+/// Receives the supervisor's requests: a channel to hand everything over through, or (at a
+/// rotation) the session-ticket keys every worker encrypts with from now on.
+async fn listen(
+    mut rx: Channel,
+    events: mpsc::Sender<WorkerEvent>,
+    tickets: Arc<crate::tls::tickets::Ticketer>,
+) {
     loop {
-        match recv_hand_over_to(&mut rx).await {
+        let got = match rx.recv().await {
+            Ok(r) if matches!(r.msg, Message::Listeners { .. }) => {
+                take_ticket_keys(&tickets, r);
+                continue;
+            }
+            Ok(r) => hand_over_to(r),
+            Err(e) => Err(e),
+        };
+        match got {
             Ok(ch) => {
                 if events.send(WorkerEvent::HandOverTo(ch)).await.is_err() {
                     return;
@@ -192,17 +223,38 @@ async fn listen(mut rx: Channel, events: mpsc::Sender<WorkerEvent>) {
     }
 }
 
+/// Takes the supervisor's session-ticket keys in place of this worker's own.
+fn take_ticket_keys(tickets: &crate::tls::tickets::Ticketer, r: crate::handover::Received) {
+    let keys = match crate::handover::listeners_with_keys_in(r) {
+        Ok((_, keys)) => keys,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring a message from the supervisor");
+            return;
+        }
+    };
+    match tickets.import(&keys) {
+        Ok(n) => tracing::debug!(keys = n, "took the supervisor's session-ticket keys"),
+        Err(e) => {
+            tracing::warn!(error = %e, "the supervisor's session-ticket keys refused; this worker keeps its own")
+        }
+    }
+}
+
 /// A worker of `accept: shared`: its side of the supervisor's accept board, with a task
 /// that publishes its load every [`crate::spread::BEAT`] until `shutdown` (see
 /// [`crate::spread`]). `None` elsewhere, or if the board cannot be taken (one warning: the
 /// worker accepts without taking turns).
 pub(super) fn accept_turn(
     cfg: &crate::config::Config,
-    opts: &super::RunOptions,
+    role: super::Role,
     registry: &Arc<crate::registry::Registry>,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Option<Arc<crate::spread::Turn>> {
-    let (Some(index), Some(fd)) = (opts.worker, opts.accept_board) else {
+    let super::Role::Worker {
+        index,
+        accept_board: Some(fd),
+    } = role
+    else {
         return None;
     };
     if cfg.runtime.accept != crate::config::AcceptMode::Shared {
@@ -233,7 +285,17 @@ pub(super) fn accept_turn(
 /// Tells the supervisor this worker accepts now.
 pub(super) fn live(link: &Option<WorkerLink>) {
     if let Some(l) = link {
-        let _ = l.live.send(());
+        let _ = l.reports.send(Report::Live);
+    }
+}
+
+/// Sends the supervisor this worker's final counters, at its exit (bounded: a supervisor
+/// that is gone does not hold the exit up).
+pub(super) async fn last_report(link: &Option<WorkerLink>) {
+    let Some(l) = link else { return };
+    let (sent, done) = tokio::sync::oneshot::channel();
+    if l.reports.send(Report::Last(sent)).is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
     }
 }
 
@@ -247,8 +309,8 @@ pub(super) async fn next(link: &mut Option<WorkerLink>) -> WorkerEvent {
 
 /// Hands everything over to this worker's replacement; true when this process should exit.
 pub(super) async fn hand_over(p: &mut Process, triggers: &mut Triggers, mut ch: Channel) -> bool {
-    if p.phase != Phase::Ready {
-        let reason = format!("worker is {:?}, not ready", p.phase);
+    if p.phase() != Phase::Ready {
+        let reason = format!("worker is {:?}, not ready", p.phase());
         tracing::warn!(%reason, "hand-over refused");
         let _ = crate::handover::send_abort(&mut ch, &reason).await;
         return false;
@@ -263,5 +325,48 @@ pub(super) async fn hand_over(p: &mut Process, triggers: &mut Triggers, mut ch: 
             tracing::error!("hand-over failed, this worker keeps serving: {e}");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::tls::tickets::Ticketer;
+    use rustls::server::ProducesTickets;
+
+    #[tokio::test]
+    async fn a_worker_takes_the_keys_its_supervisor_sends_and_still_hands_over() {
+        let (mut sup, rx) = Channel::pair().unwrap();
+        let ours = Arc::new(Ticketer::follower());
+        let (events_tx, mut events) = mpsc::channel(2);
+        tokio::spawn(listen(rx, events_tx, ours.clone()));
+        let leader = Ticketer::default();
+        let ticket = leader.encrypt(b"state").unwrap();
+        assert_eq!(ours.decrypt(&ticket), None, "a worker's own keys");
+        let none: [(
+            &str,
+            std::net::SocketAddr,
+            crate::config::Protocol,
+            std::os::fd::BorrowedFd<'_>,
+        ); 0] = [];
+        crate::handover::send_listeners_with_keys(&mut sup, &none, &leader.export())
+            .await
+            .unwrap();
+        // The keys are taken before the next message is read.
+        let (end, _keep) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = std::os::fd::OwnedFd::from(end);
+        sup.send(&Message::HandOverTo, &[std::os::fd::AsFd::as_fd(&fd)], &[])
+            .await
+            .unwrap();
+        match events.recv().await {
+            Some(WorkerEvent::HandOverTo(_)) => {}
+            other => panic!("expected hand_over_to, got {other:?}"),
+        }
+        assert_eq!(
+            ours.decrypt(&ticket).unwrap(),
+            b"state",
+            "the supervisor's keys"
+        );
     }
 }

@@ -91,6 +91,45 @@ fn snapshot_survives_json_and_absorb_adds() {
 }
 
 #[test]
+fn counters_add_up_every_series_a_dead_worker_had() {
+    let a = metrics();
+    a.listener("web").accepted();
+    a.listener("web").bytes(5, 7);
+    a.upstream("api").request(200, Duration::from_millis(1));
+    a.upstream("api")
+        .connect_failure("127.0.0.1:9".parse().unwrap());
+    let b = metrics();
+    b.listener("web").accepted();
+    b.listener("only_b").accepted();
+    b.upstream("api").request(503, Duration::from_millis(2));
+    b.record_handover(1, 2, 3);
+    let mut sum = a.snapshot();
+    sum.add(&b.snapshot());
+    assert_eq!(sum.accepted, 3);
+    assert_eq!(sum.listeners["web"].accepted, 2);
+    assert_eq!(
+        (
+            sum.listeners["web"].bytes_in,
+            sum.listeners["web"].bytes_out
+        ),
+        (5, 7)
+    );
+    assert_eq!(sum.listeners["only_b"].accepted, 1);
+    let api = &sum.upstreams["api"];
+    assert_eq!((api.responses[1], api.responses[4]), (1, 1));
+    assert_eq!(api.duration_count, 2);
+    assert_eq!(api.servers["127.0.0.1:9"].connect_failures, 1);
+    assert_eq!(
+        (sum.handed_over, sum.drained, sum.closed_at_deadline),
+        (1, 2, 3)
+    );
+    // Adding nothing changes nothing.
+    let before = sum.clone();
+    sum.add(&Counters::default());
+    assert_eq!(sum, before);
+}
+
+#[test]
 fn old_counters_without_new_fields_decode() {
     let c: Counters = serde_json::from_str(r#"{"accepted":5,"closed":1,"bytes_in":0,"bytes_out":0,"requests":0,"connect_failures":0,"upgrades_ok":1,"upgrades_failed":0}"#).unwrap();
     assert_eq!(c.accepted, 5);

@@ -17,6 +17,7 @@ mod reexec;
 mod resume;
 mod serve;
 mod status;
+mod tickets;
 mod upgrade;
 pub mod worker;
 
@@ -131,6 +132,8 @@ struct Supervisor {
     admin_fd: Option<std::os::fd::OwnedFd>,
     /// `accept: shared`: the board the workers take turns by ([`crate::spread`]).
     board: Option<crate::spread::Board>,
+    /// The session-ticket keys every worker gets ([`tickets`]).
+    tickets: tickets::Keys,
 }
 
 /// Upgrades of the whole service: one per `baton upgrade`/`reload`, whatever the number of
@@ -146,17 +149,6 @@ pub(crate) struct UpgradeCounts {
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SupervisorError {
     let what = what.into();
     move |source| SupervisorError::Io { what, source }
-}
-
-fn add(into: &mut Counters, c: &Counters) {
-    into.accepted += c.accepted;
-    into.closed += c.closed;
-    into.bytes_in += c.bytes_in;
-    into.bytes_out += c.bytes_out;
-    into.requests += c.requests;
-    into.connect_failures += c.connect_failures;
-    into.upgrades_ok += c.upgrades_ok;
-    into.upgrades_failed += c.upgrades_failed;
 }
 
 /// Runs the supervisor until it is stopped.
@@ -215,6 +207,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> Result<(), SupervisorError> {
         published: None,
         admin_fd: None,
         board: accept_board(&cfg_accept, workers),
+        tickets: tickets::Keys::default(),
     };
     for i in 0..s.slots.len() {
         if let Err(e) = s.start_worker(i).await {
@@ -342,8 +335,12 @@ impl Supervisor {
         let limit = self.cfg.runtime.upgrade_timeout;
         let events = self.events_tx.clone();
         let pid = self.slots[index].worker.as_ref().map_or(0, |w| w.pid);
+        let keys = self.tickets.ticketer.export();
+        if let Some(w) = self.slots[index].worker.as_mut() {
+            w.tickets_epoch = self.tickets.epoch;
+        }
         tokio::spawn(async move {
-            if let Err(e) = worker::introduce(ch, listeners, limit).await {
+            if let Err(e) = worker::introduce(ch, listeners, keys, limit).await {
                 let _ = events.send(Event::Failed(pid, e));
             }
         });
@@ -401,6 +398,10 @@ impl Supervisor {
     fn on_exit(&mut self, pid: u32, status: std::process::ExitStatus) {
         if let Some(pos) = self.retiring.iter().position(|w| w.pid == pid) {
             let w = self.retiring.remove(pos);
+            // Its last heartbeat came before its exit: these are its final counters. Its
+            // replacement did not take them (a worker does not carry counters), so they stay
+            // in the totals from here.
+            self.retired.add(&w.counters);
             if let Some(c) = &w.cgroup {
                 c.remove();
             }
@@ -410,6 +411,8 @@ impl Supervisor {
         if let Some(w) = self.incoming.as_mut().filter(|w| w.pid == pid) {
             // The upgrade step watching it sees it gone, and fails at once.
             w.exited = Some(status.to_string());
+            self.retired.add(&w.counters);
+            w.counters = Counters::default();
             if let Some(c) = &w.cgroup {
                 c.remove();
             }
@@ -424,7 +427,7 @@ impl Supervisor {
         }
         let slot = &mut self.slots[index];
         let Some(w) = slot.worker.take() else { return };
-        add(&mut self.retired, &w.counters);
+        self.retired.add(&w.counters);
         let oom = w.cgroup.as_ref().map_or(0, |c| c.oom_kills());
         if let Some(c) = &w.cgroup {
             c.remove();
@@ -509,6 +512,7 @@ impl Supervisor {
                 }
             }
         }
+        self.share_ticket_keys().await;
     }
 
     /// Waits (handling events and ticks) until `done` holds or `limit` passes.

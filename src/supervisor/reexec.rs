@@ -199,8 +199,14 @@ impl Supervisor {
         out
     }
 
-    /// The state for the next image; `channels` are the workers' channels by pid.
-    fn state(&self, control: &ControlServer, channels: &[(u32, Channel)]) -> State {
+    /// The state for the next image; `channels` are the workers' channels by pid, `keys`
+    /// the memfd with the session-ticket keys.
+    fn state(
+        &self,
+        control: &ControlServer,
+        channels: &[(u32, Channel)],
+        keys: Option<&OwnedFd>,
+    ) -> State {
         let fd_of = |pid: u32| {
             channels
                 .iter()
@@ -261,6 +267,8 @@ impl Supervisor {
             upgrades: self.upgrades,
             admin_fd: self.admin_fd.as_ref().map(|f| f.as_raw_fd()),
             board_fd: self.board.as_ref().map(|b| b.raw_fd()),
+            ticket_keys_fd: keys.map(|f| f.as_raw_fd()),
+            ticket_keys_age_ms: self.tickets.ticketer.age().as_millis() as u64,
         }
     }
 
@@ -273,12 +281,17 @@ impl Supervisor {
         control: &ControlServer,
         channels: &[(u32, Channel)],
     ) -> std::io::Error {
-        let state = self.state(control, channels);
+        let keys = match super::tickets::write_for_exec(&self.tickets) {
+            Ok(fd) => fd,
+            Err(e) => return e,
+        };
+        let state = self.state(control, channels, Some(&keys));
         let memfd = match write_state(&state) {
             Ok(fd) => fd,
             Err(e) => return e,
         };
-        let mut kept: Vec<std::os::fd::BorrowedFd<'_>> = vec![memfd.as_fd(), control.fd.as_fd()];
+        let mut kept: Vec<std::os::fd::BorrowedFd<'_>> =
+            vec![memfd.as_fd(), keys.as_fd(), control.fd.as_fd()];
         kept.extend(self.sets.iter().flatten().map(|l| l.fd.as_fd()));
         kept.extend(self.admin_fd.as_ref().map(|f| f.as_fd()));
         kept.extend(channels.iter().map(|(_, c)| c.as_fd()));

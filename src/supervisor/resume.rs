@@ -40,6 +40,12 @@ pub(super) struct State {
     /// The accept board's fd (`accept: shared`).
     #[serde(default)]
     pub board_fd: Option<RawFd>,
+    /// A memfd with the session-ticket keys (absent from an older image: fresh keys then).
+    #[serde(default)]
+    pub ticket_keys_fd: Option<RawFd>,
+    /// How long the current ticket key has been current.
+    #[serde(default)]
+    pub ticket_keys_age_ms: u64,
 }
 
 /// One listening socket.
@@ -238,6 +244,10 @@ pub async fn resume(cfg: Config, opts: RunOptions, state_fd: RawFd) -> Result<()
         published: None,
         admin_fd: None,
         board,
+        tickets: super::tickets::read_after_exec(
+            st.ticket_keys_fd,
+            Duration::from_millis(st.ticket_keys_age_ms),
+        ),
     };
     s.start_control(control_fd).map_err(bad)?;
     s.start_admin(admin_fd)?;
@@ -258,7 +268,7 @@ impl Supervisor {
         let events = self.events_tx.clone();
         for (pid, ch) in channels {
             if let Some(w) = self.find(pid) {
-                w.listening = Some(Listening::start(ch, pid, events.clone()));
+                w.listening = Some(Listening::start(ch, pid, events.clone(), w.silent.clone()));
             }
         }
     }

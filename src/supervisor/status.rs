@@ -1,7 +1,7 @@
 //! The supervisor's status: each worker (index, pid, generation, restarts, last heartbeat, its
 //! counters), the supervisor's own generation (re-execs) and the service's totals, for `baton status` (JSON and text).
 
-use super::{add, Supervisor};
+use super::Supervisor;
 use crate::metrics::Counters;
 use serde_json::json;
 use std::fmt::Write as _;
@@ -35,7 +35,7 @@ impl Supervisor {
         for s in &self.slots {
             let mut v = match &s.worker {
                 Some(w) => {
-                    add(&mut totals, &w.counters);
+                    totals.add(&w.counters);
                     describe(
                         w,
                         if w.live_since.is_some() {
@@ -56,7 +56,7 @@ impl Supervisor {
             workers.push(v);
         }
         for w in &self.retiring {
-            add(&mut totals, &w.counters);
+            totals.add(&w.counters);
         }
         // Each worker counts its own handovers; the service's upgrades are the supervisor's.
         totals.upgrades_ok = self.upgrades.ok;

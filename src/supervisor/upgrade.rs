@@ -163,6 +163,8 @@ impl Supervisor {
     ) -> Result<(u32, u32), String> {
         let mut new = self.spawn_for(i, binary, generation)?;
         let new_pid = new.pid;
+        // Its session-ticket keys come from the old worker, in the handover.
+        new.tickets_epoch = self.slots[i].worker.as_ref().map_or(0, |w| w.tickets_epoch);
         let (a, b) = super::worker::pair()?;
         // With a listener change, the new worker gets the supervisor's new set first.
         let offered = match &self.next_sets {

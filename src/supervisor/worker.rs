@@ -13,6 +13,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// A listening socket the supervisor owns and passes to workers.
 #[derive(Debug)]
@@ -88,6 +89,28 @@ pub struct Worker {
     pub listening: Option<Listening>,
     /// Its CPUs and namespaces as set up at its spawn ([`crate::isolation`]).
     pub placement: crate::isolation::namespaces::Placement,
+    /// Which rotation of the supervisor's session-ticket keys it holds
+    /// ([`super::tickets`]).
+    pub tickets_epoch: u64,
+    /// Cancelled once its channel has ended and every message on it was forwarded: its exit
+    /// is reported after that, so its last heartbeat (its final counters) comes first.
+    pub silent: CancellationToken,
+}
+
+/// How long a worker's exit waits for its channel to end (it ends with the process, unless
+/// something else still holds the worker's end).
+const LAST_WORDS: Duration = Duration::from_secs(1);
+
+/// Reports the exit of worker `pid` (`status`) once its channel went `silent`, so its last
+/// heartbeat is handled before its exit.
+async fn report_exit(
+    pid: u32,
+    status: std::process::ExitStatus,
+    silent: CancellationToken,
+    events: &mpsc::UnboundedSender<Event>,
+) {
+    let _ = tokio::time::timeout(LAST_WORDS, silent.cancelled()).await;
+    let _ = events.send(Event::Exited(pid, status));
 }
 
 /// The task that reads a worker's channel, stoppable between frames so the channel can be
@@ -99,10 +122,22 @@ pub struct Listening {
 }
 
 impl Listening {
-    /// Starts forwarding what worker `pid` says on `rx` to `events`.
-    pub fn start(rx: Channel, pid: u32, events: mpsc::UnboundedSender<Event>) -> Listening {
+    /// Starts forwarding what worker `pid` says on `rx` to `events`; `silent` is cancelled
+    /// once the channel ended (not when the task is stopped).
+    pub fn start(
+        rx: Channel,
+        pid: u32,
+        events: mpsc::UnboundedSender<Event>,
+        silent: CancellationToken,
+    ) -> Listening {
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(listen(rx, pid, events, stopped));
+        let task = tokio::spawn(async move {
+            let kept = listen(rx, pid, events, stopped).await;
+            if kept.is_none() {
+                silent.cancel();
+            }
+            kept
+        });
         Listening { stop, task }
     }
 
@@ -122,6 +157,7 @@ impl Worker {
         rx: Channel,
         tx: Channel,
         events: &mpsc::UnboundedSender<Event>,
+        silent: CancellationToken,
     ) -> Worker {
         let now = Instant::now();
         Worker {
@@ -136,8 +172,10 @@ impl Worker {
             cgroup: None,
             heartbeats: 0,
             exited: None,
-            listening: Some(Listening::start(rx, pid, events.clone())),
+            listening: Some(Listening::start(rx, pid, events.clone(), silent.clone())),
             placement: Default::default(),
+            tickets_epoch: 0,
+            silent,
         }
     }
 
@@ -158,6 +196,15 @@ impl Worker {
         handover::send_listeners(&mut self.tx, &offers)
             .await
             .map_err(|e| format!("worker {}: send listeners: {e}", self.pid))
+    }
+
+    /// Sends the supervisor's session-ticket keys to a serving worker (a `Listeners` message
+    /// with no listener), which takes them in place of its own.
+    pub async fn send_ticket_keys(&mut self, keys: &[u8]) -> Result<(), String> {
+        let none: [(&str, SocketAddr, Protocol, std::os::fd::BorrowedFd<'_>); 0] = [];
+        handover::send_listeners_with_keys(&mut self.tx, &none, keys)
+            .await
+            .map_err(|e| format!("worker {}: send ticket keys: {e}", self.pid))
     }
 
     /// Sends a fresh handover channel (one end of a new socketpair) to the worker.
@@ -209,13 +256,14 @@ pub fn spawn(
     let pid = child.id().unwrap_or(0);
     let (rx, tx) = split_channel(spawned.channel)
         .map_err(|e| format!("worker {index}: split channel: {e}"))?;
-    let ev = events.clone();
+    let (ev, silent) = (events.clone(), CancellationToken::new());
+    let watch = silent.clone();
     tokio::spawn(async move {
         if let Ok(st) = child.wait().await {
-            let _ = ev.send(Event::Exited(pid, st));
+            report_exit(pid, st, watch, &ev).await;
         }
     });
-    let mut w = Worker::new(index, pid, generation, rx, tx, events);
+    let mut w = Worker::new(index, pid, generation, rx, tx, events, silent);
     w.placement = placement;
     Ok(w)
 }
@@ -261,14 +309,17 @@ async fn listen(
     }
 }
 
-/// Plays the predecessor for a fresh worker over `ch`: its listeners, then an empty handover,
-/// through the same [`Predecessor`] session a process uses for its successor.
+/// Plays the predecessor for a fresh worker over `ch`: its listeners with the supervisor's
+/// session-ticket keys, then an empty handover, through the same [`Predecessor`] session a
+/// process uses for its successor.
 pub async fn introduce(
     ch: Channel,
     listeners: Vec<Offered>,
+    ticket_keys: zeroize::Zeroizing<Vec<u8>>,
     limit: Duration,
 ) -> Result<(), String> {
     let mut s = Predecessor::new(ch, Peer::Remote, Deadline::new(limit, "upgrade_timeout"));
+    s.set_ticket_keys(ticket_keys);
     let steps = async {
         s.hello().await?;
         let offers: Vec<_> = listeners
@@ -300,12 +351,13 @@ pub fn adopt(
     let ch = Channel::from_std(std::os::unix::net::UnixStream::from(channel))
         .map_err(|e| format!("worker {index}: channel: {e}"))?;
     let (rx, tx) = split_channel(ch).map_err(|e| format!("worker {index}: split channel: {e}"))?;
-    let ev = events.clone();
+    let (ev, silent) = (events.clone(), CancellationToken::new());
+    let watch = silent.clone();
     tokio::spawn(async move {
         let st = wait_adopted(pid).await;
-        let _ = ev.send(Event::Exited(pid, st));
+        report_exit(pid, st, watch, &ev).await;
     });
-    Ok(Worker::new(index, pid, generation, rx, tx, events))
+    Ok(Worker::new(index, pid, generation, rx, tx, events, silent))
 }
 
 /// Waits for an adopted child to exit and reaps it. Not a tokio `Child` (that one belonged

@@ -74,7 +74,10 @@ struct Keys {
 /// The process's ticket keys, shared by every TLS listener (`ServerConfig::ticketer`).
 pub struct Ticketer {
     keys: Mutex<Keys>,
+    /// How long the current key encrypts before this process makes a new one itself.
     rotate: Duration,
+    /// The lifetime hint sent to clients (the rotation period of whoever makes the keys).
+    lifetime: Duration,
 }
 
 impl std::fmt::Debug for Ticketer {
@@ -98,7 +101,38 @@ impl Ticketer {
                 since: Instant::now(),
             }),
             rotate,
+            lifetime: rotate,
         }
+    }
+
+    /// The keys of a worker in multi-process mode: its supervisor makes them, hands them to
+    /// every worker and sends fresh ones every [`ROTATE`] ([`Self::import`]), so every
+    /// worker encrypts with the same key and decrypts what any other issued. A worker
+    /// rotates on its own only if no keys came for two periods (a supervisor that does not
+    /// send them): then its tickets resume only on itself, but its key still changes.
+    pub fn follower() -> Ticketer {
+        Ticketer {
+            rotate: ROTATE * 2,
+            ..Ticketer::new(ROTATE)
+        }
+    }
+
+    /// Makes a fresh current key if the current one has served its period; true if it did
+    /// (the supervisor then sends the keys to its workers).
+    pub fn rotate_if_due(&self) -> bool {
+        let mut k = self.lock();
+        if k.since.elapsed() < self.rotate {
+            return false;
+        }
+        k.list.insert(0, TicketKey::random());
+        k.list.truncate(KEEP);
+        k.since = Instant::now();
+        true
+    }
+
+    /// How long the current key has been current.
+    pub fn age(&self) -> Duration {
+        self.lock().since.elapsed()
     }
 
     fn lock(&self) -> MutexGuard<'_, Keys> {
@@ -123,6 +157,12 @@ impl Ticketer {
     /// continues with a full period. Returns how many were taken; bytes that are not whole
     /// keys are refused (keys unchanged).
     pub fn import(&self, bytes: &[u8]) -> Result<usize, TicketKeysError> {
+        self.import_aged(bytes, Duration::ZERO)
+    }
+
+    /// [`Self::import`] of keys whose current one has been current for `age` already (the
+    /// supervisor's own keys across its re-exec), so the rotation schedule carries on.
+    pub fn import_aged(&self, bytes: &[u8], age: Duration) -> Result<usize, TicketKeysError> {
         if bytes.is_empty() || !bytes.len().is_multiple_of(KEY_WIRE_LEN) {
             return Err(TicketKeysError(bytes.len()));
         }
@@ -142,19 +182,15 @@ impl Ticketer {
         let n = list.len();
         let mut k = self.lock();
         k.list = list;
-        k.since = Instant::now();
+        let now = Instant::now();
+        k.since = now.checked_sub(age).unwrap_or(now);
         Ok(n)
     }
 
     /// The current key, rotating first if its time is up.
     fn current(&self) -> TicketKey {
-        let mut k = self.lock();
-        if k.since.elapsed() >= self.rotate {
-            k.list.insert(0, TicketKey::random());
-            k.list.truncate(KEEP);
-            k.since = Instant::now();
-        }
-        k.list[0].clone()
+        self.rotate_if_due();
+        self.lock().list[0].clone()
     }
 }
 
@@ -170,7 +206,7 @@ impl ProducesTickets for Ticketer {
 
     fn lifetime(&self) -> u32 {
         // The hint to clients: a ticket is surely accepted this long.
-        self.rotate.as_secs().min(u64::from(u32::MAX)) as u32
+        self.lifetime.as_secs().min(u64::from(u32::MAX)) as u32
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
@@ -254,6 +290,37 @@ mod tests {
         assert_eq!(a.decrypt(&t1), None, "two rotations later the key is gone");
         assert_eq!(a.decrypt(&t2).unwrap(), b"two");
         assert_eq!(a.export().len(), 2 * KEY_WIRE_LEN);
+    }
+
+    #[test]
+    fn a_follower_takes_its_leaders_rotations_and_keeps_the_schedule_across_an_import() {
+        let leader = Ticketer::new(Duration::from_secs(3600));
+        let worker = Ticketer::follower();
+        assert_eq!(worker.lifetime(), ROTATE.as_secs() as u32);
+        assert!(!leader.rotate_if_due(), "not due yet");
+        worker.import(&leader.export()).unwrap();
+        let t1 = worker.encrypt(b"one").unwrap();
+        assert_eq!(leader.decrypt(&t1).unwrap(), b"one", "same keys everywhere");
+        // An image after a re-exec takes the keys with their age: due at once here.
+        let next = Ticketer::new(Duration::from_secs(3600));
+        next.import_aged(&leader.export(), Duration::from_secs(3600))
+            .unwrap();
+        assert!(next.age() >= Duration::from_secs(3600));
+        assert!(next.rotate_if_due(), "the schedule carried on");
+        assert!(!next.rotate_if_due(), "once per period");
+        worker.import(&next.export()).unwrap();
+        let t2 = worker.encrypt(b"two").unwrap();
+        assert_eq!(next.decrypt(&t2).unwrap(), b"two");
+        assert_eq!(
+            worker.decrypt(&t1).unwrap(),
+            b"one",
+            "the previous key still opens"
+        );
+        assert_eq!(
+            leader.decrypt(&t2),
+            None,
+            "a new key the old image never had"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod supervisor;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
