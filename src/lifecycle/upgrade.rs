@@ -172,10 +172,15 @@ impl Asker {
     }
 }
 
-/// Runs `f` while refusing any other upgrade trigger (one upgrade at a time).
+/// Runs `f` while refusing any other upgrade trigger (one upgrade at a time). A stop asked by
+/// a signal (SIGTERM, SIGINT: nobody waits for an answer) is kept in `later`, for the main
+/// loop once the upgrade is over: if the upgrade is rolled back, this process still serves and
+/// then stops (a worker's supervisor, or systemd, must not see its stop lost to a rollback).
+/// `baton stop` is answered at once: retry when the upgrade is over.
 async fn guarded<F: Future>(
     triggers: &mut Triggers,
     status: &serde_json::Value,
+    later: &mut Option<Trigger>,
     f: F,
 ) -> F::Output {
     tokio::pin!(f);
@@ -192,11 +197,16 @@ async fn guarded<F: Future>(
                 Trigger::Status(r) => {
                     let _ = r.send(Reply::ok("status", status.clone()));
                 }
-                Trigger::Stop { why, reply, .. } => {
-                    tracing::warn!(trigger = why, "stop ignored: an upgrade is in progress; stop the new process instead");
-                    if let Some(r) = reply {
-                        let _ = r.send(Reply::err("an upgrade is in progress; retry when it is over"));
+                Trigger::Stop { why, fast, reply: None } => {
+                    tracing::warn!(trigger = why, "stop deferred: an upgrade is in progress; this process stops once it is over, if it still serves");
+                    // A stop replaces an upgrade queued for later; the first stop stays.
+                    if !matches!(later, Some(Trigger::Stop { .. })) {
+                        *later = Some(Trigger::Stop { why, fast, reply: None });
                     }
+                }
+                Trigger::Stop { why, reply: Some(r), .. } => {
+                    tracing::warn!(trigger = why, "stop refused: an upgrade is in progress");
+                    let _ = r.send(Reply::err("an upgrade is in progress; retry when it is over"));
                 }
             }
         }
@@ -298,6 +308,7 @@ pub(super) async fn upgrade(
     reload: bool,
     binary: Option<PathBuf>,
     mut asker: Asker,
+    later: &mut Option<Trigger>,
 ) -> Ended {
     let ended = async {
         let started = Instant::now();
@@ -328,7 +339,7 @@ pub(super) async fn upgrade(
         };
         tracing::info!(successor = spawned.child.id(), binary = %binary.display(), "successor started");
         let session = Predecessor::new(spawned.channel, Peer::Child(spawned.child), deadline(p));
-        Ok(hand_over(p, triggers, session, started, status, &mut asker).await)
+        Ok(hand_over(p, triggers, later, session, started, status, &mut asker).await)
     }
     .await
     .unwrap_or_else(Ended::Failed);
@@ -342,25 +353,36 @@ pub(super) async fn upgrade_to_peer(
     p: &mut Process,
     triggers: &mut Triggers,
     ch: Channel,
+    later: &mut Option<Trigger>,
 ) -> Ended {
     let status = p.status();
     p.set_phase(Phase::HandingOver);
     let session = Predecessor::new(ch, Peer::Remote, deadline(p));
     let mut asker = Asker::new(None, false);
-    hand_over(p, triggers, session, Instant::now(), status, &mut asker).await
+    hand_over(
+        p,
+        triggers,
+        later,
+        session,
+        Instant::now(),
+        status,
+        &mut asker,
+    )
+    .await
 }
 
 /// The upgrade from the handshake on, with the successor started.
 async fn hand_over(
     p: &mut Process,
     triggers: &mut Triggers,
+    later: &mut Option<Trigger>,
     mut s: Predecessor,
     started: Instant,
     status: serde_json::Value,
     asker: &mut Asker,
 ) -> Ended {
     // Phase 1: handshake and listeners, then stop accepting here.
-    let adopted = match guarded(triggers, &status, prepare(p, &mut s)).await {
+    let adopted = match guarded(triggers, &status, later, prepare(p, &mut s)).await {
         Ok(a) => a,
         Err(e) => return rollback(p, s, Vec::new(), e).await,
     };
@@ -391,10 +413,10 @@ async fn hand_over(
     count_kinds(&prompt, &mut tunnels, &mut idle_http, &mut busy_http);
     let mut tls = count_tls(&prompt);
     let upstream_tls = prompt.iter().filter(|c| c.upstream_tls().is_some()).count();
-    if let Err(e) = guarded(triggers, &status, s.send_batch(&prompt)).await {
+    if let Err(e) = guarded(triggers, &status, later, s.send_batch(&prompt)).await {
         return rollback(p, s, prompt, e).await;
     }
-    if let Err(e) = guarded(triggers, &status, s.commit()).await {
+    if let Err(e) = guarded(triggers, &status, later, s.commit()).await {
         // Without the acknowledgement the successor may or may not serve: it is killed
         // with its process group, so only this process does.
         return rollback(p, s, prompt, e).await;

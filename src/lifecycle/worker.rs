@@ -308,7 +308,13 @@ pub(super) async fn next(link: &mut Option<WorkerLink>) -> WorkerEvent {
 }
 
 /// Hands everything over to this worker's replacement; true when this process should exit.
-pub(super) async fn hand_over(p: &mut Process, triggers: &mut Triggers, mut ch: Channel) -> bool {
+/// A stop signal that arrives meanwhile is kept in `later` (see [`super::upgrade`]).
+pub(super) async fn hand_over(
+    p: &mut Process,
+    triggers: &mut Triggers,
+    mut ch: Channel,
+    later: &mut Option<super::triggers::Trigger>,
+) -> bool {
     if p.phase() != Phase::Ready {
         let reason = format!("worker is {:?}, not ready", p.phase());
         tracing::warn!(%reason, "hand-over refused");
@@ -316,7 +322,7 @@ pub(super) async fn hand_over(p: &mut Process, triggers: &mut Triggers, mut ch: 
         return false;
     }
     tracing::info!("handing over to the replacement worker");
-    match super::upgrade::upgrade_to_peer(p, triggers, ch).await {
+    match super::upgrade::upgrade_to_peer(p, triggers, ch, later).await {
         super::upgrade::Ended::Replaced(report) => {
             tracing::info!(summary = %report.summary(), "worker replaced; exiting");
             true

@@ -37,7 +37,8 @@ impl Process {
         triggers: &mut Triggers,
         takeover: &mut Option<tokio::sync::mpsc::Receiver<TakeOverEvent>>,
     ) -> Result<(), LifecycleError> {
-        // An upgrade asked for while this successor still takes over waits until it is done.
+        // Asked for until this process serves (`Ready`): an upgrade while this successor still
+        // takes over, a stop signal during an upgrade that was rolled back.
         let mut deferred: Option<Trigger> = None;
         loop {
             let step = tokio::select! {
@@ -51,7 +52,7 @@ impl Process {
                     Step::Serving
                 }
                 ev = next_take_over(takeover) => self.on_take_over(ev, takeover).await,
-                ev = worker::next(&mut self.link) => self.on_supervisor(ev, triggers).await,
+                ev = worker::next(&mut self.link) => self.on_supervisor(ev, triggers, &mut deferred).await,
             };
             if let Step::Done(result) = step {
                 return result;
@@ -90,10 +91,15 @@ impl Process {
     }
 
     /// A request of the supervisor (a worker only).
-    async fn on_supervisor(&mut self, ev: worker::WorkerEvent, triggers: &mut Triggers) -> Step {
+    async fn on_supervisor(
+        &mut self,
+        ev: worker::WorkerEvent,
+        triggers: &mut Triggers,
+        deferred: &mut Option<Trigger>,
+    ) -> Step {
         match ev {
             worker::WorkerEvent::HandOverTo(ch) => {
-                if worker::hand_over(self, triggers, ch).await {
+                if worker::hand_over(self, triggers, ch, deferred).await {
                     return Step::Done(Ok(()));
                 }
             }
@@ -169,7 +175,7 @@ impl Process {
         }
         tracing::info!(trigger = why, reload, "upgrade requested");
         let asker = upgrade::Asker::new(reply, wait);
-        match upgrade::upgrade(self, triggers, reload, binary, asker).await {
+        match upgrade::upgrade(self, triggers, reload, binary, asker, deferred).await {
             upgrade::Ended::Replaced(_) => return Step::Done(Ok(())),
             upgrade::Ended::Failed(msg) => tracing::error!(trigger = why, "{msg}"),
         }
