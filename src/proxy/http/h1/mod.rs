@@ -15,6 +15,7 @@ mod h2up;
 mod outcome;
 pub mod pool;
 pub mod state;
+mod upstream;
 
 use super::head::{self, ReqOpts, RespOpts};
 use super::route;
@@ -22,13 +23,11 @@ use crate::proxy::client_io::ClientIo;
 use crate::proxy::tcp::close_log;
 use crate::proxy::ListenerCtx;
 use crate::registry::{now_ms, ConnHandle, ConnState, SIG_DRAIN, SIG_KILL, SIG_PARK};
-use crate::upstream::ServerGuard;
 use bytes::{Buf, BytesMut};
 use flow::{poll_flow, Flow, FlowOpts};
 use outcome::{fail, on_deadline, on_flow, park, tunnel};
 use state::{Exchange, Phase, State};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
@@ -36,19 +35,11 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use upstream::connect;
+pub use upstream::Upstream;
 
 /// Longest request line accepted by default (414 above).
 pub const MAX_URI_BYTES: usize = 8192;
-
-/// The upstream side of an exchange.
-pub struct Upstream {
-    /// The socket: plain, or TLS to the server (`upstreams.X.tls`).
-    pub stream: ClientIo,
-    /// Its server.
-    pub addr: SocketAddr,
-    /// Keeps the server counted as active (absent after a resume).
-    pub guard: Option<ServerGuard>,
-}
 
 /// A client connection in the engine.
 pub struct Conn {
@@ -450,109 +441,6 @@ fn exchange_of(req: head::Request, upstream: String, now: u64) -> Exchange {
         fresh_only: false,
         connect: false,
     }
-}
-
-/// Picks a server and gets a connection to it: pooled, or new (connect failures are retried
-/// on other servers, up to `retries`).
-async fn connect(
-    ctx: &ListenerCtx,
-    st: &mut State,
-    client_ip: std::net::IpAddr,
-) -> Result<Upstream, (u16, &'static str)> {
-    let ex = st.ex.as_mut().ok_or((500, "no request"))?;
-    if ex.connect {
-        return connect::open(ctx, ex).await;
-    }
-    let Some(upstream) = ctx.upstreams.get(&ex.upstream) else {
-        return Err((500, "missing upstream"));
-    };
-    let cfg = upstream.config();
-    let tls_key = upstream.tls_key();
-    loop {
-        let Some(guard) = upstream.pick(client_ip, &ex.tried) else {
-            return Err((
-                if ex.tried.is_empty() { 503 } else { 502 },
-                "no server available",
-            ));
-        };
-        let addr = guard.addr();
-        let key = pool::PoolKey {
-            addr,
-            tls: tls_key.clone(),
-        };
-        if !std::mem::take(&mut ex.fresh_only) {
-            if let Some(s) = ctx.h1_pool.checkout(&key) {
-                ex.reused = true;
-                return Ok(Upstream {
-                    stream: s,
-                    addr,
-                    guard: Some(guard),
-                });
-            }
-        }
-        ex.reused = false;
-        let left = ctx.cfg.http.request_timeout.map(|t| {
-            Duration::from_millis((ex.started_ms + t.as_millis() as u64).saturating_sub(now_ms()))
-        });
-        // The TLS handshake, if any, is part of the connect and of its timeout.
-        let limit = left.map_or(cfg.connect_timeout, |l| l.min(cfg.connect_timeout));
-        let attempt = async {
-            let s = TcpStream::connect(addr).await.map_err(Attempt::Connect)?;
-            let _ = s.set_nodelay(true);
-            if !upstream.is_tls() {
-                return Ok(ClientIo::from(s));
-            }
-            upstream
-                .start_tls(s, guard.host())
-                .await
-                .map(ClientIo::upstream_tls)
-                .map_err(Attempt::Tls)
-        };
-        let r = tokio::time::timeout(limit, attempt).await;
-        let reason = match r {
-            Ok(Ok(s)) => {
-                upstream.report(addr, true);
-                return Ok(Upstream {
-                    stream: s,
-                    addr,
-                    guard: Some(guard),
-                });
-            }
-            Ok(Err(Attempt::Connect(e))) if crate::proxy::is_resource_exhaustion(&e) => {
-                // Our own fd shortage is not the server's fault.
-                tracing::warn!(server = %addr, error = %e, "upstream connect failed: out of resources");
-                return Err((503, "out of resources"));
-            }
-            Err(_) if left.is_some_and(|l| l <= limit) => {
-                return Err((504, "request timeout"));
-            }
-            Ok(Err(Attempt::Connect(e))) => {
-                tracing::debug!(server = %addr, error = %e, side = "upstream", "upstream connect failed");
-                "upstream connect failed"
-            }
-            Ok(Err(Attempt::Tls(e))) => {
-                tracing::warn!(upstream = %ex.upstream, server = %addr, error = %e, side = "upstream", "upstream tls handshake failed");
-                "upstream tls handshake failed"
-            }
-            Err(_) => {
-                tracing::debug!(server = %addr, error = "connect timed out", side = "upstream", "upstream connect failed");
-                "upstream connect failed"
-            }
-        };
-        upstream.report(addr, false);
-        ex.tried.push(addr);
-        if ex.tried.len() as u32 > cfg.retries {
-            return Err((502, reason));
-        }
-    }
-}
-
-/// How one attempt to reach a server failed.
-enum Attempt {
-    /// The TCP connect.
-    Connect(std::io::Error),
-    /// The TLS handshake (a certificate refused, a server that is not TLS, ...).
-    Tls(crate::tls::UpstreamTlsError),
 }
 
 /// Waits for client bytes (into `cbuf`), a signal, or `due`.
