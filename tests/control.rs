@@ -54,7 +54,16 @@ async fn status_after_upgrade_shows_the_new_generation() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["generation"], 2);
     assert_eq!(v["pid"], b.serving_pid());
-    assert_eq!(v["counters"]["upgrades_ok"], 1);
+    // `upgrade` returns at the commit; the counters (upgrades_ok among them) come over with the
+    // old process's last message, once it has finished: wait for that, not for a guess.
+    let mut last = serde_json::Value::Null;
+    let carried = wait_until(WAIT, || {
+        let (ok, out) = cli(&b.config, "status", &["--json"]);
+        last = serde_json::from_str(&out).unwrap_or_default();
+        ok && last["counters"]["upgrades_ok"] == 1
+    })
+    .await;
+    assert!(carried, "upgrades_ok never became 1: {last}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
