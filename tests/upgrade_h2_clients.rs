@@ -1,7 +1,9 @@
 //! Common HTTP/2 clients across upgrades: python's httpx (on the `h2` stack), one sequential
-//! client and one multiplexing 10 requests on its connection, through 20 upgrades. The h2
-//! connections cannot move; they get one GOAWAY in the old process, glued to the last response
-//! (the `h2` stack fails on any frame after a GOAWAY except another GOAWAY).
+//! client and one multiplexing 10 requests on its connection, through 20 upgrades, with no
+//! error. The h2 connections cannot move; they get one GOAWAY in the old process, glued to the
+//! last response after two PING round trips (the `h2` stack fails on any frame after a GOAWAY
+//! except another GOAWAY; httpcore fails requests still waiting for its read lock when a
+//! GOAWAY is read).
 //!
 //! Needs `python3` with `httpx[http2]` (.ci/run installs it); without it the test fails and
 //! says so, it never skips.
@@ -60,21 +62,16 @@ async fn httpx_h2_clients_see_no_error_across_twenty_upgrades() {
     for client in ["sequential", "multiplexed"] {
         assert!(v[client]["requests"].as_u64().unwrap() > 0, "{report}");
     }
-    // Sequential: no error at all (on main, one per upgrade: "RECV_PING in state CLOSED").
-    assert_eq!(
-        v["sequential"]["error_count"].as_u64().unwrap(),
-        0,
-        "sequential client saw errors: {report}"
-    );
-    // Multiplexed: no frame after a GOAWAY and no reset, so none of the h2 stack's protocol
-    // errors ("... in state CLOSED") and no "Server disconnected". What may remain is httpcore's
-    // own race (encode/httpcore#1054, open): requests that wait for the connection while
-    // another one reads the GOAWAY fail with ConnectionTerminated instead of being retried.
-    for e in v["multiplexed"]["errors"].as_array().unwrap() {
-        let e = e.as_str().unwrap();
-        assert!(
-            e.starts_with("RemoteProtocolError: <ConnectionTerminated error_code:0"),
-            "multiplexed client saw a protocol error: {report}"
+    // No error for either client: one GOAWAY, glued to the response that ends the last open
+    // stream, after two PING round trips (on main 6022363 the sequential client saw one error
+    // per upgrade, "RECV_PING in state CLOSED"; with a fixed 150 ms hold instead of the PING
+    // rounds, the multiplexed one still saw 11 to 27 per run: httpcore's requests queued on
+    // its read lock behind the request whose response carried the GOAWAY).
+    for client in ["sequential", "multiplexed"] {
+        assert_eq!(
+            v[client]["error_count"].as_u64().unwrap(),
+            0,
+            "{client} client saw errors: {report}"
         );
     }
     let pid = b.serving_pid();

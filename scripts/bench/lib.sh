@@ -200,7 +200,7 @@ runtime:
   upgrade_timeout: 10s
   worker_threads: ${BATON_THREADS:-1}
 log:
-  level: warn
+  level: "${BATON_LOG_LEVEL:-warn}"
   file: $d/baton.log
 listeners:
   l4:

@@ -141,6 +141,12 @@ pub fn init_as(cfg: &Log, generation: u64, worker: Option<usize>) -> Result<(), 
     let mut filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // The acknowledgements of the PINGs baton writes itself before an h2c GOAWAY
+    // (`proxy::http::h2`) can reach hyper's h2 stack, which warns about a PING it never sent
+    // and ignores it: expected, so not worth a warning (its only warning there).
+    if let Ok(d) = "h2::proto::ping_pong=error".parse() {
+        filter = filter.add_directive(d);
+    }
     // A worker in its own PID namespace is pid 1 to itself; log the pid operators see.
     let pid = crate::isolation::report::outer_pid();
     let mut files = Vec::new();

@@ -1,7 +1,10 @@
 """HTTP/2 (h2c, prior knowledge) clients for the upgrade tests: a sequential httpx client and a
 multiplexed one (10 requests at a time on one connection), both reusing their pooled
 connection, until the file named by the second argument exists. Prints one JSON line:
-requests done, the number of errors and the distinct ones (at most ten), per client."""
+requests done, the number of errors and the distinct ones (at most ten), and for each error
+where httpcore's HTTP/2 connection raised it (`where`: the innermost function of
+httpcore/_async/http2.py in the deepest exception of its chain; `detail`: that and the stream
+id, for the first twenty), per client."""
 
 import asyncio
 import json
@@ -9,6 +12,33 @@ import os
 import sys
 
 import httpx
+
+
+def where(e):
+    """The innermost httpcore HTTP/2 function of the deepest exception in e's chain, and the
+    stream id it was working on (None if it had none)."""
+    name, stream, seen = "?", None, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tb, found = e.__traceback__, None
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.endswith(
+                os.path.join("httpcore", "_async", "http2.py")
+            ):
+                found = tb
+            tb = tb.tb_next
+        if found is not None:
+            name = found.tb_frame.f_code.co_name
+            stream = found.tb_frame.f_locals.get("stream_id")
+        e = e.__cause__ or e.__context__
+    return name, stream
+
+
+def failed(out, e):
+    out["errors"].append(f"{type(e).__name__}: {e}")
+    w, stream = where(e)
+    out["where"][w] = out["where"].get(w, 0) + 1
+    out["detail"].append(f"{w} stream={stream}: {e}")
 
 
 async def sequential(url, stop, out):
@@ -20,7 +50,7 @@ async def sequential(url, stop, out):
                     out["errors"].append(f"status {r.status_code}")
                 out["requests"] += 1
             except Exception as e:  # every failure is the test's finding
-                out["errors"].append(f"{type(e).__name__}: {e}")
+                failed(out, e)
             await asyncio.sleep(0.005)
 
 
@@ -30,7 +60,7 @@ async def multiplexed(url, stop, out):
             rs = await asyncio.gather(*(c.get(url) for _ in range(10)), return_exceptions=True)
             for r in rs:
                 if isinstance(r, Exception):
-                    out["errors"].append(f"{type(r).__name__}: {r}")
+                    failed(out, r)
                 elif r.status_code != 200:
                     out["errors"].append(f"status {r.status_code}")
                 else:
@@ -40,13 +70,14 @@ async def multiplexed(url, stop, out):
 
 async def main():
     url, stop = sys.argv[1], sys.argv[2]
-    seq = {"requests": 0, "errors": []}
-    mux = {"requests": 0, "errors": []}
+    seq = {"requests": 0, "errors": [], "where": {}, "detail": []}
+    mux = {"requests": 0, "errors": [], "where": {}, "detail": []}
     print("ready", flush=True)
     await asyncio.gather(sequential(url, stop, seq), multiplexed(url, stop, mux))
     for c in (seq, mux):
         c["error_count"] = len(c["errors"])
         c["errors"] = sorted(set(c["errors"]))[:10]
+        c["detail"] = c["detail"][:20]
     print(json.dumps({"sequential": seq, "multiplexed": mux}), flush=True)
 
 

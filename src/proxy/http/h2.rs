@@ -7,16 +7,19 @@
 //! treats a connection as closed at the first GOAWAY and fails on any later frame but another
 //! GOAWAY ("RECV_PING in state CLOSED"). So baton sends a single GOAWAY itself (NO_ERROR, the
 //! last stream the client opened), and only where nothing can follow it: glued, in the same
-//! write, to the frame that ends the last open stream, held back [`HOLD`] so the client is done
-//! with its other responses. The client reads the last response and the GOAWAY together, so
-//! its next request goes to a new connection. (A GOAWAY sent to an idle
-//! connection would wait in the client's buffer; httpx reads it only once its next requests
-//! are under way, and fails those it had not sent yet.) After the GOAWAY, hyper is stopped,
-//! baton closes its sending side and reads until the client closes, so no reset overtakes the
-//! GOAWAY. To know when a write ends the last stream, [`Frames`] follows the frame headers
-//! going each way. A connection with no request within [`IDLE_GRACE`] gets the GOAWAY alone;
-//! one that is never without an open stream gets hyper's graceful shutdown; the drain
-//! deadline bounds both.
+//! write, to the frame that ends the last open stream. That write is held until the client
+//! has answered [`ROUNDS`] PINGs (at most [`HOLD`]): httpcore (httpx) reads under a lock and
+//! fails every request still waiting for that lock once a GOAWAY has been read, responses in
+//! or not, and each PING makes its blocked reader let go of the lock, so the requests whose
+//! responses are in are done before the GOAWAY arrives. The client reads the last response
+//! and the GOAWAY together, so its next request goes to a new connection. (A GOAWAY sent to an
+//! idle connection would wait in the client's buffer; httpx reads it only once its next
+//! requests are under way, and fails those it had not sent yet.) After the GOAWAY, hyper is
+//! stopped, baton closes its sending side and reads until the client closes, so no reset
+//! overtakes the GOAWAY. To know when a write ends the last stream, [`Frames`] follows the
+//! frame headers going each way. A connection with no request within [`IDLE_GRACE`] gets the
+//! GOAWAY alone; one that is never without an open stream gets hyper's graceful shutdown; the
+//! drain deadline bounds both.
 
 use super::io::PrefixedIo;
 use super::service::Svc;
@@ -38,19 +41,31 @@ use tokio::sync::Notify;
 pub const IDLE_GRACE: Duration = Duration::from_secs(5);
 /// How long the client gets to close after our GOAWAY before the socket is closed anyway.
 const LINGER: Duration = Duration::from_secs(2);
-/// How long the write that ends the last open stream (and carries the GOAWAY) is held back:
-/// time for the client to finish with its other responses, so that the one request still
-/// waiting is the only one to see the GOAWAY (httpx fails requests that are waiting for the
-/// connection, or not yet sent on it, when another one reads a GOAWAY).
-const HOLD: Duration = Duration::from_millis(150);
+/// How long the write that ends the last open stream (and carries the GOAWAY) waits at most
+/// for the client to answer the [`ROUNDS`] PINGs sent before it; a client that does not
+/// answer in time gets the GOAWAY all the same.
+const HOLD: Duration = Duration::from_secs(1);
+/// PING round trips the client completes before the write that ends the last open stream
+/// goes out with the GOAWAY. httpx (httpcore) reads under a lock and, on getting that lock,
+/// fails its request if a GOAWAY has been read meanwhile, even when the request's response
+/// is already in: so no other request may still wait for the lock when the GOAWAY is read.
+/// The lock is held by a reader blocked on the socket, and each PING makes that read return:
+/// after the first round the requests whose responses are in pass the lock; the second PING
+/// is read by the request still waiting (the one whose response carries the GOAWAY), behind
+/// which nothing waits any more.
+const ROUNDS: u8 = 2;
+/// The PING payload of round `n` is this with `n` as its last byte.
+const PING_PAYLOAD: [u8; 8] = *b"baton\0\0\0";
 /// The client connection preface, before its first frame.
 const PREFACE_LEN: usize = 24;
 
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const DATA: u8 = 0x0;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
 
 /// Follows frame boundaries in one direction of the byte stream.
 #[derive(Debug, Default, Clone)]
@@ -185,6 +200,47 @@ struct Conn {
     goaway: Goaway,
     /// While stopping: the hold of the write that ends the last stream (see [`HOLD`]).
     hold: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// While that write is held: the PING rounds (see [`ROUNDS`]).
+    rounds: Rounds,
+}
+
+/// The PING rounds before the GOAWAY, while the write that ends the last stream is held.
+#[derive(Debug, Default)]
+struct Rounds {
+    /// The round whose PING is out (0: none sent yet).
+    round: u8,
+    /// Our PING not yet written whole.
+    out: Vec<u8>,
+    /// Client bytes read while holding: whole frames not ours, for hyper (it reads them after).
+    keep: Vec<u8>,
+    /// Client bytes read while holding, not yet a whole frame.
+    partial: Vec<u8>,
+    /// hyper's read, waiting while we read the socket ourselves.
+    reader: Option<std::task::Waker>,
+}
+
+/// How the PING rounds ended.
+enum RoundsEnd {
+    /// The client answered every round: the GOAWAY can go.
+    Answered,
+    /// The client opened a stream, or closed: no GOAWAY on this write.
+    ClientMoved,
+    /// No answer in time: the GOAWAY goes anyway.
+    NoAnswer,
+    /// No clean frame boundary (or unread bytes) to start at: the GOAWAY goes unless the
+    /// client sent more.
+    NotStarted,
+}
+
+/// A PING frame (`ack`: its acknowledgement) with the payload of round `n`.
+fn ping(n: u8, ack: bool) -> [u8; 17] {
+    let mut f = [0u8; 17];
+    f[2] = 8;
+    f[3] = PING;
+    f[4] = if ack { ACK } else { 0 };
+    f[9..17].copy_from_slice(&PING_PAYLOAD);
+    f[16] = n;
+    f
 }
 
 impl Conn {
@@ -228,7 +284,7 @@ impl Conn {
             (after, ends)
         });
         let Some((after, ends)) = ends_last.filter(|(a, _)| a.quiet()) else {
-            self.hold = None;
+            self.drop_hold();
             let n = std::task::ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
             feed(&mut self.frames, bufs, n);
             return Poll::Ready(Ok(n));
@@ -242,14 +298,24 @@ impl Conn {
             feed(&mut self.frames, bufs, n);
             return Poll::Ready(Ok(n));
         }
-        let hold = self
-            .hold
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(HOLD)));
-        std::task::ready!(hold.as_mut().poll(cx));
-        if self.client_has_sent_more(cx) {
+        if self.hold.is_none() {
+            self.hold = Some(Box::pin(tokio::time::sleep(HOLD)));
+            self.rounds = Rounds::default();
+        }
+        let end = std::task::ready!(self.poll_rounds(cx));
+        if let Some(w) = self.rounds.reader.take() {
+            w.wake();
+        }
+        let moved = match end {
+            RoundsEnd::ClientMoved => true,
+            RoundsEnd::NotStarted => self.client_has_sent_more(cx),
+            // The rounds read the socket and kept no HEADERS: only bytes after them count.
+            RoundsEnd::Answered | RoundsEnd::NoAnswer => self.socket_has_more(cx),
+        };
+        if moved {
             // New requests wait unread: they open streams, so this write does not end the
             // last one after all. The GOAWAY waits for the next quiet moment.
-            self.hold = None;
+            self.drop_hold();
             let n = std::task::ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
             feed(&mut self.frames, bufs, n);
             return Poll::Ready(Ok(n));
@@ -274,6 +340,106 @@ impl Conn {
 }
 
 impl Conn {
+    /// The PING rounds (see [`ROUNDS`]) while the write that ends the last stream is held:
+    /// writes our PINGs, reads the client's bytes itself (hyper's reads wait meanwhile),
+    /// drops the acknowledgements and keeps every other whole frame for hyper.
+    fn poll_rounds(&mut self, cx: &mut Context<'_>) -> Poll<RoundsEnd> {
+        if self.rounds.round == 0 {
+            if !self.frames.inbound.at_boundary()
+                || !self.frames.outbound.at_boundary()
+                || !self.io.prefix.is_empty()
+            {
+                // Our frames go between whole frames only, each way.
+                self.rounds.round = ROUNDS + 1;
+                return Poll::Ready(RoundsEnd::NotStarted);
+            }
+            self.rounds.round = 1;
+            self.rounds.out = ping(1, false).to_vec();
+        }
+        if self.rounds.round > ROUNDS {
+            return Poll::Ready(RoundsEnd::Answered);
+        }
+        loop {
+            while !self.rounds.out.is_empty() {
+                match Pin::new(&mut self.io).poll_write(cx, &self.rounds.out) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        self.rounds.out.drain(..n);
+                    }
+                    Poll::Ready(_) => return Poll::Ready(self.end_rounds(RoundsEnd::ClientMoved)),
+                    Poll::Pending => break,
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let mut buf = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.io.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                    return Poll::Ready(self.end_rounds(RoundsEnd::ClientMoved));
+                }
+                Poll::Ready(Ok(())) => {
+                    self.rounds.partial.extend_from_slice(buf.filled());
+                    if take_frames(&mut self.rounds) {
+                        return Poll::Ready(self.end_rounds(RoundsEnd::ClientMoved));
+                    }
+                    if self.rounds.round > ROUNDS {
+                        return Poll::Ready(self.end_rounds(RoundsEnd::Answered));
+                    }
+                    continue;
+                }
+                Poll::Ready(Err(_)) => {
+                    return Poll::Ready(self.end_rounds(RoundsEnd::ClientMoved));
+                }
+                Poll::Pending => {}
+            }
+            let expired = self
+                .hold
+                .as_mut()
+                .is_some_and(|h| h.as_mut().poll(cx).is_ready());
+            if expired {
+                return Poll::Ready(self.end_rounds(RoundsEnd::NoAnswer));
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// Ends the rounds: what the client sent meanwhile goes to hyper, read first; half a
+    /// frame among it may be a HEADERS, so it counts as the client moving on.
+    fn end_rounds(&mut self, end: RoundsEnd) -> RoundsEnd {
+        let r = &mut self.rounds;
+        let end = if r.partial.is_empty() {
+            end
+        } else {
+            RoundsEnd::ClientMoved
+        };
+        if !r.keep.is_empty() || !r.partial.is_empty() {
+            let mut all = Vec::with_capacity(self.io.prefix.len() + r.keep.len() + r.partial.len());
+            all.extend_from_slice(&self.io.prefix);
+            all.append(&mut r.keep);
+            all.append(&mut r.partial);
+            self.io.prefix = bytes::Bytes::from(all);
+        }
+        r.round = ROUNDS + 1;
+        r.out.clear();
+        end
+    }
+
+    /// Lets go of a held write: rounds under way end (their bytes go to hyper), hyper may read.
+    fn drop_hold(&mut self) {
+        if (1..=ROUNDS).contains(&self.rounds.round) {
+            let _ = self.end_rounds(RoundsEnd::ClientMoved);
+        }
+        if let Some(w) = self.rounds.reader.take() {
+            w.wake();
+        }
+        self.hold = None;
+    }
+
+    /// Whether the client sent bytes nobody has read yet (they may open streams).
+    fn socket_has_more(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut one = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut one);
+        matches!(self.io.inner.poll_peek(cx, &mut buf), Poll::Ready(Ok(n)) if n > 0)
+    }
+
     /// Whether the client sent bytes hyper has not read yet (they may open streams).
     fn client_has_sent_more(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.io.prefix.is_empty() {
@@ -284,6 +450,36 @@ impl Conn {
         // Pending (nothing to read) registers our waker for readability, which is harmless:
         // hyper's own read registration stays in place.
         matches!(self.io.inner.poll_peek(cx, &mut buf), Poll::Ready(Ok(n)) if n > 0)
+    }
+}
+
+/// Takes the whole frames from `r.partial`: the acknowledgement of the current round moves
+/// to the next round (and queues its PING); any other frame is kept for hyper. True once a
+/// HEADERS frame came (a new stream: the client moved on).
+fn take_frames(r: &mut Rounds) -> bool {
+    loop {
+        if r.partial.len() < 9 {
+            return false;
+        }
+        let len = (usize::from(r.partial[0]) << 16)
+            | (usize::from(r.partial[1]) << 8)
+            | usize::from(r.partial[2]);
+        if r.partial.len() < 9 + len {
+            return false;
+        }
+        let frame: Vec<u8> = r.partial.drain(..9 + len).collect();
+        if r.round <= ROUNDS && frame[..] == ping(r.round, true)[..] {
+            r.round += 1;
+            if r.round <= ROUNDS {
+                r.out = ping(r.round, false).to_vec();
+            }
+            continue;
+        }
+        let opens = frame[3] == HEADERS;
+        r.keep.extend_from_slice(&frame);
+        if opens {
+            return true;
+        }
     }
 }
 
@@ -340,6 +536,11 @@ impl AsyncRead for Tap {
     ) -> Poll<io::Result<()>> {
         let mut g = self.0.lock();
         let c = &mut *g;
+        if c.hold.is_some() && (1..=ROUNDS).contains(&c.rounds.round) {
+            // The PING rounds read the socket themselves; hyper reads once they end.
+            c.rounds.reader = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut c.io).poll_read(cx, buf);
         c.frames.read(&buf.filled()[before..]);
@@ -473,6 +674,7 @@ pub(super) async fn serve_h2(ctx: Arc<ListenerCtx>, conn: ConnHandle, io: Prefix
             stopping: false,
             goaway: Goaway::No,
             hold: None,
+            rounds: Rounds::default(),
         }),
         goaway_sent: Notify::new(),
     });
@@ -560,5 +762,42 @@ mod tests {
         let _ = f.written(&[0; 3]);
         assert!(f.quiet());
         assert_eq!(goaway(3)[9..13], [0, 0, 0, 3]);
+    }
+
+    #[test]
+    fn rounds_drop_their_acks_keep_other_frames_and_stop_at_a_new_stream() {
+        let mut r = Rounds {
+            round: 1,
+            ..Rounds::default()
+        };
+        let update = frame(0x8, 0, 0, &[0, 0, 1, 0]);
+        // A WINDOW_UPDATE, then our ACK split across reads: kept, and the next round's PING
+        // queued.
+        r.partial.extend_from_slice(&update);
+        r.partial.extend_from_slice(&ping(1, true)[..5]);
+        assert!(!take_frames(&mut r));
+        assert_eq!((r.round, r.keep.clone()), (1, update.clone()));
+        r.partial.extend_from_slice(&ping(1, true)[5..]);
+        assert!(!take_frames(&mut r));
+        assert_eq!(r.round, 2);
+        assert_eq!(r.out, ping(2, false));
+        assert!(r.partial.is_empty());
+        // An ACK of another round, or a client's own PING, is not ours: kept.
+        r.partial.extend_from_slice(&ping(1, true));
+        r.partial.extend_from_slice(&ping(2, false));
+        assert!(!take_frames(&mut r));
+        assert_eq!(r.round, 2);
+        assert_eq!(r.keep.len(), update.len() + 34);
+        r.partial.extend_from_slice(&ping(2, true));
+        assert!(!take_frames(&mut r));
+        assert_eq!(r.round, ROUNDS + 1);
+        // A HEADERS frame: a new stream, the client moved on.
+        let mut r = Rounds {
+            round: 1,
+            ..Rounds::default()
+        };
+        r.partial.extend_from_slice(&frame(HEADERS, 0x5, 5, &[1]));
+        assert!(take_frames(&mut r));
+        assert_eq!(r.keep.len(), 10);
     }
 }
