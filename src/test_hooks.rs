@@ -8,6 +8,8 @@
 //!   first connection batch, before acknowledging it.
 //! - `BATON_TEST_FAULT=grow_memory:INDEX`: worker INDEX allocates and touches 8 MiB every
 //!   20 ms once it serves, without end.
+//! - `BATON_TEST_FAULT=rotate_ticket_keys:PATH`: a supervisor rotates its session-ticket keys
+//!   (and sends them to its workers) at the first tick that finds PATH, which it removes.
 //! - `BATON_HOSTS_FILE` (read in [`crate::upstream::resolve`]): names resolve from that file only.
 
 /// Whether this binary was built with the test hooks.
@@ -47,6 +49,23 @@ pub fn grow_memory(index: usize) {
 #[cfg(not(feature = "test-hooks"))]
 #[inline(always)]
 pub fn grow_memory(_index: usize) {}
+
+/// With `BATON_TEST_FAULT=rotate_ticket_keys:PATH`: whether PATH exists (it is removed, so
+/// each file asks for one rotation).
+#[cfg(feature = "test-hooks")]
+pub fn rotate_ticket_keys() -> bool {
+    std::env::var("BATON_TEST_FAULT")
+        .ok()
+        .and_then(|v| v.strip_prefix("rotate_ticket_keys:").map(str::to_string))
+        .is_some_and(|path| std::fs::remove_file(path).is_ok())
+}
+
+/// Without the `test-hooks` feature, never.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn rotate_ticket_keys() -> bool {
+    false
+}
 
 /// Says at start that the hooks are compiled in, so such a build is never mistaken for a
 /// production one.

@@ -55,8 +55,8 @@ async fn resume_on_every_worker(
     total
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tls_session_resumes_on_every_worker_after_a_restart_and_across_an_upgrade() {
+/// Two workers (reuseport) serving HTTPS for `a.test` in front of an HTTP backend.
+async fn start(env: &[(&str, &str)]) -> Baton {
     let (app, _) = backend("app").await;
     let dir = tempfile::tempdir().unwrap();
     make_cert(dir.path(), "a", &["DNS:a.test"], 30);
@@ -66,19 +66,32 @@ async fn a_tls_session_resumes_on_every_worker_after_a_restart_and_across_an_upg
     );
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, yaml).unwrap();
-    let b = Baton::start_in(dir, config);
+    Baton::start_with_env(dir, config, env)
+}
+
+/// A full handshake that saves its session in `files.1`.
+async fn full_handshake(port: u16, files: &(PathBuf, PathBuf)) {
+    let (ca, sess) = files.clone();
+    let out =
+        tokio::task::spawn_blocking(move || s_client(port, "-tls1_3", ("-sess_out", &sess), &ca))
+            .await
+            .unwrap();
+    assert!(out.contains("hello from app"), "{out}");
+    assert!(
+        !reused(&out),
+        "a first connection is a full handshake: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_session_resumes_on_every_worker_after_a_restart_and_across_an_upgrade() {
+    let b = start(&[]).await;
     let port = b.addr("web").port();
     let files = (b.dir().join("a.pem"), b.dir().join("session.pem"));
     let s0 = two_serving(&b).await;
 
     // A full handshake on one worker saves the session.
-    let (ca, sess) = files.clone();
-    let first =
-        tokio::task::spawn_blocking(move || s_client(port, "-tls1_3", ("-sess_out", &sess), &ca))
-            .await
-            .unwrap();
-    assert!(first.contains("hello from app"), "{first}");
-    assert!(!reused(&first), "a first connection is a full handshake");
+    full_handshake(port, &files).await;
     let issuer = per_worker(&b, 1).await;
     // It resumes on the other worker too: all connections of the worker that did not
     // issue the ticket are resumptions.
@@ -122,4 +135,35 @@ async fn a_tls_session_resumes_on_every_worker_after_a_restart_and_across_an_upg
     );
     let worker0 = accepted(&s, 0);
     resume_on_every_worker(&b, port, &files, [worker0, 0], worker0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_ticket_keys_reach_every_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("rotate-now");
+    let fault = format!("rotate_ticket_keys:{}", marker.display());
+    let b = start(&[("BATON_TEST_FAULT", &fault)]).await;
+    let port = b.addr("web").port();
+    two_serving(&b).await;
+    let before = (b.dir().join("a.pem"), b.dir().join("before.pem"));
+    full_handshake(port, &before).await;
+    per_worker(&b, 1).await;
+
+    // The supervisor rotates (the test hook asks for it now) and sends the keys to both.
+    std::fs::write(&marker, b"").unwrap();
+    b.log
+        .wait_for(&["session-ticket keys rotated"], WAIT)
+        .expect("the supervisor rotated its keys");
+    assert!(
+        wait_until(WAIT, || b.log.count("session-ticket keys sent") >= 2).await,
+        "the keys went to both workers"
+    );
+    // A session issued now is sealed with the new key by one worker and resumes on both.
+    let after = (b.dir().join("a.pem"), b.dir().join("after.pem"));
+    full_handshake(port, &after).await;
+    let issuer = per_worker(&b, 2).await;
+    let total = resume_on_every_worker(&b, port, &after, issuer, 2).await;
+    // One from before the rotation still resumes (the previous key decrypts).
+    let resumed = resume_on_every_worker(&b, port, &before, per_worker(&b, total).await, total);
+    resumed.await;
 }

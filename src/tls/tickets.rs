@@ -120,14 +120,19 @@ impl Ticketer {
     /// Makes a fresh current key if the current one has served its period; true if it did
     /// (the supervisor then sends the keys to its workers).
     pub fn rotate_if_due(&self) -> bool {
-        let mut k = self.lock();
-        if k.since.elapsed() < self.rotate {
+        if self.age() < self.rotate {
             return false;
         }
+        self.rotate();
+        true
+    }
+
+    /// Makes a fresh current key now; the current one becomes the previous one.
+    pub fn rotate(&self) {
+        let mut k = self.lock();
         k.list.insert(0, TicketKey::random());
         k.list.truncate(KEEP);
         k.since = Instant::now();
-        true
     }
 
     /// How long the current key has been current.
