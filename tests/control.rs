@@ -119,15 +119,21 @@ async fn control_socket_refuses_another_uid() {
 async fn upgrade_history_survives_upgrades() {
     let be = echo_backend("S").await;
     let b = Baton::start(&tcp_config(be));
+    // `--wait`: each old process has finished, so its history (sent with its last message,
+    // after its drain) reached the successor before the next upgrade starts.
     for _ in 0..3 {
-        let (ok, out) = b.cli_upgrade(&[]);
+        let (ok, out) = b.cli_upgrade(&["--wait"]);
         assert!(ok, "{out}");
     }
-    let (ok, out) = cli(&b.config, "status", &["--json"]);
-    assert!(ok, "{out}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut v = serde_json::Value::Null;
+    let all = wait_until(WAIT, || {
+        let (ok, out) = cli(&b.config, "status", &["--json"]);
+        v = serde_json::from_str(&out).unwrap_or_default();
+        ok && v["upgrades"].as_array().is_some_and(|u| u.len() == 3)
+    })
+    .await;
+    assert!(all, "not 3 upgrades in the history: {v}");
     let ups = v["upgrades"].as_array().unwrap();
-    assert_eq!(ups.len(), 3, "{ups:?}");
     assert!(ups
         .iter()
         .all(|u| u["ok"] == true && u["summary"].as_str().unwrap().starts_with("upgrade ok")));
