@@ -7,6 +7,9 @@
 use super::framing::{Chunked, Framing};
 use super::headers::{parse_traceparent, TraceId};
 use super::path;
+pub use super::syntax::valid_authority;
+use super::syntax::{http_accepts_target, parse_length, push_decimal, List};
+use std::borrow::Cow;
 
 /// Most header lines accepted in one head.
 const MAX_HEADERS: usize = 128;
@@ -122,93 +125,61 @@ fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|&b| b == b',').map(trim).filter(|t| !t.is_empty())
 }
 
-/// Whether `name` is hop-by-hop by itself (never forwarded as received).
-fn hop_by_hop(name: &str) -> bool {
-    let n = name.as_bytes();
-    n.eq_ignore_ascii_case(b"connection")
-        || n.eq_ignore_ascii_case(b"keep-alive")
-        || n.eq_ignore_ascii_case(b"te")
-        || n.eq_ignore_ascii_case(b"upgrade")
-        || (n.len() >= 6 && n[..6].eq_ignore_ascii_case(b"proxy-"))
+/// The header names the rewrite treats specially.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Name {
+    Host,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    KeepAlive,
+    Te,
+    Upgrade,
+    /// Any `Proxy-*`.
+    Proxy,
+    Traceparent,
+    XForwardedFor,
+    XForwardedProto,
+    XForwardedHost,
+    Other,
 }
 
-/// Validates a `Host` value or an absolute-form authority: `host[:port]`, no userinfo.
-pub fn valid_authority(v: &[u8]) -> bool {
-    if v.is_empty() || v.contains(&b'@') {
-        return false;
+/// Which name `n` is, in any case. The length decides first, so most names cost one
+/// comparison of lengths (a chain of `eq_ignore_ascii_case` ran per header, in each of the
+/// two passes).
+fn name_kind(n: &[u8]) -> Name {
+    let is = |s: &[u8]| n.eq_ignore_ascii_case(s);
+    match n.len() {
+        2 if is(b"te") => Name::Te,
+        4 if is(b"host") => Name::Host,
+        7 if is(b"upgrade") => Name::Upgrade,
+        10 if is(b"connection") => Name::Connection,
+        10 if is(b"keep-alive") => Name::KeepAlive,
+        11 if is(b"traceparent") => Name::Traceparent,
+        14 if is(b"content-length") => Name::ContentLength,
+        15 if is(b"x-forwarded-for") => Name::XForwardedFor,
+        16 if is(b"x-forwarded-host") => Name::XForwardedHost,
+        17 if is(b"transfer-encoding") => Name::TransferEncoding,
+        17 if is(b"x-forwarded-proto") => Name::XForwardedProto,
+        l if l >= 6 && n[..6].eq_ignore_ascii_case(b"proxy-") => Name::Proxy,
+        _ => Name::Other,
     }
-    let (host, port) = if v[0] == b'[' {
-        let Some(end) = v.iter().position(|&b| b == b']') else {
-            return false;
-        };
-        let inner = &v[1..end];
-        if inner.is_empty()
-            || !inner
-                .iter()
-                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
-        {
-            return false;
-        }
-        match &v[end + 1..] {
-            [] => (&v[..=end], None),
-            [b':', p @ ..] => (&v[..=end], Some(p)),
-            _ => return false,
-        }
-    } else {
-        match v.iter().rposition(|&b| b == b':') {
-            Some(i) => (&v[..i], Some(&v[i + 1..])),
-            None => (v, None),
-        }
-    };
-    if host.is_empty() {
-        return false;
+}
+
+impl Name {
+    /// Hop-by-hop by itself (never forwarded as received).
+    fn hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Name::Connection | Name::KeepAlive | Name::Te | Name::Upgrade | Name::Proxy
+        )
     }
-    // A `%` in a reg-name starts an escape: two hex digits must follow.
-    let bad_escape = host.iter().enumerate().any(|(i, &b)| {
-        b == b'%'
-            && !(host.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
-                && host.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
-    });
-    if bad_escape {
-        return false;
-    }
-    if host[0] != b'['
-        && !host.iter().all(|&b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                )
-        })
-    {
-        return false;
-    }
-    match port {
-        None => true,
-        Some(p) => {
-            !p.is_empty()
-                && p.len() <= 5
-                && p.iter().all(u8::is_ascii_digit)
-                && std::str::from_utf8(p)
-                    .ok()
-                    .and_then(|s| s.parse::<u32>().ok())
-                    .is_some_and(|n| n <= 65535)
-        }
-    }
+}
+
+/// Whether `name` is hop-by-hop by itself (never forwarded as received).
+#[cfg(test)]
+fn hop_by_hop(name: &str) -> bool {
+    name_kind(name.as_bytes()).hop_by_hop()
 }
 
 /// Parses one request head at the front of `buf`: `Ok(None)` when it is not complete yet.
@@ -249,7 +220,8 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
         });
     }
     let method = req.method.unwrap_or("GET");
-    let raw_target = req.path.unwrap_or("/").as_bytes();
+    let raw_target_str = req.path.unwrap_or("/");
+    let raw_target = raw_target_str.as_bytes();
     let http10 = req.version == Some(0);
     let headers = &*req.headers;
 
@@ -257,42 +229,39 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
     let mut host: Option<&[u8]> = None;
     let mut hosts = 0;
     let mut length: Option<u64> = None;
-    let mut te: Vec<&[u8]> = Vec::new();
-    let mut conn_tokens: Vec<&[u8]> = Vec::new();
+    let mut te = List::default();
+    let mut conn_tokens = List::default();
     let mut upgrade_value: Option<&[u8]> = None;
     let mut traceparent_ok: Option<TraceId> = None;
     for h in headers {
-        let n = h.name.as_bytes();
-        if n.eq_ignore_ascii_case(b"host") {
-            hosts += 1;
-            host = Some(trim(h.value));
-        } else if n.eq_ignore_ascii_case(b"content-length") {
-            for v in h.value.split(|&b| b == b',') {
-                let v = trim(v);
-                if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-                    return Err(bad("invalid content-length"));
-                }
-                let n: u64 = std::str::from_utf8(v)
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or(bad("invalid content-length"))?;
-                // Identical duplicates are one length (RFC 9110 §8.6); differing ones are refused.
-                if length.is_some_and(|l| l != n) {
-                    return Err(bad("conflicting content-length"));
-                }
-                length = Some(n);
+        match name_kind(h.name.as_bytes()) {
+            Name::Host => {
+                hosts += 1;
+                host = Some(trim(h.value));
             }
-        } else if n.eq_ignore_ascii_case(b"transfer-encoding") {
-            te.extend(h.value.split(|&b| b == b',').map(trim));
-        } else if n.eq_ignore_ascii_case(b"connection") {
-            conn_tokens.extend(tokens(h.value));
-        } else if n.eq_ignore_ascii_case(b"upgrade") {
-            upgrade_value = Some(trim(h.value));
-        } else if n.eq_ignore_ascii_case(b"traceparent") && traceparent_ok.is_none() {
-            traceparent_ok = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(parse_traceparent)
-                .map(|id| TraceId::from_hex(id.as_bytes()));
+            Name::ContentLength => {
+                for v in h.value.split(|&b| b == b',') {
+                    let n = parse_length(trim(v)).ok_or(bad("invalid content-length"))?;
+                    // Identical duplicates are one length (RFC 9110 §8.6); differing ones are
+                    // refused.
+                    if length.is_some_and(|l| l != n) {
+                        return Err(bad("conflicting content-length"));
+                    }
+                    length = Some(n);
+                }
+            }
+            Name::TransferEncoding => {
+                h.value.split(|&b| b == b',').for_each(|t| te.push(trim(t)));
+            }
+            Name::Connection => tokens(h.value).for_each(|t| conn_tokens.push(t)),
+            Name::Upgrade => upgrade_value = Some(trim(h.value)),
+            Name::Traceparent if traceparent_ok.is_none() => {
+                traceparent_ok = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(parse_traceparent)
+                    .map(|id| TraceId::from_hex(id.as_bytes()));
+            }
+            _ => {}
         }
     }
     if hosts > 1 {
@@ -309,16 +278,16 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
 
     // The request target's form decides the routing host and what the upstream receives.
     let is_connect = method == "CONNECT";
-    let (target, authority): (Vec<u8>, Option<&[u8]>) = if is_connect {
+    let (target, authority): (Cow<'_, [u8]>, Option<&[u8]>) = if is_connect {
         if !valid_authority(raw_target) || raw_target.iter().rposition(|&b| b == b':').is_none() {
             return Err(bad("CONNECT needs host:port"));
         }
-        (raw_target.to_vec(), Some(raw_target))
+        (Cow::Borrowed(raw_target), Some(raw_target))
     } else if raw_target == b"*" {
         if method != "OPTIONS" {
             return Err(bad("* target outside OPTIONS"));
         }
-        (b"*".to_vec(), None)
+        (Cow::Borrowed(raw_target), None)
     } else if raw_target.first() == Some(&b'/') {
         (
             path::normalize(raw_target).map_err(|_| bad("invalid path"))?,
@@ -346,22 +315,21 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
             p.insert(0, b'/');
         }
         (
-            path::normalize(&p).map_err(|_| bad("invalid path"))?,
+            Cow::Owned(
+                path::normalize(&p)
+                    .map_err(|_| bad("invalid path"))?
+                    .into_owned(),
+            ),
             Some(auth),
         )
     };
     if target.contains(&b'#') {
         return Err(bad("fragment in request target"));
     }
-    // Characters RFC 3986 does not allow in a path or query (`<`, `"`, `{` …), which httparse
-    // lets through: refused, with the `http` crate's rules, so both views of a target agree.
-    if !is_connect
-        && target != b"*"
-        && std::str::from_utf8(&target)
-            .ok()
-            .and_then(|t| http::uri::PathAndQuery::try_from(t).ok())
-            .is_none()
-    {
+    // Characters RFC 3986 does not allow in a path or query (`<`, `` ` ``, `"` in a query …),
+    // which httparse lets through: refused, with the `http` crate's rules (the same byte
+    // classes), so both views of a target agree.
+    if !is_connect && &*target != b"*" && !http_accepts_target(&target) {
         return Err(bad("invalid character in request target"));
     }
     let route_host = authority.or(host);
@@ -375,15 +343,16 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
         if http10 {
             return Err(bad("transfer-encoding in HTTP/1.0"));
         }
-        let last = te.last().copied().unwrap_or_default();
+        let last = te.last().unwrap_or_default();
         if !last.eq_ignore_ascii_case(b"chunked") {
             return Err(HeadError {
                 status: 501,
                 reason: "transfer-encoding does not end in chunked",
             });
         }
-        if te[..te.len() - 1]
+        if te
             .iter()
+            .take(te.len() - 1)
             .any(|c| c.is_empty() || c.eq_ignore_ascii_case(b"chunked"))
         {
             return Err(bad("invalid transfer-encoding"));
@@ -404,7 +373,7 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
         }
     };
 
-    let has = |t: &[u8]| conn_tokens.iter().any(|c| c.eq_ignore_ascii_case(t));
+    let has = |t: &[u8]| conn_tokens.has(t);
     let keep_alive = if http10 {
         has(b"keep-alive")
     } else {
@@ -433,20 +402,20 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
     line.extend_from_slice(b" HTTP/1.1\r\n");
     let mut rest = Vec::with_capacity(head_len + 160);
     let mut xff: Vec<u8> = Vec::new();
-    let listed = |n: &[u8]| conn_tokens.iter().any(|c| c.eq_ignore_ascii_case(n));
+    let listed = |n: &[u8]| conn_tokens.has(n);
     for h in headers {
         let n = h.name.as_bytes();
-        if n.eq_ignore_ascii_case(b"host")
-            || n.eq_ignore_ascii_case(b"content-length")
-            || n.eq_ignore_ascii_case(b"x-forwarded-proto")
-            || n.eq_ignore_ascii_case(b"x-forwarded-host")
-            || hop_by_hop(h.name)
+        let kind = name_kind(n);
+        if matches!(
+            kind,
+            Name::Host | Name::ContentLength | Name::XForwardedProto | Name::XForwardedHost
+        ) || kind.hop_by_hop()
             || listed(n)
-            || (n.eq_ignore_ascii_case(b"traceparent") && traceparent_ok.is_none())
+            || (kind == Name::Traceparent && traceparent_ok.is_none())
         {
             continue;
         }
-        if n.eq_ignore_ascii_case(b"x-forwarded-for") {
+        if kind == Name::XForwardedFor {
             let v = trim(h.value);
             if !v.is_empty() {
                 xff.extend_from_slice(v);
@@ -461,7 +430,7 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
     }
     if let Some(n) = length.filter(|_| te.is_empty()) {
         rest.extend_from_slice(b"content-length: ");
-        rest.extend_from_slice(n.to_string().as_bytes());
+        push_decimal(&mut rest, n);
         rest.extend_from_slice(b"\r\n");
     }
     rest.extend_from_slice(b"x-forwarded-for: ");
@@ -498,10 +467,26 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
         }
     }
     rest.extend_from_slice(b"\r\n");
+    // Both are checked to be ASCII (or, for a target, UTF-8) above: no lossy conversion.
+    let target = match target {
+        // The target as sent (the usual case): httparse's text already.
+        Cow::Borrowed(t) if t.len() == raw_target.len() => Some(raw_target_str.to_owned()),
+        Cow::Borrowed(t) => std::str::from_utf8(t).map(str::to_owned).ok(),
+        Cow::Owned(t) => String::from_utf8(t).ok(),
+    }
+    .ok_or(bad("invalid character in request target"))?;
+    let host = match route_host {
+        Some(h) => Some(
+            std::str::from_utf8(h)
+                .map_err(|_| bad("invalid host header"))?
+                .to_owned(),
+        ),
+        None => None,
+    };
     Ok(Some(Request {
         method: method.to_string(),
-        target: String::from_utf8_lossy(&target).into_owned(),
-        host: route_host.map(|h| String::from_utf8_lossy(h).into_owned()),
+        target,
+        host,
         http10,
         keep_alive,
         upgrade,
@@ -590,28 +575,26 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
     let reason = resp.reason.unwrap_or("");
     let headers = &*resp.headers;
     let mut length: Option<u64> = None;
-    let mut te: Vec<&[u8]> = Vec::new();
-    let mut conn_tokens: Vec<&[u8]> = Vec::new();
+    let mut te = List::default();
+    let mut conn_tokens = List::default();
     for h in headers {
-        let n = h.name.as_bytes();
-        if n.eq_ignore_ascii_case(b"content-length") {
-            for v in h.value.split(|&b| b == b',') {
-                let v = trim(v);
-                let parsed = (!v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
-                    .then(|| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
-                    .flatten();
-                match parsed {
-                    Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
-                    _ => return Err(bad_gateway("invalid content-length from upstream")),
+        match name_kind(h.name.as_bytes()) {
+            Name::ContentLength => {
+                for v in h.value.split(|&b| b == b',') {
+                    match parse_length(trim(v)) {
+                        Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
+                        _ => return Err(bad_gateway("invalid content-length from upstream")),
+                    }
                 }
             }
-        } else if n.eq_ignore_ascii_case(b"transfer-encoding") {
-            te.extend(h.value.split(|&b| b == b',').map(trim));
-        } else if n.eq_ignore_ascii_case(b"connection") {
-            conn_tokens.extend(tokens(h.value));
+            Name::TransferEncoding => {
+                h.value.split(|&b| b == b',').for_each(|t| te.push(trim(t)));
+            }
+            Name::Connection => tokens(h.value).for_each(|t| conn_tokens.push(t)),
+            _ => {}
         }
     }
-    let has = |t: &[u8]| conn_tokens.iter().any(|c| c.eq_ignore_ascii_case(t));
+    let has = |t: &[u8]| conn_tokens.has(t);
     let switching = status == 101;
     if switching && !o.upgrade {
         return Err(bad_gateway("101 to a request that asked no upgrade"));
@@ -623,8 +606,9 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
         .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
     // `chunked` must be the final coding, applied once (RFC 9112 §6.1): a body framed and
     // then coded again has no end a client could find.
-    if te[..te.len().saturating_sub(1)]
+    if te
         .iter()
+        .take(te.len().saturating_sub(1))
         .any(|c| c.eq_ignore_ascii_case(b"chunked"))
     {
         return Err(bad_gateway("chunked before another transfer coding"));
@@ -666,17 +650,17 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
 
     let mut out = Vec::with_capacity(head_len + 64);
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
+    push_decimal(&mut out, u64::from(status));
     out.push(b' ');
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
-    let listed = |n: &[u8]| conn_tokens.iter().any(|c| c.eq_ignore_ascii_case(n));
+    let listed = |n: &[u8]| conn_tokens.has(n);
     for h in headers {
         let n = h.name.as_bytes();
-        let framing_header = n.eq_ignore_ascii_case(b"content-length")
-            || n.eq_ignore_ascii_case(b"transfer-encoding");
-        let keep_upgrade = switching && n.eq_ignore_ascii_case(b"upgrade");
-        if ((hop_by_hop(h.name) || listed(n)) && !keep_upgrade) || framing_header {
+        let kind = name_kind(n);
+        let framing_header = matches!(kind, Name::ContentLength | Name::TransferEncoding);
+        let keep_upgrade = switching && kind == Name::Upgrade;
+        if ((kind.hop_by_hop() || listed(n)) && !keep_upgrade) || framing_header {
             continue;
         }
         out.extend_from_slice(n);
@@ -708,7 +692,7 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
         }
         (Framing::Length(n), _) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            push_decimal(&mut out, n);
             out.extend_from_slice(b"\r\n");
         }
         (Framing::Done, _) if !interim && status != 204 && !switching => {
@@ -720,7 +704,7 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
             };
             if let Some(n) = n {
                 out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(n.to_string().as_bytes());
+                push_decimal(&mut out, n);
                 out.extend_from_slice(b"\r\n");
             }
         }

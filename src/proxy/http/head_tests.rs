@@ -5,6 +5,7 @@
 //! point).
 
 use super::*;
+use crate::proxy::http::syntax;
 use proptest::prelude::*;
 
 const MAX_HEAD: usize = 2048;
@@ -387,5 +388,126 @@ fn ip_text_of_edges_and_v6() {
     ] {
         let parsed: std::net::IpAddr = ip.parse().unwrap();
         assert_eq!(ip_text(parsed), ip);
+    }
+}
+
+/// What the parser checked targets with before `syntax::http_accepts_target`.
+fn http_crate_accepts(t: &[u8]) -> bool {
+    std::str::from_utf8(t)
+        .ok()
+        .and_then(|t| http::uri::PathAndQuery::try_from(t).ok())
+        .is_some()
+}
+
+/// `valid_authority` before it became one pass (`syntax.rs`), as the reference.
+fn reference_authority(v: &[u8]) -> bool {
+    if v.is_empty() || v.contains(&b'@') {
+        return false;
+    }
+    let (host, port) = if v[0] == b'[' {
+        let Some(end) = v.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let inner = &v[1..end];
+        if inner.is_empty()
+            || !inner
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return false;
+        }
+        match &v[end + 1..] {
+            [] => (&v[..=end], None),
+            [b':', p @ ..] => (&v[..=end], Some(p)),
+            _ => return false,
+        }
+    } else {
+        match v.iter().rposition(|&b| b == b':') {
+            Some(i) => (&v[..i], Some(&v[i + 1..])),
+            None => (v, None),
+        }
+    };
+    if host.is_empty() {
+        return false;
+    }
+    let bad_escape = host.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !(host.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && host.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if bad_escape {
+        return false;
+    }
+    let reg = |b: u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b);
+    if host[0] != b'[' && !host.iter().all(|&b| reg(b)) {
+        return false;
+    }
+    match port {
+        None => true,
+        Some(p) => {
+            !p.is_empty()
+                && p.len() <= 5
+                && p.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(p)
+                    .ok()
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .is_some_and(|n| n <= 65535)
+        }
+    }
+}
+
+/// Every byte, and every pair of bytes, in each place of a target: the byte-class table and
+/// the `http` crate agree exactly (this covers each class, and UTF-8 sequences of two bytes).
+#[test]
+fn target_check_is_the_http_crates_on_every_byte_and_pair() {
+    for b in 0..=255u8 {
+        for pre in [&b""[..], b"/", b"/a", b"/?", b"/a?b", b"/#", b"?", b"#"] {
+            for post in [&b""[..], b"x", b"\xa9"] {
+                let t = [pre, &[b], post].concat();
+                assert_eq!(
+                    syntax::http_accepts_target(&t),
+                    http_crate_accepts(&t),
+                    "{t:?}"
+                );
+            }
+        }
+        for c in 0..=255u8 {
+            for pre in [&b"/"[..], b"/?"] {
+                let t = [pre, &[b, c]].concat();
+                assert_eq!(
+                    syntax::http_accepts_target(&t),
+                    http_crate_accepts(&t),
+                    "{t:?}"
+                );
+            }
+        }
+    }
+    let long = [b"/".to_vec(), b"a".repeat(65_533)].concat();
+    assert!(syntax::http_accepts_target(&long) && http_crate_accepts(&long));
+    let longer = [long.clone(), b"a".to_vec()].concat();
+    assert!(!syntax::http_accepts_target(&longer) && !http_crate_accepts(&longer));
+}
+
+/// Bytes that matter to targets and authorities, more often than uniform bytes would give them.
+fn syntax_byte() -> impl Strategy<Value = u8> {
+    prop_oneof![
+        4 => prop::sample::select(b"/?#%:@[].*09afAFz-_~!$&'()+,;= \"<>{}`|^\\".to_vec()),
+        1 => any::<u8>(),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// Random targets: the table accepts exactly what `PathAndQuery::try_from` accepts.
+    #[test]
+    fn target_check_is_the_http_crates(t in prop::collection::vec(syntax_byte(), 0..24)) {
+        prop_assert_eq!(syntax::http_accepts_target(&t), http_crate_accepts(&t));
+    }
+
+    /// Random authorities: the one-pass check decides as the previous one did.
+    #[test]
+    fn authority_check_is_unchanged(v in prop::collection::vec(syntax_byte(), 0..16)) {
+        prop_assert_eq!(valid_authority(&v), reference_authority(&v));
     }
 }

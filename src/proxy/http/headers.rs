@@ -106,18 +106,7 @@ pub fn host_value(addr: SocketAddr) -> Option<HeaderValue> {
         SocketAddr::V4(a) => {
             write_ip(&mut value, IpAddr::V4(*a.ip()));
             value.extend_from_slice(b":");
-            let mut port = [0u8; 5];
-            let mut n = a.port();
-            let mut i = port.len();
-            loop {
-                i -= 1;
-                port[i] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            value.extend_from_slice(&port[i..]);
+            value.extend_from_slice(super::syntax::decimal(a.port().into(), &mut [0; 20]));
         }
         SocketAddr::V6(a) => {
             use std::fmt::Write as _;
@@ -146,15 +135,33 @@ pub fn parse_traceparent(v: &str) -> Option<&str> {
     ok.then_some(trace)
 }
 
+thread_local! {
+    /// Trace ids need to be unique and unpredictable enough to not collide, not secret (W3C
+    /// Trace Context §6): a small generator (xoshiro256++) per thread, seeded from the OS-seeded
+    /// `ThreadRng`, costs a few instructions per id where `rand::random` (ChaCha12, with its
+    /// reseeding checks) cost ~0.2k.
+    static TRACE_RNG: std::cell::RefCell<rand::rngs::SmallRng> =
+        std::cell::RefCell::new(rand::SeedableRng::from_rng(&mut rand::rng()));
+}
+
 /// A new `traceparent` value (random trace and span ids, sampled) and its trace id.
 pub fn new_traceparent() -> (TraceId, [u8; 55]) {
-    let (trace, span): (u128, u64) = rand::random();
-    let (trace, span) = (trace.max(1), span.max(1));
+    use rand::RngCore as _;
+    let [hi, mut lo, mut span] = TRACE_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        [r.next_u64(), r.next_u64(), r.next_u64()]
+    });
+    // All-zero ids are invalid.
+    if hi == 0 && lo == 0 {
+        lo = 1;
+    }
+    span = span.max(1);
     let mut value = [0u8; 55];
     value[..3].copy_from_slice(b"00-");
-    put_hex(&mut value[3..35], trace);
+    put_hex(&mut value[3..19], hi);
+    put_hex(&mut value[19..35], lo);
     value[35] = b'-';
-    put_hex(&mut value[36..52], u128::from(span));
+    put_hex(&mut value[36..52], span);
     value[52..].copy_from_slice(b"-01");
     (TraceId::from_hex(&value[3..35]), value)
 }
@@ -209,12 +216,22 @@ impl std::fmt::Debug for TraceId {
     }
 }
 
-/// Fills `out` with the low `out.len()` hex digits of `v`, lower case, most significant first.
-fn put_hex(out: &mut [u8], mut v: u128) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in out.iter_mut().rev() {
-        *b = HEX[(v & 0xf) as usize];
-        v >>= 4;
+/// Fills `out` (16 bytes) with the hex digits of `v`, lower case, most significant first; a
+/// byte at a time through a table of digit pairs.
+fn put_hex(out: &mut [u8], mut v: u64) {
+    const PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [HEX[i >> 4], HEX[i & 15]];
+            i += 1;
+        }
+        t
+    };
+    for p in out.rchunks_exact_mut(2) {
+        p.copy_from_slice(&PAIRS[(v & 0xff) as usize]);
+        v >>= 8;
     }
 }
 
@@ -378,6 +395,15 @@ mod tests {
         ] {
             let a: SocketAddr = addr.parse().unwrap();
             assert_eq!(host_value(a).unwrap(), addr);
+        }
+        let mut hex = [0u8; 16];
+        put_hex(&mut hex, 0x0123_4567_89ab_cdef);
+        assert_eq!(&hex, b"0123456789abcdef");
+        let (a, b) = (new_traceparent(), new_traceparent());
+        assert_ne!(a.1, b.1, "two new traceparents are the same");
+        for (id, v) in [a, b] {
+            let v = std::str::from_utf8(&v).unwrap_or_default();
+            assert_eq!(parse_traceparent(v), Some(id.as_str()), "{v}");
         }
         assert_eq!(trim_ows(b" \t a b \t"), b"a b");
         assert_eq!(trim_ows(b"  "), b"");

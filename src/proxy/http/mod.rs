@@ -5,8 +5,8 @@
 //! requests), and [`resume_http`] / [`resume`] serve it again.
 //!
 //! Files: `server` (the wait between requests, HTTP/1.1 or h2c), `idle` (released keep-alive
-//! connections waiting with no task), `h1` (the engine), `head`, `framing`, `path` (its parser,
-//! rewriter and body framing), `bridge` (HTTP/1.1 bytes and hyper's messages, for the two
+//! connections waiting with no task), `h1` (the engine), `head`, `syntax`, `framing`, `path` (its
+//! parser, byte-level checks, rewriter and body framing), `bridge` (HTTP/1.1 bytes and hyper's messages, for the two
 //! bridges: `h1::h2up` and `to_h1`), `h2` (h2c clients), `service` (one h2c request),
 //! `forward` and `pool` (h2c upstreams), `body` (hyper body wrappers), `route`, `headers`,
 //! `errors` (status codes), `shared` (state of an h2c connection's loop and its requests),
@@ -19,7 +19,9 @@ mod forward;
 mod framing;
 pub mod h1;
 mod h2;
-mod head;
+/// The HTTP/1.1 head parser and rewriter, public only for `benches/head.rs` (not an API).
+#[doc(hidden)]
+pub mod head;
 mod headers;
 pub mod idle;
 mod io;
@@ -29,6 +31,7 @@ mod route;
 mod server;
 mod service;
 mod shared;
+mod syntax;
 mod to_h1;
 
 use super::ListenerCtx;

@@ -5,6 +5,8 @@
 //! (with upper-case hex), duplicate slashes are merged and dot segments removed (§5.2.4). The
 //! query is passed on untouched. An invalid escape is an error (400).
 
+use std::borrow::Cow;
+
 /// Why a path cannot be normalized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -24,8 +26,9 @@ fn hexval(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|v| v as u8)
 }
 
-/// The normalized form of an origin-form target (`/path?query`).
-pub fn normalize(target: &[u8]) -> Result<Vec<u8>, PathError> {
+/// The normalized form of an origin-form target (`/path?query`): the target itself, borrowed,
+/// when there is nothing to change (the usual request: no copy), else a new buffer.
+pub fn normalize(target: &[u8]) -> Result<Cow<'_, [u8]>, PathError> {
     let (path, query) = match target.iter().position(|&b| b == b'?') {
         Some(i) => (&target[..i], Some(&target[i..])),
         None => (target, None),
@@ -33,10 +36,14 @@ pub fn normalize(target: &[u8]) -> Result<Vec<u8>, PathError> {
     if path.first() != Some(&b'/') {
         return Err(PathError::Relative);
     }
-    // Fast path: nothing to decode, no dot segment, no double slash.
-    let clean = !path.contains(&b'%') && !path.windows(2).any(|w| w == b"//" || w == b"/.");
+    // Fast path: nothing to decode, no dot segment, no double slash (a `/.` that starts an
+    // ordinary name like `/.well-known` takes the slow path, which keeps it).
+    let clean = !path
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'%' || (b == b'/' && matches!(path.get(i + 1), Some(b'/' | b'.'))));
     if clean {
-        return Ok(target.to_vec());
+        return Ok(Cow::Borrowed(target));
     }
     // Decode unreserved escapes first, so `%2e%2e` is a dot segment like `..`.
     let mut decoded = Vec::with_capacity(path.len());
@@ -55,8 +62,12 @@ pub fn normalize(target: &[u8]) -> Result<Vec<u8>, PathError> {
             if unreserved(v) {
                 decoded.push(v);
             } else {
-                decoded.push(b'%');
-                decoded.extend_from_slice(format!("{v:02X}").as_bytes());
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                decoded.extend_from_slice(&[
+                    b'%',
+                    HEX[usize::from(v >> 4)],
+                    HEX[usize::from(v & 15)],
+                ]);
             }
             i += 3;
         } else {
@@ -91,7 +102,7 @@ pub fn normalize(target: &[u8]) -> Result<Vec<u8>, PathError> {
     if let Some(q) = query {
         result.extend_from_slice(q);
     }
-    Ok(result)
+    Ok(Cow::Owned(result))
 }
 
 #[cfg(test)]
