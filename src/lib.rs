@@ -13,6 +13,7 @@
 //! - [`supervisor`]: multi-process mode: owns listeners, runs, watches and upgrades N workers.
 //! - [`spread`]: multi-process `shared` accept: new connections go to the least loaded worker.
 //! - [`admin`]: the control socket for the CLI.
+//! - [`clock`]: cheap clock reads (coarse clocks for deadlines).
 //! - [`metrics`]: process counters that carry over across an upgrade.
 //! - [`logging`]: tracing setup with `pid` and `generation` on every line, the access log.
 //! - [`test_hooks`]: failure injection for the integration tests (cargo feature `test-hooks`).
@@ -21,6 +22,7 @@
 //!   successor.
 
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod handover;
 pub mod isolation;

@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch, Notify};
 
 /// Identifies a connection within one process generation.
@@ -78,13 +77,7 @@ pub struct ConnMeta {
     pub bytes_out: u64,
 }
 
-/// Now, in milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 /// One direction of a tunnel, stopped: bytes read but not yet written, and its end state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -252,6 +245,10 @@ pub struct ConnStats {
     /// each plus a slot in the parent's child list, and three waiter futures in every
     /// connection task): an idle connection is mostly this bookkeeping.
     wake: Notify,
+    /// The one task that polls [`ConnHandle::poll_requested`] (the HTTP/1.1 engine's): a
+    /// waker slot costs it a compare per wait, where a `Notified` future costs a lock, a
+    /// waiter-list insertion and a removal — three times per keep-alive request.
+    task: atomic_waker::AtomicWaker,
     /// Set when the connection cannot be handed over (a TLS connection served by rustls):
     /// asked to park, it is asked to drain instead and finishes in this process.
     pinned: AtomicBool,
@@ -320,6 +317,7 @@ impl ConnStats {
     fn signal(&self, bits: u8) {
         self.signals.fetch_or(bits, Ordering::Release);
         self.wake.notify_waiters();
+        self.task.wake();
     }
     /// Whether, asked to park, this connection parks at once (so a handover waits for it
     /// before the commit): tunnels and HTTP/1.1 connections park wherever they are. An
@@ -391,6 +389,19 @@ impl ConnHandle {
                 return bits;
             }
             woken.await;
+        }
+    }
+    /// [`ConnHandle::requested`] for a task that polls by hand: `Ready(bits)` once any bit of
+    /// `mask` is set, else `Pending` with `cx`'s waker kept until a signal wakes it. Only one
+    /// task per connection may use this (the slot holds one waker); others use `requested`.
+    pub fn poll_requested(&self, mask: u8, cx: &mut std::task::Context<'_>) -> std::task::Poll<u8> {
+        // Registered before the check, so a signal set in between still wakes the task.
+        self.stats.task.register(cx.waker());
+        let bits = self.stats.signals.load(Ordering::Acquire);
+        if bits & mask != 0 {
+            std::task::Poll::Ready(bits)
+        } else {
+            std::task::Poll::Pending
         }
     }
     /// Resolves when the connection is asked to stop at its next safe point and park.
@@ -505,6 +516,7 @@ impl Registry {
             bytes_out: AtomicU64::new(0),
             signals: AtomicU8::new(signals),
             wake: Notify::new(),
+            task: atomic_waker::AtomicWaker::new(),
             pinned: AtomicBool::new(false),
             tls: std::sync::OnceLock::new(),
         });

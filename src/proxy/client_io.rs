@@ -105,6 +105,15 @@ impl ClientIo {
         }
     }
 
+    /// Ends the connection from this side before it is dropped: TLS sends its close_notify;
+    /// a plain socket needs nothing, since closing it sends the FIN (a `shutdown` first cost
+    /// one syscall per connection, and the same FIN).
+    pub async fn finish(&mut self) {
+        if let ClientIo::Tls(t) = self {
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut **t).await;
+        }
+    }
+
     /// Whether the client speaks TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientIo::Tls(_))
@@ -183,9 +192,12 @@ pub fn poll_fill_tcp(
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
     // Room is made only once the socket is readable: a connection waiting for bytes holds
-    // no buffer.
-    ready!(s.poll_read_ready(cx))?;
-    grow(buf);
+    // no buffer. With room already there, `poll_read` waits for readiness itself (a second
+    // readiness check per read cost ~0.2k instructions).
+    if buf.capacity() - buf.len() < READ / 2 {
+        ready!(s.poll_read_ready(cx))?;
+        grow(buf);
+    }
     tokio_util::io::poll_read_buf(Pin::new(s), cx, buf)
 }
 

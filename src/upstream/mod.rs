@@ -25,7 +25,6 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -216,8 +215,9 @@ pub struct Upstream {
     checks: Mutex<health::Checks>,
     /// The balancing algorithm and its state.
     balancer: Balancer,
-    /// Origin of the pool's millisecond clock (ejection deadlines, log rate limits).
-    epoch: Instant,
+    /// Origin of the pool's millisecond clock (ejection deadlines, log rate limits), on the
+    /// coarse monotonic clock: `pick` reads it once per request.
+    epoch_ms: u64,
     /// When the fail-open warning was last logged (ms on the pool's clock, +1; 0 = never).
     last_fail_open_warn: AtomicU64,
     /// Health and ejection event counts.
@@ -294,7 +294,7 @@ impl Upstream {
             cfg: cfg.clone(),
             servers: ArcSwap::from_pointee(servers),
             checks: Mutex::new(health::Checks::default()),
-            epoch: Instant::now(),
+            epoch_ms: crate::clock::coarse_mono_ms(),
             last_fail_open_warn: AtomicU64::new(0),
             counters: UpstreamCounters::default(),
             metrics: std::sync::OnceLock::new(),
@@ -394,7 +394,7 @@ impl Upstream {
 
     /// Milliseconds since the pool was built, plus one, so 0 can mean "never".
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
+        crate::clock::coarse_mono_ms().saturating_sub(self.epoch_ms) + 1
     }
 
     /// Healthy and not ejected at `now`. An ejection found expired is ended here (once, by

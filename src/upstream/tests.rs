@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn pool(
     balance: config::Balance,

@@ -216,6 +216,21 @@ impl std::fmt::Debug for TraceId {
     }
 }
 
+/// As its text, so a parked exchange's `trace` reads the same as when it was a `String`
+/// (a successor of an older version exchanges states with this one).
+impl serde::Serialize for TraceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TraceId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TraceId, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(TraceId::from_hex(text.as_bytes()))
+    }
+}
+
 /// Fills `out` (16 bytes) with the hex digits of `v`, lower case, most significant first; a
 /// byte at a time through a table of digit pairs.
 fn put_hex(out: &mut [u8], mut v: u64) {

@@ -61,8 +61,7 @@ pub async fn serve(
                 keepalive_due.min(release_due)
             };
             let sleep = tokio::time::sleep_until(first_due);
-            let signal = conn.requested(SIG_PARK | SIG_DRAIN | SIG_KILL);
-            tokio::pin!(sleep, signal);
+            tokio::pin!(sleep);
             loop {
                 let n = buf.len().min(H2_PREFACE.len());
                 if n > 0 && buf[..n] != H2_PREFACE[..n] {
@@ -80,7 +79,11 @@ pub async fn serve(
                 let event = std::future::poll_fn(|cx| {
                     use std::future::Future;
                     use std::task::Poll;
-                    if let Poll::Ready(bits) = signal.as_mut().poll(cx) {
+                    // The task's waker slot (this task runs the engine too), not a
+                    // `Notified` future: no waiter-list lock per wait.
+                    if let Poll::Ready(bits) =
+                        conn.poll_requested(SIG_PARK | SIG_DRAIN | SIG_KILL, cx)
+                    {
                         return Poll::Ready(IdleEvent::Signal(bits));
                     }
                     // The socket's own reader slot: no waiter node is kept in this task.
@@ -160,7 +163,7 @@ pub async fn serve(
                 up: None,
                 st: h1::state::State {
                     cbuf: std::mem::take(&mut buf),
-                    head_started_ms: Some(crate::registry::now_ms()),
+                    head_started_ms: Some(crate::clock::coarse_ms()),
                     ..Default::default()
                 },
             };

@@ -65,7 +65,6 @@ pub fn poll_flow(
     mut up: Option<&mut ClientIo>,
     o: &FlowOpts,
     stats: &crate::registry::ConnStats,
-    now_ms: u64,
     cx: &mut Context<'_>,
 ) -> Poll<Flow> {
     let Some(ex) = st.ex.as_mut() else {
@@ -139,7 +138,7 @@ pub fn poll_flow(
                 }
                 Poll::Ready(Ok(n)) => {
                     stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                    ex.body_seen_ms = now_ms;
+                    ex.body_seen_ms = crate::clock::coarse_ms();
                     progressed = true;
                 }
                 Poll::Ready(Err(_)) => {

@@ -141,7 +141,7 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
         c.st.phase = Phase::Head;
         return Step::Go;
     };
-    let Some(upstream) = ctx.upstreams.get(&ex.upstream).cloned() else {
+    let Some(upstream) = ex.upstream_in(ctx).cloned() else {
         fail(ctx, conn, c, 500, true, "missing upstream");
         return Step::Go;
     };

@@ -19,6 +19,7 @@ mod upstream;
 
 use super::head::{self, ReqOpts, RespOpts};
 use super::route;
+use crate::clock::coarse_ms;
 use crate::proxy::client_io::ClientIo;
 use crate::proxy::tcp::close_log;
 use crate::proxy::ListenerCtx;
@@ -101,15 +102,31 @@ impl Clock {
     }
 }
 
-/// One timer per connection, moved to each wait's deadline (`reset` keeps its registration
-/// and allocation; a new `Sleep` per wait cost one of each).
+/// One timer per connection (a new `Sleep` per wait cost an allocation and a registration).
+/// It is only ever moved earlier: each wait's deadline is a little later than the last one's,
+/// and moving the timer on every request cost a timer-wheel removal and insertion. A timer
+/// that fires before the deadline of the wait in progress is moved on by [`poll_due`], so a
+/// busy connection resets it about once per linger period instead of once per request.
 type Timer = std::pin::Pin<Box<tokio::time::Sleep>>;
 
-/// Moves `timer` to `at` (unless it is there already).
+/// Makes `timer` fire no later than `at`.
 fn arm(timer: &mut Timer, at: Instant) {
-    if timer.deadline() != at {
+    if timer.deadline() > at {
         timer.as_mut().reset(at);
     }
+}
+
+/// Whether the wait whose deadline is `due` has timed out. A timer that fired early (armed
+/// for an earlier wait) is moved to `due` and polled again, which registers it.
+fn poll_due(timer: &mut Timer, due: Instant, cx: &mut std::task::Context<'_>) -> bool {
+    if timer.as_mut().poll(cx).is_pending() {
+        return false;
+    }
+    if timer.deadline() >= due {
+        return true;
+    }
+    timer.as_mut().reset(due);
+    timer.as_mut().poll(cx).is_ready()
 }
 
 fn ms_to_instant(at_ms: u64) -> Instant {
@@ -169,7 +186,7 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                         return End::Gone;
                     }
                     stats.set_state(ConnState::Idle);
-                    let from = *idle_from_ms.get_or_insert_with(now_ms);
+                    let from = *idle_from_ms.get_or_insert_with(coarse_ms);
                     // A keep-alive client usually sends its next request soon.
                     let wait = if released {
                         http.keepalive_timeout
@@ -183,8 +200,9 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                             return End::Gone;
                         }
                         Wake::Read(Ok(n)) => {
+                            // `head_started_ms` is set only if the head is not complete in
+                            // this read (below): a clock read per request saved.
                             stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                            c.st.head_started_ms = Some(now_ms());
                             idle_from_ms = None;
                             released = false;
                         }
@@ -228,7 +246,7 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                         }
                     }
                     Ok(None) => {
-                        let started = *c.st.head_started_ms.get_or_insert_with(now_ms);
+                        let started = *c.st.head_started_ms.get_or_insert_with(coarse_ms);
                         let due = clock.at(started + http.header_read_timeout.as_millis() as u64);
                         match wait_read(&conn, &mut c, &mut timer, due).await {
                             Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
@@ -267,16 +285,32 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                 }
             }
             Phase::Connect => {
-                let connected = tokio::select! {
-                    biased;
-                    bits = conn.requested(SIG_PARK | SIG_KILL) => {
-                        if bits & SIG_KILL != 0 {
-                            close_log(&ctx, &conn, "closed at drain deadline");
-                            return End::Gone;
+                // The connect first: a pooled connection is ready at once, and then no
+                // signal waiter is registered at all.
+                let connected = {
+                    let attempt = connect(&ctx, &mut c.st, stats.client.ip());
+                    tokio::pin!(attempt);
+                    let mut poll_signal = true;
+                    std::future::poll_fn(|cx| {
+                        if let Poll::Ready(r) = attempt.as_mut().poll(cx) {
+                            return Poll::Ready(Ok(r));
                         }
-                        return park(&ctx, conn, c);
+                        if std::mem::take(&mut poll_signal) || conn.signalled() {
+                            if let Poll::Ready(b) = conn.poll_requested(SIG_PARK | SIG_KILL, cx) {
+                                return Poll::Ready(Err(b));
+                            }
+                        }
+                        Poll::Pending
+                    })
+                    .await
+                };
+                let connected = match connected {
+                    Ok(r) => r,
+                    Err(bits) if bits & SIG_KILL != 0 => {
+                        close_log(&ctx, &conn, "closed at drain deadline");
+                        return End::Gone;
                     }
-                    r = connect(&ctx, &mut c.st, stats.client.ip()) => r,
+                    Err(_) => return park(&ctx, conn, c),
                 };
                 match connected {
                     Ok(up) if c.st.ex.as_ref().is_some_and(|e| e.connect) => {
@@ -291,7 +325,7 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                         if let Some(ex) = c.st.ex.as_mut() {
                             let req_head = head_of(ex, host.as_deref());
                             c.st.to_up = req_head;
-                            ex.attempt_ms = now_ms();
+                            ex.attempt_ms = coarse_ms();
                             ex.server = Some(up.addr);
                         }
                         stats.set_server(Some(up.addr));
@@ -344,7 +378,7 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                     }
                 }
                 if c.st.close_after {
-                    let _ = c.client.shutdown().await;
+                    c.client.finish().await;
                     close_log(&ctx, &conn, "closed");
                     return End::Gone;
                 }
@@ -358,9 +392,8 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
 fn h2c_upstream(ctx: &ListenerCtx, st: &State) -> bool {
     st.ex.as_ref().is_some_and(|ex| {
         !ex.connect
-            && ctx
-                .upstreams
-                .get(&ex.upstream)
+            && ex
+                .upstream_in(ctx)
                 .is_some_and(|u| u.config().http.protocol == crate::config::UpstreamProtocol::H2c)
     })
 }
@@ -392,22 +425,28 @@ fn begin(ctx: &ListenerCtx, st: &mut State, req: head::Request) -> Result<(), u1
         st.phase = Phase::Connect;
         return Ok(());
     }
-    let host = req.host.as_deref().map(route::normalize_host);
+    // With no routes every request goes to the default upstream: no host to normalize.
+    let host = req
+        .host
+        .as_deref()
+        .filter(|_| !ctx.cfg.routes.is_empty())
+        .map(route::normalize_host);
     let path = req.target.split('?').next().unwrap_or("/");
     let Some(upstream) = route::select(&ctx.cfg.routes, &ctx.cfg.upstream, host.as_deref(), path)
     else {
         st.ex = Some(exchange_of(req, String::new(), now));
         return Err(404);
     };
-    let upstream = upstream.to_string();
-    if !ctx.upstreams.contains_key(&upstream) {
-        st.ex = Some(exchange_of(req, upstream, now));
+    let Some(handle) = ctx.upstreams.get(upstream).cloned() else {
+        st.ex = Some(exchange_of(req, upstream.to_string(), now));
         return Err(500);
-    }
+    };
     if !req.keep_alive {
         st.close_after = true;
     }
-    st.ex = Some(exchange_of(req, upstream, now));
+    let mut ex = exchange_of(req, upstream.to_string(), now);
+    ex.up = state::UpstreamRef(Some(handle));
+    st.ex = Some(ex);
     st.phase = Phase::Connect;
     Ok(())
 }
@@ -422,8 +461,9 @@ fn exchange_of(req: head::Request, upstream: String, now: u64) -> Exchange {
         upgrade: req.upgrade,
         line: req.line,
         rest: req.rest,
-        trace: req.trace.as_str().to_string(),
+        trace: req.trace,
         upstream,
+        up: state::UpstreamRef::default(),
         body_initial: req.framing,
         body: req.framing,
         body_written: 0,
@@ -446,20 +486,19 @@ fn exchange_of(req: head::Request, upstream: String, now: u64) -> Exchange {
 /// Waits for client bytes (into `cbuf`), a signal, or `due`.
 async fn wait_read(conn: &ConnHandle, c: &mut Conn, timer: &mut Timer, due: Instant) -> Wake {
     arm(timer, due);
-    let signal = conn.requested(SIG_PARK | SIG_DRAIN | SIG_KILL);
-    tokio::pin!(signal);
-    // Polled once to register its waker, then only when the signal bits say it may be ready.
+    // Polled once to register the task's waker, then only when the signal bits say it may
+    // be ready.
     let mut poll_signal = true;
     std::future::poll_fn(|cx| {
         if std::mem::take(&mut poll_signal) || conn.signalled() {
-            if let Poll::Ready(b) = signal.as_mut().poll(cx) {
+            if let Poll::Ready(b) = conn.poll_requested(SIG_PARK | SIG_DRAIN | SIG_KILL, cx) {
                 return Poll::Ready(Wake::Signal(b));
             }
         }
         if let Poll::Ready(r) = c.client.poll_fill(&mut c.st.cbuf, cx) {
             return Poll::Ready(Wake::Read(r));
         }
-        if timer.as_mut().poll(cx).is_ready() {
+        if poll_due(timer, due, cx) {
             return Poll::Ready(Wake::Timer);
         }
         Poll::Pending
@@ -484,9 +523,8 @@ pub(super) fn next_deadline(ctx: &ListenerCtx, ex: &Exchange) -> Option<(u64, u1
         );
     }
     if ex.resp.is_none() {
-        let rt = ctx
-            .upstreams
-            .get(&ex.upstream)
+        let rt = ex
+            .upstream_in(ctx)
             .and_then(|u| u.config().http.response_timeout);
         if let Some(t) = rt {
             consider(
@@ -536,23 +574,21 @@ async fn exchange(
                 via: "1.1 baton",
             },
         };
-        let deadline = next_deadline(ctx, ex);
-        if let Some((at, _, _)) = deadline {
-            arm(timer, clock.at(at));
+        let due = next_deadline(ctx, ex).map(|(at, _, _)| clock.at(at));
+        if let Some(at) = due {
+            arm(timer, at);
         }
         let mask = if draining {
             SIG_PARK | SIG_KILL
         } else {
             SIG_PARK | SIG_DRAIN | SIG_KILL
         };
-        let signal = conn.requested(mask);
-        tokio::pin!(signal);
-        // Polled once to register its waker, then only when the signal bits say it may be
-        // ready (after a drain, only when a bit other than drain is set).
+        // Polled once to register the task's waker, then only when the signal bits say it
+        // may be ready (after a drain, only when a bit other than drain is set).
         let mut poll_signal = true;
         let wake = std::future::poll_fn(|cx| {
             if std::mem::take(&mut poll_signal) || conn.signalled() {
-                if let Poll::Ready(b) = signal.as_mut().poll(cx) {
+                if let Poll::Ready(b) = conn.poll_requested(mask, cx) {
                     return Poll::Ready(Wake::Signal(b));
                 }
             }
@@ -562,13 +598,12 @@ async fn exchange(
                 up.as_deref_mut(),
                 &opts,
                 &stats,
-                now_ms(),
                 cx,
             );
             if let Poll::Ready(f) = flow {
                 return Poll::Ready(Wake::Flow(f));
             }
-            if deadline.is_some() && timer.as_mut().poll(cx).is_ready() {
+            if due.is_some_and(|at| poll_due(timer, at, cx)) {
                 return Poll::Ready(Wake::Timer);
             }
             Poll::Pending

@@ -14,7 +14,6 @@ use bytes::Buf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 
 /// A deadline of the exchange may have passed: answer 504/408, or cut a started response.
 pub(super) fn on_deadline(ctx: &ListenerCtx, conn: &ConnHandle, c: &mut Conn) -> Step {
@@ -76,7 +75,7 @@ pub(super) async fn on_flow(
                 c.st.close_after = true;
             }
             if c.st.close_after {
-                let _ = c.client.shutdown().await;
+                c.client.finish().await;
                 return Step::Close("closed");
             }
             Step::Go
@@ -89,7 +88,7 @@ pub(super) async fn on_flow(
             let addr = up.as_ref().map(|u| u.addr);
             tracing::debug!(server = ?addr, error = %reason, side = "upstream", "upstream request failed");
             let nothing_sent = ex.body_written == 0;
-            let upstream = ctx.upstreams.get(&ex.upstream).cloned();
+            let upstream = ex.upstream_in(ctx).cloned();
             let retries = upstream.as_ref().map_or(0, |u| u.config().retries);
             let again = nothing_sent && !ex.resp_seen;
             if again && ex.reused {
@@ -179,7 +178,7 @@ pub(super) async fn on_flow(
 /// Gives a reusable upstream connection to the pool, under its upstream's key (a TLS one
 /// is reused only by the upstream whose settings made it).
 fn give_back(ctx: &ListenerCtx, st: &State, up: super::Upstream) {
-    let Some(u) = st.ex.as_ref().and_then(|e| ctx.upstreams.get(&e.upstream)) else {
+    let Some(u) = st.ex.as_ref().and_then(|e| e.upstream_in(ctx)) else {
         return;
     };
     let key = super::pool::PoolKey {
@@ -266,8 +265,7 @@ pub(super) fn log_access(ctx: &ListenerCtx, conn: &ConnHandle, st: &State, compl
     let Some(ex) = st.ex.as_ref() else { return };
     let status = ex.resp.map_or(0, |r| r.status);
     let elapsed = Duration::from_millis(now_ms().saturating_sub(ex.started_ms));
-    let upstream = ctx.upstreams.get(&ex.upstream);
-    match upstream.and_then(|u| u.metrics()) {
+    match ex.upstream_in(ctx).and_then(|u| u.metrics()) {
         Some(h) => h.request_to(ex.server, status, elapsed),
         None => ctx.metrics.http_request(&ex.upstream, status, elapsed),
     }

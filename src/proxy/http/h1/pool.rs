@@ -6,12 +6,12 @@
 //! TLS settings made it (its CA, server name and client certificate are that upstream's): a
 //! TLS connection is never handed to another upstream, nor a plain one to a TLS upstream.
 
+use crate::clock::coarse_mono_ms;
 use crate::proxy::client_io::ClientIo;
 use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::time::Instant;
 
 /// Idle connections older than this are not reused (servers commonly close at 60 s+).
 const MAX_IDLE_AGE: Duration = Duration::from_secs(50);
@@ -35,7 +35,12 @@ impl PoolKey {
 /// Idle upstream connections of one listener.
 #[derive(Debug, Default)]
 pub struct RawPool {
-    idle: Mutex<FxHashMap<PoolKey, Vec<(ClientIo, Instant)>>>,
+    idle: Mutex<FxHashMap<PoolKey, Vec<(ClientIo, u64)>>>,
+}
+
+/// Whether a connection idle since `since` (coarse monotonic ms) may still be used at `now`.
+fn fresh(since: u64, now: u64) -> bool {
+    now.saturating_sub(since) < MAX_IDLE_AGE.as_millis() as u64
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -47,8 +52,9 @@ impl RawPool {
     pub fn checkout(&self, key: &PoolKey) -> Option<ClientIo> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(key)?;
+        let now = coarse_mono_ms();
         while let Some((mut s, since)) = list.pop() {
-            if since.elapsed() < MAX_IDLE_AGE && s.idle_usable() {
+            if fresh(since, now) && s.idle_usable() {
                 return Some(s);
             }
         }
@@ -63,16 +69,17 @@ impl RawPool {
         let mut idle = lock(&self.idle);
         let list = idle.entry(key).or_default();
         if list.len() < max_idle {
-            list.push((s, Instant::now()));
+            list.push((s, coarse_mono_ms()));
         }
     }
 
     /// Takes every usable idle connection out (for a handover).
     pub fn take_all(&self) -> Vec<(PoolKey, ClientIo)> {
         let mut out = Vec::new();
+        let now = coarse_mono_ms();
         for (key, list) in lock(&self.idle).drain() {
             for (mut s, since) in list {
-                if since.elapsed() < MAX_IDLE_AGE && s.idle_usable() {
+                if fresh(since, now) && s.idle_usable() {
                     out.push((key.clone(), s));
                 }
             }

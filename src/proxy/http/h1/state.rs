@@ -58,10 +58,14 @@ pub struct Exchange {
     pub line: Vec<u8>,
     /// The rewritten headers after Host, with the final empty line.
     pub rest: Vec<u8>,
-    /// Trace id (32 hex digits).
-    pub trace: String,
+    /// Trace id (32 hex digits; serialized as text).
+    pub trace: super::super::headers::TraceId,
     /// The upstream chosen by routing.
     pub upstream: String,
+    /// Its handle, looked up once per request instead of by name at every step; not part
+    /// of the moved state (a resumed exchange looks it up by name again).
+    #[serde(skip)]
+    pub up: UpstreamRef,
     /// The request body's framing as the head announced it (for a retry from the start).
     pub body_initial: Framing,
     /// What is left of the request body.
@@ -96,6 +100,38 @@ pub struct Exchange {
     /// a tunnel after baton's own `200`. Absent in the state of older versions.
     #[serde(default)]
     pub connect: bool,
+}
+
+/// A cached [`crate::upstream::Upstream`] handle in an [`Exchange`]: compares equal to any
+/// other (a cache is not part of what the exchange is).
+#[derive(Clone, Default)]
+pub struct UpstreamRef(pub Option<std::sync::Arc<crate::upstream::Upstream>>);
+
+impl PartialEq for UpstreamRef {
+    fn eq(&self, _: &UpstreamRef) -> bool {
+        true
+    }
+}
+
+impl Eq for UpstreamRef {}
+
+impl std::fmt::Debug for UpstreamRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "cached" } else { "-" })
+    }
+}
+
+impl Exchange {
+    /// The exchange's upstream: the cached handle, else by name (after a resume).
+    pub fn upstream_in<'a>(
+        &'a self,
+        ctx: &'a crate::proxy::ListenerCtx,
+    ) -> Option<&'a std::sync::Arc<crate::upstream::Upstream>> {
+        self.up
+            .0
+            .as_ref()
+            .or_else(|| ctx.upstreams.get(&self.upstream))
+    }
 }
 
 /// The movable state of one client connection.

@@ -33,7 +33,7 @@ pub(super) async fn connect(
     if ex.connect {
         return super::connect::open(ctx, ex).await;
     }
-    let Some(upstream) = ctx.upstreams.get(&ex.upstream) else {
+    let Some(upstream) = ex.upstream_in(ctx).cloned() else {
         return Err((500, "missing upstream"));
     };
     let cfg = upstream.config();
