@@ -73,7 +73,7 @@ async fn metrics_are_prometheus_text_and_continue_across_an_upgrade() {
     let be = echo_backend("E").await;
     // A fixed admin port, as in production: the successor must wait for the predecessor to
     // release it, then serve on the same address.
-    let fixed = dead_addr().to_string();
+    let fixed = free_addr().to_string();
     let b = Baton::start(&config_admin(be, "", &fixed));
     let admin = admin_addr(&b, b.pid() as u32);
     assert_eq!(admin.to_string(), fixed);

@@ -161,7 +161,7 @@ async fn metrics_follow_conventions_per_server_and_kind() {
     let (http_be, _) = http_support::backend("A").await;
     let dead = dead_addr();
     // A fixed admin port: the successor binds the same one once its predecessor is gone.
-    let admin = dead_addr();
+    let admin = free_addr();
     let yaml = format!(
         "admin:\n  listen: {admin}\n\
          listeners:\n  t:\n    listen: 127.0.0.1:0\n    upstream: pg\n\

@@ -231,10 +231,23 @@ pub async fn echo_backend(greeting: &'static str) -> SocketAddr {
     addr
 }
 
-/// An address on 127.0.0.1 where nothing listens (bound then released).
-pub fn dead_addr() -> SocketAddr {
+/// A port on 127.0.0.1 free at this moment, for a process to bind (bound then released).
+pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
+}
+
+/// An address on 127.0.0.1 where nothing listens: connects to it are refused.
+pub fn dead_addr() -> SocketAddr {
+    // Bound but never listening, and kept for the rest of the test process: a connect is
+    // refused, and no other socket on the machine can take the port meanwhile (a port only
+    // probed free was taken by a parallel test's backend and answered).
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    std::mem::forget(s);
+    addr
 }
 
 /// Connects through baton and reads the backend's greeting of `len` bytes.
