@@ -72,18 +72,34 @@ fn run_case(name: &str, o: &ReqOpts<'_>, wrk: &head::Request) -> bool {
                 .unwrap()
                 .unwrap(),
         )),
+        // As the engine calls it: the head written into the client's (reused) buffer.
+        "parse_response_into/nginx" => CLIENT_BUF.with_borrow_mut(|out| {
+            out.clear();
+            drop(black_box(
+                head::parse_response_into(black_box(NGINX), 16 * 1024, &RESP, out)
+                    .unwrap()
+                    .unwrap(),
+            ))
+        }),
         "assemble/wrk" => drop(black_box(assemble(wrk))),
         _ => return false,
     }
     true
 }
 
-const CASES: [&str; 4] = [
+const CASES: [&str; 5] = [
     "parse_request/wrk",
     "parse_request/browser",
     "parse_response/nginx",
+    "parse_response_into/nginx",
     "assemble/wrk",
 ];
+
+thread_local! {
+    /// A client buffer that lives across calls, like a connection's.
+    static CLIENT_BUF: std::cell::RefCell<bytes::BytesMut> =
+        std::cell::RefCell::new(bytes::BytesMut::with_capacity(4096));
+}
 
 fn main() {
     let upgrades = vec!["websocket".to_string()];

@@ -27,9 +27,9 @@ allocs() { # iterations case
     HEAD_BENCH_ITERS=$1 HEAD_BENCH_CASE=$2 valgrind --tool=memcheck "$bin" 2>&1 >/dev/null |
         sed -n 's/.*total heap usage: \([0-9,]*\) allocs.*/\1/p' | tr -d ,
 }
-printf '%-24s %12s %10s\n' case instructions allocs
-for c in parse_request/wrk parse_request/browser parse_response/nginx assemble/wrk; do
+printf '%-26s %12s %10s\n' case instructions allocs
+for c in parse_request/wrk parse_request/browser parse_response/nginx parse_response_into/nginx assemble/wrk; do
     i=$(( ($(insns "$n" "$c") - $(insns 0 "$c")) / n ))
     a=$(echo "scale=2; ($(allocs "$n" "$c") - $(allocs 0 "$c")) / $n" | bc)
-    printf '%-24s %12s %10s\n' "$c" "$i" "$a"
+    printf '%-26s %12s %10s\n' "$c" "$i" "$a"
 done

@@ -8,6 +8,7 @@ use super::framing::{Chunked, Framing};
 use super::headers::{parse_traceparent, TraceId};
 use super::path;
 pub use super::syntax::valid_authority;
+pub use super::syntax::Sink;
 use super::syntax::{http_accepts_target, parse_length, push_decimal, List};
 use std::borrow::Cow;
 
@@ -144,24 +145,31 @@ enum Name {
     Other,
 }
 
-/// Which name `n` is, in any case. The length decides first, so most names cost one
-/// comparison of lengths (a chain of `eq_ignore_ascii_case` ran per header, in each of the
-/// two passes).
+/// Which name `n` (a token, as httparse checked it) is, in any case. Length and first letter
+/// decide first, so most names cost no comparison at all (a chain of `eq_ignore_ascii_case`
+/// ran per header, in each of the two passes).
 fn name_kind(n: &[u8]) -> Name {
-    let is = |s: &[u8]| n.eq_ignore_ascii_case(s);
-    match n.len() {
-        2 if is(b"te") => Name::Te,
-        4 if is(b"host") => Name::Host,
-        7 if is(b"upgrade") => Name::Upgrade,
-        10 if is(b"connection") => Name::Connection,
-        10 if is(b"keep-alive") => Name::KeepAlive,
-        11 if is(b"traceparent") => Name::Traceparent,
-        14 if is(b"content-length") => Name::ContentLength,
-        15 if is(b"x-forwarded-for") => Name::XForwardedFor,
-        16 if is(b"x-forwarded-host") => Name::XForwardedHost,
-        17 if is(b"transfer-encoding") => Name::TransferEncoding,
-        17 if is(b"x-forwarded-proto") => Name::XForwardedProto,
-        l if l >= 6 && n[..6].eq_ignore_ascii_case(b"proxy-") => Name::Proxy,
+    // Exact for tokens against lower-case letters and `-`: of the token bytes, only `X` and
+    // `x` give `x` with bit 5 set, and only `-` gives `-`.
+    let is = |s: &[u8]| n.len() == s.len() && n.iter().zip(s).all(|(&a, &b)| a | 0x20 == b);
+    let Some(&first) = n.first() else {
+        return Name::Other;
+    };
+    match (n.len(), first | 0x20) {
+        (2, b't') if is(b"te") => Name::Te,
+        (4, b'h') if is(b"host") => Name::Host,
+        (7, b'u') if is(b"upgrade") => Name::Upgrade,
+        (10, b'c') if is(b"connection") => Name::Connection,
+        (10, b'k') if is(b"keep-alive") => Name::KeepAlive,
+        (11, b't') if is(b"traceparent") => Name::Traceparent,
+        (14, b'c') if is(b"content-length") => Name::ContentLength,
+        (15, b'x') if is(b"x-forwarded-for") => Name::XForwardedFor,
+        (16, b'x') if is(b"x-forwarded-host") => Name::XForwardedHost,
+        (17, b't') if is(b"transfer-encoding") => Name::TransferEncoding,
+        (17, b'x') if is(b"x-forwarded-proto") => Name::XForwardedProto,
+        (l, b'p') if l >= 6 && n[..6].iter().zip(b"proxy-").all(|(&a, &b)| a | 0x20 == b) => {
+            Name::Proxy
+        }
         _ => Name::Other,
     }
 }
@@ -185,8 +193,14 @@ fn hop_by_hop(name: &str) -> bool {
 /// Parses one request head at the front of `buf`: `Ok(None)` when it is not complete yet.
 pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, HeadError> {
     // The request line alone past the URI limit earns 414, the head past its limit 431.
-    let line_end = buf.iter().position(|&b| b == b'\n');
-    if line_end.map_or(buf.len(), |e| e) > o.max_uri_bytes {
+    // (A buffer within the limit cannot hold a longer line: no scan then.)
+    if buf.len() > o.max_uri_bytes
+        && buf
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(buf.len(), |e| e)
+            > o.max_uri_bytes
+    {
         return Err(HeadError {
             status: 414,
             reason: "request line too long",
@@ -540,7 +554,8 @@ pub struct Response {
     pub close_client: bool,
     /// The upstream connection can be reused after this response.
     pub reusable: bool,
-    /// The rewritten head for the client.
+    /// The rewritten head for the client (empty from [`parse_response_into`], which wrote it
+    /// into the caller's buffer).
     pub out: Vec<u8>,
 }
 
@@ -560,6 +575,20 @@ fn bad_gateway(reason: &'static str) -> HeadError {
 
 /// Parses one response head at the front of `buf`: `Ok(None)` when it is not complete yet.
 pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Response>, HeadError> {
+    let mut out = Vec::new();
+    let r = parse_response_into(buf, max, o, &mut out)?;
+    Ok(r.map(|r| Response { out, ..r }))
+}
+
+/// [`parse_response`] that appends the rewritten head to `out` (the client's buffer) instead of
+/// a new `Response::out`, which stays empty: one allocation and one copy less per response.
+/// `out` is left as it was unless a complete head is accepted.
+pub fn parse_response_into(
+    buf: &[u8],
+    max: usize,
+    o: &RespOpts,
+    out: &mut impl Sink,
+) -> Result<Option<Response>, HeadError> {
     let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut hdrs);
     let head_len = match resp.parse(buf) {
@@ -648,12 +677,12 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
             || (o.client_http10 && !matches!(framing, Framing::Length(_) | Framing::Done))
             || (matches!(framing, Framing::UntilClose) && o.client_http10));
 
-    let mut out = Vec::with_capacity(head_len + 64);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    push_decimal(&mut out, u64::from(status));
-    out.push(b' ');
-    out.extend_from_slice(reason.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    out.reserve(head_len + 64);
+    out.add(b"HTTP/1.1 ");
+    push_decimal(out, u64::from(status));
+    out.add(b" ");
+    out.add(reason.as_bytes());
+    out.add(b"\r\n");
     let listed = |n: &[u8]| conn_tokens.has(n);
     for h in headers {
         let n = h.name.as_bytes();
@@ -663,37 +692,37 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
         if ((kind.hop_by_hop() || listed(n)) && !keep_upgrade) || framing_header {
             continue;
         }
-        out.extend_from_slice(n);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
+        out.add(n);
+        out.add(b": ");
+        out.add(h.value);
+        out.add(b"\r\n");
     }
     // Framing headers, as the client will see the body.
     match (framing, body) {
         (_, ClientBody::Encode) => {
             // The upstream's codings stay named (the bytes still carry them); chunked is added.
-            out.extend_from_slice(b"transfer-encoding: ");
+            out.add(b"transfer-encoding: ");
             for c in te.iter().filter(|c| !c.is_empty()) {
-                out.extend_from_slice(c);
-                out.extend_from_slice(b", ");
+                out.add(c);
+                out.add(b", ");
             }
-            out.extend_from_slice(b"chunked\r\n");
+            out.add(b"chunked\r\n");
         }
         (Framing::Chunked(_), ClientBody::Pass) => {
             for (i, c) in te.iter().enumerate() {
-                out.extend_from_slice(if i == 0 {
+                out.add(if i == 0 {
                     b"transfer-encoding: "
                 } else {
                     b", "
                 });
-                out.extend_from_slice(c);
+                out.add(c);
             }
-            out.extend_from_slice(b"\r\n");
+            out.add(b"\r\n");
         }
         (Framing::Length(n), _) => {
-            out.extend_from_slice(b"content-length: ");
-            push_decimal(&mut out, n);
-            out.extend_from_slice(b"\r\n");
+            out.add(b"content-length: ");
+            push_decimal(out, n);
+            out.add(b"\r\n");
         }
         (Framing::Done, _) if !interim && status != 204 && !switching => {
             // HEAD and 304 keep the length the upstream announced; others say 0.
@@ -703,23 +732,23 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
                 Some(0)
             };
             if let Some(n) = n {
-                out.extend_from_slice(b"content-length: ");
-                push_decimal(&mut out, n);
-                out.extend_from_slice(b"\r\n");
+                out.add(b"content-length: ");
+                push_decimal(out, n);
+                out.add(b"\r\n");
             }
         }
         _ => {}
     }
     if switching {
-        out.extend_from_slice(b"connection: upgrade\r\n");
+        out.add(b"connection: upgrade\r\n");
     } else if close_client && !interim {
-        out.extend_from_slice(b"connection: close\r\n");
+        out.add(b"connection: close\r\n");
     } else if o.client_http10 && !interim {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
+        out.add(b"connection: keep-alive\r\n");
     }
-    out.extend_from_slice(b"via: ");
-    out.extend_from_slice(o.via.as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
+    out.add(b"via: ");
+    out.add(o.via.as_bytes());
+    out.add(b"\r\n\r\n");
     Ok(Some(Response {
         status,
         head_len,
@@ -727,7 +756,7 @@ pub fn parse_response(buf: &[u8], max: usize, o: &RespOpts) -> Result<Option<Res
         body,
         close_client,
         reusable,
-        out,
+        out: Vec::new(),
     }))
 }
 

@@ -511,3 +511,49 @@ proptest! {
         prop_assert_eq!(valid_authority(&v), reference_authority(&v));
     }
 }
+
+/// `parse_response_into` appends exactly `parse_response`'s head to what the buffer held, and
+/// leaves the buffer alone when the head is incomplete or refused.
+#[test]
+fn response_into_a_buffer_is_the_same_head() {
+    let o = RespOpts {
+        head_request: false,
+        client_http10: false,
+        keep_alive: true,
+        upgrade: false,
+        via: "1.1 baton",
+    };
+    for raw in [
+        &b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n"
+            [..],
+        b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Le",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+    ] {
+        let mut buf = bytes::BytesMut::from(&b"before"[..]);
+        let into = parse_response_into(raw, 4096, &o, &mut buf);
+        let plain = parse_response(raw, 4096, &o);
+        match (into, plain) {
+            (Ok(Some(a)), Ok(Some(b))) => {
+                assert!(a.out.is_empty());
+                assert_eq!(&buf[..6], b"before");
+                assert_eq!(&buf[6..], &b.out[..], "{}", String::from_utf8_lossy(raw));
+                assert_eq!(
+                    Response {
+                        out: b.out.clone(),
+                        ..a
+                    },
+                    b
+                );
+            }
+            (a, b) => {
+                assert_eq!(a, b);
+                assert_eq!(&buf[..], b"before", "{}", String::from_utf8_lossy(raw));
+            }
+        }
+    }
+}

@@ -136,21 +136,30 @@ pub fn parse_traceparent(v: &str) -> Option<&str> {
 }
 
 thread_local! {
-    /// Trace ids need to be unique and unpredictable enough to not collide, not secret (W3C
-    /// Trace Context §6): a small generator (xoshiro256++) per thread, seeded from the OS-seeded
-    /// `ThreadRng`, costs a few instructions per id where `rand::random` (ChaCha12, with its
-    /// reseeding checks) cost ~0.2k.
-    static TRACE_RNG: std::cell::RefCell<rand::rngs::SmallRng> =
-        std::cell::RefCell::new(rand::SeedableRng::from_rng(&mut rand::rng()));
+    /// State of the trace-id generator of this thread (0: not seeded yet).
+    static TRACE_STATE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A random 64-bit value for trace ids. Ids need to be unique and unpredictable enough not to
+/// collide, not secret (W3C Trace Context §6): wyrand (a 64-bit counter through a 128-bit
+/// multiply) per thread, seeded once from the OS-seeded `ThreadRng`, costs a few instructions
+/// per value where `rand::random` (ChaCha12, with its reseeding checks) cost ~0.2k per request.
+fn trace_random() -> u64 {
+    TRACE_STATE.with(|s| {
+        let mut x = s.get();
+        if x == 0 {
+            x = rand::random::<u64>() | 1;
+        }
+        x = x.wrapping_add(0xa076_1d64_78bd_642f);
+        s.set(x);
+        let t = u128::from(x) * u128::from(x ^ 0xe703_7ed1_a0b4_28db);
+        (t >> 64) as u64 ^ t as u64
+    })
 }
 
 /// A new `traceparent` value (random trace and span ids, sampled) and its trace id.
 pub fn new_traceparent() -> (TraceId, [u8; 55]) {
-    use rand::RngCore as _;
-    let [hi, mut lo, mut span] = TRACE_RNG.with(|r| {
-        let mut r = r.borrow_mut();
-        [r.next_u64(), r.next_u64(), r.next_u64()]
-    });
+    let (hi, mut lo, mut span) = (trace_random(), trace_random(), trace_random());
     // All-zero ids are invalid.
     if hi == 0 && lo == 0 {
         lo = 1;
@@ -158,10 +167,10 @@ pub fn new_traceparent() -> (TraceId, [u8; 55]) {
     span = span.max(1);
     let mut value = [0u8; 55];
     value[..3].copy_from_slice(b"00-");
-    put_hex(&mut value[3..19], hi);
-    put_hex(&mut value[19..35], lo);
+    value[3..19].copy_from_slice(&hex16(hi));
+    value[19..35].copy_from_slice(&hex16(lo));
     value[35] = b'-';
-    put_hex(&mut value[36..52], span);
+    value[36..52].copy_from_slice(&hex16(span));
     value[52..].copy_from_slice(b"-01");
     (TraceId::from_hex(&value[3..35]), value)
 }
@@ -231,23 +240,23 @@ impl<'de> serde::Deserialize<'de> for TraceId {
     }
 }
 
-/// Fills `out` (16 bytes) with the hex digits of `v`, lower case, most significant first; a
-/// byte at a time through a table of digit pairs.
-fn put_hex(out: &mut [u8], mut v: u64) {
-    const PAIRS: [[u8; 2]; 256] = {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut t = [[0u8; 2]; 256];
-        let mut i = 0;
-        while i < 256 {
-            t[i] = [HEX[i >> 4], HEX[i & 15]];
-            i += 1;
-        }
-        t
-    };
-    for p in out.rchunks_exact_mut(2) {
-        p.copy_from_slice(&PAIRS[(v & 0xff) as usize]);
-        v >>= 8;
+/// The 16 lower-case hex digits of `v`, most significant first, eight at a time in a `u64`:
+/// each nibble spread to its own byte, then `'0'` added, and `'a' - '0' - 10` more where the
+/// nibble is 10 or above (no table, no loop).
+fn hex16(v: u64) -> [u8; 16] {
+    fn eight(x: u32) -> [u8; 8] {
+        let mut x = u64::from(x);
+        x = (x | x << 16) & 0x0000_ffff_0000_ffff;
+        x = (x | x << 8) & 0x00ff_00ff_00ff_00ff;
+        x = (x | x << 4) & 0x0f0f_0f0f_0f0f_0f0f;
+        // Nibble k (from the low end) is now byte k.
+        let letters = ((x + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+        (x + 0x3030_3030_3030_3030 + letters * 39).to_be_bytes()
     }
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&eight((v >> 32) as u32));
+    out[8..].copy_from_slice(&eight(v as u32));
+    out
 }
 
 /// Strips optional white space (spaces and tabs) around a header value.
@@ -411,9 +420,16 @@ mod tests {
             let a: SocketAddr = addr.parse().unwrap();
             assert_eq!(host_value(a).unwrap(), addr);
         }
-        let mut hex = [0u8; 16];
-        put_hex(&mut hex, 0x0123_4567_89ab_cdef);
-        assert_eq!(&hex, b"0123456789abcdef");
+        for v in [
+            0,
+            1,
+            0x0123_4567_89ab_cdef,
+            0xfedc_ba98_7654_3210,
+            u64::MAX,
+            0xa0_0000_0009,
+        ] {
+            assert_eq!(hex16(v), *format!("{v:016x}").as_bytes(), "{v:x}");
+        }
         let (a, b) = (new_traceparent(), new_traceparent());
         assert_ne!(a.1, b.1, "two new traceparents are the same");
         for (id, v) in [a, b] {

@@ -4,7 +4,7 @@
 //! connection can stop (park) after any of them.
 
 use super::super::framing::{encode_chunk, FramingError, LAST_CHUNK};
-use super::super::head::{parse_response, ClientBody, RespOpts};
+use super::super::head::{parse_response_into, ClientBody, RespOpts};
 use super::state::{RespState, State};
 use crate::proxy::client_io::ClientIo;
 use bytes::Buf;
@@ -150,10 +150,10 @@ pub fn poll_flow(
 
         // The response: its head, then its body by framing.
         if ex.resp.is_none() && !st.ubuf.is_empty() && st.to_cl.len() < CAP {
-            match parse_response(&st.ubuf, o.max_head, &o.resp) {
+            // The rewritten head goes straight into the client's buffer.
+            match parse_response_into(&st.ubuf, o.max_head, &o.resp, &mut st.to_cl) {
                 Ok(Some(r)) => {
                     st.ubuf.advance(r.head_len);
-                    st.to_cl.extend_from_slice(&r.out);
                     progressed = true;
                     if r.status == 101 {
                         return Poll::Ready(Flow::Switched);
