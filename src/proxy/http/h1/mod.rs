@@ -276,7 +276,9 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                 }
             }
             Phase::Connect if h2c_upstream(&ctx, &c.st) => {
-                match h2up::exchange(&ctx, &conn, &mut c).await {
+                // Boxed, as the other rare paths below: an inline sub-future would make every
+                // connection's boxed state as large as the largest of them.
+                match Box::pin(h2up::exchange(&ctx, &conn, &mut c)).await {
                     Step::Close(reason) => {
                         close_log(&ctx, &conn, reason);
                         return End::Gone;
@@ -316,7 +318,7 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                     Ok(up) if c.st.ex.as_ref().is_some_and(|e| e.connect) => {
                         c.up = Some(up);
                         c.st.to_cl.extend_from_slice(connect::ESTABLISHED);
-                        return tunnel(ctx, conn, c, 200).await;
+                        return Box::pin(tunnel(ctx, conn, c, 200)).await;
                     }
                     Ok(up) => {
                         let host = (!http.preserve_host
@@ -345,7 +347,7 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                     return End::Gone;
                 }
                 Step::Park => return park(&ctx, conn, c),
-                Step::Tunnel => return tunnel(ctx, conn, c, 101).await,
+                Step::Tunnel => return Box::pin(tunnel(ctx, conn, c, 101)).await,
             },
             Phase::Flush => {
                 // One write at a time, its bytes dropped from `to_cl` as it completes: a park
