@@ -237,7 +237,13 @@ impl UpstreamHandle {
     pub fn request_to(&self, server: Option<SocketAddr>, status: u16, d: Duration) {
         self.request(status, d);
         if let Some(s) = server {
-            add(&self.m.server(s).responses[class_of(status)], 1);
+            // Once per request: borrowed from the map when the series exists (an `Arc` clone
+            // and drop saved), created otherwise.
+            let class = class_of(status);
+            match self.m.servers.load().get(&s) {
+                Some(m) => add(&m.responses[class], 1),
+                None => add(&self.m.server(s).responses[class], 1),
+            }
         }
     }
 
