@@ -156,7 +156,12 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
     let mut released = false;
     let https = c.client.is_tls();
     let clock = Clock::new();
-    let mut timer: Timer = Box::pin(tokio::time::sleep_until(clock.base));
+    // Made far in the future, so the first wait moves it earlier (`arm`) to a deadline ahead
+    // of now: polled with a deadline already past, tokio would register it as due and wake
+    // its own driver through the eventfd (one `write` per new connection).
+    let mut timer: Timer = Box::pin(tokio::time::sleep_until(
+        clock.base + Duration::from_secs(86400 * 365),
+    ));
     loop {
         // A signal decided between phases.
         let bits = if conn.signalled() {
