@@ -297,15 +297,15 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                 let connected = {
                     let attempt = connect(&ctx, &mut c.st, stats.client.ip());
                     tokio::pin!(attempt);
-                    let mut poll_signal = true;
+                    let mut first = true;
                     std::future::poll_fn(|cx| {
                         if let Poll::Ready(r) = attempt.as_mut().poll(cx) {
                             return Poll::Ready(Ok(r));
                         }
-                        if std::mem::take(&mut poll_signal) || conn.signalled() {
-                            if let Poll::Ready(b) = conn.poll_requested(SIG_PARK | SIG_KILL, cx) {
-                                return Poll::Ready(Err(b));
-                            }
+                        if let Poll::Ready(b) =
+                            poll_signal(&conn, SIG_PARK | SIG_KILL, &mut first, cx)
+                        {
+                            return Poll::Ready(Err(b));
                         }
                         Poll::Pending
                     })
@@ -490,17 +490,29 @@ fn exchange_of(req: head::Request, upstream: String, now: u64) -> Exchange {
     }
 }
 
+/// `conn.poll_requested(mask)`, polled the first time (`*first`, which registers the task's
+/// waker) and after that only when the signal bits say it may be ready: one atomic load per
+/// wake-up in the common case.
+fn poll_signal(
+    conn: &ConnHandle,
+    mask: u8,
+    first: &mut bool,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<u8> {
+    if std::mem::take(first) || conn.signalled() {
+        conn.poll_requested(mask, cx)
+    } else {
+        Poll::Pending
+    }
+}
+
 /// Waits for client bytes (into `cbuf`), a signal, or `due`.
 async fn wait_read(conn: &ConnHandle, c: &mut Conn, timer: &mut Timer, due: Instant) -> Wake {
     arm(timer, due);
-    // Polled once to register the task's waker, then only when the signal bits say it may
-    // be ready.
-    let mut poll_signal = true;
+    let mut first = true;
     std::future::poll_fn(|cx| {
-        if std::mem::take(&mut poll_signal) || conn.signalled() {
-            if let Poll::Ready(b) = conn.poll_requested(SIG_PARK | SIG_DRAIN | SIG_KILL, cx) {
-                return Poll::Ready(Wake::Signal(b));
-            }
+        if let Poll::Ready(b) = poll_signal(conn, SIG_PARK | SIG_DRAIN | SIG_KILL, &mut first, cx) {
+            return Poll::Ready(Wake::Signal(b));
         }
         if let Poll::Ready(r) = c.client.poll_fill(&mut c.st.cbuf, cx) {
             return Poll::Ready(Wake::Read(r));
@@ -590,14 +602,11 @@ async fn exchange(
         } else {
             SIG_PARK | SIG_DRAIN | SIG_KILL
         };
-        // Polled once to register the task's waker, then only when the signal bits say it
-        // may be ready (after a drain, only when a bit other than drain is set).
-        let mut poll_signal = true;
+        // After a drain, only a bit other than drain makes the signal ready.
+        let mut first = true;
         let wake = std::future::poll_fn(|cx| {
-            if std::mem::take(&mut poll_signal) || conn.signalled() {
-                if let Poll::Ready(b) = conn.poll_requested(mask, cx) {
-                    return Poll::Ready(Wake::Signal(b));
-                }
+            if let Poll::Ready(b) = poll_signal(conn, mask, &mut first, cx) {
+                return Poll::Ready(Wake::Signal(b));
             }
             let flow = poll_flow(
                 &mut c.st,
