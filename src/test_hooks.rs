@@ -6,6 +6,8 @@
 //! - `BATON_TEST_FAULT=slow_ready`: a successor delays its `Ready` by 2 s.
 //! - `BATON_TEST_FAULT=kill_after_first_batch`: a successor SIGKILLs itself on receiving its
 //!   first connection batch, before acknowledging it.
+//! - `BATON_TEST_FAULT=hold_upgrade:STEP`: a predecessor stops for good before STEP of its
+//!   handover (`listeners`, `batch`, `commit` or `done`), so a test can SIGKILL it there.
 //! - `BATON_TEST_FAULT=grow_memory:INDEX`: worker INDEX allocates and touches 8 MiB every
 //!   20 ms once it serves, without end.
 //! - `BATON_TEST_FAULT=rotate_ticket_keys:PATH`: a supervisor rotates its session-ticket keys
@@ -27,6 +29,21 @@ pub fn fault(name: &str) -> bool {
 pub fn fault(_name: &str) -> bool {
     false
 }
+
+/// With `BATON_TEST_FAULT=hold_upgrade:STEP`, never returns (after a log line naming the step):
+/// the predecessor's handover stops before `step`, for a test to kill it there.
+#[cfg(feature = "test-hooks")]
+pub async fn hold_upgrade(step: &str) {
+    if fault(&format!("hold_upgrade:{step}")) {
+        tracing::warn!(step, "test fault: upgrade held");
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Without the `test-hooks` feature, nothing.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub async fn hold_upgrade(_step: &str) {}
 
 /// With `BATON_TEST_FAULT=grow_memory:INDEX`, worker INDEX starts a thread that allocates and
 /// touches 8 MiB every 20 ms, without end (for the memory-limit test).

@@ -4,6 +4,8 @@
 //! process boundary and the child serves them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use baton::config::Protocol;
 use baton::handover::{
     expect_ack, inherited_channel, predecessor_hello, recv_conns, recv_listeners, recv_ready,
@@ -35,10 +37,21 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// The test binary, running only the named test, as a successor.
-fn spawn_peer(test: &str) -> baton::handover::Spawned {
+/// The test binary, running only the named test, as a successor (killed and reaped when the
+/// test ends, also when it fails).
+fn spawn_peer(test: &str) -> Peer {
     let exe = std::env::current_exe().unwrap();
-    spawn_successor(&exe, [test, "--exact", "--nocapture", "--test-threads=1"]).unwrap()
+    let sp = spawn_successor(&exe, [test, "--exact", "--nocapture", "--test-threads=1"]).unwrap();
+    Peer {
+        child: common::Reaped(sp.child),
+        channel: sp.channel,
+    }
+}
+
+/// A spawned peer and our end of its channel.
+struct Peer {
+    child: common::Reaped,
+    channel: baton::handover::Channel,
 }
 
 /// The successor: hello, adopt the listeners, ready, take the tunnels over and write their

@@ -273,18 +273,17 @@ async fn the_binary_on_disk_is_started_not_the_running_one() {
     std::fs::copy(bin(), &exe).unwrap();
     let config = dir.path().join("config.yaml");
     std::fs::write(&config, tcp_config(be, "")).unwrap();
-    let mut child = Command::new(&exe)
+    let child = Command::new(&exe)
         .args(["run", "-c"])
         .arg(&config)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let log = Arc::new(LogLines::default());
-    pump(child.stderr.take().unwrap(), log.clone(), "baton");
-    assert!(log.wait_for(&["to=Ready"], WAIT).is_some());
+    // Ended on drop with its successor, also when an assertion fails.
+    let mut b = Baton::adopt(child, dir, config);
     // The "new build": a wrapper that leaves a mark, then runs the real binary.
-    let marker = dir.path().join("new-binary-ran");
-    let staged = dir.path().join("baton.new");
+    let marker = b.dir().join("new-binary-ran");
+    let staged = b.dir().join("baton.new");
     std::fs::write(
         &staged,
         format!(
@@ -296,20 +295,12 @@ async fn the_binary_on_disk_is_started_not_the_running_one() {
     .unwrap();
     std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::rename(&staged, &exe).unwrap();
-    let (ok, out) = cli(&config, "upgrade", &[]);
+    let (ok, out) = b.cli_upgrade(&[]);
     assert!(ok, "{out}");
     assert!(
         marker.exists(),
         "the replaced binary was not the one started"
     );
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-    let pid: i32 = std::fs::read_to_string(dir.path().join("baton.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let _ = rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid).unwrap(),
-        rustix::process::Signal::KILL,
-    );
+    assert_eq!(b.wait_exit(WAIT), Some(0));
+    assert_ne!(b.serving_pid(), b.pid());
 }

@@ -101,6 +101,15 @@ impl From<HandoverError> for Cause {
             HandoverError::Refused(r) => Cause::Refused(r),
             HandoverError::Aborted(r) => Cause::Aborted(r),
             HandoverError::Closed => Cause::PeerExited("handover channel closed".into()),
+            // Writing to a channel whose other end is closed: the peer is gone just the same.
+            HandoverError::Io(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Cause::PeerExited(format!("handover channel closed: {e}"))
+            }
             other => Cause::Protocol(other),
         }
     }

@@ -3,7 +3,10 @@
 //! connections. Connections received before the predecessor's `Commit` are held untouched,
 //! so if the upgrade is rolled back the predecessor resumes them with no byte read or written
 //! here. Every step before the commit has a deadline (`upgrade_timeout`): a predecessor that
-//! goes silent makes this process exit non-zero, never hang with its listeners unserved.
+//! goes silent makes this process exit non-zero, never hang with its listeners unserved. One
+//! that is gone before the commit (its end of the channel closed: it crashed, was killed, or
+//! dropped the channel) makes it exit non-zero too, never live on as a second proxy nobody
+//! started. After the commit this process serves whatever happens to the predecessor.
 
 use super::history::UpgradeRecord;
 use super::process::Process;
@@ -63,12 +66,15 @@ pub(super) async fn take_over(
     let deadline = Deadline::new(p.cfg().runtime.upgrade_timeout, "upgrade_timeout");
     let mut s = Successor::hello(ch, deadline)
         .await
-        .map_err(|e| refused("predecessor", e))?;
+        .map_err(|e| LifecycleError::TakeOver(gave_up(&e)))?;
     if let Err(reason) = super::upgrade::check_config(p.cfg()) {
         s.refuse(&reason).await;
         return Err(LifecycleError::TakeOver(reason));
     }
-    let received = s.listeners().await.map_err(|e| refused("predecessor", e))?;
+    let received = s
+        .listeners()
+        .await
+        .map_err(|e| LifecycleError::TakeOver(gave_up(&e)))?;
     p.take_ticket_keys(&s.take_ticket_keys());
     let mut inherited: BTreeMap<String, (std::net::SocketAddr, std::os::fd::OwnedFd)> = received
         .into_iter()
@@ -186,7 +192,7 @@ async fn receive(
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
     if let Err(e) = s.ready(adopted).await {
-        return Ended::Failed(format!("predecessor: {e}"));
+        return Ended::Failed(gave_up(&e));
     }
     let mut held: Vec<Parked> = Vec::new();
     let mut committed = false;
@@ -215,7 +221,7 @@ async fn receive(
                     held.extend(conns);
                 }
                 if let Err(e) = s.ack(seq, count).await {
-                    return lost(e, committed, &ctxs, held, events).await;
+                    return lost(e, committed, &ctxs, held).await;
                 }
             }
             Ok(Incoming::Commit) => {
@@ -237,34 +243,48 @@ async fn receive(
                 resume_all(&ctxs, std::mem::take(&mut held)).await;
                 return Ended::Done(Ok((predecessor, counters, total, history)));
             }
-            Err(e) => return lost(e, committed, &ctxs, held, events).await,
+            Err(e) => return lost(e, committed, &ctxs, held).await,
         }
     }
 }
 
-/// The session with the predecessor ended early. A predecessor that is gone leaves what it
-/// gave us to serve here (it cannot serve it any more). Before the commit, any other end
-/// (aborted, silent, garbled) means the predecessor keeps everything: our copies are dropped
-/// untouched and this process exits non-zero. After the commit this process serves anyway.
+/// The session with the predecessor ended early. After the commit this process serves
+/// whatever happens: it accepts, and the predecessor only finishes its own requests. Before
+/// the commit every end is a failure and this process exits non-zero: a predecessor that
+/// aborted or went silent keeps everything, and one that is gone (killed, crashed, its channel
+/// closed without a word) is the process its operator or service manager knows: a successor
+/// that went live in its place would be a second, unannounced proxy holding the listeners.
+/// What it gave us before the commit is dropped here untouched (docs/operations.md, "When the
+/// predecessor dies before the commit").
 async fn lost(
     e: SessionError,
     committed: bool,
     ctxs: &BTreeMap<String, Arc<ListenerCtx>>,
     held: Vec<Parked>,
-    events: &mpsc::Sender<TakeOverEvent>,
 ) -> Ended {
-    if let Cause::PeerExited(_) = e.cause {
-        if !committed {
-            go_live(events).await;
-        }
-        resume_all(ctxs, held).await;
-        return Ended::Done(Err(format!("predecessor gone: {e}")));
-    }
     if committed {
+        resume_all(ctxs, held).await;
         return Ended::Done(Err(format!("predecessor: {e}")));
     }
+    let connections = held.len();
     drop(held);
-    Ended::Failed(format!("predecessor: {e}"))
+    Ended::Failed(match e.cause {
+        Cause::PeerExited(_) if connections > 0 => {
+            format!(
+                "{}; the {connections} connections it handed over are closed",
+                gave_up(&e)
+            )
+        }
+        _ => gave_up(&e),
+    })
+}
+
+/// Why a take-over failed before the commit, for the log line and the exit.
+fn gave_up(e: &SessionError) -> String {
+    match e.cause {
+        Cause::PeerExited(_) => format!("predecessor gone before the commit: {e}"),
+        _ => format!("predecessor: {e}"),
+    }
 }
 
 /// Records the end of the take-over.

@@ -216,6 +216,7 @@ async fn guarded<F: Future>(
 /// Everything before the rollback point: handshake, listeners, readiness.
 async fn prepare(p: &Process, s: &mut Predecessor) -> Result<Vec<String>, SessionError> {
     s.hello().await?;
+    crate::test_hooks::hold_upgrade("listeners").await;
     // The successor decrypts the session tickets this process issued (docs/tls.md).
     s.set_ticket_keys(p.ticket_keys());
     s.offer_listeners(&p.listeners().offers()).await?;
@@ -413,9 +414,11 @@ async fn hand_over(
     count_kinds(&prompt, &mut tunnels, &mut idle_http, &mut busy_http);
     let mut tls = count_tls(&prompt);
     let upstream_tls = prompt.iter().filter(|c| c.upstream_tls().is_some()).count();
+    crate::test_hooks::hold_upgrade("batch").await;
     if let Err(e) = guarded(triggers, &status, later, s.send_batch(&prompt)).await {
         return rollback(p, s, prompt, e).await;
     }
+    crate::test_hooks::hold_upgrade("commit").await;
     if let Err(e) = guarded(triggers, &status, later, s.commit()).await {
         // Without the acknowledgement the successor may or may not serve: it is killed
         // with its process group, so only this process does.
@@ -456,6 +459,7 @@ async fn hand_over(
             .map(|new| crate::config::diff(p.cfg(), &new).to_string()),
     };
     asker.committed(&report);
+    crate::test_hooks::hold_upgrade("done").await;
 
     // Phase 3: finish in-flight requests, handing each connection over once idle.
     p.set_phase(Phase::Draining);

@@ -180,20 +180,132 @@ impl Baton {
 }
 
 impl Drop for Baton {
+    /// Ends every process of this baton, also when the test panics: the one we started, and
+    /// every successor, worker or wrapper started for it (each names a file of this folder on
+    /// its command line). A successor is not our child and leads a process group of its own,
+    /// so killing only our child (or the pid file's process) left one that was mid-take-over
+    /// running, holding its listeners, after the test had passed.
     fn drop(&mut self) {
-        // A successor started by an upgrade is not our child: end it by the pid it wrote.
-        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("baton.pid")) {
-            if let Some(pid) = pid.trim().parse::<i32>().ok().filter(|p| *p != self.pid()) {
-                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left: Vec<i32> = processes_naming(self.dir.path())
+                .into_iter()
+                .filter(|p| alive(*p))
+                .collect();
+            if left.is_empty() || Instant::now() >= deadline {
+                break;
             }
+            for pid in left {
+                kill_with_group(pid);
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.child.kill();
-            let _ = self.child.wait();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Every other process with an argument inside `dir` (its config file, a wrapper script).
+pub fn processes_naming(dir: &Path) -> Vec<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let prefix = dir.as_os_str().as_bytes();
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg.starts_with(prefix)))
+        })
+        .collect()
+}
+
+/// SIGKILL to `pid` and, if it leads one, its process group (a successor's: a wrapper
+/// script's children go with it).
+pub fn kill_with_group(pid: i32) {
+    let Some(p) = rustix::process::Pid::from_raw(pid) else {
+        return;
+    };
+    let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
+    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+}
+
+/// A successor started by the test itself ([`baton::handover::spawn_successor`]): killed with
+/// its process group and reaped when dropped, also when the test panics (tokio's `Child` is
+/// not killed on drop, and `spawn_successor` must not ask for that: a successor outlives its
+/// predecessor's `Spawned`).
+pub struct Reaped(pub tokio::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = tokio::process::Child;
+    fn deref(&self) -> &tokio::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut tokio::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        if let Some(pid) = self.0.id() {
+            kill_with_group(pid as i32);
+        }
+        let _ = self.0.start_kill();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// The TCP addresses process `pid` is listening on (its fds matched against the kernel's
+/// socket table), so a test can see which listeners a process holds without its log.
+pub fn listening_addrs(pid: u32) -> Vec<SocketAddr> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let link = std::fs::read_link(e.path()).ok()?;
+            let link = link.to_str()?;
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local_address st ... inode; 0A is LISTEN.
+            if f.len() < 10 || f[3] != "0A" || !inodes.contains(f[9]) {
+                return None;
+            }
+            let (ip, port) = f[1].split_once(':')?;
+            let ip = u32::from_str_radix(ip, 16).ok()?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            // The kernel prints the address as a native-endian u32 of network-order bytes.
+            let ip = std::net::Ipv4Addr::from(ip.to_ne_bytes());
+            Some(SocketAddr::from((ip, port)))
+        })
+        .collect()
 }
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes.
