@@ -208,7 +208,6 @@ pub async fn read_to_close(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// An HTTP/1.1 client connection (hyper) to `addr`.
 /// An h2c (prior knowledge) client connection to `addr`, and the task driving it (it ends
 /// `Ok` when the server closes with GOAWAY).
 pub async fn h2c(
@@ -227,12 +226,19 @@ pub async fn h2c(
     (send, tokio::spawn(conn))
 }
 
+/// An HTTP/1.1 client connection (hyper) to `addr`. Its connection task says how it ended
+/// (in the test's output, shown when the test fails): a later `ready()` or `send_request`
+/// that fails with `ChannelClosed` only says that the task is gone, not why.
 pub async fn h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<TBody> {
     let s = TcpStream::connect(addr).await.unwrap();
+    let local = s.local_addr().unwrap();
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
         .await
         .unwrap();
-    tokio::spawn(conn);
+    tokio::spawn(async move {
+        let ended = conn.await;
+        eprintln!("client connection {local} -> {addr} ended: {ended:?}");
+    });
     send
 }
 
