@@ -9,7 +9,7 @@
 mod common;
 
 use baton::handover::session::{Deadline, Peer, Predecessor};
-use baton::handover::{spawn_successor, Spawned};
+use baton::handover::{handshake, spawn_successor, Spawned};
 use baton::registry::{ConnKind, ConnMeta, Parked, TunnelState};
 use common::{listening_addrs, Reaped, WAIT};
 use std::io::Read;
@@ -41,6 +41,8 @@ enum Gone {
     AfterHello,
     /// After the successor took the listeners and said Ready.
     AfterReady,
+    /// After the successor said Ready, in the middle of the next frame (killed as it wrote).
+    MidBatch,
     /// After the successor acknowledged a batch with a live tunnel (which it holds).
     AfterBatch,
 }
@@ -143,6 +145,15 @@ fn tunnel(listener: &str) -> (TcpStream, TcpStream, Parked) {
     (client, server, parked)
 }
 
+/// The successor `pid` listens on `adopted` (ours) and on one address of its own: returns it.
+fn own_listener(pid: u32, adopted: SocketAddr, what: &str) -> SocketAddr {
+    let held = listening_addrs(pid);
+    assert!(held.contains(&adopted), "{what}: t not adopted: {held:?}");
+    held.into_iter()
+        .find(|a| *a != adopted)
+        .unwrap_or_else(|| panic!("{what}: `own` not bound"))
+}
+
 async fn gone_predecessor(at: Gone) {
     let what = format!("{at:?}");
     // A deadline far beyond the wait below: the successor must go because the channel
@@ -161,6 +172,19 @@ async fn gone_predecessor(at: Gone) {
             let mut ch = channel;
             ch.send_raw(&[b"BTNH\0"], &[]).await.unwrap();
         }
+        Gone::MidBatch => {
+            let mut ch = channel;
+            let offer = ("t", addr, baton::config::Protocol::Tcp, listener.as_fd());
+            let ready = async {
+                handshake::predecessor_hello(&mut ch).await?;
+                handshake::send_listeners(&mut ch, &[offer]).await?;
+                handshake::recv_ready(&mut ch).await
+            };
+            let adopted = tokio::time::timeout(WAIT, ready).await.unwrap().unwrap();
+            assert_eq!(adopted, ["t"]);
+            own = Some(own_listener(pid, addr, &what));
+            ch.send_raw(&[b"BTNH\0"], &[]).await.unwrap();
+        }
         Gone::AfterHello | Gone::AfterReady | Gone::AfterBatch => {
             let mut p = Predecessor::new(channel, Peer::Remote, Deadline::new(WAIT, "test"));
             p.hello().await.unwrap();
@@ -168,10 +192,7 @@ async fn gone_predecessor(at: Gone) {
                 let offer = ("t", addr, baton::config::Protocol::Tcp, listener.as_fd());
                 p.offer_listeners(&[offer]).await.unwrap();
                 assert_eq!(p.await_ready().await.unwrap(), ["t"]);
-                let held = listening_addrs(pid);
-                assert!(held.contains(&addr), "{what}: t not adopted: {held:?}");
-                own = held.into_iter().find(|a| *a != addr);
-                assert!(own.is_some(), "{what}: `own` not bound");
+                own = Some(own_listener(pid, addr, &what));
             }
             if let Gone::AfterBatch = at {
                 let (c, _server, parked) = tunnel("t");
@@ -241,6 +262,11 @@ async fn a_predecessor_gone_after_hello() {
 #[tokio::test]
 async fn a_predecessor_gone_after_ready_closes_the_listeners() {
     gone_predecessor(Gone::AfterReady).await;
+}
+
+#[tokio::test]
+async fn a_predecessor_gone_mid_batch() {
+    gone_predecessor(Gone::MidBatch).await;
 }
 
 #[tokio::test]
