@@ -22,7 +22,17 @@ pub fn bind(cfg: &config::Listener) -> io::Result<std::net::TcpListener> {
     socket.bind(&cfg.listen.into())?;
     socket.listen(cfg.backlog.min(i32::MAX as u32) as i32)?;
     socket.set_nonblocking(true)?;
+    set_defer_accept(&socket, cfg.defer_accept)?;
     Ok(socket.into())
+}
+
+/// Adopts an inherited listening socket for the listener `cfg`: [`adopt`], then the options
+/// that can change without binding again (`defer_accept`), so an upgrade or reload that
+/// changes them takes effect on the same socket.
+pub fn adopt_for(fd: OwnedFd, cfg: &config::Listener) -> io::Result<std::net::TcpListener> {
+    let l = adopt(fd)?;
+    set_defer_accept(&SockRef::from(&l), cfg.defer_accept)?;
+    Ok(l)
 }
 
 /// Adopts an inherited listening socket: checks that it is a listening TCP socket, makes it
@@ -38,6 +48,37 @@ pub fn adopt(fd: OwnedFd) -> io::Result<std::net::TcpListener> {
     sock.set_nonblocking(true)?;
     sock.set_cloexec(true)?;
     Ok(sock.into())
+}
+
+/// How long the kernel holds a connection whose client has sent nothing (TCP_DEFER_ACCEPT,
+/// in seconds; the kernel rounds it to SYN-ACK retransmissions), as nginx's `deferred` and
+/// HAProxy's `defer-accept` do. After it the connection is accepted without data, and the
+/// listener's own timeouts apply.
+const DEFER_ACCEPT_SECS: libc::c_int = 1;
+
+/// Sets or clears TCP_DEFER_ACCEPT on a listening socket. With it, a new connection wakes
+/// baton once, with its first bytes, instead of once for the accept and again for the
+/// request; the handshake's last ACK alone does not reach the accept queue.
+fn set_defer_accept(s: &Socket, on: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = if on { DEFER_ACCEPT_SECS } else { 0 };
+    // No safe wrapper exists for this option (socket2, rustix and nix lack it). The pointer
+    // and length describe `v`, which outlives the call; the fd is borrowed from `s`.
+    #[allow(unsafe_code)]
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Registers a std listener with the current tokio runtime.
@@ -110,5 +151,59 @@ impl AcceptBackoff {
             _ = stop.cancelled() => false,
             _ = tokio::time::sleep(ACCEPT_BACKOFF) => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The listener named `web` of a config with one `protocol` listener (TLS-less).
+    fn listener(protocol: &str, extra: &str) -> config::Listener {
+        let text = format!(
+            "listeners:\n  web:\n    listen: 127.0.0.1:0\n    protocol: {protocol}\n    upstream: b\n{extra}upstreams:\n  b:\n    servers: [127.0.0.1:9]\n"
+        );
+        let cfg = config::Config::parse(std::path::Path::new("t.yaml"), &text).unwrap();
+        cfg.listeners["web"].clone()
+    }
+
+    /// TCP_DEFER_ACCEPT as the kernel reports it (0 = off).
+    fn defer_accept(l: &std::net::TcpListener) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // `v` and `len` outlive the call and describe an int, as the option is.
+        #[allow(unsafe_code)]
+        let r = unsafe {
+            libc::getsockopt(
+                l.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        v
+    }
+
+    #[test]
+    fn defer_accept_is_on_for_http_and_off_for_tcp_unless_configured() {
+        let http = bind(&listener("http", "")).unwrap();
+        assert!(defer_accept(&http) > 0);
+        let tcp = bind(&listener("tcp", "")).unwrap();
+        assert_eq!(defer_accept(&tcp), 0);
+        let off = bind(&listener("http", "    defer_accept: false\n")).unwrap();
+        assert_eq!(defer_accept(&off), 0);
+        let on = bind(&listener("tcp", "    defer_accept: true\n")).unwrap();
+        assert!(defer_accept(&on) > 0);
+    }
+
+    #[test]
+    fn adopting_a_socket_applies_the_new_config() {
+        let l = bind(&listener("http", "")).unwrap();
+        let fd = OwnedFd::from(l);
+        let l = adopt_for(fd, &listener("http", "    defer_accept: false\n")).unwrap();
+        assert_eq!(defer_accept(&l), 0);
     }
 }

@@ -206,6 +206,7 @@ fn listener(l: &Listener) -> Y {
         ("idle_timeout", opt_dur(l.idle_timeout)),
         ("backlog", Y::Num(u64::from(l.backlog))),
         ("reuse_port", Y::Bool(l.reuse_port)),
+        ("defer_accept", Y::Bool(l.defer_accept)),
     ]);
     if let Some(t) = &l.tls {
         m.push(("tls", tls(t)));

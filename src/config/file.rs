@@ -122,6 +122,7 @@ pub struct Listener {
     pub idle_timeout: Option<S<String>>,
     pub backlog: Option<u32>,
     pub reuse_port: Option<bool>,
+    pub defer_accept: Option<bool>,
     #[serde(default)]
     pub routes: Vec<S<Route>>,
     pub http: Option<ListenerHttp>,

@@ -179,6 +179,10 @@ pub struct Listener {
     pub backlog: u32,
     /// Bind with SO_REUSEPORT.
     pub reuse_port: bool,
+    /// TCP_DEFER_ACCEPT: the kernel hands a connection over only once its first bytes have
+    /// arrived (or after about a second without any). On by default where the client speaks
+    /// first (HTTP, TLS).
+    pub defer_accept: bool,
     /// HTTP routes, first match wins (HTTP listeners only).
     pub routes: Vec<Route>,
     /// HTTP settings (HTTP listeners only).

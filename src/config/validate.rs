@@ -455,6 +455,9 @@ fn listener(
         idle_timeout,
         backlog: raw.backlog.unwrap_or(1024),
         reuse_port: raw.reuse_port.unwrap_or(false),
+        defer_accept: raw
+            .defer_accept
+            .unwrap_or(protocol == Protocol::Http || raw.tls.is_some()),
         routes,
         http,
         tls,

@@ -199,7 +199,7 @@ fn bind_listeners(cfg: &Config) -> Result<BTreeMap<String, std::net::TcpListener
     let mut out = BTreeMap::new();
     for l in cfg.listeners.values() {
         let s = match activated.remove(&l.name) {
-            Some(fd) => crate::listener::adopt(fd),
+            Some(fd) => crate::listener::adopt_for(fd, l),
             None => crate::listener::bind(l),
         }
         .map_err(|source| IsolationError::Bind {

@@ -461,7 +461,7 @@ impl Process {
         for l in self.cfg.listeners.clone().values() {
             let s = match (prebound.remove(&l.name), activated.remove(&l.name)) {
                 (Some(s), _) => Ok(s),
-                (None, Some(fd)) => crate::listener::adopt(fd),
+                (None, Some(fd)) => crate::listener::adopt_for(fd, l),
                 (None, None) => crate::listener::bind(l),
             }
             .map_err(|source| LifecycleError::Bind {

@@ -102,7 +102,7 @@ pub(super) async fn take_over(
             None => None,
         };
         let sock = if let Some(fd) = fd {
-            crate::listener::adopt(fd)
+            crate::listener::adopt_for(fd, l)
                 .map_err(|e| refused(&format!("adopt listener {}", l.name), e))
         } else {
             crate::listener::bind(l).map_err(|source| LifecycleError::Bind {

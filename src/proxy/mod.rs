@@ -217,7 +217,6 @@ pub async fn serve_in_turn(
         };
         match accepted {
             Ok((stream, peer)) => {
-                crate::listener::tune(&stream);
                 ctx.lm.accepted();
                 spawn_connection(ctx.clone(), stream, peer, permit);
             }
@@ -236,12 +235,16 @@ fn spawn_connection(
     peer: std::net::SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
+    // TCP_NODELAY at accept, except on plain HTTP: its engine sets it before a connection's
+    // second write (`ClientIo::plain_lazy`), which a `Connection: close` exchange never makes.
     if ctx.cfg.tls.is_some() {
+        crate::listener::tune(&stream);
         tokio::spawn(tls::handle(ctx, stream, peer, permit));
         return;
     }
     match ctx.cfg.protocol {
         config::Protocol::Tcp => {
+            crate::listener::tune(&stream);
             tokio::spawn(tcp::handle(ctx, stream, peer, permit));
         }
         config::Protocol::Http => {

@@ -59,7 +59,8 @@ pub fn handle(
     let conn = ctx
         .registry
         .register(ctx.name.clone(), peer, ConnKind::Http, now_ms());
-    // TCP_NODELAY was set at accept (`listener::tune`).
+    // TCP_NODELAY is set by the engine before the connection's second write
+    // (`ClientIo::plain_lazy`), or before h2c starts.
     server::serve(ctx, conn, client, BytesMut::new(), permit)
 }
 
@@ -90,7 +91,7 @@ pub fn resume(
             return Either::Left(std::future::ready(()));
         }
     };
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY came with the socket, or the engine sets it (`ClientIo::plain_lazy`).
     let read_ahead = BytesMut::from(&h.read_ahead[..]);
     Either::Right(server::serve(ctx, conn, stream, read_ahead, permit))
 }

@@ -13,6 +13,7 @@ use super::idle;
 use super::io::PrefixedIo;
 use super::service::{Svc, SvcCtx};
 use super::shared::{ConnShared, IDLE_RELEASE};
+use crate::proxy::client_io::ClientIo;
 use crate::proxy::tcp::close_log;
 use crate::proxy::ListenerCtx;
 use crate::registry::{
@@ -159,7 +160,7 @@ pub async fn serve(
             // baton's own engine, for every HTTP/1.1 client; boxed, so an idle connection's
             // task stays small.
             let c = h1::Conn {
-                client: stream.into(),
+                client: ClientIo::plain_lazy(stream),
                 up: None,
                 st: h1::state::State {
                     cbuf: std::mem::take(&mut buf),
@@ -181,7 +182,9 @@ pub async fn serve(
                 }
             }
         }
-        // h2c (prior knowledge), on hyper.
+        // h2c (prior knowledge), on hyper, which writes the socket itself: TCP_NODELAY now
+        // (the engine sets it lazily, before a connection's second write).
+        let _ = stream.set_nodelay(true);
         let shared = ConnShared::new(stats.clone());
         let io = PrefixedIo::new(stream, buf.split().freeze(), stats.clone());
         let svc = Svc(Arc::new(SvcCtx {

@@ -155,6 +155,9 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
         fail(ctx, conn, c, 400, true, "request head not valid for HTTP/2");
         return Step::Go;
     };
+    // The response is written to the socket directly (`write_all`), past ClientIo's lazy
+    // TCP_NODELAY.
+    c.client.nodelay_now();
     let framing = ex.body;
     let (tx, body) = if framing.is_done() {
         (None, ChanBody::empty())

@@ -212,7 +212,7 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                             released = false;
                         }
                         Wake::Timer => match c.client {
-                            ClientIo::Plain(s) => return End::Idle(conn, s),
+                            ClientIo::Plain(t) => return End::Idle(conn, t.into_inner()),
                             ClientIo::Tls(_) if !released && linger < http.keepalive_timeout => {
                                 c.st.release_buffers();
                                 c.client.release_buffers();
