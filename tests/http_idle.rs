@@ -192,6 +192,18 @@ async fn released_connections_move_with_an_upgrade() {
     }
 }
 
+/// A keep-alive connection to the real binary that served one request and waits in the
+/// watcher (the first released one).
+async fn released(b: &Baton) -> BufReader<TcpStream> {
+    let mut r = connect(b.addr("web")).await;
+    assert_eq!(get(&mut r, "a", "/").await.0, 200);
+    assert!(b
+        .log
+        .wait_for(&["idle http connection released"], WAIT)
+        .is_some());
+    r
+}
+
 /// The real binary: a released connection left idle closes at `keepalive_timeout`, logged as
 /// an idle timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,12 +213,7 @@ async fn released_connection_closes_at_keepalive_timeout_as_logged() {
         be,
         "    http:\n      keepalive_timeout: 1500ms\n",
     ));
-    let mut r = connect(b.addr("web")).await;
-    assert_eq!(get(&mut r, "a", "/").await.0, 200);
-    assert!(b
-        .log
-        .wait_for(&["idle http connection released"], WAIT)
-        .is_some());
+    let mut r = released(&b).await;
     assert!(
         closed_by_peer(&mut r).await,
         "not closed at keep-alive timeout"
@@ -215,4 +222,25 @@ async fn released_connection_closes_at_keepalive_timeout_as_logged() {
         .log
         .wait_for(&["connection closed", "reason=\"idle timeout\""], WAIT)
         .is_some());
+}
+
+/// The real binary: a graceful stop closes a connection waiting in the watcher, and says so.
+/// Its listener is gone by then (the stop closes the listeners first), which used to drop it
+/// without a line: a client that saw its idle keep-alive connection end (hyper:
+/// `ChannelClosed` on the next request) found no close in baton's log, only `drained
+/// connections=1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_closes_a_released_connection_as_logged() {
+    let (be, _) = http_support::backend("a").await;
+    let mut b = Baton::start(&http_config(be, ""));
+    let mut r = released(&b).await;
+    b.signal(rustix::process::Signal::TERM);
+    assert!(closed_by_peer(&mut r).await, "not closed by the stop");
+    assert_eq!(b.wait_exit(WAIT), Some(0));
+    assert!(
+        b.log
+            .wait_for(&["connection closed", "reason=drained"], WAIT)
+            .is_some(),
+        "the close at stop is not logged"
+    );
 }

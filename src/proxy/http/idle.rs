@@ -19,9 +19,9 @@
 //!   or closes them ("drained", "killed"), as the connection task would have.
 
 use super::server;
-use crate::proxy::tcp::close_log;
+use crate::proxy::tcp::{close_log, log_close};
 use crate::proxy::ListenerCtx;
-use crate::registry::{ConnHandle, SIG_KILL, SIG_PARK};
+use crate::registry::{ConnHandle, SIG_DRAIN, SIG_KILL, SIG_PARK};
 use bytes::BytesMut;
 use rustix::event::epoll;
 use std::io::Read;
@@ -269,17 +269,35 @@ enum Outcome {
 
 async fn run(w: Arc<Watcher>, ctx: Weak<ListenerCtx>, signals: watch::Receiver<u64>) {
     watch_loop(&w, &ctx, signals).await;
-    // Stopped (runtime shutting down, or the epoll set failed): take no more connections,
-    // and close the ones held rather than leave them with nobody to serve them.
+    // Stopped (the listener is gone, the runtime is shutting down, or the epoll set failed):
+    // take no more connections, and close the ones held rather than leave them with nobody
+    // to serve them. A graceful stop closes the listeners before it asks connections to
+    // drain, so this is where the watched ones of a stopping process close.
     let held = {
         let mut t = lock(&w.table);
         w.stopped.store(true, Ordering::Release);
         t.take_where(|_| true)
     };
-    if let Some(ctx) = ctx.upgrade() {
-        for e in held {
-            close_log(&ctx, &e.conn, "error");
+    let ctx = ctx.upgrade();
+    for e in held {
+        match &ctx {
+            Some(ctx) => close_log(ctx, &e.conn, "error"),
+            // The listener is gone (the process stops, or a reload removed it): its counters
+            // went with it, but the close is logged as any other, with why.
+            None => log_close(&e.conn, gone_reason(&e.conn)),
         }
+    }
+}
+
+/// Why a watched connection closes after its listener is gone.
+fn gone_reason(conn: &ConnHandle) -> &'static str {
+    let bits = conn.stats().signals();
+    if bits & SIG_KILL != 0 {
+        "killed"
+    } else if bits & SIG_DRAIN != 0 {
+        "drained"
+    } else {
+        "listener closed"
     }
 }
 

@@ -266,6 +266,19 @@ pub fn close_log(ctx: &ListenerCtx, conn: &ConnHandle, reason: &str) {
         .bytes_out
         .fetch_add(bytes_out, Ordering::Relaxed);
     ctx.lm.closed();
+    close_line(s, bytes_in, bytes_out, reason);
+}
+
+/// The log line of [`close_log`] alone, for a connection whose listener is gone already (its
+/// counters went with it): closed as the process stops, or after a reload removed it.
+pub fn log_close(conn: &ConnHandle, reason: &str) {
+    let s = conn.stats();
+    let bytes_in = s.bytes_in.load(Ordering::Relaxed);
+    close_line(s, bytes_in, s.bytes_out.load(Ordering::Relaxed), reason);
+}
+
+#[inline]
+fn close_line(s: &crate::registry::ConnStats, bytes_in: u64, bytes_out: u64, reason: &str) {
     let duration = Duration::from_millis(now_ms().saturating_sub(s.started_ms)).as_millis() as u64;
     // Formatted only if the line is written: a connection's close is on the hot path.
     let server = OrDash(s.server());
