@@ -121,6 +121,13 @@ async fn json_lines_have_an_rfc3339_ts_and_no_empty_values() {
     let mut child = spawn(&config, "info");
     let log = Arc::new(LogLines::default());
     pump(child.stderr.take().unwrap(), log.clone(), "baton");
+    // Ended on drop, also when an assertion fails (not Baton::adopt: it reads text lines).
+    let b = Baton {
+        child,
+        dir,
+        config,
+        log: log.clone(),
+    };
     let listening = log
         .wait_for(&["\"listening\"", "\"listener\":\"web\""], WAIT)
         .expect("listening line");
@@ -132,9 +139,7 @@ async fn json_lines_have_an_rfc3339_ts_and_no_empty_values() {
     let line = log
         .wait_for(&["\"target\":\"baton::access\""], WAIT)
         .expect("access line");
-    let _ = child.kill();
-    let _ = child.wait();
-    drop(dir);
+    drop(b);
 
     let access: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(access["path"], "/j");
@@ -163,7 +168,7 @@ async fn access_file_has_its_own_format_and_is_reopened_on_sigusr1() {
     ));
     let main_log = dir.path().join("baton.log");
     let access_log = dir.path().join("access.log");
-    let mut child = Command::new(bin())
+    let child = Command::new(bin())
         .args(["run", "-c"])
         .arg(&config)
         .env_remove("RUST_LOG")
@@ -171,6 +176,13 @@ async fn access_file_has_its_own_format_and_is_reopened_on_sigusr1() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Ended on drop, also when an assertion fails.
+    let mut b = Baton {
+        child,
+        dir,
+        config,
+        log: Default::default(),
+    };
     assert!(wait_until(WAIT, || read(&main_log).contains("to=Ready")).await);
     let addr: std::net::SocketAddr = read(&main_log)
         .lines()
@@ -203,26 +215,24 @@ async fn access_file_has_its_own_format_and_is_reopened_on_sigusr1() {
     );
 
     // logrotate: rename both, SIGUSR1, and new lines go to new files at the same paths.
-    std::fs::rename(&access_log, dir.path().join("access.log.1")).unwrap();
-    std::fs::rename(&main_log, dir.path().join("baton.log.1")).unwrap();
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    std::fs::rename(&access_log, b.dir().join("access.log.1")).unwrap();
+    std::fs::rename(&main_log, b.dir().join("baton.log.1")).unwrap();
+    let pid = rustix::process::Pid::from_raw(b.pid()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::USR1).unwrap();
     assert!(wait_until(WAIT, || read(&main_log).contains("log file reopened")).await);
     let (status, _, _) = exchange(&mut send, get("demo", "/second")).await;
     assert_eq!(status, 200);
     assert!(wait_until(WAIT, || read(&access_log).contains("/second")).await);
-    let old = read(&dir.path().join("access.log.1"));
+    let old = read(&b.dir().join("access.log.1"));
     assert!(old.contains("/first") && !old.contains("/second"), "{old}");
     assert!(!read(&access_log).contains("/first"));
-    let old_main = read(&dir.path().join("baton.log.1"));
+    let old_main = read(&b.dir().join("baton.log.1"));
     assert!(
         old_main.contains("to=Ready") && !old_main.contains("log file reopened"),
         "{old_main}"
     );
     // The process is still alive and serving after the signal.
-    assert!(child.try_wait().unwrap().is_none());
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(b.child.try_wait().unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
