@@ -11,6 +11,8 @@ use crate::metrics::Counters;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -85,6 +87,8 @@ pub struct Worker {
     pub heartbeats: u64,
     /// How it exited, once it has (a new worker that dies during an upgrade step).
     pub exited: Option<String>,
+    /// Set by the task that waits for it, as soon as its exit is reaped.
+    reaped: Arc<AtomicBool>,
     /// The task forwarding its messages, and how to stop it at a frame boundary.
     pub listening: Option<Listening>,
     /// Its CPUs and namespaces as set up at its spawn ([`crate::isolation`]).
@@ -154,10 +158,10 @@ impl Worker {
         index: usize,
         pid: u32,
         generation: u64,
-        rx: Channel,
-        tx: Channel,
+        (rx, tx): (Channel, Channel),
         events: &mpsc::UnboundedSender<Event>,
         silent: CancellationToken,
+        reaped: Arc<AtomicBool>,
     ) -> Worker {
         let now = Instant::now();
         Worker {
@@ -172,6 +176,7 @@ impl Worker {
             cgroup: None,
             heartbeats: 0,
             exited: None,
+            reaped,
             listening: Some(Listening::start(rx, pid, events.clone(), silent.clone())),
             placement: Default::default(),
             tickets_epoch: 0,
@@ -179,8 +184,13 @@ impl Worker {
         }
     }
 
-    /// Sends a signal; a worker that is already gone is not an error worth reporting.
+    /// Sends a signal; a worker that is already gone is not an error worth reporting. One
+    /// that was reaped gets none: its pid may belong to another process by now (its exit is
+    /// reported up to [`LAST_WORDS`] later, and until then it still looks alive here).
     pub fn signal(&self, sig: rustix::process::Signal) {
+        if self.reaped.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
             let _ = rustix::process::kill_process(pid, sig);
         }
@@ -258,12 +268,15 @@ pub fn spawn(
         .map_err(|e| format!("worker {index}: split channel: {e}"))?;
     let (ev, silent) = (events.clone(), CancellationToken::new());
     let watch = silent.clone();
+    let reaped = Arc::new(AtomicBool::new(false));
+    let mark = reaped.clone();
     tokio::spawn(async move {
         if let Ok(st) = child.wait().await {
+            mark.store(true, Ordering::Release);
             report_exit(pid, st, watch, &ev).await;
         }
     });
-    let mut w = Worker::new(index, pid, generation, rx, tx, events, silent);
+    let mut w = Worker::new(index, pid, generation, (rx, tx), events, silent, reaped);
     w.placement = placement;
     Ok(w)
 }
@@ -353,11 +366,22 @@ pub fn adopt(
     let (rx, tx) = split_channel(ch).map_err(|e| format!("worker {index}: split channel: {e}"))?;
     let (ev, silent) = (events.clone(), CancellationToken::new());
     let watch = silent.clone();
+    let reaped = Arc::new(AtomicBool::new(false));
+    let mark = reaped.clone();
     tokio::spawn(async move {
         let st = wait_adopted(pid).await;
+        mark.store(true, Ordering::Release);
         report_exit(pid, st, watch, &ev).await;
     });
-    Ok(Worker::new(index, pid, generation, rx, tx, events, silent))
+    Ok(Worker::new(
+        index,
+        pid,
+        generation,
+        (rx, tx),
+        events,
+        silent,
+        reaped,
+    ))
 }
 
 /// Waits for an adopted child to exit and reaps it. Not a tokio `Child` (that one belonged
@@ -395,6 +419,51 @@ async fn wait_adopted(pid: u32) -> std::process::ExitStatus {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    /// A process that dies of the first fatal signal sent to it, and which that was.
+    async fn killed_by(send: impl FnOnce(u32)) -> Option<i32> {
+        let mut p = tokio::process::Command::new("sleep")
+            .arg("30")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let pid = p.id().unwrap();
+        send(pid);
+        // SIGTERM second: it decides only if nothing was sent before it.
+        let raw = rustix::process::Pid::from_raw(pid as i32).unwrap();
+        let _ = rustix::process::kill_process(raw, rustix::process::Signal::TERM);
+        let st = tokio::time::timeout(Duration::from_secs(20), p.wait()).await;
+        st.unwrap().unwrap().signal()
+    }
+
+    /// A reaped worker is never signalled: its pid stands here for a process that took the
+    /// number over, which the supervisor's SIGKILL must not reach.
+    #[tokio::test]
+    async fn a_reaped_worker_gets_no_signal() {
+        let (events, _rx) = mpsc::unbounded_channel();
+        for (reaped, want) in [(true, libc::SIGTERM), (false, libc::SIGKILL)] {
+            let got = killed_by(|pid| {
+                let w = Worker::new(
+                    0,
+                    pid,
+                    1,
+                    Channel::pair().unwrap(),
+                    &events,
+                    CancellationToken::new(),
+                    Arc::new(AtomicBool::new(reaped)),
+                );
+                w.signal(rustix::process::Signal::KILL);
+            })
+            .await;
+            assert_eq!(got, Some(want), "reaped: {reaped}");
         }
     }
 }
