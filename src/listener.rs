@@ -102,6 +102,59 @@ pub fn to_tokio(l: std::net::TcpListener) -> io::Result<TcpListener> {
     TcpListener::from_std(l)
 }
 
+/// A listening socket registered with the runtime for readability, whose accepted
+/// connections come out as non-blocking std sockets, not registered with the reactor: the
+/// HTTP engine registers one only if it has to wait (`proxy::plain_tcp`), so a connection
+/// served and closed at once costs no epoll_ctl ADD and DEL. (tokio's `TcpListener::accept`
+/// registers every connection it returns.)
+#[derive(Debug)]
+pub struct Acceptor(tokio::io::unix::AsyncFd<std::net::TcpListener>);
+
+impl Acceptor {
+    /// Registers `l` with the current runtime.
+    pub fn new(l: std::net::TcpListener) -> io::Result<Acceptor> {
+        l.set_nonblocking(true)?;
+        // `with_interest` is deprecated for types whose fd may change or close while
+        // registered (tokio#8587); a std listener owned by the `AsyncFd` cannot (as the idle
+        // watcher's `OwnedFd`, `proxy::http::idle`).
+        #[allow(deprecated)]
+        let fd = tokio::io::unix::AsyncFd::with_interest(l, tokio::io::Interest::READABLE)?;
+        Ok(Acceptor(fd))
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+
+    /// Accepts one connection: non-blocking, close-on-exec, not registered.
+    pub fn poll_accept(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<(std::net::TcpStream, std::net::SocketAddr)>> {
+        loop {
+            let mut ready = std::task::ready!(self.0.poll_read_ready(cx))?;
+            // `try_io` clears the readiness when accept says WouldBlock, so the next poll
+            // waits for epoll.
+            if let Ok(r) = ready.try_io(|l| {
+                let (s, addr) =
+                    SockRef::from(l.get_ref()).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+                let peer = addr
+                    .as_socket()
+                    .ok_or_else(|| io::Error::other("accepted a connection with no IP address"))?;
+                Ok((std::net::TcpStream::from(s), peer))
+            }) {
+                return std::task::Poll::Ready(r);
+            }
+        }
+    }
+
+    /// Accepts one connection ([`Acceptor::poll_accept`]).
+    pub async fn accept(&self) -> io::Result<(std::net::TcpStream, std::net::SocketAddr)> {
+        std::future::poll_fn(|cx| self.poll_accept(cx)).await
+    }
+}
+
 /// Sets TCP_NODELAY on an accepted or connected socket; latency matters more than packet count
 /// for a proxy that already batches in 64 KiB buffers.
 pub fn tune(s: &tokio::net::TcpStream) {

@@ -4,13 +4,13 @@
 
 use super::{io_err, LifecycleError};
 use crate::handover::session::Offer;
+use crate::listener::Acceptor;
 use crate::proxy::{self, ListenerCtx};
 use crate::registry::Parked;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -21,9 +21,9 @@ struct Slot {
     /// serving from the original.
     fd: OwnedFd,
     stop: CancellationToken,
-    task: Option<JoinHandle<TcpListener>>,
+    task: Option<JoinHandle<Acceptor>>,
     /// The socket while accepting is paused (during a handover), kept to resume on rollback.
-    paused: Option<TcpListener>,
+    paused: Option<Acceptor>,
 }
 
 impl Slot {
@@ -71,7 +71,8 @@ impl Listeners {
         accept: bool,
     ) -> Result<(), LifecycleError> {
         let fd = OwnedFd::from(l.try_clone().map_err(io_err(format!("listener {name}")))?);
-        let listener = crate::listener::to_tokio(l).map_err(io_err(format!("listener {name}")))?;
+        let listener =
+            crate::listener::Acceptor::new(l).map_err(io_err(format!("listener {name}")))?;
         let addr = listener
             .local_addr()
             .map_err(io_err(format!("listener {name}")))?;

@@ -22,6 +22,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+pub use super::plain_tcp::Tcp;
+
 /// Bytes reserved for each read of a plain socket.
 const READ: usize = 16 * 1024;
 
@@ -34,83 +36,32 @@ pub enum ClientIo {
     Tls(Box<PostHandshake>),
 }
 
-/// A plain socket, and whether TCP_NODELAY is on yet.
-///
-/// Nagle's algorithm (as Linux runs it, Minshall's variant) holds back a small segment only
-/// while an earlier small one is unacknowledged, so a connection's first write never waits
-/// for it: TCP_NODELAY is needed from the second write on. Setting it there, as nginx does,
-/// saves the `setsockopt` on every connection that writes once — a `Connection: close`
-/// exchange whose response fits one write.
-#[derive(Debug)]
-pub struct Tcp {
-    /// The socket.
-    s: TcpStream,
-    /// Where the socket stands with TCP_NODELAY.
-    nagle: Nagle,
-}
-
-/// A plain socket's TCP_NODELAY, set lazily (see [`Tcp`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Nagle {
-    /// TCP_NODELAY is set (or was set before the socket reached us).
-    Off,
-    /// Not set, and nothing written yet.
-    Unwritten,
-    /// Not set, and one write done: set it before the next.
-    WroteOnce,
-}
-
-impl Tcp {
-    /// Sets TCP_NODELAY if the coming write is not the socket's first.
-    fn before_write(&mut self) {
-        if self.nagle == Nagle::WroteOnce {
-            let _ = self.s.set_nodelay(true);
-            self.nagle = Nagle::Off;
-        }
-    }
-
-    /// Counts a write that went through (`ok`).
-    fn wrote(&mut self, ok: bool) {
-        if ok && self.nagle == Nagle::Unwritten {
-            self.nagle = Nagle::WroteOnce;
-        }
-    }
-
-    /// The socket, for whoever goes on without the engine (the idle wait, h2c).
-    pub fn into_inner(self) -> TcpStream {
-        self.s
-    }
-}
-
 /// A socket whose TCP_NODELAY the caller already set (an upstream connection, a connection
 /// resumed from a predecessor).
 impl From<TcpStream> for ClientIo {
     fn from(s: TcpStream) -> Self {
-        ClientIo::Plain(Tcp {
-            s,
-            nagle: Nagle::Off,
-        })
+        ClientIo::Plain(Tcp::registered(s))
     }
 }
 
 impl ClientIo {
     /// A plain client socket without TCP_NODELAY yet: it is set before the socket's second
-    /// write (see [`Tcp`]).
+    /// write (`super::plain_tcp`).
     pub fn plain_lazy(s: TcpStream) -> ClientIo {
-        ClientIo::Plain(Tcp {
-            s,
-            nagle: Nagle::Unwritten,
-        })
+        ClientIo::Plain(Tcp::registered_lazy(s))
+    }
+
+    /// A new client socket from the listener, not registered with the reactor and without
+    /// TCP_NODELAY: both happen only if the connection needs them (`super::plain_tcp`).
+    pub fn fresh(s: std::net::TcpStream) -> ClientIo {
+        ClientIo::Plain(Tcp::fresh(s))
     }
 
     /// Sets TCP_NODELAY now, for a caller that writes to the socket past this type
     /// ([`ClientIo::tcp`]).
     pub fn nodelay_now(&mut self) {
         if let ClientIo::Plain(t) = self {
-            if t.nagle != Nagle::Off {
-                let _ = t.s.set_nodelay(true);
-                t.nagle = Nagle::Off;
-            }
+            t.nodelay_now();
         }
     }
 
@@ -141,10 +92,7 @@ impl ClientIo {
     pub fn idle_usable(&mut self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match self {
-            ClientIo::Plain(t) => {
-                let mut b = [0u8; 1];
-                matches!(t.s.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
+            ClientIo::Plain(t) => t.idle_usable(),
             ClientIo::Tls(t) => {
                 let mut b = BytesMut::new();
                 t.poll_read_buf(&mut cx, &mut b).is_pending()
@@ -157,7 +105,7 @@ impl ClientIo {
     /// (the caller counts them as written). Writes nothing.
     pub fn park(self) -> io::Result<(std::net::TcpStream, Option<ParkedTls>, usize)> {
         match self {
-            ClientIo::Plain(t) => Ok((t.s.into_std()?, None, 0)),
+            ClientIo::Plain(t) => Ok((t.into_std()?, None, 0)),
             ClientIo::Tls(t) => match t.park() {
                 Ok((s, parked, settled)) => Ok((s, Some(parked), settled)),
                 Err(ParkError::Socket(e)) => Err(e),
@@ -201,11 +149,19 @@ impl ClientIo {
         }
     }
 
-    /// The socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
+    /// The socket underneath if it is registered with the reactor (see [`ClientIo::tcp`]).
+    pub fn registered(&self) -> Option<&TcpStream> {
         match self {
-            ClientIo::Plain(t) => &t.s,
-            ClientIo::Tls(t) => t.get_ref(),
+            ClientIo::Plain(t) => t.get(),
+            ClientIo::Tls(t) => Some(t.get_ref()),
+        }
+    }
+
+    /// The socket underneath, registered with the reactor (registering a plain one first).
+    pub fn tcp(&mut self) -> io::Result<&TcpStream> {
+        match self {
+            ClientIo::Plain(t) => t.stream().map(|s| &*s),
+            ClientIo::Tls(t) => Ok(t.get_ref()),
         }
     }
 
@@ -216,7 +172,7 @@ impl ClientIo {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
         match self {
-            ClientIo::Plain(t) => poll_fill_tcp(&mut t.s, buf, cx),
+            ClientIo::Plain(t) => t.poll_fill(buf, cx),
             ClientIo::Tls(t) => t.poll_read_buf(cx, buf),
         }
     }
@@ -224,7 +180,7 @@ impl ClientIo {
     /// Ready when a read may make progress (the relay takes a buffer only then).
     pub fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            ClientIo::Plain(t) => t.s.poll_read_ready(cx),
+            ClientIo::Plain(t) => t.poll_read_ready(cx),
             ClientIo::Tls(t) => t.poll_read_ready(cx),
         }
     }
@@ -232,12 +188,7 @@ impl ClientIo {
     /// Writes `b` if the socket takes it now, without waiting (best-effort error responses).
     pub fn try_write(&mut self, b: &[u8]) -> io::Result<()> {
         match self {
-            ClientIo::Plain(t) => {
-                t.before_write();
-                let r = t.s.try_write(b).map(|_| ());
-                t.wrote(r.is_ok());
-                r
-            }
+            ClientIo::Plain(t) => t.try_write(b),
             ClientIo::Tls(t) => t.try_write(b),
         }
     }
@@ -288,7 +239,7 @@ impl AsyncRead for ClientIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientIo::Plain(t) => Pin::new(&mut t.s).poll_read(cx, buf),
+            ClientIo::Plain(t) => t.poll_read(cx, buf),
             ClientIo::Tls(t) => Pin::new(&mut **t).poll_read(cx, buf),
         }
     }
@@ -297,12 +248,7 @@ impl AsyncRead for ClientIo {
 impl AsyncWrite for ClientIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientIo::Plain(t) => {
-                t.before_write();
-                let r = Pin::new(&mut t.s).poll_write(cx, b);
-                t.wrote(matches!(r, Poll::Ready(Ok(_))));
-                r
-            }
+            ClientIo::Plain(t) => t.poll_write(cx, b),
             ClientIo::Tls(t) => Pin::new(&mut **t).poll_write(cx, b),
         }
     }
@@ -313,12 +259,7 @@ impl AsyncWrite for ClientIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientIo::Plain(t) => {
-                t.before_write();
-                let r = Pin::new(&mut t.s).poll_write_vectored(cx, bufs);
-                t.wrote(matches!(r, Poll::Ready(Ok(_))));
-                r
-            }
+            ClientIo::Plain(t) => t.poll_write_vectored(cx, bufs),
             ClientIo::Tls(t) => t.poll_write_vectored(cx, bufs),
         }
     }
@@ -329,65 +270,15 @@ impl AsyncWrite for ClientIo {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientIo::Plain(t) => Pin::new(&mut t.s).poll_flush(cx),
+            ClientIo::Plain(t) => t.poll_flush(cx),
             ClientIo::Tls(t) => Pin::new(&mut **t).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientIo::Plain(t) => Pin::new(&mut t.s).poll_shutdown(cx),
+            ClientIo::Plain(t) => t.poll_shutdown(cx),
             ClientIo::Tls(t) => Pin::new(&mut **t).poll_shutdown(cx),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// A connected pair on 127.0.0.1: (the side under test, its peer).
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        (s, c)
-    }
-
-    #[tokio::test]
-    async fn nodelay_is_set_before_the_second_write_not_the_first() {
-        let (s, mut peer) = pair().await;
-        assert!(!s.nodelay().unwrap(), "a new socket starts with Nagle on");
-        let mut io = ClientIo::plain_lazy(s);
-        io.write_all(b"first").await.unwrap();
-        assert!(
-            !io.tcp().nodelay().unwrap(),
-            "one write needs no TCP_NODELAY"
-        );
-        let n = io
-            .write_vectored(&[io::IoSlice::new(b"second")])
-            .await
-            .unwrap();
-        assert_eq!(n, 6, "a short vectored write to an empty socket buffer");
-        assert!(io.tcp().nodelay().unwrap(), "set before the second write");
-        let mut got = [0u8; 11];
-        peer.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"firstsecond");
-    }
-
-    #[tokio::test]
-    async fn try_write_counts_as_a_write_and_nodelay_now_sets_it_at_once() {
-        let (s, _peer) = pair().await;
-        let mut io = ClientIo::plain_lazy(s);
-        io.try_write(b"x").unwrap();
-        assert!(!io.tcp().nodelay().unwrap());
-        io.try_write(b"y").unwrap();
-        assert!(io.tcp().nodelay().unwrap());
-
-        let (s, _peer) = pair().await;
-        let mut io = ClientIo::plain_lazy(s);
-        io.nodelay_now();
-        assert!(io.tcp().nodelay().unwrap());
     }
 }

@@ -2,15 +2,16 @@
 
 pub mod client_io;
 pub mod http;
+pub mod plain_tcp;
 pub mod tcp;
 pub mod tls;
 
 use crate::config;
+use crate::listener::Acceptor;
 use crate::metrics::Metrics;
 use crate::registry::{Parked, Registry};
 use crate::upstream::Upstreams;
 use std::sync::Arc;
-use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -161,22 +162,18 @@ pub use crate::listener::is_resource_exhaustion;
 
 /// Accepts connections until `stop` is cancelled, then returns the listener (still open, so
 /// it can be handed over or resumed).
-pub async fn serve(
-    listener: TcpListener,
-    ctx: Arc<ListenerCtx>,
-    stop: CancellationToken,
-) -> TcpListener {
+pub async fn serve(listener: Acceptor, ctx: Arc<ListenerCtx>, stop: CancellationToken) -> Acceptor {
     serve_in_turn(listener, ctx, stop, None).await
 }
 
 /// [`serve`], taking turns with the other workers that share the accept queue
 /// ([`crate::spread`]): before each accept, `turn` may make this worker stand aside.
 pub async fn serve_in_turn(
-    listener: TcpListener,
+    listener: Acceptor,
     ctx: Arc<ListenerCtx>,
     stop: CancellationToken,
     turn: Option<Arc<crate::spread::Turn>>,
-) -> TcpListener {
+) -> Acceptor {
     let mut backoff = crate::listener::AcceptBackoff::new(&*ctx.name);
     loop {
         if let Some(t) = &turn {
@@ -231,25 +228,29 @@ pub async fn serve_in_turn(
 
 fn spawn_connection(
     ctx: Arc<ListenerCtx>,
-    stream: tokio::net::TcpStream,
+    stream: std::net::TcpStream,
     peer: std::net::SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
-    // TCP_NODELAY at accept, except on plain HTTP: its engine sets it before a connection's
-    // second write (`ClientIo::plain_lazy`), which a `Connection: close` exchange never makes.
-    if ctx.cfg.tls.is_some() {
-        crate::listener::tune(&stream);
-        tokio::spawn(tls::handle(ctx, stream, peer, permit));
+    // Plain HTTP takes the socket as it comes from the listener: the engine registers it with
+    // the reactor and sets TCP_NODELAY only when the connection needs them
+    // (`proxy::plain_tcp`). The others are registered now and get TCP_NODELAY at once.
+    if ctx.cfg.tls.is_none() && ctx.cfg.protocol == config::Protocol::Http {
+        tokio::spawn(http::handle(ctx, stream, peer, permit));
         return;
     }
-    match ctx.cfg.protocol {
-        config::Protocol::Tcp => {
-            crate::listener::tune(&stream);
-            tokio::spawn(tcp::handle(ctx, stream, peer, permit));
+    let stream = match tokio::net::TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(listener = %ctx.name, client = %peer, error = %e, "cannot register accepted connection");
+            return;
         }
-        config::Protocol::Http => {
-            tokio::spawn(http::handle(ctx, stream, peer, permit));
-        }
+    };
+    crate::listener::tune(&stream);
+    if ctx.cfg.tls.is_some() {
+        tokio::spawn(tls::handle(ctx, stream, peer, permit));
+    } else {
+        tokio::spawn(tcp::handle(ctx, stream, peer, permit));
     }
 }
 

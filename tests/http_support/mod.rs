@@ -350,7 +350,8 @@ pub async fn setup(http_extra: &str) -> Setup {
         registry.clone(),
         Arc::new(baton::metrics::Metrics::default()),
     );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = baton::listener::Acceptor::new(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(baton::proxy::serve(
         l,

@@ -409,7 +409,7 @@ fn on_events(w: &Watcher, ctx: &Arc<ListenerCtx>, events: &[epoll::Event]) {
                 } = e;
                 match tokio::net::TcpStream::from_std(stream) {
                     Ok(s) => {
-                        tokio::spawn(server::serve(ctx.clone(), conn, s, buf, permit));
+                        tokio::spawn(server::serve(ctx.clone(), conn, s, buf, permit, false));
                     }
                     Err(err) => {
                         tracing::warn!(conn = conn.stats().id, error = %err, "cannot serve idle connection");

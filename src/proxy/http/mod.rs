@@ -52,7 +52,7 @@ use tokio_util::either::Either;
 /// life of the connection, in every idle connection's task.
 pub fn handle(
     ctx: Arc<ListenerCtx>,
-    client: TcpStream,
+    client: std::net::TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send + 'static {
@@ -61,7 +61,7 @@ pub fn handle(
         .register(ctx.name.clone(), peer, ConnKind::Http, now_ms());
     // TCP_NODELAY is set by the engine before the connection's second write
     // (`ClientIo::plain_lazy`), or before h2c starts.
-    server::serve(ctx, conn, client, BytesMut::new(), permit)
+    server::serve_fresh(ctx, conn, client, permit)
 }
 
 /// Resumes an idle keep-alive connection parked by a predecessor (or by a rolled-back upgrade):
@@ -93,7 +93,7 @@ pub fn resume(
     };
     // TCP_NODELAY came with the socket, or the engine sets it (`ClientIo::plain_lazy`).
     let read_ahead = BytesMut::from(&h.read_ahead[..]);
-    Either::Right(server::serve(ctx, conn, stream, read_ahead, permit))
+    Either::Right(server::serve(ctx, conn, stream, read_ahead, permit, false))
 }
 
 /// Resumes an HTTP/1.1 connection parked in any phase, from exactly where it stopped.
@@ -161,7 +161,7 @@ pub fn resume_http(
     let c = h1::Conn { client, up, st };
     Either::Right(async move {
         if let h1::End::Idle(conn, stream) = Box::pin(h1::run(ctx.clone(), conn, c)).await {
-            server::serve(ctx, conn, stream, BytesMut::new(), permit).await;
+            server::serve(ctx, conn, stream, BytesMut::new(), permit, true).await;
         }
     })
 }

@@ -30,18 +30,82 @@ use tokio::time::Instant;
 /// The HTTP/2 client connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Bytes tried at once from a new connection's socket before it is registered with the
+/// reactor: a request head up to this size is served without the socket ever waiting.
+const FIRST_READ: usize = 4096;
+
+/// Serves a new connection straight from the listener, not registered with the reactor
+/// (`crate::listener::Acceptor`). With TCP_DEFER_ACCEPT its request has usually arrived with
+/// it: the first bytes are read at once and, if they are HTTP/1.1, the engine starts on the
+/// socket as it is (`proxy::plain_tcp`: registered only if it has to wait). No bytes yet, or
+/// the h2c preface: it is registered and served as any connection ([`serve`]).
+pub async fn serve_fresh(
+    ctx: Arc<ListenerCtx>,
+    conn: ConnHandle,
+    client: std::net::TcpStream,
+    permit: OwnedSemaphorePermit,
+) {
+    use std::io::Read;
+    let stats = conn.stats().clone();
+    stats.set_state(ConnState::Idle);
+    let mut buf = BytesMut::zeroed(FIRST_READ);
+    let n = match (&client).read(&mut buf) {
+        Ok(0) => return close_log(&ctx, &conn, "client closed"),
+        Ok(n) => n,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            0
+        }
+        Err(_) => return close_log(&ctx, &conn, "client closed"),
+    };
+    buf.truncate(n);
+    stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+    let k = n.min(H2_PREFACE.len());
+    if n == 0 || buf[..k] == H2_PREFACE[..k] {
+        match TcpStream::from_std(client) {
+            Ok(s) => return serve(ctx, conn, s, buf, permit, false).await,
+            Err(e) => {
+                tracing::warn!(client = %stats.client, error = %e, "cannot register http connection");
+                return close_log(&ctx, &conn, "register failed");
+            }
+        }
+    }
+    let c = h1::Conn {
+        client: ClientIo::fresh(client),
+        up: None,
+        st: h1::state::State {
+            cbuf: buf,
+            head_started_ms: Some(crate::clock::coarse_ms()),
+            ..Default::default()
+        },
+    };
+    if let h1::End::Idle(conn, s) = Box::pin(h1::run(ctx.clone(), conn, c)).await {
+        serve(ctx, conn, s, BytesMut::new(), permit, true).await;
+    }
+}
+
 /// Serves a client connection whose first bytes (`buf`) may already have been read; the
-/// permit (the listener's connection limit) is held until it closes or parks.
+/// permit (the listener's connection limit) is held until it closes or parks. `lingered`:
+/// it comes from the engine, idle for [`IDLE_RELEASE`] already, so it is released at once.
 pub async fn serve(
     ctx: Arc<ListenerCtx>,
     mut conn: ConnHandle,
     mut stream: TcpStream,
     mut buf: BytesMut,
     mut permit: OwnedSemaphorePermit,
+    lingered: bool,
 ) {
     let stats = conn.stats().clone();
     stats.set_state(ConnState::Idle);
-    let mut idle_since = Instant::now();
+    let mut idle_since = if lingered {
+        lingered_since()
+    } else {
+        Instant::now()
+    };
     // Set once the idle watcher would not take the connection: wait here from then on.
     let mut released = false;
     loop {
@@ -174,9 +238,7 @@ pub async fn serve(
                     // It lingered in the engine for IDLE_RELEASE already: release it now.
                     conn = c;
                     stream = s;
-                    idle_since = Instant::now()
-                        .checked_sub(IDLE_RELEASE)
-                        .unwrap_or_else(Instant::now);
+                    idle_since = lingered_since();
                     released = false;
                     continue;
                 }
@@ -196,6 +258,13 @@ pub async fn serve(
         // Boxed: an h2 connection is large, and only h2 clients should pay for it.
         return Box::pin(super::h2::serve_h2(ctx, conn, io, svc)).await;
     }
+}
+
+/// The idle start of a connection that lingered in the engine for [`IDLE_RELEASE`] already.
+fn lingered_since() -> Instant {
+    Instant::now()
+        .checked_sub(IDLE_RELEASE)
+        .unwrap_or_else(Instant::now)
 }
 
 /// What woke a connection waiting for its next request.

@@ -156,8 +156,12 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
         return Step::Go;
     };
     // The response is written to the socket directly (`write_all`), past ClientIo's lazy
-    // TCP_NODELAY.
+    // TCP_NODELAY and registration.
     c.client.nodelay_now();
+    if c.client.tcp().is_err() {
+        fail(ctx, conn, c, 500, true, "client socket lost");
+        return Step::Go;
+    }
     let framing = ex.body;
     let (tx, body) = if framing.is_done() {
         (None, ChanBody::empty())
@@ -181,9 +185,12 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
     let body = ReplayBody::new(body.boxed_unsync(), None);
     // Boxed, so each can be dropped (ending its borrows) before the connection is used whole.
     let mut send = Box::pin(forward::send(&target, head, body));
+    let Some(client_tcp) = c.client.registered() else {
+        return Step::Go;
+    };
     let mut pumping = Box::pin(pump(
         ctx,
-        c.client.tcp(),
+        client_tcp,
         &mut c.st.cbuf,
         framing,
         tx.unwrap_or_else(closed_tx),
@@ -311,7 +318,11 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
     tokio::pin!(sleep);
     loop {
         if !out.is_empty() {
-            if write_all(c.client.tcp(), &out).await.is_err() {
+            let written_all = match c.client.registered() {
+                Some(t) => write_all(t, &out).await.is_ok(),
+                None => false,
+            };
+            if !written_all {
                 broken = Some("client gone");
                 break;
             }

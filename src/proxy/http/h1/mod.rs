@@ -212,7 +212,13 @@ pub async fn run(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut c: Conn) -> End {
                             released = false;
                         }
                         Wake::Timer => match c.client {
-                            ClientIo::Plain(t) => return End::Idle(conn, t.into_inner()),
+                            ClientIo::Plain(t) => match t.into_stream() {
+                                Ok(s) => return End::Idle(conn, s),
+                                Err(_) => {
+                                    close_log(&ctx, &conn, "register failed");
+                                    return End::Gone;
+                                }
+                            },
                             ClientIo::Tls(_) if !released && linger < http.keepalive_timeout => {
                                 c.st.release_buffers();
                                 c.client.release_buffers();
