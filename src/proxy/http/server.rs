@@ -34,6 +34,14 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// reactor: a request head up to this size is served without the socket ever waiting.
 const FIRST_READ: usize = 4096;
 
+thread_local! {
+    /// Where a new connection's first read lands; what came is copied into a buffer of its
+    /// size. (A zeroed 4 KiB buffer per connection cost a memset of 4.1k instructions and 64
+    /// cache lines written, more than the registration the direct read saves.)
+    static FIRST: std::cell::RefCell<[u8; FIRST_READ]> =
+        const { std::cell::RefCell::new([0; FIRST_READ]) };
+}
+
 /// Serves a new connection straight from the listener, not registered with the reactor
 /// (`crate::listener::Acceptor`). With TCP_DEFER_ACCEPT its request has usually arrived with
 /// it: the first bytes are read at once and, if they are HTTP/1.1, the engine starts on the
@@ -48,21 +56,21 @@ pub async fn serve_fresh(
     use std::io::Read;
     let stats = conn.stats().clone();
     stats.set_state(ConnState::Idle);
-    let mut buf = BytesMut::zeroed(FIRST_READ);
-    let n = match (&client).read(&mut buf) {
-        Ok(0) => return close_log(&ctx, &conn, "client closed"),
-        Ok(n) => n,
+    let first = FIRST.with_borrow_mut(|b| (&client).read(b).map(|n| BytesMut::from(&b[..n])));
+    let buf = match first {
+        Ok(b) if b.is_empty() => return close_log(&ctx, &conn, "client closed"),
+        Ok(b) => b,
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
             ) =>
         {
-            0
+            BytesMut::new()
         }
         Err(_) => return close_log(&ctx, &conn, "client closed"),
     };
-    buf.truncate(n);
+    let n = buf.len();
     stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
     let k = n.min(H2_PREFACE.len());
     if n == 0 || buf[..k] == H2_PREFACE[..k] {
