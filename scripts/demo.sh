@@ -18,10 +18,21 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/baton-demo.XXXXXX")
 PIDS=()
 LOGS=()
 
+# A pid is signalled only while it is still ours: a child of this shell, or (for the pid file)
+# a process whose command line names this run's config. A pid that exited may already belong
+# to another program.
+our_child() { [[ $(ps -o ppid= -p "$1" 2>/dev/null | tr -d ' ') == "$$" ]]; }
+runs_our_config() {
+    [[ $1 =~ ^[0-9]+$ && -n ${CONFIG:-} ]] && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$CONFIG"
+}
 cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do our_child "$p" && kill "$p" 2>/dev/null; done
     # The serving baton is a successor after an upgrade: stop it by the pid it wrote.
-    if [[ -f $WORK/baton.pid ]]; then kill "$(cat "$WORK/baton.pid")" 2>/dev/null || true; fi
+    if [[ -f $WORK/baton.pid ]]; then
+        p=$(cat "$WORK/baton.pid" 2>/dev/null)
+        runs_our_config "$p" && kill "$p" 2>/dev/null
+    fi
+    return 0
 }
 trap cleanup EXIT
 

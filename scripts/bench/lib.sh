@@ -121,7 +121,10 @@ stop_all() {
     for f in "$WORK"/*.pid; do
         [[ -f "$f" ]] || continue
         p=$(cat "$f" 2>/dev/null)
-        [[ "$p" =~ ^[0-9]+$ ]] && STARTED_PIDS+=("$p")
+        # Only a process still running with a file of this run ($WORK in its command line):
+        # the pid of one that exited may belong to another program by now.
+        [[ "$p" =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$WORK" &&
+            STARTED_PIDS+=("$p")
     done
     for p in "${STARTED_PIDS[@]}"; do stop_pid "$p"; done
     STARTED_PIDS=()
