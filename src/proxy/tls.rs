@@ -109,15 +109,7 @@ async fn serve_http(ctx: Arc<ListenerCtx>, conn: ConnHandle, mut io: ClientIo) {
         Some(Err(_)) => return close_log(&ctx, &conn, "idle timeout"),
     }
     let head_started_ms = (!cbuf.is_empty()).then(now_ms);
-    let c = h1::Conn {
-        client: io,
-        up: None,
-        st: h1::state::State {
-            cbuf,
-            head_started_ms,
-            ..Default::default()
-        },
-    };
+    let c = h1::Conn::start(io, cbuf, head_started_ms);
     // The engine keeps a TLS connection until it closes (it never returns one as idle).
     if let h1::End::Idle(conn, _) = Box::pin(h1::run(ctx.clone(), conn, c)).await {
         close_log(&ctx, &conn, "closed");

@@ -82,15 +82,11 @@ pub async fn serve_fresh(
             }
         }
     }
-    let c = h1::Conn {
-        client: ClientIo::fresh(client),
-        up: None,
-        st: h1::state::State {
-            cbuf: buf,
-            head_started_ms: Some(crate::clock::coarse_ms()),
-            ..Default::default()
-        },
-    };
+    let c = h1::Conn::start(
+        ClientIo::fresh(client),
+        buf,
+        Some(crate::clock::coarse_ms()),
+    );
     if let h1::End::Idle(conn, s) = Box::pin(h1::run(ctx.clone(), conn, c)).await {
         serve(ctx, conn, s, BytesMut::new(), permit, true).await;
     }
@@ -231,15 +227,11 @@ pub async fn serve(
         if !h2 {
             // baton's own engine, for every HTTP/1.1 client; boxed, so an idle connection's
             // task stays small.
-            let c = h1::Conn {
-                client: ClientIo::plain_lazy(stream),
-                up: None,
-                st: h1::state::State {
-                    cbuf: std::mem::take(&mut buf),
-                    head_started_ms: Some(crate::clock::coarse_ms()),
-                    ..Default::default()
-                },
-            };
+            let c = h1::Conn::start(
+                ClientIo::plain_lazy(stream),
+                std::mem::take(&mut buf),
+                Some(crate::clock::coarse_ms()),
+            );
             match Box::pin(h1::run(ctx.clone(), conn, c)).await {
                 h1::End::Gone => return,
                 h1::End::Idle(c, s) => {

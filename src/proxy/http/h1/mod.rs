@@ -52,6 +52,22 @@ pub struct Conn {
     pub st: State,
 }
 
+impl Conn {
+    /// A client connection before its first request: `cbuf` holds what was read of it so far,
+    /// `head_started_ms` when its first byte came (the header read timeout counts from there).
+    pub fn start(client: ClientIo, cbuf: BytesMut, head_started_ms: Option<u64>) -> Conn {
+        Conn {
+            client,
+            up: None,
+            st: State {
+                cbuf,
+                head_started_ms,
+                ..Default::default()
+            },
+        }
+    }
+}
+
 /// How [`run`] ended.
 pub enum End {
     /// No request in flight and nothing buffered: wait for the next one.
