@@ -411,3 +411,62 @@ async fn a_reload_serves_the_new_certificate_to_new_connections() {
         .unwrap();
     assert!(after.contains("CN = b-renewed"), "{after}");
 }
+
+/// `alpn: [h2, http/1.1]` serves HTTP/2 to clients that offer it (hyper's server, as for h2c)
+/// and HTTP/1.1 to the others; a listener with the default ALPN list does not offer h2. The
+/// upstream hears HTTP/1.1 with `x-forwarded-proto: https` either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_h2_serves_http2_over_tls_and_http11_to_the_rest() {
+    let (app, counts) = backend("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    two_certs(dir.path());
+    let yaml = format!(
+        "listeners:\n  h2web:\n    listen: 127.0.0.1:0\n    protocol: http\n    upstream: app\n    tls:\n      certificates: [{{ cert: a.pem, key: a.key }}]\n      alpn: [h2, http/1.1]\n  web:\n    listen: 127.0.0.1:0\n    protocol: http\n    upstream: app\n    tls:\n      certificates: [{{ cert: a.pem, key: a.key }}]\nupstreams:\n{}",
+        upstream("app", &[app], ""),
+    );
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let b = Baton::start_in(dir, config);
+    let version_and_body = |listener: &str, flag: &str| {
+        let port = b.addr(listener).port();
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                flag,
+                "-w",
+                "\nversion=%{http_version}",
+                "--cacert",
+            ])
+            .arg(b.dir().join("a.pem"))
+            .arg("--resolve")
+            .arg(format!("a.test:{port}:127.0.0.1"))
+            .arg(format!("https://a.test:{port}/headers"))
+            .output()
+            .unwrap();
+        let text = common::printed(&out);
+        assert!(out.status.success(), "curl {flag} to {listener}: {text}");
+        text
+    };
+    let h2 = version_and_body("h2web", "--http2");
+    assert!(h2.ends_with("version=2"), "h2 chosen by ALPN: {h2}");
+    assert!(h2.contains("x-forwarded-proto: https"), "{h2}");
+    let h1 = version_and_body("h2web", "--http1.1");
+    assert!(h1.ends_with("version=1.1"), "{h1}");
+    assert!(h1.contains("x-forwarded-proto: https"), "{h1}");
+    let default = version_and_body("web", "--http2");
+    assert!(
+        default.ends_with("version=1.1"),
+        "h2 is not offered by default: {default}"
+    );
+    assert_eq!(
+        counts.requests.load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    let line = b
+        .log
+        .wait_for(&["baton::access", "listener=h2web", "alpn=h2"], WAIT)
+        .expect("the h2 request's access line carries the tls facts");
+    assert!(line.contains("tls_version=TLSv1.3"), "{line}");
+}

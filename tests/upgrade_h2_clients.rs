@@ -1,4 +1,4 @@
-//! Common HTTP/2 clients across upgrades: python's httpx (on the `h2` stack), one sequential
+//! Common HTTP/2 clients across upgrades (h2c, and h2 over TLS): python's httpx (on the `h2` stack), one sequential
 //! client and one multiplexing 10 requests on its connection, through 20 upgrades, with no
 //! error. The h2 connections cannot move; they get one GOAWAY in the old process, glued to the
 //! last response after two PING round trips (the `h2` stack fails on any frame after a GOAWAY
@@ -17,6 +17,47 @@ use std::sync::atomic::Ordering;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn httpx_h2_clients_see_no_error_across_twenty_upgrades() {
+    let (app, counts) = http_support::backend("a").await;
+    let b = Baton::start(&format!(
+        "runtime:\n  drain_timeout: 10s\nlisteners:\n  web:\n    listen: 127.0.0.1:0\n    protocol: http\n    upstream: app\nupstreams:\n  app:\n    servers: [\"{app}\"]\n"
+    ));
+    let url = format!("http://{}/x", b.addr("web"));
+    clients_across_upgrades(&b, &url, None, &counts, 20).await;
+}
+
+/// The same clients over TLS, with `h2` chosen by ALPN: hyper serves them as it serves h2c, and
+/// at an upgrade they leave the same way (the GOAWAY goes through the TLS session).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httpx_h2_over_tls_clients_see_no_error_across_ten_upgrades() {
+    let (app, counts) = http_support::backend("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    make_cert(dir.path(), "a", &["IP:127.0.0.1"], 30);
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "runtime:\n  drain_timeout: 10s\nlisteners:\n  web:\n    listen: 127.0.0.1:0\n    protocol: http\n    upstream: app\n    tls:\n      certificates: [{{ cert: a.pem, key: a.key }}]\n      alpn: [h2, http/1.1]\nupstreams:\n  app:\n    servers: [\"{app}\"]\n"
+        ),
+    )
+    .unwrap();
+    let b = Baton::start_in(dir, config);
+    let url = format!("https://{}/x", b.addr("web"));
+    let ca = b.dir().join("a.pem");
+    clients_across_upgrades(&b, &url, Some(&ca), &counts, 10).await;
+    let line = b.log.wait_for(&["baton::access", "alpn=h2"], WAIT);
+    assert!(line.is_some(), "the access lines say h2 was negotiated");
+}
+
+/// Runs tests/scripts/httpx_h2.py against `url` (verifying TLS against `ca`) through `rounds`
+/// upgrades, each after the clients put 20 requests through the current process, and asserts
+/// that neither client saw an error.
+async fn clients_across_upgrades(
+    b: &Baton,
+    url: &str,
+    ca: Option<&std::path::Path>,
+    counts: &http_support::Counts,
+    rounds: usize,
+) {
     let probe = Command::new("python3")
         .args(["-c", "import httpx, h2"])
         .status();
@@ -24,23 +65,17 @@ async fn httpx_h2_clients_see_no_error_across_twenty_upgrades() {
         probe.is_ok_and(|s| s.success()),
         "this test needs python3 with httpx[http2]: pip install 'httpx[http2]'"
     );
-    let (app, counts) = http_support::backend("a").await;
-    let b = Baton::start(&format!(
-        "runtime:\n  drain_timeout: 10s\nlisteners:\n  web:\n    listen: 127.0.0.1:0\n    protocol: http\n    upstream: app\nupstreams:\n  app:\n    servers: [\"{app}\"]\n"
-    ));
-    let url = format!("http://{}/x", b.addr("web"));
     let stop = b.dir().join("stop");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/httpx_h2.py");
-    let mut py = Command::new("python3")
-        .arg(script)
-        .arg(&url)
-        .arg(&stop)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = Command::new("python3");
+    cmd.arg(script).arg(url).arg(&stop);
+    if let Some(ca) = ca {
+        cmd.arg(ca);
+    }
+    let mut py = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    for round in 0..20 {
+    for round in 0..rounds {
         // Let the clients put requests through the current process first.
         let served = counts.requests.load(Ordering::SeqCst);
         assert!(

@@ -155,16 +155,16 @@ pub(super) fn listener_tls(
                 match (protocol, a.value.as_str()) {
                     (_, "") => errs.at(a, &ap, "empty protocol name"),
                     (_, v) if v.len() > 255 => errs.at(a, &ap, "longer than 255 bytes"),
-                    (Protocol::Http, "http/1.1") => out.push(a.value.clone()),
-                    (Protocol::Http, "h2") => errs.at(
-                        a,
-                        &ap,
-                        "h2 over TLS is not served yet (HTTPS listeners speak HTTP/1.1; see docs/tls.md)",
-                    ),
+                    (Protocol::Http, "http/1.1" | "h2") if out.contains(&a.value) => {
+                        errs.at(a, &ap, format!("{:?} is listed twice", a.value))
+                    }
+                    (Protocol::Http, "http/1.1" | "h2") => out.push(a.value.clone()),
                     (Protocol::Http, v) => errs.at(
                         a,
                         &ap,
-                        format!("unknown value {v:?} for an http listener (expected: http/1.1)"),
+                        format!(
+                            "unknown value {v:?} for an http listener (expected: h2, http/1.1)"
+                        ),
                     ),
                     // A tcp listener only terminates TLS: any protocol the backend speaks.
                     (Protocol::Tcp, v) => out.push(v.to_string()),

@@ -185,6 +185,27 @@ impl ClientIo {
         }
     }
 
+    /// Whether the peer sent bytes nobody has read yet, without taking them: plaintext or
+    /// ciphertext the TLS session holds, or bytes in the socket. Not ready (nothing yet)
+    /// registers `cx` for the socket's readability, next to any reader's registration.
+    pub fn poll_has_input(&mut self, cx: &mut Context<'_>) -> bool {
+        let s = match self {
+            ClientIo::Plain(t) => match t.get() {
+                Some(s) => s,
+                None => return false,
+            },
+            ClientIo::Tls(t) => {
+                if t.buffered_plain() > 0 || t.buffered_cipher() > 0 {
+                    return true;
+                }
+                t.get_ref()
+            }
+        };
+        let mut one = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut one);
+        matches!(s.poll_peek(cx, &mut buf), Poll::Ready(Ok(n)) if n > 0)
+    }
+
     /// Writes `b` if the socket takes it now, without waiting (best-effort error responses).
     pub fn try_write(&mut self, b: &[u8]) -> io::Result<()> {
         match self {

@@ -1,6 +1,7 @@
 //! Connections of a listener with `tls:`: the handshake (bounded by `tls.handshake_timeout`),
 //! then the same data path as plain connections, over [`ClientIo::Tls`]: the HTTP/1.1 engine
-//! for `http` listeners, the L4 relay for `tcp` ones.
+//! for `http` listeners (or hyper's HTTP/2 server when ALPN chose `h2`, as for h2c), the L4
+//! relay for `tcp` ones.
 //!
 //! After the handshake the session is baton's record layer's (`tls::record`), plain data like
 //! the rest of the connection's state, so a TLS connection parks and moves at an upgrade like
@@ -66,6 +67,7 @@ pub async fn handle(
     };
     tracing::debug!(conn = conn.stats().id, client = %peer, version = %h.facts.version, cipher = %h.facts.cipher, sni = ?h.facts.sni, alpn = ?h.facts.alpn, resumed = h.facts.resumed, "tls handshake done");
     conn.stats().set_tls(h.facts.clone());
+    let h2 = h.facts.alpn.as_deref() == Some("h2");
     let io = match ClientIo::from_handshake(h) {
         Ok(io) => io,
         Err(e) => {
@@ -75,6 +77,7 @@ pub async fn handle(
     };
     match ctx.cfg.protocol {
         Protocol::Tcp => connect_and_relay(ctx, conn, io, peer).await,
+        Protocol::Http if h2 => super::http::serve_h2(ctx, conn, io, bytes::Bytes::new()).await,
         Protocol::Http => serve_http(ctx, conn, io).await,
     }
 }

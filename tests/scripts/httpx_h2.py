@@ -1,6 +1,7 @@
-"""HTTP/2 (h2c, prior knowledge) clients for the upgrade tests: a sequential httpx client and a
-multiplexed one (10 requests at a time on one connection), both reusing their pooled
-connection, until the file named by the second argument exists. Prints one JSON line:
+"""HTTP/2 clients for the upgrade tests (h2c with prior knowledge for an http:// URL; h2 chosen
+by ALPN for https://, verified against the CA file named by the optional third argument): a
+sequential httpx client and a multiplexed one (10 requests at a time on one connection), both
+reusing their pooled connection, until the file named by the second argument exists. Prints one JSON line:
 requests done, the number of errors and the distinct ones (at most ten), and for each error
 where httpcore's HTTP/2 connection raised it (`where`: the innermost function of
 httpcore/_async/http2.py in the deepest exception of its chain; `detail`: that and the stream
@@ -9,6 +10,7 @@ id, for the first twenty), per client."""
 import asyncio
 import json
 import os
+import ssl
 import sys
 
 import httpx
@@ -41,8 +43,8 @@ def failed(out, e):
     out["detail"].append(f"{w} stream={stream}: {e}")
 
 
-async def sequential(url, stop, out):
-    async with httpx.AsyncClient(http1=False, http2=True, timeout=20) as c:
+async def sequential(url, stop, out, verify):
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=20, verify=verify) as c:
         while not os.path.exists(stop):
             try:
                 r = await c.get(url)
@@ -54,8 +56,8 @@ async def sequential(url, stop, out):
             await asyncio.sleep(0.005)
 
 
-async def multiplexed(url, stop, out):
-    async with httpx.AsyncClient(http1=False, http2=True, timeout=20) as c:
+async def multiplexed(url, stop, out, verify):
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=20, verify=verify) as c:
         while not os.path.exists(stop):
             rs = await asyncio.gather(*(c.get(url) for _ in range(10)), return_exceptions=True)
             for r in rs:
@@ -70,10 +72,13 @@ async def multiplexed(url, stop, out):
 
 async def main():
     url, stop = sys.argv[1], sys.argv[2]
+    verify = ssl.create_default_context(cafile=sys.argv[3]) if len(sys.argv) > 3 else True
     seq = {"requests": 0, "errors": [], "where": {}, "detail": []}
     mux = {"requests": 0, "errors": [], "where": {}, "detail": []}
     print("ready", flush=True)
-    await asyncio.gather(sequential(url, stop, seq), multiplexed(url, stop, mux))
+    await asyncio.gather(
+        sequential(url, stop, seq, verify), multiplexed(url, stop, mux, verify)
+    )
     for c in (seq, mux):
         c["error_count"] = len(c["errors"])
         c["errors"] = sorted(set(c["errors"]))[:10]

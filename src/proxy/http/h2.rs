@@ -435,9 +435,7 @@ impl Conn {
 
     /// Whether the client sent bytes nobody has read yet (they may open streams).
     fn socket_has_more(&mut self, cx: &mut Context<'_>) -> bool {
-        let mut one = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut one);
-        matches!(self.io.inner.poll_peek(cx, &mut buf), Poll::Ready(Ok(n)) if n > 0)
+        self.io.inner.poll_has_input(cx)
     }
 
     /// Whether the client sent bytes hyper has not read yet (they may open streams).
@@ -445,11 +443,9 @@ impl Conn {
         if !self.io.prefix.is_empty() {
             return true;
         }
-        let mut one = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut one);
         // Pending (nothing to read) registers our waker for readability, which is harmless:
         // hyper's own read registration stays in place.
-        matches!(self.io.inner.poll_peek(cx, &mut buf), Poll::Ready(Ok(n)) if n > 0)
+        self.io.inner.poll_has_input(cx)
     }
 }
 

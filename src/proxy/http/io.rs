@@ -1,7 +1,8 @@
-//! The client socket as hyper sees it (h2c): a [`PrefixedIo`] yields bytes already read (by the
-//! protocol detection, or by a predecessor before a handover) before reading the socket, and
-//! counts bytes in the registry.
+//! The client connection as hyper sees it (HTTP/2: h2c, or h2 over TLS): a [`PrefixedIo`]
+//! yields bytes already read (by the protocol detection, or by a predecessor before a
+//! handover) before reading the transport, and counts bytes in the registry.
 
+use crate::proxy::client_io::ClientIo;
 use crate::registry::ConnStats;
 use bytes::Bytes;
 use std::io;
@@ -10,22 +11,21 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
-/// A client socket with a read-ahead prefix served first.
+/// A client transport (plain or TLS) with a read-ahead prefix served first.
 #[derive(Debug)]
 pub struct PrefixedIo {
     /// Bytes read from the socket earlier and not yet given to hyper.
     pub prefix: Bytes,
-    /// The socket.
-    pub inner: TcpStream,
+    /// The transport: a plain socket, or TLS after its handshake.
+    pub inner: ClientIo,
     /// Registry counters (bytes in/out).
     stats: Arc<ConnStats>,
 }
 
 impl PrefixedIo {
-    /// Wraps a socket; `prefix` is read before the socket.
-    pub fn new(inner: TcpStream, prefix: Bytes, stats: Arc<ConnStats>) -> PrefixedIo {
+    /// Wraps a transport; `prefix` is read before it.
+    pub fn new(inner: ClientIo, prefix: Bytes, stats: Arc<ConnStats>) -> PrefixedIo {
         PrefixedIo {
             prefix,
             inner,

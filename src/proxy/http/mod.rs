@@ -29,6 +29,7 @@ mod path;
 pub mod pool;
 mod route;
 mod server;
+pub use server::serve_h2;
 mod service;
 mod shared;
 mod syntax;

@@ -247,17 +247,26 @@ pub async fn serve(
         // h2c (prior knowledge), on hyper, which writes the socket itself: TCP_NODELAY now
         // (the engine sets it lazily, before a connection's second write).
         let _ = stream.set_nodelay(true);
-        let shared = ConnShared::new(stats.clone());
-        let io = PrefixedIo::new(stream, buf.split().freeze(), stats.clone());
-        let svc = Svc(Arc::new(SvcCtx {
-            ctx: ctx.clone(),
-            shared,
-            client: stats.client,
-        }));
-        stats.set_kind(ConnKind::Http2);
-        // Boxed: an h2 connection is large, and only h2 clients should pay for it.
-        return Box::pin(super::h2::serve_h2(ctx, conn, io, svc)).await;
+        let prefix = buf.split().freeze();
+        return serve_h2(ctx, conn, ClientIo::from(stream), prefix).await;
     }
+}
+
+/// Serves an HTTP/2 client until it closes, on hyper: h2c with prior knowledge, or h2 that
+/// ALPN chose over TLS. `prefix` is what was read of it already. At an upgrade it gets a
+/// GOAWAY and finishes in this process (docs/http.md).
+pub async fn serve_h2(ctx: Arc<ListenerCtx>, conn: ConnHandle, io: ClientIo, prefix: Bytes) {
+    let stats = conn.stats().clone();
+    let shared = ConnShared::new(stats.clone());
+    let io = PrefixedIo::new(io, prefix, stats.clone());
+    let svc = Svc(Arc::new(SvcCtx {
+        ctx: ctx.clone(),
+        shared,
+        client: stats.client,
+    }));
+    stats.set_kind(ConnKind::Http2);
+    // Boxed: an h2 connection is large, and only h2 clients should pay for it.
+    Box::pin(super::h2::serve_h2(ctx, conn, io, svc)).await
 }
 
 /// The idle start of a connection that lingered in the engine for [`IDLE_RELEASE`] already.

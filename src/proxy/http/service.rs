@@ -53,7 +53,8 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
 /// formatted only if the access log is enabled.
 #[derive(Debug)]
 pub struct ReqLog {
-    conn: u64,
+    /// The connection's registry counters (its id, its TLS facts).
+    stats: Arc<crate::registry::ConnStats>,
     listener: Arc<str>,
     method: Method,
     /// The Host header (or URI authority) as the client sent it.
@@ -92,22 +93,39 @@ impl ReqLog {
                 elapsed,
             ),
         }
-        tracing::info!(
-            target: "baton::access",
-            conn = self.conn,
-            listener = %self.listener,
-            method = %self.method,
-            host = %self.host(),
-            path = %self.uri.path(),
-            status = self.status,
-            bytes,
-            complete,
-            duration_ms = elapsed.as_millis() as u64,
-            server = %OrDash(self.server),
-            client = %self.client,
-            trace_id = %self.trace_id,
-            "request"
-        );
+        // The same fields as the HTTP/1.1 engine's line (`h1::outcome::log_access`); an h2
+        // connection over TLS adds what its handshake agreed on.
+        macro_rules! access {
+            ($($tls:tt)*) => {
+                tracing::info!(
+                    target: "baton::access",
+                    conn = self.stats.id,
+                    listener = %self.listener,
+                    method = %self.method,
+                    host = %self.host(),
+                    path = %self.uri.path(),
+                    status = self.status,
+                    bytes,
+                    complete,
+                    duration_ms = elapsed.as_millis() as u64,
+                    server = %OrDash(self.server),
+                    client = %self.client,
+                    trace_id = %self.trace_id,
+                    $($tls)*
+                    "request"
+                )
+            };
+        }
+        match self.stats.tls() {
+            None => access!(),
+            Some(t) => access!(
+                tls_version = %t.version,
+                tls_cipher = %t.cipher,
+                sni = %OrDash(t.sni.as_deref()),
+                alpn = %OrDash(t.alpn.as_deref()),
+                tls_resumed = t.resumed,
+            ),
+        }
     }
 }
 
@@ -124,7 +142,7 @@ async fn serve_request(s: Arc<SvcCtx>, req: Request<Incoming>) -> Response<ResBo
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         .or_else(|| parts.headers.get(header::HOST).cloned());
     let mut log = ReqLog {
-        conn: s.shared.stats.id,
+        stats: s.shared.stats.clone(),
         listener: s.ctx.name.clone(),
         method: parts.method.clone(),
         host: raw_host.clone(),
@@ -161,7 +179,7 @@ async fn serve_request(s: Arc<SvcCtx>, req: Request<Incoming>) -> Response<ResBo
                 *limit = http_cfg.max_body_bytes.unwrap_or(0);
             }
             tracing::warn!(
-                conn = log.conn,
+                conn = log.stats.id,
                 client = %s.client,
                 method = %log.method,
                 host = %log.host(),

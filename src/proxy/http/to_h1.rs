@@ -105,8 +105,8 @@ pub async fn send(
         upgrades: &[],
         max_body_bytes: http.max_body_bytes,
         via: "2.0 baton",
-        // h2c clients come over plain TCP (HTTP/2 over TLS is not served).
-        https: false,
+        // h2 clients of a TLS listener came over TLS (ALPN h2); h2c ones over plain TCP.
+        https: ctx.cfg.tls.is_some(),
     };
     let req = match head::parse_request(&raw, &opts) {
         Ok(Some(r)) => r,
