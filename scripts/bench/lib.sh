@@ -346,7 +346,8 @@ EOF
 }
 
 # --- TLS (scripts/bench.sh tls): one ECDSA P-256 certificate for every proxy, TLS 1.3 only,
-# AES-128-GCM. Each proxy gets an extra HTTPS listener when TLS_PORT_<PROXY> is set. ---
+# AES-128-GCM. Each proxy gets an extra HTTPS listener when TLS_PORT_<PROXY> is set; with
+# BENCH_H2=1 it offers ALPN h2 as well as http/1.1 (scripts/bench/h2tls.sh). ---
 
 # make_cert: $WORK/tls/cert.pem + key.pem (localhost, 127.0.0.1), and $WORK/tls/client.cnf, an
 # OpenSSL config that makes wrk (system OpenSSL) offer TLS 1.3 with AES-128-GCM only.
@@ -382,6 +383,7 @@ tls_listener_baton() {
       certificates:
         - { cert: $WORK/tls/cert.pem, key: $WORK/tls/key.pem }
       min_version: "1.3"
+$([[ "${BENCH_H2:-0}" == 1 ]] && echo '      alpn: [h2, http/1.1]')
 EOF
 }
 
@@ -391,7 +393,7 @@ tls_frontend_haproxy() {
     cat <<EOF
 frontend ft_https
     mode http
-    bind 127.0.0.1:$TLS_PORT_HAPROXY ssl crt $WORK/tls/haproxy.pem ssl-min-ver TLSv1.3 ciphersuites TLS_AES_128_GCM_SHA256
+    bind 127.0.0.1:$TLS_PORT_HAPROXY ssl crt $WORK/tls/haproxy.pem ssl-min-ver TLSv1.3 ciphersuites TLS_AES_128_GCM_SHA256$([[ "${BENCH_H2:-0}" == 1 ]] && echo ' alpn h2,http/1.1')
     option forwardfor
     default_backend bk_http
 EOF
@@ -401,7 +403,7 @@ tls_server_nginx() {
     [[ -n "${TLS_PORT_NGINX:-}" ]] || return 0
     cat <<EOF
     server {
-        listen 127.0.0.1:$TLS_PORT_NGINX ssl backlog=4096;
+        listen 127.0.0.1:$TLS_PORT_NGINX ssl$([[ "${BENCH_H2:-0}" == 1 ]] && echo ' http2') backlog=4096;
         ssl_certificate $WORK/tls/cert.pem;
         ssl_certificate_key $WORK/tls/key.pem;
         ssl_protocols TLSv1.3;
