@@ -336,6 +336,36 @@ async fn broken_request_bodies_are_400_on_the_client_side() {
             "trailer section too large",
         ),
         (
+            "trailer name with a space",
+            format!("{chunked}5\r\nhello\r\n0\r\nX Y: z\r\n\r\n").into_bytes(),
+            false,
+            "invalid chunked framing",
+        ),
+        (
+            "trailer line without a colon",
+            format!("{chunked}0\r\nGET /smuggled HTTP/1.1\r\n\r\n").into_bytes(),
+            false,
+            "invalid chunked framing",
+        ),
+        (
+            "Content-Length as a trailer",
+            format!("{chunked}5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n").into_bytes(),
+            false,
+            "forbidden trailer field",
+        ),
+        (
+            "Transfer-Encoding as a trailer",
+            format!("{chunked}0\r\nX-T: 1\r\ntransfer-encoding: chunked\r\n\r\n").into_bytes(),
+            false,
+            "forbidden trailer field",
+        ),
+        (
+            "Host as a trailer",
+            format!("{chunked}0\r\nHOST: b.test\r\n\r\n").into_bytes(),
+            false,
+            "forbidden trailer field",
+        ),
+        (
             "truncated chunked body",
             format!("{chunked}5\r\nhel").into_bytes(),
             true,

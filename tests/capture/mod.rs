@@ -479,6 +479,16 @@ pub fn scripted(g: &Got) -> Canned {
         "/te-gzip" => (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8bzipped", true),
         "/te-chunked-gzip" => (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n", true),
         "/hop" => (b"HTTP/1.1 200 OK\r\nConnection: X-Secret, close\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok", false),
+        "/bad-trailer" => (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX Y: z\r\n\r\n", false),
+        "/cl-trailer" => (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n", false),
+        p if p.starts_with("/big-head/") => {
+            // A head with one header of the given size (bytes).
+            let n: usize = p["/big-head/".len()..].parse().unwrap_or(0);
+            return Canned {
+                bytes: format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 2\r\n\r\nok", "b".repeat(n)).into_bytes(),
+                close: false,
+            };
+        }
         _ if method == "HEAD" => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", false),
         p if p.starts_with("/echo/") => {
             return Canned {

@@ -41,6 +41,11 @@ pub enum FramingError {
     /// A trailer section longer than [`MAX_TRAILERS`].
     #[error("trailer section too large")]
     Trailers,
+    /// A trailer field that frames or routes the message (`Content-Length`,
+    /// `Transfer-Encoding`, `Host`: RFC 9110 §6.5.1), which a next hop that merges trailers
+    /// into the header section would act on.
+    #[error("forbidden trailer field")]
+    TrailerField,
 }
 
 /// Where a chunked decoder stands.
@@ -62,7 +67,8 @@ pub enum ChunkStep {
     DataLf,
     /// At the start of a trailer line (or the final empty line).
     TrailerStart,
-    /// Inside a trailer line.
+    /// Inside a trailer line: its name while `line` is not 0 (then `size` is a hash of the
+    /// name so far), its value once `line` is 0.
     Trailer,
     /// After a trailer line's CR.
     TrailerLf,
@@ -243,20 +249,34 @@ impl Chunked {
                     if self.trailers > MAX_TRAILERS {
                         return Err(FramingError::Trailers);
                     }
-                    let start = self.step == ChunkStep::TrailerStart;
-                    if b == b'\r' {
-                        self.step = if start {
-                            ChunkStep::EndLf
+                    if self.step == ChunkStep::TrailerStart {
+                        // A field name (token) or the final empty line; anything else (obs-fold,
+                        // a line without a name) is refused as in heads.
+                        if b == b'\r' {
+                            self.step = ChunkStep::EndLf;
+                        } else if is_tchar(b) {
+                            self.step = ChunkStep::Trailer;
+                            self.line = 1;
+                            self.size = name_hash(NAME_HASH_SEED, b);
                         } else {
-                            ChunkStep::TrailerLf
-                        };
+                            return Err(FramingError::Syntax);
+                        }
+                    } else if self.line != 0 {
+                        // In the name: tokens up to the colon (no space before it).
+                        if b == b':' {
+                            if FORBIDDEN_TRAILERS.contains(&self.size) {
+                                return Err(FramingError::TrailerField);
+                            }
+                            self.line = 0;
+                        } else if is_tchar(b) {
+                            self.size = name_hash(self.size, b);
+                        } else {
+                            return Err(FramingError::Syntax);
+                        }
+                    } else if b == b'\r' {
+                        self.step = ChunkStep::TrailerLf;
                     } else if b == b'\n' || (b < 0x20 && b != b'\t') || b == 0x7f {
                         return Err(FramingError::Syntax);
-                    } else if start && (b == b' ' || b == b'\t') {
-                        // obs-fold in trailers: refused like in heads.
-                        return Err(FramingError::Syntax);
-                    } else {
-                        self.step = ChunkStep::Trailer;
                     }
                 }
                 ChunkStep::TrailerLf => {
@@ -264,6 +284,7 @@ impl Chunked {
                         return Err(FramingError::Syntax);
                     }
                     self.step = ChunkStep::TrailerStart;
+                    self.size = 0;
                 }
                 ChunkStep::EndLf => {
                     if b != b'\n' {
@@ -283,6 +304,36 @@ impl Chunked {
         })
     }
 }
+
+/// A token character (RFC 9110 §5.6.2), as in a field name.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+const NAME_HASH_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a over the lower-cased name, one byte at a time: a trailer's name is checked against
+/// [`FORBIDDEN_TRAILERS`] without keeping it (the decoder's state stays `Copy` and small).
+const fn name_hash(h: u64, b: u8) -> u64 {
+    (h ^ b.to_ascii_lowercase() as u64).wrapping_mul(0x0100_0000_01b3)
+}
+
+const fn hash_name(name: &[u8]) -> u64 {
+    let mut h = NAME_HASH_SEED;
+    let mut i = 0;
+    while i < name.len() {
+        h = name_hash(h, name[i]);
+        i += 1;
+    }
+    h
+}
+
+/// Trailer fields refused (RFC 9110 §6.5.1: framing and routing fields must not be trailers).
+const FORBIDDEN_TRAILERS: [u64; 3] = [
+    hash_name(b"content-length"),
+    hash_name(b"transfer-encoding"),
+    hash_name(b"host"),
+];
 
 fn hex(b: u8) -> Option<u8> {
     match b {
@@ -368,6 +419,51 @@ mod tests {
         assert_eq!(run(&long, 100), Err(FramingError::ChunkLine));
         let trailers = [b"0\r\n".as_slice(), &b"X-A: b\r\n".repeat(3000)].concat();
         assert_eq!(run(&trailers, 100), Err(FramingError::Trailers));
+    }
+
+    #[test]
+    fn trailer_lines_are_field_lines() {
+        for bad in [
+            &b"0\r\nX Y: z\r\n\r\n"[..],
+            b"0\r\nX : z\r\n\r\n",
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\nNoColon\r\n\r\n",
+            b"0\r\n: v\r\n\r\n",
+            b"0\r\nX\xffY: z\r\n\r\n",
+            b"0\r\nGET /x HTTP/1.1\r\n\r\n",
+        ] {
+            for step in [1, bad.len()] {
+                assert_eq!(
+                    run(bad, step),
+                    Err(FramingError::Syntax),
+                    "{:?}",
+                    String::from_utf8_lossy(bad)
+                );
+            }
+        }
+        for bad in [
+            &b"0\r\nContent-Length: 5\r\n\r\n"[..],
+            b"0\r\nX-A: 1\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"0\r\nhOsT:a\r\n\r\n",
+        ] {
+            for step in [1, 3, bad.len()] {
+                assert_eq!(
+                    run(bad, step),
+                    Err(FramingError::TrailerField),
+                    "{:?}",
+                    String::from_utf8_lossy(bad)
+                );
+            }
+        }
+        for good in [
+            &b"0\r\nX-T:v\r\n\r\n"[..],
+            b"0\r\nContent-Length-X: 1\r\nHosts: a: b\r\n\r\n",
+            b"0\r\nX-A: \"a b\"\t\r\nServer-Timing: db;dur=53\r\n\r\n",
+        ] {
+            for step in 1..good.len() {
+                assert_eq!(run(good, step).map(|r| r.0), Ok(good.len()), "{step}");
+            }
+        }
     }
 
     #[test]

@@ -592,6 +592,9 @@ pub fn parse_response_into(
     let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut hdrs);
     let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n > max => {
+            return Err(bad_gateway("response head too large"))
+        }
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > max => {
             return Err(bad_gateway("response head too large"))

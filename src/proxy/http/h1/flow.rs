@@ -257,7 +257,14 @@ pub fn poll_flow(
             Some(r) if r.body == ClientBody::Pass => st.up_ready == st.ubuf.len(),
             Some(_) => st.ubuf.is_empty(),
         };
-        if let Some(up) = up.as_deref_mut().filter(|_| want && st.ubuf.len() < CAP) {
+        // A response head may be larger than one buffer: it is read on up to `max_head` (past
+        // that it is refused), else a head between the two would wait for `response_timeout`.
+        let cap = if ex.resp.is_none() {
+            CAP.max(o.max_head + 1)
+        } else {
+            CAP
+        };
+        if let Some(up) = up.as_deref_mut().filter(|_| want && st.ubuf.len() < cap) {
             match up.poll_fill(&mut st.ubuf, cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => match ex.resp.as_mut() {
                     None if !ex.resp_seen => {
@@ -328,5 +335,6 @@ fn framing_reason(e: FramingError) -> &'static str {
         FramingError::ChunkLine => "chunk extension too long",
         FramingError::Syntax => "invalid chunked framing",
         FramingError::Trailers => "trailer section too large",
+        FramingError::TrailerField => "forbidden trailer field",
     }
 }

@@ -124,21 +124,28 @@ pub(super) async fn on_flow(
         }
         Flow::UpstreamBroke(why, status) => {
             c.up = None;
-            let started =
-                c.st.ex
-                    .as_ref()
-                    .is_some_and(|e| e.resp.is_some() || e.resp_bytes > 0);
+            // Started: a byte of the response reached the client. A head parsed but still in
+            // the client's buffer (its body's framing broke in the same read) is dropped for
+            // a 502, never sent with a body that cannot follow.
+            let started = c.st.ex.as_ref().is_some_and(|e| e.resp_bytes > 0);
             tracing::info!(
                 conn = conn.stats().id,
                 reason = why,
                 side = "upstream",
                 "upstream response broken"
             );
-            if started || status == 0 {
+            if started {
                 log_access(ctx, conn, &c.st, false);
                 return Step::Close(why);
             }
-            fail(ctx, conn, c, status, true, why);
+            fail(
+                ctx,
+                conn,
+                c,
+                if status == 0 { 502 } else { status },
+                true,
+                why,
+            );
             Step::Go
         }
         Flow::ClientFailed(why, status) => {
