@@ -455,6 +455,21 @@ mod tests {
                 );
             }
         }
+        // The decoder's state crosses an upgrade as JSON at any byte, a trailer name's
+        // hash included: a forbidden name split there is still refused.
+        let body = b"5\r\nhello\r\n0\r\nX-A: 1\r\nContent-Length: 5\r\n\r\n";
+        let colon = body.len() - b": 5\r\n\r\n".len();
+        for at in 0..=colon {
+            let mut f = Framing::Chunked(Chunked::default());
+            let r = f.advance(&body[..at], None).unwrap();
+            assert_eq!(r.used, at);
+            let mut f: Framing = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+            assert_eq!(
+                f.advance(&body[at..], None),
+                Err(FramingError::TrailerField),
+                "{at}"
+            );
+        }
         for good in [
             &b"0\r\nX-T:v\r\n\r\n"[..],
             b"0\r\nContent-Length-X: 1\r\nHosts: a: b\r\n\r\n",
