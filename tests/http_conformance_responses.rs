@@ -417,4 +417,19 @@ async fn http10_clients() {
         assert_eq!((r.status, r.body_text().as_str()), (200, "ok"));
         assert_eq!(r.header("connection"), Some("keep-alive"), "{:?}", r.head);
     }
+    // No 1xx reaches a 1.0 client (RFC 9110 §15.2): it would read the 103 as the final
+    // response and the real one as its body. The 103 is dropped, the 200 comes as usual.
+    c.send(b"GET /103 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "ok"),
+        "{:?}",
+        r.head
+    );
+    assert_eq!(r.header("connection"), Some("keep-alive"), "{:?}", r.head);
+    c.send(b"GET / HTTP/1.0\r\n\r\n").await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!((r.status, r.body_text().as_str()), (200, "ok"));
 }

@@ -680,6 +680,19 @@ pub fn parse_response_into(
             || (o.client_http10 && !matches!(framing, Framing::Length(_) | Framing::Done))
             || (matches!(framing, Framing::UntilClose) && o.client_http10));
 
+    // No 1xx to an HTTP/1.0 client (RFC 9110 §15.2): it knows none and would take it for the
+    // final response. The interim head is read and dropped; the final one follows.
+    if interim && o.client_http10 {
+        return Ok(Some(Response {
+            status,
+            head_len,
+            framing,
+            body,
+            close_client,
+            reusable,
+            out: Vec::new(),
+        }));
+    }
     out.reserve(head_len + 64);
     out.add(b"HTTP/1.1 ");
     push_decimal(out, u64::from(status));
