@@ -118,6 +118,30 @@ async fn large_heads_and_bad_trailers_from_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_timeout_counts_from_the_end_of_the_upload() {
+    let (app, cap) = backend(scripted).await;
+    // The backend answers once the body is whole; the upload takes 2.5 s, the upstream has 1 s
+    // to answer. It used to count from the start of the request: 504 in the middle of it.
+    let yaml = conf("", &[("app", app)]) + "    http:\n      response_timeout: 1s\n";
+    let b = Baton::start(&yaml);
+    let mut c = Client::connect(b.addr("web")).await;
+    c.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+        .await;
+    for _ in 0..10 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        c.send(b"x").await;
+    }
+    let r = c.response(false).await.unwrap();
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "ok"),
+        "{:?}",
+        r.head
+    );
+    assert_eq!(cap.one().body, b"xxxxxxxxxx");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodyless_responses() {
     let (app, cap) = backend(scripted).await;
     let b = Baton::start(&conf("", &[("app", app)]));

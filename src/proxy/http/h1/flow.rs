@@ -96,6 +96,9 @@ pub fn poll_flow(
                         st.cbuf.advance(n);
                         st.cl_ready -= n;
                         ex.body_written += n as u64;
+                        // The response timeout counts from the upstream's last taking of the
+                        // request: an upload longer than it is not cut while the upstream reads.
+                        ex.attempt_ms = crate::clock::coarse_ms();
                         progressed = true;
                     }
                     Poll::Ready(Err(e)) => {

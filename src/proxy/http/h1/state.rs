@@ -88,7 +88,8 @@ pub struct Exchange {
     pub resp: Option<RespState>,
     /// The request started (ms since the epoch).
     pub started_ms: u64,
-    /// The current attempt started (ms since the epoch): the response timeout counts from here.
+    /// The current attempt started, or later the upstream last took request body bytes (ms
+    /// since the epoch): the response timeout counts from here.
     pub attempt_ms: u64,
     /// Response bytes written to the client.
     pub resp_bytes: u64,
