@@ -311,3 +311,35 @@ async fn informational_responses_do_not_reach_an_h2c_client_but_the_final_one_do
         "{verbose}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_timeout_counts_from_the_end_of_an_h2c_upload() {
+    let (app, seen) = upstream().await;
+    // The upstream answers once the body is whole; the upload takes 2.5 s, the upstream has
+    // 1 s to answer. It used to count from the start of the request: 504 in the middle of it.
+    let ups = http_support::upstream("app", &[app], "    http:\n      response_timeout: 1s\n");
+    let b = Baton::start(&http_support::config("", &ups));
+    let (mut send, _conn) = http_support::h2c(b.addr("web")).await;
+    let (tx, body) = fed();
+    let req = Request::builder()
+        .method("POST")
+        .uri("http://site.test/slow-upload")
+        .header("content-length", "10")
+        .body(body)
+        .unwrap();
+    let feeder = tokio::spawn(async move {
+        for _ in 0..10 {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            tx.send(Bytes::from_static(b"x")).await.unwrap();
+        }
+    });
+    let resp = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    feeder.await.unwrap();
+    let last = seen.lock().unwrap().last().cloned().unwrap();
+    assert!(last.head.starts_with("POST /slow-upload "), "{last:?}");
+    assert_eq!(last.body, b"xxxxxxxxxx");
+}

@@ -449,3 +449,23 @@ async fn h2c_client_to_http1_upstream_with_bodies_and_trailers() {
         "the upstream connection was not reused from the pool"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_timeout_of_an_h2c_upstream_counts_from_the_end_of_the_upload() {
+    let (app, seen) = h2c_echo().await;
+    // The upstream answers once the body is whole; the upload takes 2.5 s, the upstream has
+    // 1 s to answer. It used to count from the start of the request: 504 in the middle of it.
+    let b = Baton::start(&(h2c_config(app) + "      response_timeout: 1s\n"));
+    let mut r = BufReader::new(TcpStream::connect(b.addr("web")).await.unwrap());
+    r.get_mut()
+        .write_all(b"POST /slow HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        r.get_mut().write_all(b"x").await.unwrap();
+    }
+    let (status, _, body, _) = tokio::time::timeout(WAIT, read_h1(&mut r)).await.unwrap();
+    assert_eq!((status, body.as_slice()), (200, &b"xxxxxxxxxx"[..]));
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}

@@ -47,6 +47,9 @@ struct ReqBodyState {
     started: bool,
     /// The attempt that owns the body.
     epoch: u64,
+    /// When the upstream last took a frame (hyper's client polls for one as the stream's flow
+    /// control allows): the response timeout counts from there.
+    taken_at: Option<tokio::time::Instant>,
 }
 
 /// The client's request body as given to one upstream attempt.
@@ -70,6 +73,7 @@ impl ReplayBody {
             too_large: false,
             started: false,
             epoch: 0,
+            taken_at: None,
         };
         ReplayBody {
             state: Arc::new(Mutex::new(state)),
@@ -96,6 +100,11 @@ impl ReplayBody {
             state: self.state.clone(),
             epoch: self.epoch,
         }
+    }
+
+    /// When the upstream last took a frame of this body, if it took one.
+    pub fn taken_at(&self) -> Option<tokio::time::Instant> {
+        lock(&self.state).taken_at
     }
 
     /// Whether the body exceeded `max_body_bytes`.
@@ -128,6 +137,7 @@ impl Body for ReplayBody {
             }
             Poll::Ready(Some(Ok(frame))) => {
                 st.started = true;
+                st.taken_at = Some(tokio::time::Instant::now());
                 if let Some(d) = frame.data_ref() {
                     st.read += d.len() as u64;
                     if let Some(limit) = st.limit.filter(|l| st.read > *l) {

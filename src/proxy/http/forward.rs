@@ -15,7 +15,6 @@ use super::pool::Pool;
 use crate::upstream::Upstream;
 use http::{header, HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,22 +66,14 @@ enum Expired {
 }
 
 impl Target<'_> {
-    /// The earlier of `now + limit` and the request deadline, and which one it is.
-    fn until(&self, limit: Option<Duration>) -> Option<(Instant, Expired)> {
-        let step = limit.map(|d| Instant::now() + d);
+    /// The earlier of `from + limit` and the request deadline, and which one it is.
+    fn until_from(&self, from: Instant, limit: Option<Duration>) -> Option<(Instant, Expired)> {
+        let step = limit.map(|d| from + d);
         match (step, self.deadline) {
             (Some(a), Some(b)) if b <= a => Some((b, Expired::Request)),
             (Some(a), _) => Some((a, Expired::Step)),
             (None, Some(b)) => Some((b, Expired::Request)),
             (None, None) => None,
-        }
-    }
-
-    /// Runs `f` for at most `limit` and never past the request deadline.
-    async fn within<F: Future>(&self, limit: Option<Duration>, f: F) -> Result<F::Output, Expired> {
-        match self.until(limit) {
-            Some((at, which)) => tokio::time::timeout_at(at, f).await.map_err(|_| which),
-            None => Ok(f.await),
         }
     }
 
@@ -201,10 +192,30 @@ pub async fn send(
         };
         let req = build(&head, headers, t, addr, body);
         let mut s = sender;
-        let err = match t
-            .within(cfg.http.response_timeout, s.send_request(req))
-            .await
-        {
+        // `response_timeout` counts from the upstream's last taking of a body frame (as in the
+        // engine): an upload longer than it is not cut while the upstream reads it.
+        let mut sending = std::pin::pin!(s.send_request(req));
+        let start = Instant::now();
+        let answer = loop {
+            let from = handle.taken_at().unwrap_or(start);
+            let waited = match t.until_from(from, cfg.http.response_timeout) {
+                Some((at, which)) => tokio::time::timeout_at(at, &mut sending)
+                    .await
+                    .map_err(|_| which),
+                None => Ok((&mut sending).await),
+            };
+            match waited {
+                Err(Expired::Step)
+                    if cfg.http.response_timeout.is_some_and(|rt| {
+                        handle.taken_at().is_some_and(|at| at + rt > Instant::now())
+                    }) =>
+                {
+                    continue
+                }
+                r => break r,
+            }
+        };
+        let err = match answer {
             Err(which) => return Err(timed_out(which, addr)),
             Ok(Ok(resp)) => {
                 return Ok(Forwarded {

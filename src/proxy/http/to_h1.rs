@@ -26,7 +26,7 @@ use http::{request, Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -203,9 +203,11 @@ pub async fn send(
             host.as_deref().or(req.host.as_deref()),
             &req.rest,
         );
-        let (head_tx, head_rx) = oneshot::channel();
+        let (head_tx, mut head_rx) = oneshot::channel();
         let (frames_tx, frames) = ChanBody::channel(DEPTH);
+        let took = Arc::new(Took::new());
         let x = Exchange {
+            took: took.clone(),
             stream,
             wire,
             framing: req.framing,
@@ -219,9 +221,32 @@ pub async fn send(
             max_idle: cfg.http.pool_idle_per_server,
         };
         tokio::spawn(x.run(head_tx, frames_tx));
-        let waited = match until(cfg.http.response_timeout) {
-            Some(at) => tokio::time::timeout_at(at, head_rx).await.ok(),
-            None => Some(head_rx.await),
+        // As in the engine, `response_timeout` counts from the upstream's last taking of request
+        // bytes: an upload longer than it is not cut while the upstream reads it.
+        let waited = loop {
+            let at = match (cfg.http.response_timeout, deadline) {
+                (Some(t), Some(d)) => Some((took.last() + t).min(d)),
+                (Some(t), None) => Some(took.last() + t),
+                (None, d) => d,
+            };
+            let Some(at) = at else {
+                break Some((&mut head_rx).await);
+            };
+            match tokio::time::timeout_at(at, &mut head_rx).await {
+                Ok(r) => break Some(r),
+                Err(_) => {
+                    // The upstream took more of the body meanwhile: its time starts again.
+                    let now = Instant::now();
+                    let moved = cfg
+                        .http
+                        .response_timeout
+                        .is_some_and(|t| took.last() + t > now);
+                    if moved && deadline.is_none_or(|d| now < d) {
+                        continue;
+                    }
+                    break None;
+                }
+            }
         };
         let failed = match waited {
             None => {
@@ -271,8 +296,36 @@ pub async fn send(
     }
 }
 
+/// When the upstream last took bytes of the request (the attempt's start until a body write),
+/// shared by the attempt's task and the wait for its response head.
+struct Took {
+    base: Instant,
+    /// Nanoseconds after `base`.
+    last_ns: AtomicU64,
+}
+
+impl Took {
+    fn new() -> Took {
+        Took {
+            base: Instant::now(),
+            last_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn last(&self) -> Instant {
+        self.base + std::time::Duration::from_nanos(self.last_ns.load(Relaxed))
+    }
+
+    fn now(&self) {
+        let ns = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_ns.store(ns, Relaxed);
+    }
+}
+
 /// One attempt on one upstream connection, run as its own task.
 struct Exchange {
+    /// When the upstream last took request bytes (for the response timeout).
+    took: Arc<Took>,
     stream: ClientIo,
     /// The request head, as the upstream gets it.
     wire: BytesMut,
@@ -308,6 +361,7 @@ async fn write_request(
     body: &mut Option<Incoming>,
     (chunked, body_timeout): (bool, Option<std::time::Duration>),
     sent: &Sent,
+    took: &Took,
 ) -> Result<(), BoxError> {
     w.write_all(wire).await?;
     if let Some(b) = body.as_mut() {
@@ -332,6 +386,7 @@ async fn write_request(
             trailers |= f.is_trailers();
             bridge::put_frame(&mut out, f, chunked);
             w.write_all(&out).await?;
+            took.now();
             out.clear();
         }
         if chunked && !trailers {
@@ -356,6 +411,7 @@ impl Exchange {
                 &mut self.body,
                 (chunked, self.body_timeout),
                 &sent,
+                &self.took,
             )));
             let mut writing = true;
             let mut head_tx = Some(head_tx);
