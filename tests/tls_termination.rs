@@ -213,6 +213,50 @@ async fn openssl_s_client_through_a_tls_tcp_listener_reaches_the_echo_backend() 
         .expect("close line with the tls facts");
 }
 
+/// A TLS client that half-closes its tunnel with close_notify gets the rest of the backend's
+/// bytes, and then baton's close_notify before the FIN: a TLS peer reads an EOF without one as
+/// a truncation (rustls: UnexpectedEof; before the fix the relay, with the other direction
+/// done, closed the socket without it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_tunnel_ends_with_close_notify_after_the_client_half_closes() {
+    let (app, _) = backend("app").await;
+    // Answers only once the client has half-closed, then closes: the reply crosses baton
+    // after the client's close_notify, and the relay's last direction ends with the backend.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let late = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut all = Vec::new();
+                let _ = s.read_to_end(&mut all).await;
+                let _ = s
+                    .write_all(format!("got {} bytes\n", all.len()).as_bytes())
+                    .await;
+            });
+        }
+    });
+    let b = start(app, late);
+    let port = b.addr("tun").port();
+    let ca = b.dir().join("a.pem");
+    let got = tokio::task::spawn_blocking(move || {
+        let mut s = tls_client(&ca, "a.test", port);
+        s.write_all(b"hello").unwrap();
+        s.flush().unwrap();
+        s.conn.send_close_notify();
+        s.flush().unwrap();
+        let mut back = Vec::new();
+        let end = s.read_to_end(&mut back);
+        (
+            String::from_utf8_lossy(&back).into_owned(),
+            end.map_err(|e| e.kind()),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, ("got 5 bytes\n".to_string(), Ok(12)));
+}
+
 /// A blocking rustls client that trusts `ca` and names `sni`.
 fn tls_client(
     ca: &Path,

@@ -104,16 +104,16 @@ impl Half {
     }
 
     /// Moves as many bytes as possible from `src` to `dst`. Returns Ready(Ok) once the FIN has
-    /// been passed on (or, with `other_done`, as soon as all bytes are written: the relay is
-    /// about to close both sockets); Pending with a registered waker otherwise. `moved` counts
-    /// bytes read.
+    /// been passed on (or, with `close_ends`, as soon as all bytes are written: the relay is
+    /// about to close both sockets, and closing `dst` says everything its peer must hear);
+    /// Pending with a registered waker otherwise. `moved` counts bytes read.
     fn poll_copy<Src: Source, Dst: AsyncWrite>(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut Src,
         mut dst: Pin<&mut Dst>,
         moved: &mut u64,
-        other_done: bool,
+        close_ends: bool,
     ) -> Poll<io::Result<()>> {
         loop {
             if let Some(buf) = self.buf.as_ref().filter(|_| self.start < self.end) {
@@ -130,7 +130,7 @@ impl Half {
                 give_buffer(b);
             }
             if self.read_eof {
-                if other_done {
+                if close_ends {
                     // Both sources sent FIN and every byte is written: the relay ends now and
                     // dropping the sockets closes them, which sends this FIN too.
                     self.ended = true;
@@ -248,28 +248,31 @@ impl Relay {
     /// future at any point loses no byte.
     pub fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let (mut up_moved, mut down_moved) = (0u64, 0u64);
+        // Once the other direction is done, closing a plain destination sends its FIN; a TLS
+        // one still needs its close_notify first (a TLS peer reads an EOF without it as a
+        // truncation), so its shutdown is always made.
         let a = if self.to_upstream.done() {
             Poll::Ready(Ok(()))
         } else {
-            let other_done = self.to_client.done();
+            let close_ends = self.to_client.done() && !self.upstream.is_tls();
             self.to_upstream.poll_copy(
                 cx,
                 &mut self.client,
                 Pin::new(&mut self.upstream),
                 &mut up_moved,
-                other_done,
+                close_ends,
             )
         };
         let b = if self.to_client.done() {
             Poll::Ready(Ok(()))
         } else {
-            let other_done = self.to_upstream.done();
+            let close_ends = self.to_upstream.done() && !self.client.is_tls();
             self.to_client.poll_copy(
                 cx,
                 &mut self.upstream,
                 Pin::new(&mut self.client),
                 &mut down_moved,
-                other_done,
+                close_ends,
             )
         };
         if up_moved + down_moved > 0 {
