@@ -29,6 +29,7 @@ fn tunnels() -> (Message, usize, Vec<u8>) {
             meta: meta(i, ConnKind::Tcp),
             tls: None,
             up_tls: None,
+            idle_ms: 0,
             to_upstream: HalfEntry {
                 pending: 100,
                 read_eof: false,

@@ -129,6 +129,9 @@ pub struct TunnelState {
     pub to_upstream: PendingHalf,
     /// Upstream → client direction.
     pub to_client: PendingHalf,
+    /// How long no byte had moved either way when it parked, in milliseconds: the successor's
+    /// `idle_timeout` counts on from there rather than from zero.
+    pub idle_ms: u64,
 }
 
 /// An HTTP/1.1 client connection stopped between requests.

@@ -128,6 +128,7 @@ fn tunnels(n: usize) -> Fixture {
         let down_len = if i % 5 == 0 { 0 } else { (i * 17) % 3000 };
         f.parked.push(Parked::Tunnel(TunnelState {
             client_tls: None,
+            idle_ms: 0,
             meta: meta(i, caddr, back.local_addr().unwrap()),
             client: proxy_client,
             upstream: proxy_upstream,
@@ -428,6 +429,7 @@ async fn a_listening_socket_is_refused_as_a_tunnel_end() {
             meta: meta(0, c.local_addr().unwrap(), l.local_addr().unwrap()),
             tls: None,
             up_tls: None,
+            idle_ms: 0,
             to_upstream: Default::default(),
             to_client: Default::default(),
         };

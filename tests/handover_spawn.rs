@@ -174,6 +174,7 @@ async fn spawned_successor_adopts_listeners_and_a_live_tunnel() {
     }
     let parked = vec![Parked::Tunnel(TunnelState {
         client_tls: None,
+        idle_ms: 0,
         meta: ConnMeta {
             listener: "db".into(),
             client: caddr,

@@ -127,6 +127,7 @@ fn tunnel(listener: &str) -> (TcpStream, TcpStream, Parked) {
     let (server, _) = back.accept().unwrap();
     let parked = Parked::Tunnel(TunnelState {
         client_tls: None,
+        idle_ms: 0,
         meta: ConnMeta {
             listener: listener.into(),
             client: caddr,

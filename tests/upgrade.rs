@@ -304,3 +304,95 @@ async fn the_binary_on_disk_is_started_not_the_running_one() {
     assert_eq!(b.wait_exit(WAIT), Some(0));
     assert_ne!(b.serving_pid(), b.pid());
 }
+
+/// One echo round trip of `msg` within `within`; false if no echo came.
+async fn echoes(s: &mut TcpStream, msg: &[u8], within: Duration) -> bool {
+    if s.write_all(msg).await.is_err() {
+        return false;
+    }
+    let mut back = vec![0u8; msg.len()];
+    matches!(
+        tokio::time::timeout(within, s.read_exact(&mut back)).await,
+        Ok(Ok(_))
+    ) && back == msg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listener_serves_every_tunnel_it_is_handed_and_queued_clients_wait() {
+    // A listener at max_connections with a client queued in its backlog: at the commit the
+    // successor used to start accepting first, give the queued client a permit, and leave a
+    // handed-over tunnel waiting for one (unserved, and the rest of the take-over with it).
+    let be = echo_backend("").await;
+    let b = Baton::start(&format!(
+        "runtime:\n  drain_timeout: 10s\nlisteners:\n  t:\n    listen: 127.0.0.1:0\n    upstream: u\n    max_connections: 3\nupstreams:\n  u:\n    servers: [\"{be}\"]\n"
+    ));
+    let addr = b.addr("t");
+    let mut open = Vec::new();
+    for i in 0..3u8 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        assert!(echoes(&mut s, &[b'a' + i], WAIT).await);
+        open.push(s);
+    }
+    let mut queued = TcpStream::connect(addr).await.unwrap();
+    assert!(!echoes(&mut queued, b"q", Duration::from_millis(500)).await);
+    for round in 0..2 {
+        let (ok, out) = upgrade_async(&b.config).await;
+        assert!(ok, "upgrade {round}: {out}");
+        assert!(out.contains("3 tunnels"), "upgrade {round}: {out}");
+        for (i, s) in open.iter_mut().enumerate() {
+            assert!(
+                echoes(s, format!("{round}{i}").as_bytes(), WAIT).await,
+                "handed-over tunnel {i} not served after upgrade {round}"
+            );
+        }
+    }
+    // The queued client still waits for room: the handed-over tunnels took the permits.
+    let mut q = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), queued.read_exact(&mut q))
+            .await
+            .is_err(),
+        "a fourth connection was served while three were open"
+    );
+    drop(open.remove(0));
+    tokio::time::timeout(WAIT, queued.read_exact(&mut q))
+        .await
+        .expect("the queued client is served once one closes")
+        .unwrap();
+    assert_eq!(&q, b"q");
+    kill_serving(&b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_keeps_counting_across_an_upgrade() {
+    // The successor used to start a handed-over tunnel's idle clock again, so a tunnel moved
+    // by reloads more often than its idle_timeout never idled out.
+    let be = echo_backend("").await;
+    let b = Baton::start(&format!(
+        "runtime:\n  drain_timeout: 10s\nlisteners:\n  t:\n    listen: 127.0.0.1:0\n    upstream: u\n    idle_timeout: 2s\nupstreams:\n  u:\n    servers: [\"{be}\"]\n"
+    ));
+    let mut s = TcpStream::connect(b.addr("t")).await.unwrap();
+    assert!(echoes(&mut s, b"x", WAIT).await);
+    let quiet_since = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ok, out) = upgrade_async(&b.config).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("1 tunnels"), "{out}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .expect("closed for idleness")
+        .unwrap();
+    // Closed about 2 s after the last byte; a clock started again at the park would close
+    // it 3.5 s after it or later.
+    let quiet = quiet_since.elapsed();
+    assert!(
+        quiet < Duration::from_millis(3200),
+        "closed after {quiet:?} of quiet"
+    );
+    assert!(b
+        .log
+        .wait_for(&["connection closed", "reason=\"idle timeout\""], WAIT)
+        .is_some());
+    kill_serving(&b);
+}

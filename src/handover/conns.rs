@@ -140,6 +140,7 @@ pub fn recv_conns(received: Received) -> Result<Vec<Parked>, HandoverError> {
                 to_client,
                 tls,
                 up_tls,
+                idle_ms,
             } => Parked::Tunnel(TunnelState {
                 meta,
                 client: take_stream(&mut fds)?,
@@ -148,6 +149,7 @@ pub fn recv_conns(received: Received) -> Result<Vec<Parked>, HandoverError> {
                 upstream_tls: up_tls,
                 to_upstream: bulk.half(&to_upstream)?,
                 to_client: bulk.half(&to_client)?,
+                idle_ms,
             }),
             ConnEntry::IdleHttp { meta, read_ahead } => Parked::IdleHttp(IdleHttpState {
                 meta,

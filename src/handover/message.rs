@@ -77,6 +77,10 @@ pub enum ConnEntry {
         /// The upstream's TLS session (secrets included: this channel is private).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         up_tls: Option<Box<UpstreamSession>>,
+        /// How long the tunnel had been quiet when it parked, in ms (absent from a
+        /// predecessor that did not send it: the idle clock then starts again).
+        #[serde(default)]
+        idle_ms: u64,
     },
     /// An idle HTTP/1.1 connection: one fd, then its read-ahead bytes.
     IdleHttp {
@@ -124,6 +128,7 @@ impl ConnEntry {
                 to_client: half(&t.to_client),
                 tls: t.client_tls.clone(),
                 up_tls: t.upstream_tls.clone(),
+                idle_ms: t.idle_ms,
             },
             Parked::IdleHttp(h) => ConnEntry::IdleHttp {
                 meta: h.meta.clone(),

@@ -23,6 +23,7 @@ fn conns_msg() -> (Message, Vec<u8>) {
         conns: vec![
             ConnEntry::Tunnel {
                 meta: meta(),
+                idle_ms: 0,
                 tls: None,
                 up_tls: None,
                 to_upstream: HalfEntry {
@@ -219,6 +220,7 @@ fn overflowing_lengths_are_rejected() {
         seq: 0,
         conns: vec![ConnEntry::Tunnel {
             meta: meta(),
+            idle_ms: 0,
             tls: None,
             up_tls: None,
             to_upstream: HalfEntry {
@@ -276,6 +278,7 @@ proptest! {
             .map(|&(tunnel, a, b, flag)| if tunnel {
                 ConnEntry::Tunnel {
                     meta: meta(),
+                    idle_ms: a,
                     tls: None,
                     up_tls: None,
                     to_upstream: HalfEntry { pending: a, read_eof: flag, shut: !flag },

@@ -226,21 +226,24 @@ async fn receive(
             }
             Ok(Incoming::Commit) => {
                 committed = true;
-                go_live(events).await;
-                if let Err(e) = s.ack_commit().await {
-                    tracing::warn!(error = %e, "cannot acknowledge the commit");
-                }
                 tracing::info!(
                     connections = held.len(),
                     "handover committed; serving received connections"
                 );
+                // The received connections take their listeners' permits before accepting
+                // starts, so clients queued meanwhile wait for room under max_connections
+                // rather than the listener going over it by everything handed over.
                 resume_all(&ctxs, std::mem::take(&mut held)).await;
+                go_live(events).await;
+                if let Err(e) = s.ack_commit().await {
+                    tracing::warn!(error = %e, "cannot acknowledge the commit");
+                }
             }
             Ok(Incoming::Done { counters, history }) => {
+                resume_all(&ctxs, std::mem::take(&mut held)).await;
                 if !committed {
                     go_live(events).await;
                 }
-                resume_all(&ctxs, std::mem::take(&mut held)).await;
                 return Ended::Done(Ok((predecessor, counters, total, history)));
             }
             Err(e) => return lost(e, committed, &ctxs, held).await,

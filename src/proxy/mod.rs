@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 use crate::registry::{Parked, Registry};
 use crate::upstream::Upstreams;
 use std::sync::Arc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
 /// Everything a connection of one listener needs.
@@ -255,16 +255,17 @@ fn spawn_connection(
 }
 
 /// Resumes a connection parked by a predecessor (or by this process, after a rolled-back
-/// upgrade) on the listener it belongs to. Waits for a connection permit like an accept would.
+/// upgrade) on the listener it belongs to. It takes a connection permit without waiting: it
+/// was admitted already, so it is served at once even when the listener is full (see
+/// [`admitted`]).
 pub async fn resume(ctx: Arc<ListenerCtx>, parked: Parked) {
     if let Parked::Pooled(p) = parked {
         // Not a client connection: no permit; it goes back to the pool, checked at checkout.
         ctx.resume_pooled(p);
         return;
     }
-    let permit = match ctx.limit.clone().acquire_owned().await {
-        Ok(p) => p,
-        Err(_) => return,
+    let Some(permit) = admitted(&ctx.limit) else {
+        return;
     };
     ctx.lm.resumed();
     match parked {
@@ -279,4 +280,39 @@ pub async fn resume(ctx: Arc<ListenerCtx>, parked: Parked) {
         }
         Parked::Pooled(_) => {}
     }
+}
+
+/// A permit for a connection the predecessor had admitted. Waiting for one, as an accept does,
+/// would leave a handed-over tunnel unserved (and every connection resumed after it, and the
+/// rest of the handover) for as long as the listener is full: the accept loop starts at the
+/// commit and may take the free permits for queued clients first, and a reload may lower
+/// `max_connections` below what is handed over. So a full listener lends one: the connection
+/// runs on a permit of its own, and a task waits for the next permit the listener frees and
+/// holds it until that connection ends. The listener goes over `max_connections` by at most
+/// the connections handed over beyond it, and new clients wait until it is back under.
+/// `None` only when the listener is closed (it is going away).
+pub(crate) fn admitted(limit: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    match limit.clone().try_acquire_owned() {
+        Ok(p) => return Some(p),
+        Err(TryAcquireError::Closed) => return None,
+        Err(TryAcquireError::NoPermits) => {}
+    }
+    let lent = Arc::new(Semaphore::new(1));
+    let permit = lent.clone().try_acquire_owned().ok()?;
+    let limit = limit.clone();
+    tokio::spawn(async move {
+        // Whichever comes first: a permit of the listener (held until the connection ends
+        // and gives the lent one back), or the end of the connection (nothing to repay).
+        tokio::select! {
+            biased;
+            _ = lent.acquire() => {}
+            real = limit.acquire_owned() => {
+                if let Ok(real) = real {
+                    let _ = lent.acquire().await;
+                    drop(real);
+                }
+            }
+        }
+    });
+    Some(permit)
 }

@@ -123,7 +123,10 @@ pub async fn resume(ctx: Arc<ListenerCtx>, t: TunnelState, _permit: OwnedSemapho
             return;
         }
     };
-    let relay = Relay::new(client, server, t.to_upstream, t.to_client, stats.clone());
+    let mut relay = Relay::new(client, server, t.to_upstream, t.to_client, stats.clone());
+    // The idle clock goes on where the predecessor left it: a tunnel handed over by reloads
+    // more often than its idle_timeout would otherwise never idle out.
+    relay.quiet_for(Duration::from_millis(t.idle_ms));
     run_tunnel(ctx, conn, relay, None).await;
 }
 
@@ -196,6 +199,7 @@ pub async fn run_tunnel(
         }
         Outcome::Park => {
             let meta = conn.stats().meta();
+            let idle_ms = relay.last_activity().elapsed().as_millis() as u64;
             match relay.into_parts() {
                 Ok(p) => {
                     drop(guard);
@@ -221,6 +225,7 @@ pub async fn run_tunnel(
                         upstream_tls,
                         to_upstream: p.to_upstream,
                         to_client: p.to_client,
+                        idle_ms,
                     }));
                 }
                 Err(e) => {

@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -242,6 +243,13 @@ impl Relay {
     /// When bytes last moved.
     pub fn last_activity(&self) -> Instant {
         self.last_activity
+    }
+
+    /// Counts the relay as quiet since `quiet` ago (a resumed tunnel's idle time so far).
+    pub fn quiet_for(&mut self, quiet: Duration) {
+        if let Some(t) = self.last_activity.checked_sub(quiet) {
+            self.last_activity = t;
+        }
     }
 
     /// Drives both directions until both are finished or one fails. Dropping the returned
