@@ -244,3 +244,59 @@ async fn a_stop_closes_a_released_connection_as_logged() {
         "the close at stop is not logged"
     );
 }
+
+/// The frame types in `bytes`, a server's side of an HTTP/2 connection.
+fn h2_frame_types(bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let len = usize::from(bytes[at]) << 16
+            | usize::from(bytes[at + 1]) << 8
+            | usize::from(bytes[at + 2]);
+        types.push(bytes[at + 3]);
+        at += 9 + len;
+    }
+    types
+}
+
+/// An HTTP/2 (h2c) connection with no open stream closes at keepalive_timeout with a GOAWAY,
+/// as an HTTP/1.1 one does between requests; one with requests more often does not. Before,
+/// an HTTP/2 connection never idled out: a client that sent the preface, or its last request,
+/// and then nothing held its connection (and its max_connections permit) for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2c_connection_closes_at_keepalive_timeout_and_a_busy_one_does_not() {
+    use http_body_util::BodyExt;
+    let st = setup("      keepalive_timeout: 1500ms\n").await;
+    let (mut send, task) = http_support::h2c(st.addr).await;
+    for _ in 0..10 {
+        send.ready().await.unwrap();
+        let resp = send
+            .send_request(http_support::get("a", "/"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert!(!task.is_finished(), "a busy connection was closed");
+    let quiet = std::time::Instant::now();
+    let ended = tokio::time::timeout(WAIT, task)
+        .await
+        .expect("an idle h2c connection is closed")
+        .unwrap();
+    assert!(ended.is_ok(), "not a clean GOAWAY: {ended:?}");
+    assert!(quiet.elapsed() >= std::time::Duration::from_millis(1100));
+
+    // The preface and SETTINGS, then nothing: a GOAWAY too, and the connection ends.
+    let mut s = TcpStream::connect(st.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+        .await
+        .expect("a silent h2c connection is closed")
+        .unwrap();
+    assert_eq!(h2_frame_types(&got).last(), Some(&7), "ends with a GOAWAY");
+    assert!(wait_until(WAIT, || st.registry.is_empty()).await);
+}

@@ -127,6 +127,9 @@ struct Frames {
     open: Vec<u32>,
     /// The highest stream id the client opened.
     last_stream: u32,
+    /// Since when no stream has been open (`None` while one is): `keepalive_timeout` after
+    /// it, the connection is closed with a GOAWAY.
+    quiet_since: Option<tokio::time::Instant>,
 }
 
 impl Frames {
@@ -139,17 +142,24 @@ impl Frames {
             outbound: Parser::default(),
             open: Vec::new(),
             last_stream: 0,
+            quiet_since: Some(tokio::time::Instant::now()),
         }
     }
 
     fn read(&mut self, bytes: &[u8]) {
-        let (open, last) = (&mut self.open, &mut self.last_stream);
+        let (open, last, since) = (&mut self.open, &mut self.last_stream, &mut self.quiet_since);
         self.inbound.feed(bytes, |kind, _, stream, _| match kind {
             HEADERS if stream != 0 && !open.contains(&stream) && stream > *last => {
                 open.push(stream);
                 *last = stream;
+                *since = None;
             }
-            RST_STREAM => open.retain(|s| *s != stream),
+            RST_STREAM if open.contains(&stream) => {
+                open.retain(|s| *s != stream);
+                if open.is_empty() {
+                    *since = Some(tokio::time::Instant::now());
+                }
+            }
             _ => {}
         });
     }
@@ -157,7 +167,7 @@ impl Frames {
     /// Feeds bytes written; returns where (in bytes written) each frame that ends a stream
     /// ends.
     fn written(&mut self, bytes: &[u8]) -> Vec<u64> {
-        let open = &mut self.open;
+        let (open, since) = (&mut self.open, &mut self.quiet_since);
         let mut ends = Vec::new();
         self.outbound.feed(bytes, |kind, flags, stream, end| {
             let ended = match kind {
@@ -168,6 +178,9 @@ impl Frames {
             if ended && open.contains(&stream) {
                 open.retain(|s| *s != stream);
                 ends.push(end);
+                if open.is_empty() {
+                    *since = Some(tokio::time::Instant::now());
+                }
             }
         });
         ends
@@ -681,6 +694,12 @@ pub(super) async fn serve_h2(ctx: Arc<ListenerCtx>, conn: ConnHandle, io: Prefix
     let mut fallback = false;
     let grace = tokio::time::sleep(Duration::MAX);
     tokio::pin!(grace);
+    // keepalive_timeout without an open stream closes the connection, as between two
+    // requests of HTTP/1.1: a client that sent the preface (or its last request) and then
+    // nothing would otherwise hold its connection, and its max_connections permit, for ever.
+    let keepalive = ctx.cfg.http.keepalive_timeout;
+    let idle = tokio::time::sleep(keepalive);
+    tokio::pin!(idle);
     let result = loop {
         tokio::select! {
             r = hconn.as_mut() => break r,
@@ -704,6 +723,21 @@ pub(super) async fn serve_h2(ctx: Arc<ListenerCtx>, conn: ConnHandle, io: Prefix
                 fallback = true;
                 shared.lock().stopping = false;
                 hconn.as_mut().graceful_shutdown();
+            }
+            _ = &mut idle, if !stopping => {
+                let due = {
+                    let g = shared.lock();
+                    g.frames.quiet_since.filter(|_| g.frames.quiet()).map(|t| t + keepalive)
+                };
+                match due {
+                    Some(due) if due <= tokio::time::Instant::now() => {
+                        close_with_goaway(shared, &conn).await;
+                        return close_log(&ctx, &conn, "idle timeout");
+                    }
+                    Some(due) => idle.as_mut().reset(due),
+                    // A stream is open: look again a keepalive_timeout from now.
+                    None => idle.as_mut().reset(tokio::time::Instant::now() + keepalive),
+                }
             }
             _ = conn.kill_requested() => return close_log(&ctx, &conn, "closed at drain deadline"),
         }
