@@ -457,3 +457,54 @@ async fn http10_clients() {
     let r = c.response(false).await.unwrap();
     assert_eq!((r.status, r.body_text().as_str()), (200, "ok"));
 }
+
+/// An upstream that answers before it has read the request body (an early 413 to an upload):
+/// the client gets the response with `connection: close` (RFC 9112 §9.6: a close is announced),
+/// then the connection closes, as the rest of the body is not forwarded anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_response_to_an_upload_announces_the_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n",
+                    )
+                    .await;
+                // Reads on (and drops) whatever else comes, as a real server would.
+                while let Ok(n) = s.read(&mut b).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let b = Baton::start(&conf("", &[("app", app)]));
+    let mut c = Client::connect(b.addr("web")).await;
+    c.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\nfirst bytes")
+        .await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!((r.status, r.body_text().as_str()), (413, "too big\n"));
+    assert!(
+        r.header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close")),
+        "the close is announced: {:?}",
+        r.head
+    );
+    assert!(
+        c.until_closed().await.is_empty(),
+        "then the connection closes"
+    );
+}

@@ -153,8 +153,15 @@ pub fn poll_flow(
 
         // The response: its head, then its body by framing.
         if ex.resp.is_none() && !st.ubuf.is_empty() && st.to_cl.len() < CAP {
+            // A final response that comes before the request body is all forwarded (an early
+            // 401 or 413 to an upload) says `connection: close`, and the client connection closes
+            // after it: a close must be announced (RFC 9112 §9.6).
+            let mut ro = o.resp;
+            if !(ex.body.is_done() && st.cl_ready == 0 && st.to_up.is_empty()) {
+                ro.keep_alive = false;
+            }
             // The rewritten head goes straight into the client's buffer.
-            match parse_response_into(&st.ubuf, o.max_head, &o.resp, &mut st.to_cl) {
+            match parse_response_into(&st.ubuf, o.max_head, &ro, &mut st.to_cl) {
                 Ok(Some(r)) => {
                     st.ubuf.advance(r.head_len);
                     progressed = true;

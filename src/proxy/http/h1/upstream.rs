@@ -40,10 +40,13 @@ pub(super) async fn connect(
     let tls_key = upstream.tls_key();
     loop {
         let Some(guard) = upstream.pick(client_ip, &ex.tried) else {
-            return Err((
-                if ex.tried.is_empty() { 503 } else { 502 },
-                "no server available",
-            ));
+            // A 502 once servers were tried and failed (each failure is logged with its
+            // cause); "no server available" is the 503 of an upstream with none to try.
+            return Err(if ex.tried.is_empty() {
+                (503, "no server available")
+            } else {
+                (502, "no server could be reached")
+            });
         };
         let addr = guard.addr();
         let key = pool::PoolKey {
