@@ -514,3 +514,38 @@ async fn alpn_h2_serves_http2_over_tls_and_http11_to_the_rest() {
         .expect("the h2 request's access line carries the tls facts");
     assert!(line.contains("tls_version=TLSv1.3"), "{line}");
 }
+
+/// A TLS tunnel whose client sends a record that fails its integrity check (garbage after the
+/// handshake) is closed, and its close line says why: `reason=tls error`, not a bare socket
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_closed_by_a_bad_record_says_tls_error() {
+    let (app, _) = backend("app").await;
+    let echo = common::echo_backend("").await;
+    let b = start(app, echo);
+    let port = b.addr("tun").port();
+    let ca = b.dir().join("a.pem");
+    tokio::task::spawn_blocking(move || {
+        let mut s = tls_client(&ca, "a.test", port);
+        s.write_all(b"ping\n").unwrap();
+        s.flush().unwrap();
+        let mut back = [0u8; 5];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"ping\n");
+        // An application-data record of 32 bytes that no key produced.
+        let mut rec = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+        rec.extend_from_slice(&[0x5a; 32]);
+        s.sock.write_all(&rec).unwrap();
+        // baton answers with its alert and closes.
+        let mut rest = Vec::new();
+        let _ = s.sock.read_to_end(&mut rest);
+    })
+    .await
+    .unwrap();
+    b.log
+        .wait_for(
+            &["connection closed", "listener=tun", "reason=\"tls error\""],
+            WAIT,
+        )
+        .expect("the close line names the tls error");
+}

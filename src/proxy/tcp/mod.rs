@@ -172,7 +172,7 @@ pub async fn run_tunnel(
                 TunnelEvent::End(RelayEnd::Closed) => break Outcome::Close("closed"),
                 TunnelEvent::End(RelayEnd::Error(e)) => {
                     tracing::debug!(client = %conn.stats().client, error = %e, "tunnel socket error");
-                    break Outcome::Close("socket error");
+                    break Outcome::Close(error_reason(&e));
                 }
                 TunnelEvent::Timer => {
                     // Activity moves the deadline without touching the timer; look again.
@@ -318,5 +318,19 @@ fn close_line(s: &crate::registry::ConnStats, bytes_in: u64, bytes_out: u64, rea
             alpn = %OrDash(t.alpn.as_deref()),
             tls_resumed = t.resumed,
         ),
+    }
+}
+
+/// The close reason of a tunnel that ended on an error, for its close line: what an operator
+/// can act on (the error itself is logged at debug level).
+fn error_reason(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::ConnectionReset => "connection reset",
+        // The record layer's verdicts: a bad MAC, an alert, a malformed record.
+        ErrorKind::InvalidData => "tls error",
+        ErrorKind::UnexpectedEof => "closed inside a tls record",
+        ErrorKind::BrokenPipe => "broken pipe",
+        _ => "socket error",
     }
 }
