@@ -45,6 +45,34 @@ fn fed() -> (mpsc::Sender<Bytes>, http_support::TBody) {
     (tx, Fed(rx).map_err(|n| match n {}).boxed())
 }
 
+/// POSTs `n` bytes of `x` to `path` (declared with a Content-Length), one every 250 ms, and
+/// returns the response's status once the whole body went out.
+async fn trickled_post(
+    send: &mut hyper::client::conn::http2::SendRequest<http_support::TBody>,
+    path: &str,
+    n: usize,
+) -> http::StatusCode {
+    let (tx, body) = fed();
+    let req = Request::builder()
+        .method("POST")
+        .uri(format!("http://site.test{path}"))
+        .header("content-length", n.to_string())
+        .body(body)
+        .unwrap();
+    let feeder = tokio::spawn(async move {
+        for _ in 0..n {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            tx.send(Bytes::from_static(b"x")).await.unwrap();
+        }
+    });
+    let resp = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    feeder.await.unwrap();
+    resp.status()
+}
+
 /// What the upstream saw on one connection: the request head, the body bytes that arrived,
 /// and whether the connection was closed by baton (EOF).
 #[derive(Debug, Clone, Default)]
@@ -249,25 +277,7 @@ async fn body_timeout_cuts_a_paused_h2c_upload_and_closes_the_upstream_connectio
 
     // A steady upload with pauses shorter than body_timeout passes: the limit is the pause
     // between two frames, not the whole upload.
-    let (tx, body) = fed();
-    let req = Request::builder()
-        .method("POST")
-        .uri("http://site.test/steady")
-        .header("content-length", "4")
-        .body(body)
-        .unwrap();
-    let feeder = tokio::spawn(async move {
-        for _ in 0..4 {
-            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            tx.send(Bytes::from_static(b"x")).await.unwrap();
-        }
-    });
-    let resp = tokio::time::timeout(WAIT, send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    feeder.await.unwrap();
+    assert_eq!(trickled_post(&mut send, "/steady", 4).await, 200);
     let last = seen.lock().unwrap().last().cloned().unwrap();
     assert!(last.head.starts_with("POST /steady "), "{last:?}");
     assert_eq!(last.body, b"xxxx");
@@ -320,25 +330,7 @@ async fn response_timeout_counts_from_the_end_of_an_h2c_upload() {
     let ups = http_support::upstream("app", &[app], "    http:\n      response_timeout: 1s\n");
     let b = Baton::start(&http_support::config("", &ups));
     let (mut send, _conn) = http_support::h2c(b.addr("web")).await;
-    let (tx, body) = fed();
-    let req = Request::builder()
-        .method("POST")
-        .uri("http://site.test/slow-upload")
-        .header("content-length", "10")
-        .body(body)
-        .unwrap();
-    let feeder = tokio::spawn(async move {
-        for _ in 0..10 {
-            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            tx.send(Bytes::from_static(b"x")).await.unwrap();
-        }
-    });
-    let resp = tokio::time::timeout(WAIT, send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    feeder.await.unwrap();
+    assert_eq!(trickled_post(&mut send, "/slow-upload", 10).await, 200);
     let last = seen.lock().unwrap().last().cloned().unwrap();
     assert!(last.head.starts_with("POST /slow-upload "), "{last:?}");
     assert_eq!(last.body, b"xxxxxxxxxx");

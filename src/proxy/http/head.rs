@@ -682,16 +682,17 @@ pub fn parse_response_into(
 
     // No 1xx to an HTTP/1.0 client (RFC 9110 §15.2): it knows none and would take it for the
     // final response. The interim head is read and dropped; the final one follows.
+    let parsed = Response {
+        status,
+        head_len,
+        framing,
+        body,
+        close_client,
+        reusable,
+        out: Vec::new(),
+    };
     if interim && o.client_http10 {
-        return Ok(Some(Response {
-            status,
-            head_len,
-            framing,
-            body,
-            close_client,
-            reusable,
-            out: Vec::new(),
-        }));
+        return Ok(Some(parsed));
     }
     out.reserve(head_len + 64);
     out.add(b"HTTP/1.1 ");
@@ -765,15 +766,7 @@ pub fn parse_response_into(
     out.add(b"via: ");
     out.add(o.via.as_bytes());
     out.add(b"\r\n\r\n");
-    Ok(Some(Response {
-        status,
-        head_len,
-        framing,
-        body,
-        close_client,
-        reusable,
-        out: Vec::new(),
-    }))
+    Ok(Some(parsed))
 }
 
 /// A request head as the upstream gets it: the rewritten request line, `Host` (if any), the
