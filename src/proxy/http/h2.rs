@@ -54,8 +54,12 @@ const HOLD: Duration = Duration::from_secs(1);
 /// is read by the request still waiting (the one whose response carries the GOAWAY), behind
 /// which nothing waits any more.
 const ROUNDS: u8 = 2;
-/// The PING payload of round `n` is this with `n` as its last byte.
-const PING_PAYLOAD: [u8; 8] = *b"baton\0\0\0";
+/// Our PING payloads start with this tag; the last four bytes number the PINGs of a
+/// connection. A hold given up (the client opened a stream) leaves its PING unanswered, and
+/// its acknowledgement may come during the next hold: a number of its own per PING keeps that
+/// late acknowledgement from counting as the next hold's round (which let the GOAWAY go after
+/// one real round trip instead of two, and httpx failed the requests still waiting to read).
+const PING_TAG: [u8; 4] = *b"btn\0";
 /// The client connection preface, before its first frame.
 const PREFACE_LEN: usize = 24;
 
@@ -222,6 +226,8 @@ struct Conn {
 struct Rounds {
     /// The round whose PING is out (0: none sent yet).
     round: u8,
+    /// The number of the last PING this connection sent (kept from one hold to the next).
+    seq: u32,
     /// Our PING not yet written whole.
     out: Vec<u8>,
     /// Client bytes read while holding: whole frames not ours, for hyper (it reads them after).
@@ -233,6 +239,7 @@ struct Rounds {
 }
 
 /// How the PING rounds ended.
+#[derive(Debug, Clone, Copy)]
 enum RoundsEnd {
     /// The client answered every round: the GOAWAY can go.
     Answered,
@@ -245,15 +252,29 @@ enum RoundsEnd {
     NotStarted,
 }
 
-/// A PING frame (`ack`: its acknowledgement) with the payload of round `n`.
-fn ping(n: u8, ack: bool) -> [u8; 17] {
+/// PING frame number `seq` (`ack`: its acknowledgement).
+fn ping(seq: u32, ack: bool) -> [u8; 17] {
     let mut f = [0u8; 17];
     f[2] = 8;
     f[3] = PING;
     f[4] = if ack { ACK } else { 0 };
-    f[9..17].copy_from_slice(&PING_PAYLOAD);
-    f[16] = n;
+    f[9..13].copy_from_slice(&PING_TAG);
+    f[13..17].copy_from_slice(&seq.to_be_bytes());
     f
+}
+
+/// Whether `frame` (whole) acknowledges one of our PINGs, of this hold or an earlier one.
+fn is_our_ack(frame: &[u8]) -> bool {
+    frame.len() == 17 && frame[3] == PING && frame[4] & ACK != 0 && frame[9..13] == PING_TAG
+}
+
+impl Rounds {
+    /// Starts round `round`: its PING, with the connection's next number, is queued.
+    fn start(&mut self, round: u8) {
+        self.round = round;
+        self.seq = self.seq.wrapping_add(1);
+        self.out = ping(self.seq, false).to_vec();
+    }
 }
 
 impl Conn {
@@ -313,7 +334,10 @@ impl Conn {
         }
         if self.hold.is_none() {
             self.hold = Some(Box::pin(tokio::time::sleep(HOLD)));
-            self.rounds = Rounds::default();
+            self.rounds = Rounds {
+                seq: self.rounds.seq,
+                ..Rounds::default()
+            };
         }
         let end = std::task::ready!(self.poll_rounds(cx));
         if let Some(w) = self.rounds.reader.take() {
@@ -325,6 +349,12 @@ impl Conn {
             // The rounds read the socket and kept no HEADERS: only bytes after them count.
             RoundsEnd::Answered | RoundsEnd::NoAnswer => self.socket_has_more(cx),
         };
+        tracing::debug!(
+            ?end,
+            moved,
+            last_stream = after.last_stream,
+            "h2 stopping: pings before the goaway"
+        );
         if moved {
             // New requests wait unread: they open streams, so this write does not end the
             // last one after all. The GOAWAY waits for the next quiet moment.
@@ -366,8 +396,7 @@ impl Conn {
                 self.rounds.round = ROUNDS + 1;
                 return Poll::Ready(RoundsEnd::NotStarted);
             }
-            self.rounds.round = 1;
-            self.rounds.out = ping(1, false).to_vec();
+            self.rounds.start(1);
         }
         if self.rounds.round > ROUNDS {
             return Poll::Ready(RoundsEnd::Answered);
@@ -462,8 +491,9 @@ impl Conn {
     }
 }
 
-/// Takes the whole frames from `r.partial`: the acknowledgement of the current round moves
-/// to the next round (and queues its PING); any other frame is kept for hyper. True once a
+/// Takes the whole frames from `r.partial`: the acknowledgement of the PING now out moves to
+/// the next round (and queues its PING), a late one of an earlier PING of ours is dropped, and
+/// any other frame is kept for hyper. True once a
 /// HEADERS frame came (a new stream: the client moved on).
 fn take_frames(r: &mut Rounds) -> bool {
     loop {
@@ -477,10 +507,14 @@ fn take_frames(r: &mut Rounds) -> bool {
             return false;
         }
         let frame: Vec<u8> = r.partial.drain(..9 + len).collect();
-        if r.round <= ROUNDS && frame[..] == ping(r.round, true)[..] {
-            r.round += 1;
-            if r.round <= ROUNDS {
-                r.out = ping(r.round, false).to_vec();
+        if is_our_ack(&frame) {
+            // Ours: hyper never sent it. Only the answer to the PING now out ends a round.
+            if r.round <= ROUNDS && frame[..] == ping(r.seq, true)[..] {
+                if r.round < ROUNDS {
+                    r.start(r.round + 1);
+                } else {
+                    r.round += 1;
+                }
             }
             continue;
         }
@@ -796,36 +830,39 @@ mod tests {
 
     #[test]
     fn rounds_drop_their_acks_keep_other_frames_and_stop_at_a_new_stream() {
+        // A hold given up earlier left PING 1 unanswered: this hold's first round is PING 2.
         let mut r = Rounds {
-            round: 1,
+            seq: 1,
             ..Rounds::default()
         };
+        r.start(1);
+        assert_eq!(r.out, ping(2, false));
         let update = frame(0x8, 0, 0, &[0, 0, 1, 0]);
-        // A WINDOW_UPDATE, then our ACK split across reads: kept, and the next round's PING
-        // queued.
+        // A WINDOW_UPDATE, the late answer to PING 1 (ours, dropped, no round), then the answer
+        // to PING 2 split across reads: the update is kept, and round 2's PING queued.
         r.partial.extend_from_slice(&update);
-        r.partial.extend_from_slice(&ping(1, true)[..5]);
+        r.partial.extend_from_slice(&ping(1, true));
+        r.partial.extend_from_slice(&ping(2, true)[..5]);
         assert!(!take_frames(&mut r));
         assert_eq!((r.round, r.keep.clone()), (1, update.clone()));
-        r.partial.extend_from_slice(&ping(1, true)[5..]);
+        r.partial.extend_from_slice(&ping(2, true)[5..]);
         assert!(!take_frames(&mut r));
         assert_eq!(r.round, 2);
-        assert_eq!(r.out, ping(2, false));
+        assert_eq!(r.out, ping(3, false));
         assert!(r.partial.is_empty());
-        // An ACK of another round, or a client's own PING, is not ours: kept.
-        r.partial.extend_from_slice(&ping(1, true));
-        r.partial.extend_from_slice(&ping(2, false));
+        // Another answer to PING 2 is dropped without a round; a client's own PING is not ours:
+        // kept for hyper.
+        r.partial.extend_from_slice(&ping(2, true));
+        r.partial.extend_from_slice(&ping(3, false));
         assert!(!take_frames(&mut r));
         assert_eq!(r.round, 2);
-        assert_eq!(r.keep.len(), update.len() + 34);
-        r.partial.extend_from_slice(&ping(2, true));
+        assert_eq!(r.keep.len(), update.len() + 17);
+        r.partial.extend_from_slice(&ping(3, true));
         assert!(!take_frames(&mut r));
         assert_eq!(r.round, ROUNDS + 1);
         // A HEADERS frame: a new stream, the client moved on.
-        let mut r = Rounds {
-            round: 1,
-            ..Rounds::default()
-        };
+        let mut r = Rounds::default();
+        r.start(1);
         r.partial.extend_from_slice(&frame(HEADERS, 0x5, 5, &[1]));
         assert!(take_frames(&mut r));
         assert_eq!(r.keep.len(), 10);
