@@ -394,6 +394,35 @@ async fn response_codings_and_hop_by_hop_headers() {
         "{:?}",
         r.head
     );
+    // `identity` names no coding: it still frames the body (until close, its Content-Length
+    // ignored) but is not passed on (it reached the client as `identity, chunked`).
+    let mut c = Client::connect(addr).await;
+    c.send(b"GET /te-identity HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await;
+    let r = c.response(false).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.headers("transfer-encoding"),
+        vec!["chunked"],
+        "{:?}",
+        r.head
+    );
+    assert_eq!(
+        r.headers("content-length"),
+        Vec::<&str>::new(),
+        "{:?}",
+        r.head
+    );
+    assert_eq!(dechunk(&r.body), b"until close");
+    // A status outside 100..=599 is invalid (RFC 9110 §15): 502, not passed on.
+    for path in ["/status-999", "/status-099"] {
+        let r = send_one(
+            addr,
+            format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 502, "{path}: {:?}", r.head);
+    }
     // `chunked` applied before another coding is not a framing a client can read.
     let r = send_one(addr, b"GET /te-chunked-gzip HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert_eq!(r.status, 502, "{:?}", r.head);

@@ -603,11 +603,17 @@ pub fn parse_response_into(
         Err(_) => return Err(bad_gateway("malformed response head")),
     };
     let status = resp.code.unwrap_or(502);
+    // RFC 9110 §15: outside 100..=599 a status is invalid, and a client should treat it as a
+    // 5xx; a proxy that passed it on would hand its clients what they cannot interpret.
+    if !(100..=599).contains(&status) {
+        return Err(bad_gateway("invalid status code from upstream"));
+    }
     let up_http10 = resp.version == Some(0);
     let reason = resp.reason.unwrap_or("");
     let headers = &*resp.headers;
     let mut length: Option<u64> = None;
     let mut te = List::default();
+    let mut saw_te = false;
     let mut conn_tokens = List::default();
     for h in headers {
         match name_kind(h.name.as_bytes()) {
@@ -620,7 +626,14 @@ pub fn parse_response_into(
                 }
             }
             Name::TransferEncoding => {
-                h.value.split(|&b| b == b',').for_each(|t| te.push(trim(t)));
+                // `identity` names no coding (RFC 7230 dropped it): it still frames the body
+                // (not chunked, so until close) but is not passed on.
+                h.value
+                    .split(|&b| b == b',')
+                    .map(trim)
+                    .filter(|t| !t.eq_ignore_ascii_case(b"identity"))
+                    .for_each(|t| te.push(t));
+                saw_te = true;
             }
             Name::Connection => tokens(h.value).for_each(|t| conn_tokens.push(t)),
             _ => {}
@@ -647,7 +660,7 @@ pub fn parse_response_into(
     }
     let framing = if bodyless {
         Framing::Done
-    } else if !te.is_empty() {
+    } else if saw_te {
         // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3); one not ending in
         // chunked is read until close.
         if chunked {
