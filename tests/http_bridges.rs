@@ -21,6 +21,17 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Upgrades `b` and waits until the old process is gone (its connections moved).
+async fn upgrade_until_old_gone(b: &Baton, round: usize) {
+    let old = b.serving_pid();
+    let (ok, out) = upgrade_wait_async(&b.config).await;
+    assert!(ok, "upgrade {round}: {out}");
+    assert!(
+        wait_until(WAIT, || !alive(old)).await,
+        "upgrade {round}: old process {old} still alive"
+    );
+}
+
 /// A body of the given data frames, then trailers if any.
 struct Frames(VecDeque<Frame<Bytes>>);
 
@@ -248,13 +259,7 @@ async fn http1_client_to_h2c_upstream_with_trailers_parks_idle_across_upgrades()
 
     // The connection is idle now: each upgrade hands it over, and the successor serves it.
     for round in 0..3 {
-        let old = b.serving_pid();
-        let (ok, out) = upgrade_wait_async(&b.config).await;
-        assert!(ok, "upgrade {round}: {out}");
-        assert!(
-            wait_until(WAIT, || !alive(old)).await,
-            "upgrade {round}: old process {old} still alive"
-        );
+        upgrade_until_old_gone(&b, round).await;
         r.get_mut()
             .write_all(b"GET /after HTTP/1.1\r\nHost: site.test\r\n\r\n")
             .await
@@ -468,4 +473,116 @@ async fn response_timeout_of_an_h2c_upstream_counts_from_the_end_of_the_upload()
     let (status, _, body, _) = tokio::time::timeout(WAIT, read_h1(&mut r)).await.unwrap();
     assert_eq!((status, body.as_slice()), (200, &b"xxxxxxxxxx"[..]));
     assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+/// One HTTPS keep-alive connection (python's http.client): on each `go` line from stdin, a
+/// chunked upload then a Content-Length one; prints `ok PORT BODY1 BODY2` (or `error ...`).
+const PY_HTTPS_UPLOADS: &str = r#"
+import http.client, ssl, sys
+port, ca = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=ca)
+c = http.client.HTTPSConnection("localhost", port, context=ctx, timeout=20)
+c.connect()
+for line in sys.stdin:
+    try:
+        c.request("POST", "/chunked", body=iter([b"hello", b" world"]), encode_chunked=True)
+        r = c.getresponse()
+        one = r.read()
+        c.request("PUT", "/length", body=b"abc")
+        r2 = c.getresponse()
+        two = r2.read()
+        print("ok", c.sock.getsockname()[1], r.status, one.decode(), r2.status, two.decode(), flush=True)
+    except Exception as e:
+        print("error", repr(e), flush=True)
+"#;
+
+/// A TLS listener whose route reaches an h2c upstream (a gRPC-style deployment: TLS ends at
+/// baton, the service speaks cleartext HTTP/2): an h2 client (ALPN) and an HTTP/1.1 one both
+/// reach it, bodies and `x-forwarded-proto: https` included, and the HTTP/1.1 keep-alive
+/// connection moves across upgrades (same local port, no error). Such a listener used to be
+/// refused by the config check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_clients_reach_an_h2c_upstream_and_keep_alive_moves_across_upgrades() {
+    let (app, seen) = h2c_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    make_cert(
+        dir.path(),
+        "localhost",
+        &["DNS:localhost", "IP:127.0.0.1"],
+        30,
+    );
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "runtime:\n  drain_timeout: 10s\nlisteners:\n  web:\n    listen: 127.0.0.1:0\n    protocol: http\n    upstream: app\n    tls:\n      certificates: [{{ cert: localhost.pem, key: localhost.key }}]\n      alpn: [h2, http/1.1]\nupstreams:\n  app:\n    servers: [\"{app}\"]\n    http:\n      protocol: h2c\n"
+        ),
+    )
+    .unwrap();
+    let b = Baton::start_in(dir, config);
+    let port = b.addr("web").port();
+    let ca = b.dir().join("localhost.pem");
+
+    // HTTP/2 over TLS to the h2c upstream.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--http2",
+            "--data-binary",
+            "h2 body",
+        ])
+        .args(["-w", "\nversion=%{http_version}", "--cacert"])
+        .arg(&ca)
+        .arg(format!("https://localhost:{port}/h2"))
+        .output()
+        .unwrap();
+    let text = printed(&out);
+    assert!(out.status.success(), "curl --http2: {text}");
+    assert!(text.starts_with("h2 body\nversion=2"), "{text}");
+    {
+        let s = seen.lock().unwrap();
+        let s = s.last().unwrap();
+        assert_eq!(s.body, b"h2 body");
+        assert_eq!(s.header("x-forwarded-proto"), Some("https"));
+    }
+
+    // HTTP/1.1 over TLS to the h2c upstream, on one connection across upgrades.
+    let mut py = std::process::Command::new("python3")
+        .args(["-c", PY_HTTPS_UPLOADS, &port.to_string()])
+        .arg(&ca)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut stdin = py.stdin.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(py.stdout.take().unwrap()));
+    let mut round_trip = move || {
+        std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+        let line = lines.next().unwrap().unwrap();
+        let f: Vec<String> = line.split(' ').map(String::from).collect();
+        assert_eq!(f[0], "ok", "{line}");
+        assert_eq!(f[2..], ["200", "hello", "world", "200", "abc"], "{line}");
+        f[1].clone()
+    };
+    let first = tokio::task::block_in_place(&mut round_trip);
+    {
+        let s = seen.lock().unwrap();
+        let n = s.len();
+        assert_eq!(s[n - 2].body, b"hello world");
+        assert_eq!(s[n - 2].header("x-forwarded-proto"), Some("https"));
+        assert_eq!(s[n - 1].body, b"abc");
+    }
+    for round in 0..3 {
+        upgrade_until_old_gone(&b, round).await;
+        let port_now = tokio::task::block_in_place(&mut round_trip);
+        assert_eq!(
+            port_now, first,
+            "upgrade {round}: the connection was replaced"
+        );
+    }
+    assert_eq!(seen.lock().unwrap().len(), 1 + 2 * 4);
+    drop(round_trip);
+    let _ = py.wait();
 }

@@ -436,12 +436,10 @@ fn listener(
     if protocol == Protocol::Http {
         check_upstream_alpn(errs, name, raw, upstreams);
     }
-    let tls = raw.tls.as_ref().and_then(|t| {
-        if protocol == Protocol::Http {
-            check_no_h2c(errs, t, &p, raw, upstreams);
-        }
-        super::tls::listener_tls(errs, &p, dir, protocol, t)
-    });
+    let tls = raw
+        .tls
+        .as_ref()
+        .and_then(|t| super::tls::listener_tls(errs, &p, dir, protocol, t));
     Some(Listener {
         name: name.to_string(),
         listen: listen?,
@@ -495,38 +493,6 @@ fn check_upstream_alpn(
                     ),
                 );
             }
-        }
-    }
-}
-
-/// HTTPS clients are served by the HTTP/1.1 engine, which speaks HTTP/1.1 to upstreams: a
-/// TLS listener whose routes reach an h2c upstream is refused rather than served wrongly.
-fn check_no_h2c(
-    errs: &mut Errors,
-    t: &S<file::ListenerTls>,
-    p: &str,
-    raw: &file::Listener,
-    upstreams: &BTreeMap<String, S<file::Upstream>>,
-) {
-    let reach = raw
-        .upstream
-        .iter()
-        .chain(raw.routes.iter().map(|r| &r.value.upstream));
-    for u in reach {
-        let h2c = upstreams
-            .get(&u.value)
-            .and_then(|x| x.value.http.as_ref())
-            .and_then(|h| h.protocol.as_ref())
-            .is_some_and(|p| p.value == "h2c");
-        if h2c {
-            errs.at(
-                t,
-                &format!("{p}.tls"),
-                format!(
-                    "upstream {:?} speaks h2c, which a TLS listener cannot reach yet (HTTPS is served by the HTTP/1.1 engine)",
-                    u.value
-                ),
-            );
         }
     }
 }

@@ -69,11 +69,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Adds `X-Forwarded-For` (appended to any list the client sent), `X-Forwarded-Proto`,
-/// `X-Forwarded-Host` (the Host the client asked for) and a `Via` line.
+/// Adds `X-Forwarded-For` (appended to any list the client sent), `X-Forwarded-Proto`
+/// (`https` when the client came over TLS), `X-Forwarded-Host` (the Host the client asked
+/// for) and a `Via` line.
 pub fn add_forwarding(
     headers: &mut HeaderMap,
     client: IpAddr,
+    https: bool,
     host: Option<&HeaderValue>,
     via: &'static str,
 ) {
@@ -91,7 +93,8 @@ pub fn add_forwarding(
     if let Ok(v) = HeaderValue::from_maybe_shared(value.freeze()) {
         headers.insert(xff, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if https { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(h) = host {
         headers.insert(X_FORWARDED_HOST, h.clone());
     }
@@ -370,6 +373,7 @@ mod tests {
         add_forwarding(
             &mut h,
             "127.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            false,
             Some(&host),
             "1.1 baton",
         );
@@ -377,6 +381,15 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.com");
         assert_eq!(h.get_all("via").iter().count(), 2);
+        // A client that came over TLS.
+        add_forwarding(
+            &mut h,
+            IpAddr::from([127, 0, 0, 1]),
+            true,
+            None,
+            "1.1 baton",
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
     }
 
     #[test]

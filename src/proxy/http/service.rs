@@ -269,7 +269,8 @@ async fn proxy(
     }
     headers::strip_hop_by_hop(&mut parts.headers);
     let via = "2.0 baton";
-    headers::add_forwarding(&mut parts.headers, s.client.ip(), orig_host, via);
+    let https = s.ctx.cfg.tls.is_some();
+    headers::add_forwarding(&mut parts.headers, s.client.ip(), https, orig_host, via);
     if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), orig_host) {
         parts.headers.insert(header::HOST, h.clone());
     }

@@ -3,7 +3,9 @@
 //! the shared multiplexed connection per server), the request body is decoded by its framing
 //! into frames (data, then trailers) as it arrives, and the response comes back through the
 //! engine's response parser (`head::parse_response`: the same rules as any upstream's response)
-//! and is written with HTTP/1.1 framing, trailers included when chunked.
+//! and is written with HTTP/1.1 framing, trailers included when chunked. The client may be
+//! plain or TLS: the body pump reads while the response is written, on the socket through a
+//! shared reference, or on the two halves of the TLS session ([`Reader`], [`Writer`]).
 //!
 //! While such an exchange is in flight its state is partly inside hyper, so the connection
 //! does not park mid-request: it finishes the exchange (a kill still closes it), then parks
@@ -12,6 +14,7 @@
 use super::outcome::{fail, log_access};
 use super::state::{Phase, RespState};
 use super::{ms_to_instant, Conn, Step};
+use crate::proxy::client_io::ClientIo;
 use crate::proxy::http::body::ReplayBody;
 use crate::proxy::http::bridge::{self, ChanBody, FrameTx, Unframe};
 use crate::proxy::http::forward::{self, Head, Target};
@@ -26,6 +29,7 @@ use hyper::body::{Body, Frame};
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 /// Frames of the request body waiting for hyper.
@@ -34,24 +38,67 @@ const DEPTH: usize = 4;
 /// Why the request body could not be passed on: reason and status.
 type ClientFault = (&'static str, u16);
 
-/// Writes all of `b` through a shared reference (the body pump reads the same socket).
-async fn write_all(s: &TcpStream, mut b: &[u8]) -> io::Result<()> {
-    while !b.is_empty() {
-        s.writable().await?;
-        match s.try_write(b) {
-            Ok(n) => b = &b[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+/// The client's reading side, for the body pump, while the response is written on the other.
+enum Reader<'a> {
+    /// A plain socket, read through a shared reference.
+    Plain(&'a TcpStream),
+    /// A TLS session: reading decrypts, so each side holds half of the session.
+    Tls(ReadHalf<&'a mut ClientIo>),
+}
+
+impl Reader<'_> {
+    /// Reads once into `buf`; `Ok(0)` is EOF.
+    async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Reader::Plain(s) => loop {
+                s.readable().await?;
+                match s.try_read_buf(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            },
+            Reader::Tls(r) => r.read_buf(buf).await,
         }
     }
-    Ok(())
+}
+
+/// The client's writing side, for the response.
+enum Writer<'a> {
+    /// A plain socket, written through a shared reference (the body pump reads it).
+    Plain(&'a TcpStream),
+    /// A TLS session's writing half.
+    Tls(WriteHalf<&'a mut ClientIo>),
+}
+
+impl Writer<'_> {
+    /// Writes all of `b` (and, TLS, the records it became).
+    async fn write_all(&mut self, mut b: &[u8]) -> io::Result<()> {
+        match self {
+            Writer::Plain(s) => {
+                while !b.is_empty() {
+                    s.writable().await?;
+                    match s.try_write(b) {
+                        Ok(n) => b = &b[n..],
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+            Writer::Tls(w) => {
+                w.write_all(b).await?;
+                w.flush().await
+            }
+        }
+    }
 }
 
 /// Reads the client's request body from `cbuf` and the socket, decoded into frames for
 /// hyper, until it ends (what follows it stays in `cbuf`).
 async fn pump(
     ctx: &ListenerCtx,
-    client: &TcpStream,
+    mut client: Reader<'_>,
     cbuf: &mut BytesMut,
     framing: Framing,
     tx: FrameTx,
@@ -84,19 +131,10 @@ async fn pump(
         if unframe.framing.is_done() {
             return Ok(());
         }
-        let read = async {
-            loop {
-                client.readable().await?;
-                if cbuf.capacity() - cbuf.len() < 8192 {
-                    cbuf.reserve(16 * 1024);
-                }
-                match client.try_read_buf(cbuf) {
-                    Ok(n) => return Ok::<usize, io::Error>(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        };
+        if cbuf.capacity() - cbuf.len() < 8192 {
+            cbuf.reserve(16 * 1024);
+        }
+        let read = client.read_buf(cbuf);
         let n = match http.body_timeout {
             Some(t) => tokio::time::timeout(t, read)
                 .await
@@ -145,17 +183,11 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
         fail(ctx, conn, c, 500, true, "missing upstream");
         return Step::Go;
     };
-    if c.client.is_tls() {
-        // The body pump below reads the raw socket; config refuses h2c upstreams on TLS
-        // listeners, so this is only a guard.
-        fail(ctx, conn, c, 502, true, "h2c upstream from a TLS client");
-        return Step::Go;
-    }
     let Some(head) = hyper_head(ex) else {
         fail(ctx, conn, c, 400, true, "request head not valid for HTTP/2");
         return Step::Go;
     };
-    // The response is written to the socket directly (`write_all`), past ClientIo's lazy
+    // A plain response is written to the socket directly ([`Writer`]), past ClientIo's lazy
     // TCP_NODELAY and registration.
     c.client.nodelay_now();
     if c.client.tcp().is_err() {
@@ -185,12 +217,18 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
     let body = ReplayBody::new(body.boxed_unsync(), None);
     // Boxed, so each can be dropped (ending its borrows) before the connection is used whole.
     let mut send = Box::pin(forward::send(&target, head, body));
-    let Some(client_tcp) = c.client.registered() else {
-        return Step::Go;
+    let (reader, mut writer) = if c.client.is_tls() {
+        let (r, w) = tokio::io::split(&mut c.client);
+        (Reader::Tls(r), Writer::Tls(w))
+    } else {
+        let Some(t) = c.client.registered() else {
+            return Step::Go;
+        };
+        (Reader::Plain(t), Writer::Plain(t))
     };
     let mut pumping = Box::pin(pump(
         ctx,
-        client_tcp,
+        reader,
         &mut c.st.cbuf,
         framing,
         tx.unwrap_or_else(closed_tx),
@@ -225,6 +263,7 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
         (Some(r), _) => r,
         (None, e) => {
             drop(pumping);
+            drop(writer);
             let (why, status) = e.unwrap_or(("request body broken", 400));
             fail(ctx, conn, c, status, true, why);
             return Step::Go;
@@ -234,6 +273,7 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
         Ok(f) => f,
         Err(e) => {
             drop(pumping);
+            drop(writer);
             let close = !body_done;
             let why = e.to_string();
             tracing::debug!(error = %why, side = e.side().as_str(), "h2c upstream request failed");
@@ -288,6 +328,7 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
         Ok(Some(r)) => r,
         _ => {
             drop(pumping);
+            drop(writer);
             fail(
                 ctx,
                 conn,
@@ -318,11 +359,7 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
     tokio::pin!(sleep);
     loop {
         if !out.is_empty() {
-            let written_all = match c.client.registered() {
-                Some(t) => write_all(t, &out).await.is_ok(),
-                None => false,
-            };
-            if !written_all {
+            if writer.write_all(&out).await.is_err() {
                 broken = Some("client gone");
                 break;
             }
@@ -375,6 +412,7 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
         }
     }
     drop(pumping);
+    drop(writer);
     if let Some(ex) = c.st.ex.as_mut() {
         ex.resp_bytes = written;
     }
@@ -389,7 +427,7 @@ pub(super) async fn exchange(ctx: &Arc<ListenerCtx>, conn: &ConnHandle, c: &mut 
         c.st.close_after = true;
     }
     if c.st.close_after {
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut c.client).await;
+        let _ = c.client.shutdown().await;
         return Step::Close("closed");
     }
     Step::Go
