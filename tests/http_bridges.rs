@@ -247,6 +247,8 @@ async fn http1_client_to_h2c_upstream_with_trailers_parks_idle_across_upgrades()
         assert_eq!(s.header("via"), Some("1.1 baton"));
         assert_eq!(s.header("x-forwarded-host"), Some("site.test"));
         assert!(s.header("transfer-encoding").is_none() && s.header("connection").is_none());
+        // The client's `TE: trailers` reaches the HTTP/2 upstream (gRPC servers need it).
+        assert_eq!(s.header("te"), Some("trailers"));
     }
 
     // A Content-Length upload on the same keep-alive connection.

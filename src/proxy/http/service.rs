@@ -267,7 +267,19 @@ async fn proxy(
         *server = Some(addr);
         return Ok((resp, release));
     }
+    let te_trailers = parts
+        .headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| super::syntax::te_lists_trailers(v.as_bytes()));
     headers::strip_hop_by_hop(&mut parts.headers);
+    // The one `TE` HTTP/2 allows (RFC 9113 §8.2.2), kept when the client sent it: gRPC
+    // servers refuse a request without it.
+    if te_trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     let via = "2.0 baton";
     let https = s.ctx.cfg.tls.is_some();
     headers::add_forwarding(&mut parts.headers, s.client.ip(), https, orig_host, via);

@@ -157,6 +157,15 @@ fn valid_port(p: &[u8]) -> bool {
             .is_some_and(|n| n <= 65535)
 }
 
+/// Whether a `TE` value lists `trailers` (RFC 9110 §10.1.4): a client that accepts trailer
+/// fields. `trailers;q=0.5` counts: the token before any parameter decides.
+pub fn te_lists_trailers(v: &[u8]) -> bool {
+    v.split(|&b| b == b',').any(|t| {
+        let name = t.split(|&b| b == b';').next().unwrap_or_default();
+        name.trim_ascii().eq_ignore_ascii_case(b"trailers")
+    })
+}
+
 /// A decimal length of 1 to 19 digits (so it fits a `u64`), nothing else.
 pub fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 {
@@ -274,6 +283,29 @@ impl<'a> List<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn te_values_that_list_trailers() {
+        for yes in [
+            &b"trailers"[..],
+            b"Trailers",
+            b"gzip, trailers",
+            b" trailers;q=0.5 ",
+            b"deflate,TRAILERS",
+        ] {
+            assert!(te_lists_trailers(yes), "{:?}", String::from_utf8_lossy(yes));
+        }
+        for no in [
+            &b""[..],
+            b"gzip",
+            b"trailer",
+            b"trailersx",
+            b"x-trailers",
+            b"q=trailers",
+        ] {
+            assert!(!te_lists_trailers(no), "{:?}", String::from_utf8_lossy(no));
+        }
+    }
 
     #[test]
     fn authorities() {

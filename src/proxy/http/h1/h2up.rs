@@ -165,6 +165,10 @@ fn hyper_head(ex: &super::state::Exchange) -> Option<Head> {
     if let Some(h) = ex.host.as_deref() {
         headers.insert(http::header::HOST, HeaderValue::from_str(h).ok()?);
     }
+    // The one `TE` HTTP/2 allows (RFC 9113 §8.2.2), passed on as the client said it.
+    if ex.te_trailers {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
     Some(Head {
         method,
         uri,

@@ -509,6 +509,7 @@ fn exchange_of(req: head::Request, upstream: String, now: u64) -> Exchange {
         body_discard: false,
         fresh_only: false,
         connect: false,
+        te_trailers: req.te_trailers,
     }
 }
 

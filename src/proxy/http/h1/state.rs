@@ -101,6 +101,10 @@ pub struct Exchange {
     /// a tunnel after baton's own `200`. Absent in the state of older versions.
     #[serde(default)]
     pub connect: bool,
+    /// The client's `TE` lists `trailers` ([`crate::proxy::http::head::Request::te_trailers`]).
+    /// Absent in the state of older versions.
+    #[serde(default)]
+    pub te_trailers: bool,
 }
 
 /// A cached [`crate::upstream::Upstream`] handle in an [`Exchange`]: compares equal to any

@@ -9,7 +9,7 @@ use super::headers::{parse_traceparent, TraceId};
 use super::path;
 pub use super::syntax::valid_authority;
 pub use super::syntax::Sink;
-use super::syntax::{http_accepts_target, parse_length, push_decimal, List};
+use super::syntax::{http_accepts_target, parse_length, push_decimal, te_lists_trailers, List};
 use std::borrow::Cow;
 
 mod request;

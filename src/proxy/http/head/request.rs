@@ -47,6 +47,10 @@ pub struct Request {
     pub rest: Vec<u8>,
     /// The trace id (kept from a valid `traceparent`, or new).
     pub trace: TraceId,
+    /// The client's `TE` lists `trailers` (it accepts trailer fields). `TE` itself is
+    /// hop-by-hop and not in `rest`; an HTTP/2 upstream gets `te: trailers` from this, which
+    /// gRPC servers require (they refuse a request without it).
+    pub te_trailers: bool,
 }
 
 impl Request {
@@ -111,6 +115,7 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
     let mut length: Option<u64> = None;
     let mut te = List::default();
     let mut conn_tokens = List::default();
+    let mut te_trailers = false;
     let mut upgrade_value: Option<&[u8]> = None;
     let mut traceparent_ok: Option<TraceId> = None;
     for h in headers {
@@ -134,6 +139,7 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
                 h.value.split(|&b| b == b',').for_each(|t| te.push(trim(t)));
             }
             Name::Connection => tokens(h.value).for_each(|t| conn_tokens.push(t)),
+            Name::Te => te_trailers |= te_lists_trailers(h.value),
             Name::Upgrade => upgrade_value = Some(trim(h.value)),
             Name::Traceparent if traceparent_ok.is_none() => {
                 traceparent_ok = std::str::from_utf8(h.value)
@@ -375,5 +381,6 @@ pub fn parse_request(buf: &[u8], o: &ReqOpts<'_>) -> Result<Option<Request>, Hea
         line,
         rest,
         trace,
+        te_trailers,
     }))
 }

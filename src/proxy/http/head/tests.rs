@@ -567,3 +567,27 @@ fn response_into_a_buffer_is_the_same_head() {
         }
     }
 }
+
+#[test]
+fn te_is_not_forwarded_but_its_trailers_token_is_kept() {
+    for (head, want) in [
+        (
+            &b"POST / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n"[..],
+            true,
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTE: gzip\r\nte: trailers;q=1\r\n\r\n",
+            true,
+        ),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTE: gzip\r\n\r\n", false),
+        (b"POST / HTTP/1.1\r\nHost: a\r\n\r\n", false),
+    ] {
+        let r = parse(head).unwrap().unwrap();
+        assert_eq!(r.te_trailers, want, "{:?}", String::from_utf8_lossy(head));
+        let rest = String::from_utf8_lossy(&r.rest).to_ascii_lowercase();
+        assert!(
+            !rest.contains("\nte:") && !rest.starts_with("te:"),
+            "{rest}"
+        );
+    }
+}
