@@ -235,8 +235,10 @@ fn spawn_connection(
     // Plain HTTP takes the socket as it comes from the listener: the engine registers it with
     // the reactor and sets TCP_NODELAY only when the connection needs them
     // (`proxy::plain_tcp`). The others are registered now and get TCP_NODELAY at once.
+    // Each task's future is boxed: tokio moves a spawned future by value several times (into
+    // the task, and its stage when it ends), and these are 0.7–1.2 KB; a box is one copy.
     if ctx.cfg.tls.is_none() && ctx.cfg.protocol == config::Protocol::Http {
-        tokio::spawn(http::handle(ctx, stream, peer, permit));
+        tokio::spawn(Box::pin(http::handle(ctx, stream, peer, permit)));
         return;
     }
     let stream = match tokio::net::TcpStream::from_std(stream) {
@@ -248,9 +250,9 @@ fn spawn_connection(
     };
     crate::listener::tune(&stream);
     if ctx.cfg.tls.is_some() {
-        tokio::spawn(tls::handle(ctx, stream, peer, permit));
+        tokio::spawn(Box::pin(tls::handle(ctx, stream, peer, permit)));
     } else {
-        tokio::spawn(tcp::handle(ctx, stream, peer, permit));
+        tokio::spawn(Box::pin(tcp::handle(ctx, stream, peer, permit)));
     }
 }
 

@@ -67,10 +67,16 @@ pub async fn connect_and_relay(
             break (ClientIo::from(server), guard);
         }
         // TLS origination: the handshake is bounded by the upstream's connect_timeout too.
+        // Boxed: its state (a whole TLS client session) would otherwise be part of every
+        // tunnel's task, and copied with it at each spawn, plain tunnels included.
         let limit = upstream.config().connect_timeout;
+        let handshake = Box::pin(tokio::time::timeout(
+            limit,
+            upstream.start_tls(server, guard.host()),
+        ));
         let started = tokio::select! {
             biased;
-            r = tokio::time::timeout(limit, upstream.start_tls(server, guard.host())) => r,
+            r = handshake => r,
             _ = conn.kill_requested() => return,
         };
         let e = match started {
