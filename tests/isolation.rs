@@ -459,12 +459,15 @@ async fn a_single_process_as_nobody_serves_upgrades_with_live_tunnels_and_its_su
         assert_eq!(proc_field(pid, "NoNewPrivs"), "1");
         assert_eq!(proc_field(pid, "CapEff"), "0000000000000000");
         // Its runtime threads are pinned one per CPU, round robin. A thread takes its name
-        // only once it first runs, so on a loaded machine wait for both to show.
+        // only once it first runs, and pins itself just after (tokio's thread-start hook,
+        // before it runs any task), so on a loaded machine wait for both to show, pinned.
         let cpus = my_cpus();
+        let on_one_cpu = |p: &String| cpus.iter().any(|c| &c.to_string() == p);
         let deadline = std::time::Instant::now() + WAIT;
         let pinned = loop {
             let pinned = runtime_thread_cpus(pid);
-            if pinned.len() >= 2 || std::time::Instant::now() > deadline {
+            let settled = pinned.len() >= 2 && pinned.iter().all(on_one_cpu);
+            if settled || std::time::Instant::now() > deadline {
                 break pinned;
             }
             std::thread::sleep(Duration::from_millis(20));
